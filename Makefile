@@ -1,0 +1,56 @@
+# MIS-Ground: `make reproduce` (demo profile, CPU, offline) and `make test` are all a newcomer needs;
+# both build the environment on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PROFILE ?= demo
+NB ?=
+FORCE ?= 0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mislib-installed
+
+.PHONY: help env reproduce test lint bench export notebooks-sync clean-build
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+# The environment: conda (from environment.yml) when conda is on PATH, else a venv from pyproject.
+# Rebuilt when pyproject.toml or environment.yml change.
+$(STAMP): pyproject.toml environment.yml
+	@if command -v conda >/dev/null 2>&1 && [ -z "$(NO_CONDA)" ]; then \
+	    echo "== conda env at $(VENV) from environment.yml"; \
+	    conda env update -p $(VENV) -f environment.yml && \
+	    $(PY) -m pip install --no-deps -e . ; \
+	else \
+	    PYBIN=$$(scripts/find-python) || exit 1; \
+	    echo "== venv at $(VENV) with $$PYBIN"; \
+	    [ -x $(PY) ] || $$PYBIN -m venv $(VENV); \
+	    $(PY) -m pip install -q --upgrade pip && \
+	    $(PY) -m pip install -q -e '.[dev]' && \
+	    $(PY) -m pip install -q --no-deps 'totalsegmentator>=2.2'; \
+	fi
+	@touch $@
+
+env: $(STAMP)  ## build the Python environment (done automatically by the other targets)
+
+reproduce: $(STAMP)  ## run every notebook (or NB=01) headless with papermill: PROFILE=demo|paper FORCE=1
+	$(PY) -m mislib reproduce --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(filter 1,$(FORCE)),--force)
+
+test: $(STAMP)  ## the test suite (what CI runs)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check mislib tests bench notebooks/*.py
+
+bench: $(STAMP)  ## benchmarks, one JSON line per figure
+	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
+
+export: $(STAMP)  ## export the benchmark as a HF parquet dataset and a VLMEvalKit TSV
+	$(PY) -m mislib export --profile $(PROFILE)
+
+notebooks-sync:  ## after editing notebooks/*.py (jupytext percent), refresh the paired .ipynb
+	$(PY) -m jupytext --sync notebooks/[0-9]*.py
+
+clean-build:  ## drop executed notebooks
+	rm -rf build

@@ -1,0 +1,17 @@
+"""Shared fixtures. Heavy data (the real brain atlas, phantoms) is built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tmp_root(tmp_path):
+    """A throw-away project root for running stages end to end."""
+    return tmp_path

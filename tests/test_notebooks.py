@@ -1,0 +1,56 @@
+"""Committed notebooks: numbered, no outputs, a parameters cell, in sync with their .py pair."""
+
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from mislib.notebooks import NOTEBOOK_RE, list_notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_notebooks_are_numbered_and_found_in_order():
+    assert NOTEBOOKS, "no notebooks committed"
+    for nb in NOTEBOOKS:
+        assert NOTEBOOK_RE.match(nb.name), f"{nb.name} is not NN_name.ipynb"
+    listed = list_notebooks(ROOT)
+    assert [p.name for p in listed] == sorted(p.name for p in listed)
+
+
+def test_list_notebooks_picks_one_by_number():
+    first = NOTEBOOKS[0]
+    number = first.name[:2]
+    assert [p.name for p in list_notebooks(ROOT, number)] == [first.name]
+    with pytest.raises(ValueError, match="no notebook matches"):
+        list_notebooks(ROOT, "99")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} cell {i} has outputs"
+            assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_a_parameters_cell_with_profile_and_force(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: expected one cell tagged 'parameters'"
+    source = tagged[0].source
+    assert "profile" in source and "force" in source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_matches_its_jupytext_pair(path):
+    script = path.with_suffix(".py")
+    assert script.is_file(), f"{path.name} has no paired {script.name}"
+    a = jupytext.read(path)
+    b = jupytext.read(script)
+    cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
+    assert cells(a) == cells(b), f"{path.name} and {script.name} differ: run `make notebooks-sync`"
