@@ -9,6 +9,8 @@ FORCE ?= 0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mislib-installed
+# so that kernels papermill starts (argv 'python -m ipykernel_launcher') use the project env
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: help env reproduce test lint bench export notebooks-sync clean-build
 

@@ -1,0 +1,178 @@
+"""The demo's model: a tiny, randomly initialised Qwen3-VL saved in the real on-disk format.
+
+The demo profile cannot download weights, yet it must exercise the loading path a real run
+takes (``from_pretrained`` of a config, safetensors weights, a tokenizer, an image
+processor, a video processor and a chat template). :func:`smoke_model_dir` builds such a
+folder once from a :class:`~transformers.Qwen3VLConfig` with tiny text and vision towers
+and Qwen's full 151,936-row vocabulary (so the real-format tokenizer of
+:func:`mislib.qwen_tokenizer.build_qwen_tokenizer` fits), and every later call returns the
+cached folder. Its answers are noise: it proves the pipeline, not any result.
+
+>>> from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+>>> folder = smoke_model_dir()                                          # doctest: +SKIP
+>>> model = Qwen3VLForConditionalGeneration.from_pretrained(folder)     # doctest: +SKIP
+>>> processor = AutoProcessor.from_pretrained(folder)                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mislib.config import config_hash
+from mislib.paths import project_paths
+
+#: The model id under which profiles name the smoke model.
+SMOKE_MODEL_ID = "smoke:tiny-qwen3-vl"
+SMOKE_SEED = 20261125
+#: Qwen3-VL's vocabulary: 151,643 BPE tokens, then special tokens, padded to 151,936 rows.
+VOCAB_SIZE = 151_936
+
+# Tiny towers: the text model's width sets the embedding matrix (151,936 x 32 floats, tied
+# with the LM head, about 19 MB in fp32), everything else is a few hundred kB. Head
+# dimension 16 gives 8 rotary frequencies, split 4/2/2 over (time, height, width) as
+# Qwen3-VL's interleaved multimodal RoPE expects (its real split is 24/20/20 of 64).
+TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                        "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+    "tie_word_embeddings": True,
+    "pad_token_id": 151643,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+VISION_CONFIG: dict[str, Any] = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "out_hidden_size": 32,          # = the text model's hidden size
+    "num_position_embeddings": 256,  # a 16 x 16 learned grid, resampled to each image
+    "deepstack_visual_indexes": [1],
+}
+# Pixel budgets of the saved processors. Real Qwen3-VL checkpoints allow megapixels; the
+# smoke model keeps images at <= 160 x 160 (25 visual tokens) and a 16-frame stack at
+# <= 16 x 96 x 96 pixels in all (72 visual tokens) so a CPU batch takes well under a second.
+IMAGE_SIZE = {"shortest_edge": 32 * 32, "longest_edge": 160 * 160}
+VIDEO_SIZE = {"shortest_edge": 2 * 32 * 32, "longest_edge": 16 * 96 * 96}
+
+
+def smoke_spec() -> dict[str, Any]:
+    """Everything that determines the smoke model's files (hashed into its cache marker)."""
+    return {"text_config": TEXT_CONFIG, "vision_config": VISION_CONFIG, "seed": SMOKE_SEED,
+            "image_size": IMAGE_SIZE, "video_size": VIDEO_SIZE, "format": 1}
+
+
+def smoke_model_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder of the tiny Qwen3-VL, built on first use under ``.cache/smoke/``.
+
+    Parameters
+    ----------
+    root : path, optional
+        Project root (default: the repository); the model lives in
+        ``<root>/.cache/smoke/tiny-qwen3-vl/``.
+
+    Returns
+    -------
+    Path
+        A folder that ``Qwen3VLForConditionalGeneration.from_pretrained`` and
+        ``AutoProcessor.from_pretrained`` load (``config.json``, ``model.safetensors``,
+        ``generation_config.json``, tokenizer files, ``processor_config.json``,
+        ``chat_template.jinja``) and a ``smoke.json`` marker holding the spec hash.
+
+    Notes
+    -----
+    The build is written to a temporary sibling folder and renamed into place, so a run
+    killed mid-build never leaves a half-written model that later calls would trust; the
+    folder is rebuilt when :func:`smoke_spec` changes.
+    """
+    folder = project_paths(root).cache / "smoke" / "tiny-qwen3-vl"
+    want = config_hash(smoke_spec())
+    marker = folder / "smoke.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("spec_hash") == want:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-qwen3-vl-", dir=folder.parent))
+    try:
+        _build(staging)
+        (staging / "smoke.json").write_text(json.dumps(
+            {"model_id": SMOKE_MODEL_ID, "spec_hash": want, "spec": smoke_spec(),
+             "note": "randomly initialised; its answers are noise"}, indent=2))
+        if folder.exists():  # a stale build (older spec): replace it
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staging.rename(folder)
+        except OSError:
+            # Another process finished the same build first; its copy is as good as ours.
+            if not (marker.is_file()
+                    and json.loads(marker.read_text()).get("spec_hash") == want):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _build(out: Path) -> None:
+    """Write config, seeded random weights, tokenizer and processors to ``out``."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    from mislib.qwen_tokenizer import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    if len(tokenizer) > VOCAB_SIZE:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"{VOCAB_SIZE} embedding rows")
+    ids = tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    config = Qwen3VLConfig(
+        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG),
+        image_token_id=ids[0], video_token_id=ids[1],
+        vision_start_token_id=ids[2], vision_end_token_id=ids[3],
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SMOKE_SEED)
+        model = Qwen3VLForConditionalGeneration(config).eval()
+    # What Qwen3-VL-Instruct checkpoints ship, so that `generate` meets the same defaults
+    # (sampling on) that a real run has to override explicitly.
+    model.generation_config = GenerationConfig(
+        bos_token_id=151643, pad_token_id=151643, eos_token_id=[151645, 151643],
+        do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.0)
+    model.save_pretrained(out)
+
+    image_processor = Qwen2VLImageProcessor(
+        size=dict(IMAGE_SIZE), patch_size=VISION_CONFIG["patch_size"],
+        temporal_patch_size=VISION_CONFIG["temporal_patch_size"],
+        merge_size=VISION_CONFIG["spatial_merge_size"],
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video_processor = Qwen3VLVideoProcessor(
+        size=dict(VIDEO_SIZE), patch_size=VISION_CONFIG["patch_size"],
+        temporal_patch_size=VISION_CONFIG["temporal_patch_size"],
+        merge_size=VISION_CONFIG["spatial_merge_size"],
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], cap_pixels_per_frame=False)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=video_processor,
+                                 chat_template=tokenizer.chat_template)
+    processor.save_pretrained(out)
