@@ -11,9 +11,12 @@ and the question ground truth both read it through :func:`screen_mapping`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PLANES = ("axial", "coronal", "sagittal")
 CONVENTIONS = ("standard", "storage")
@@ -192,7 +195,7 @@ def centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def component_stats(labels: np.ndarray, affine: np.ndarray,
-                    names: dict[int, str]) -> "pd.DataFrame":  # noqa: F821
+                    names: dict[int, str]) -> pd.DataFrame:
     """Per-structure size, world centroid and bounding box of an integer label map.
 
     Parameters
@@ -233,7 +236,7 @@ def component_stats(labels: np.ndarray, affine: np.ndarray,
     return pd.DataFrame(rows, columns=list(COMPONENT_COLUMNS))
 
 
-def component_table(image_path, labels_path, names: dict[int, str]) -> "pd.DataFrame":  # noqa: F821
+def component_table(image_path, labels_path, names: dict[int, str]) -> pd.DataFrame:
     """Component table of an image and its integer label map, in world RAS+ mm.
 
     Works for any storage orientation: geometry comes from the affine, never from the array
