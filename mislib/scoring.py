@@ -18,7 +18,8 @@ The rule, in order:
    ``Réponse :``, ``答案：``) up to the end of its line (or the next line when the
    marker ends its line), or ``the answer is …`` up to the end of its sentence.
    Without any declaration, the last line that names a valid option is read instead
-   (letters are never read outside a declaration).
+   (letters are never read outside a declaration, except an output that is nothing but
+   one upper-case letter, such as ``(B)`` or ``Option C.``).
 3. In that segment, find the question's valid options only: True/False with
    yes/no/correct/incorrect synonyms; the direction terms of the question's terminology
    with their synonyms (``cranial`` → superior, ``higher`` → above, ``ventral`` →
@@ -32,17 +33,43 @@ The rule, in order:
    inferior to A") is turned round, since relation questions ask where A lies relative
    to B; so "A is superior to B, i.e. B is inferior to A" is one answer, not two.
 
-Scoring and Bayes@N are below the parser.
+Scoring
+-------
+:func:`rescore` re-parses every raw output of stage 04 against ``questions.parquet`` (so a
+run can be re-scored with a newer parser) and joins the question factors;
+:func:`score_runs` is what notebook 06 calls: it reads ``data/results/*/responses.parquet``
+and writes ``data/analysis/{scored,bayes_by_factor,semsam_effect,unparseable}.parquet``.
+
+Bayes@N
+-------
+Accuracy is summarised with Bayes@N (Hariri et al., 2026) as implemented by the
+``scorio`` package: per question a Dirichlet(1, ..., 1) prior updated by its N trials, and
+the posterior mean ``mu`` and standard deviation ``sigma`` of the average score over the
+question set. Credible intervals are scorio's central normal approximation, clipped to
+the score's range. The SemSam effect (:func:`semsam_effect`) compares the two arms on the
+same questions and trials (they share per-(question, trial) seeds).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.paths import project_paths
 
 PARSE_STATUSES = ("ok", "unparseable", "ambiguous")
 FAMILIES = ("relation_2d", "relation_3d", "plane")
@@ -55,10 +82,11 @@ TERMINOLOGIES = ("anatomical", "colloquial")
 # "superior", because anatomical vs screen-relative wording is the factor being measured.
 # ----------------------------------------------------------------------------------------
 _TRUTH: dict[str, tuple[str, ...]] = {
-    "true": (r"true", r"yes", r"correct", r"accurate", r"正确"),
+    "true": (r"true", r"yes", r"correct", r"accurate", r"vrai", r"verdadero", r"wahr",
+             r"vero", r"正确"),
     # "no" only when it stands alone ("No." / "No, ..."), not in "no doubt".
-    "false": (r"false", r"no(?=\s*(?:$|[.,;:!)\]]))", r"incorrect", r"wrong", r"inaccurate",
-              r"不正确", r"错误"),
+    "false": (r"false", r"no(?=\s*(?:$|[.,;:!)\]]))", r"nope", r"incorrect", r"wrong",
+              r"inaccurate", r"faux", r"falso", r"falsch", r"不正确", r"错误"),
 }
 _ANATOMICAL: dict[str, tuple[str, ...]] = {
     "superior": (r"superior(?:ly)?", r"cranial(?:ly)?", r"cephalad", r"cephalic(?:ally)?"),
@@ -113,6 +141,9 @@ _DECL_COLON = re.compile(
 _DECL_IS = re.compile(
     r"\banswer\s+(?:is|would\s+be|will\s+be|should\s+be|must\s+be)\b(?!\s*[:=])",
     re.IGNORECASE)
+# A whole output that is one option letter ("B", "(C)", "Option A.") is an answer context.
+_BARE_LETTER = re.compile(r"^\s*(?:(?:option|choice)\s+)?[(\[]?([A-F])[)\]]?[.:!]?\s*$",
+                          re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?。](?=\s|$)|\n")
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
@@ -138,14 +169,16 @@ def _vocabulary(kind: str) -> dict[str, tuple[str, ...]]:
 
 def _normalise_choice(choice: str) -> str:
     text = unicodedata.normalize("NFKC", str(choice)).strip().casefold()
-    text = re.sub(r"^(?:to\s+the|the|more|on\s+the)\s+|\s+(?:side|plane|frame)$", "", text)
+    # "in an earlier frame" and "to the left" name the same options as "earlier", "left".
+    text = re.sub(r"^(?:to\s+the|on\s+the|in\s+the|in\s+an?|the|more)\s+"
+                  r"|\s+(?:side|plane|frame|view|slice)$", "", text)
     return text.strip()
 
 
 def _match_kind(norm: str, kinds: Sequence[str]) -> tuple[str, str] | None:
     """The (vocabulary kind, canonical name) whose canonical name or synonym is ``norm``."""
     for kind in kinds:
-        for canonical, fragments in _vocabulary(kind).items():
+        for canonical in _vocabulary(kind):
             if norm == canonical:
                 return kind, canonical
     for kind in kinds:
@@ -324,7 +357,7 @@ def _resolve(segment: str, table, question, allow_letters: bool = True) -> tuple
         return first[2], "ok"
     ent_a, ent_b = _entity_patterns(question)
     values = set()
-    for start, end, choice, canonical, kind, negated in mentions:
+    for start, end, _choice, canonical, kind, negated in mentions:
         if kind in ("anatomical", "colloquial") and _subject_is_b(segment, start, end,
                                                                     ent_a, ent_b):
             canonical = _OPPOSITE.get(canonical, canonical)
@@ -385,6 +418,9 @@ def parse_answer(text: str | None, question: Mapping[str, Any]) -> tuple[str | N
     if not clean.strip():
         return None, "unparseable"
     segment = _last_declared_segment(clean)
+    bare = _BARE_LETTER.match(clean)
+    if segment is None and bare and bare.group(1).isupper():
+        segment = bare.group(1)
     if segment is not None:
         return _resolve(segment, table, question)
     # No declaration: read the last line that names an option (letters need a declaration).
@@ -405,3 +441,461 @@ def is_correct(value: Any, status: str, question: Mapping[str, Any]) -> bool:
     if answer is None:
         return False
     return _normalise_choice(value) == _normalise_choice(answer)
+
+
+# ----------------------------------------------------------------------------------------
+# Bayes@N
+# ----------------------------------------------------------------------------------------
+
+#: The factors whose levels get their own Bayes@N rows (columns of ``questions.parquet``).
+FACTORS = ("modality", "plane", "dims", "convention", "prompt", "background", "terminology",
+           "form", "family", "ablation")
+#: Category scores of the paired SemSam coding ``2 * baseline_correct + semsam_correct``.
+PAIRED_WEIGHTS = np.array([0.0, 1.0, -1.0, 0.0])
+#: The columns of stage 04's ``responses.parquet`` this stage needs.
+RESPONSE_COLUMNS = ("run_id", "model", "arm", "question_id", "trial", "raw_text")
+#: What :func:`score_runs` writes under ``data/analysis/``.
+OUTPUTS = ("scored.parquet", "bayes_by_factor.parquet", "semsam_effect.parquet",
+           "unparseable.parquet")
+
+
+def bayes_at_n(R: Any, w: Any = None) -> tuple[float, float]:
+    """Bayes@N posterior mean and standard deviation of the average score.
+
+    Parameters
+    ----------
+    R : array-like of int, shape (M, N)
+        Outcome category of each of N trials of M questions; binary (0 wrong, 1 right)
+        unless ``w`` is given. A boolean matrix is read as 0/1.
+    w : array-like of float, shape (C + 1,), optional
+        Score of each category ``0..C`` (default ``[0, 1]``: accuracy).
+
+    Returns
+    -------
+    (mu, sigma) : floats, in the units of ``w`` (accuracy in [0, 1] by default).
+
+    Raises
+    ------
+    ValueError
+        When ``R`` is not a non-empty 2-D matrix or holds a category ``w`` does not score.
+
+    Examples
+    --------
+    >>> mu, sigma = bayes_at_n([[1, 1, 0], [0, 0, 0]])
+    >>> round(mu, 4), round(sigma, 4)
+    (0.4, 0.1414)
+    """
+    from scorio.eval import bayes
+
+    R = np.asarray(R)
+    if R.ndim != 2 or R.shape[0] == 0 or R.shape[1] == 0:
+        raise ValueError(f"R must be a non-empty (questions, trials) matrix; got shape {R.shape}")
+    if R.dtype == bool:
+        R = R.astype(np.int64)
+    mu, sigma = bayes(R, None if w is None else np.asarray(w, dtype=float))
+    return float(mu), float(sigma)
+
+
+def bayes_interval(R: Any, w: Any = None, level: float = 0.95) -> tuple[float, float, float,
+                                                                       float]:
+    """``(mu, sigma, lo, hi)``: Bayes@N with a central credible interval at ``level``.
+
+    The interval is scorio's normal approximation, clipped to ``[min(w), max(w)]``.
+    """
+    from scorio.eval import bayes_ci
+
+    R = np.asarray(R)
+    if R.ndim != 2 or R.shape[0] == 0 or R.shape[1] == 0:
+        raise ValueError(f"R must be a non-empty (questions, trials) matrix; got shape {R.shape}")
+    if R.dtype == bool:
+        R = R.astype(np.int64)
+    weights = np.array([0.0, 1.0]) if w is None else np.asarray(w, dtype=float)
+    mu, sigma, lo, hi = bayes_ci(R, weights, confidence=level,
+                                 bounds=(float(weights.min()), float(weights.max())))
+    return mu, sigma, lo, hi
+
+
+def outcome_matrix(rows: pd.DataFrame, value: str = "correct") -> tuple[np.ndarray, np.ndarray,
+                                                                        int]:
+    """The (question, trial) matrix of one group of scored rows.
+
+    Parameters
+    ----------
+    rows : DataFrame with ``question_id``, ``trial`` and ``value`` (one row per
+        (question, trial); duplicates are an error).
+    value : the column to place in the matrix (bool or small int).
+
+    Returns
+    -------
+    R : ndarray, shape (M, N), int64 — the first N = (most trials any question has) trials
+        of every question that has all of them.
+    question_ids : ndarray, shape (M,) — the row labels.
+    n_incomplete : int — questions left out because they have fewer than N trials (an
+        unfinished run); Bayes@N needs the same N for every question.
+    """
+    dup = rows.duplicated(["question_id", "trial"])
+    if dup.any():
+        first = rows.loc[dup, ["question_id", "trial"]].iloc[0].tolist()
+        raise ValueError(f"{int(dup.sum())} duplicated (question_id, trial) rows, e.g. {first}; "
+                         "two runs of the same model and arm? choose one with [scoring] runs")
+    wide = rows.pivot(index="question_id", columns="trial", values=value)
+    complete = wide.notna().all(axis=1)
+    wide = wide[complete]
+    return (wide.to_numpy(dtype=np.int64), wide.index.to_numpy(),
+            int((~complete).sum()))
+
+
+def _bayes_row(rows: pd.DataFrame, level: float) -> dict[str, Any]:
+    R, qids, n_incomplete = outcome_matrix(rows)
+    if R.size == 0:
+        return {"n_questions": 0, "n_trials": 0, "n_incomplete": n_incomplete,
+                "accuracy": np.nan, "mu": np.nan, "sigma": np.nan, "lo": np.nan, "hi": np.nan}
+    mu, sigma, lo, hi = bayes_interval(R, level=level)
+    return {"n_questions": int(R.shape[0]), "n_trials": int(R.shape[1]),
+            "n_incomplete": n_incomplete, "accuracy": float(R.mean()),
+            "mu": mu, "sigma": sigma, "lo": lo, "hi": hi}
+
+
+def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd.DataFrame:
+    """Bayes@N accuracy of every group of ``scored`` rows.
+
+    Parameters
+    ----------
+    scored : the ``scored.parquet`` table (``question_id, trial, correct`` + factors).
+    by : grouping columns, e.g. ``["model", "arm", "convention", "terminology"]``; rows
+        where a grouping column is null (the factor does not apply) are left out.
+    level : credible level of ``lo``/``hi``.
+
+    Returns
+    -------
+    DataFrame, one row per group: the ``by`` columns, ``n_questions, n_trials,
+    n_incomplete, accuracy`` (raw mean), ``mu, sigma, lo, hi`` (Bayes@N, fractions).
+    """
+    missing = [c for c in (*by, "question_id", "trial", "correct") if c not in scored]
+    if missing:
+        raise ValueError(f"scored table lacks columns {missing}")
+    rows = []
+    for key, group in scored.dropna(subset=list(by)).groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key, strict=True)), **_bayes_row(group, level)})
+    columns = [*by, "n_questions", "n_trials", "n_incomplete", "accuracy", "mu", "sigma",
+               "lo", "hi"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def bayes_by_factor(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
+                    level: float = 0.95) -> pd.DataFrame:
+    """Bayes@N per model × arm overall (``factor == level == "all"``) and per factor level.
+
+    Returns
+    -------
+    DataFrame with ``model, arm, factor, level`` and the columns of :func:`bayes_by`.
+    Factors absent from ``scored`` are skipped; a factor's null rows (not applicable to
+    that question) are left out of its levels.
+    """
+    parts = []
+    overall = bayes_by(scored, ["model", "arm"], level)
+    parts.append(overall.assign(factor="all", level="all"))
+    for factor in factors:
+        if factor not in scored:
+            continue
+        table = bayes_by(scored, ["model", "arm", factor], level)
+        parts.append(table.rename(columns={factor: "level"}).assign(factor=factor))
+    out = pd.concat(parts, ignore_index=True)
+    out["level"] = out["level"].astype(str)
+    out["credible_level"] = level
+    first = ["model", "arm", "factor", "level"]
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str = "semsam",
+                  level: float = 0.95) -> pd.DataFrame:
+    """The paired SemSam effect per model: SemSam minus baseline on the same (question, trial).
+
+    Only (question, trial) pairs answered in both arms enter, so the two arms are compared
+    on identical questions with identical per-(question, trial) seeds. Two estimates:
+
+    - ``effect_*``: the difference of the two arms' Bayes@N posteriors on that shared set
+      (``semsam_mu - baseline_mu``; ``effect_sigma`` adds the two variances, the arms'
+      outcomes being independent given the question). It is consistent with the arm
+      accuracies shown beside it and is what the claims and figures use.
+    - ``paired_*``: Bayes@N (scorio) of the trial-paired outcome coded in four categories
+      (baseline wrong/right × SemSam wrong/right, scores ``0, +1, -1, 0``). It uses the
+      trial pairing, so shared per-trial noise cancels, but its Dirichlet(1,1,1,1) prior
+      shrinks the difference by N/(N+4) per question where the arms' priors shrink by
+      N/(N+2): with few trials it is closer to zero than ``effect_mu``.
+
+    Returns
+    -------
+    DataFrame, one row per model answered in both arms: ``model, n_questions, n_trials,
+    baseline_mu, baseline_sigma, baseline_lo, baseline_hi, semsam_mu, ..., effect_mu,
+    effect_sigma, effect_lo, effect_hi, paired_mu, paired_sigma, paired_lo, paired_hi``
+    (fractions), ``n_fixed`` (trials baseline got wrong and SemSam right), ``n_broken``
+    (the reverse) and ``credible_level``.
+    """
+    from scorio.eval.utils import normal_credible_interval
+
+    rows = []
+    for model, group in scored.groupby("model", sort=True):
+        arms = {arm: g.set_index(["question_id", "trial"])["correct"]
+                for arm, g in group.groupby("arm") if arm in (baseline, treated)}
+        if len(arms) < 2:
+            continue
+        both = pd.concat({"b": arms[baseline], "s": arms[treated]}, axis=1, join="inner")
+        if both.empty:
+            continue
+        code = (2 * both["b"].astype(int) + both["s"].astype(int)).rename("code")
+        R, _, _ = outcome_matrix(code.reset_index(), "code")
+        if R.size == 0:
+            continue
+        b_mu, b_sigma, b_lo, b_hi = bayes_interval(R // 2, level=level)
+        s_mu, s_sigma, s_lo, s_hi = bayes_interval(R % 2, level=level)
+        e_mu, e_sigma = s_mu - b_mu, math.hypot(s_sigma, b_sigma)
+        e_lo, e_hi = normal_credible_interval(e_mu, e_sigma, credibility=level,
+                                              bounds=(-1.0, 1.0))
+        p_mu, p_sigma, p_lo, p_hi = bayes_interval(R, PAIRED_WEIGHTS, level)
+        rows.append({"model": model, "n_questions": R.shape[0], "n_trials": R.shape[1],
+                     "baseline_mu": b_mu, "baseline_sigma": b_sigma, "baseline_lo": b_lo,
+                     "baseline_hi": b_hi, "semsam_mu": s_mu, "semsam_sigma": s_sigma,
+                     "semsam_lo": s_lo, "semsam_hi": s_hi, "effect_mu": e_mu,
+                     "effect_sigma": e_sigma, "effect_lo": e_lo, "effect_hi": e_hi,
+                     "paired_mu": p_mu, "paired_sigma": p_sigma, "paired_lo": p_lo,
+                     "paired_hi": p_hi, "n_fixed": int((R == 1).sum()),
+                     "n_broken": int((R == 2).sum()), "credible_level": level})
+    columns = ["model", "n_questions", "n_trials", "baseline_mu", "baseline_sigma",
+               "baseline_lo", "baseline_hi", "semsam_mu", "semsam_sigma", "semsam_lo",
+               "semsam_hi", "effect_mu", "effect_sigma", "effect_lo", "effect_hi", "paired_mu",
+               "paired_sigma", "paired_lo", "paired_hi", "n_fixed", "n_broken",
+               "credible_level"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def unparseable_rates(scored: pd.DataFrame) -> pd.DataFrame:
+    """Parse outcomes per model × arm.
+
+    Returns
+    -------
+    DataFrame: ``model, arm, n_responses, n_ok, n_unparseable, n_ambiguous,
+    unparseable_rate, ambiguous_rate, n_reparsed_differently`` (responses whose re-parse
+    differs from the status or value stored at inference time; 0 when nothing was stored).
+    """
+    rows = []
+    for (model, arm), g in scored.groupby(["model", "arm"], sort=True):
+        status = g["parse_status"]
+        n = len(g)
+        changed = int(g["reparsed_differently"].sum()) if "reparsed_differently" in g else 0
+        rows.append({"model": model, "arm": arm, "n_responses": n,
+                     "n_ok": int((status == "ok").sum()),
+                     "n_unparseable": int((status == "unparseable").sum()),
+                     "n_ambiguous": int((status == "ambiguous").sum()),
+                     "unparseable_rate": float((status == "unparseable").mean()),
+                     "ambiguous_rate": float((status == "ambiguous").mean()),
+                     "n_reparsed_differently": changed})
+    return pd.DataFrame(rows, columns=["model", "arm", "n_responses", "n_ok", "n_unparseable",
+                                       "n_ambiguous", "unparseable_rate", "ambiguous_rate",
+                                       "n_reparsed_differently"])
+
+
+# ----------------------------------------------------------------------------------------
+# Re-scoring raw outputs
+# ----------------------------------------------------------------------------------------
+
+_QUESTION_KEYS = ("question_id", "family", "form", "terminology", "choices", "answer",
+                  "letter_a", "letter_b", "component_a", "component_b")
+
+
+def _null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
+            progress: bool = True) -> pd.DataFrame:
+    """Parse every raw output again and score it against its question.
+
+    Parameters
+    ----------
+    responses : stage 04 rows (``run_id, model, arm, question_id, trial, raw_text``; the
+        stored ``parsed, parse_status, correct`` are kept as ``*_at_inference``).
+    questions : stage 03's ``questions.parquet``.
+    progress : show a progress bar.
+
+    Returns
+    -------
+    DataFrame, one row per response: the response columns with ``parsed, parse_status,
+    correct`` from this parser, ``reparsed_differently`` (bool), and the question's factor
+    columns (everything of ``questions.parquet`` but ``text`` and ``choices``).
+
+    Raises
+    ------
+    ValueError
+        When a response names a question that ``questions`` lacks, or a required column
+        is missing, or a question's family is unknown.
+    """
+    missing = [c for c in RESPONSE_COLUMNS if c not in responses]
+    if missing:
+        raise ValueError(f"responses lack columns {missing}")
+    if "question_id" not in questions:
+        raise ValueError("questions lack the column 'question_id'")
+    qtable = questions.drop_duplicates("question_id").set_index("question_id", drop=False)
+    unknown = ~responses["question_id"].isin(qtable.index)
+    if unknown.any():
+        ids = responses.loc[unknown, "question_id"].unique()[:5].tolist()
+        raise ValueError(f"{int(unknown.sum())} responses name questions absent from "
+                         f"questions.parquet, e.g. {ids}: was the benchmark regenerated "
+                         "after the run?")
+    bad_family = ~qtable["family"].isin(FAMILIES)
+    if bad_family.any():
+        ids = qtable.index[bad_family][:5].tolist()
+        raise ValueError(f"questions {ids} have an unknown family; expected one of {FAMILIES}")
+
+    records = {qid: {k: row.get(k) for k in _QUESTION_KEYS}
+               for qid, row in zip(qtable.index, qtable.to_dict("records"), strict=True)}
+    cache: dict[tuple[str, str], tuple[Any, str]] = {}
+    parsed, status, correct = [], [], []
+    texts = responses["raw_text"].to_numpy(dtype=object)
+    qids = responses["question_id"].to_numpy(dtype=object)
+    for qid, text in tqdm(zip(qids, texts, strict=True), total=len(texts), desc="re-parsing",
+                          unit="resp", disable=not progress, mininterval=1.0):
+        key = (qid, "" if _null(text) else str(text))
+        if key not in cache:  # trials often repeat the same text
+            cache[key] = parse_answer(key[1], records[qid])
+        value, st = cache[key]
+        parsed.append(value)
+        status.append(st)
+        correct.append(is_correct(value, st, records[qid]))
+
+    out = responses.copy()
+    for col in ("parsed", "parse_status", "correct"):
+        if col in out:
+            out = out.rename(columns={col: f"{col}_at_inference"})
+    out["parsed"] = pd.Series(parsed, index=out.index, dtype=object)
+    out["parse_status"] = status
+    out["correct"] = np.asarray(correct, dtype=bool)
+    if "parse_status_at_inference" in out:
+        def as_text(col: pd.Series) -> np.ndarray:
+            return np.array(["" if _null(v) else str(v) for v in col], dtype=object)
+
+        differs = as_text(out["parse_status_at_inference"]) != as_text(out["parse_status"])
+        if "parsed_at_inference" in out:
+            differs |= as_text(out["parsed_at_inference"]) != as_text(out["parsed"])
+        out["reparsed_differently"] = differs.astype(bool)
+    else:
+        out["reparsed_differently"] = False
+    factors = [c for c in questions.columns if c not in ("text", "choices", "question_id")
+               and c not in out.columns]
+    return out.merge(qtable[["question_id", *factors]].reset_index(drop=True),
+                     on="question_id", how="left", validate="many_to_one")
+
+
+def find_runs(root: str | os.PathLike | None = None,
+              runs: Iterable[str] | None = None) -> list[Path]:
+    """``responses.parquet`` of every finished run under ``data/results`` (or the named ones).
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is none, or a named run has no ``responses.parquet``.
+    """
+    results = project_paths(root).results
+    runs = [str(r) for r in runs or []]
+    if runs:
+        files = [results / r / "responses.parquet" for r in runs]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"named runs have no responses.parquet: {absent}")
+        return files
+    files = sorted(results.glob("*/responses.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no run results under {results}: run stage 04 first (notebook 04_inference or "
+            "`python -m mislib infer --arm baseline` and `--arm semsam`)")
+    return files
+
+
+def load_responses(files: Sequence[Path]) -> pd.DataFrame:
+    """Concatenate runs' ``responses.parquet``; a file lacking a needed column is named."""
+    frames = []
+    for path in files:
+        frame = pd.read_parquet(path)
+        missing = [c for c in RESPONSE_COLUMNS if c not in frame]
+        if missing:
+            raise ValueError(f"{path}: lacks columns {missing} (stage 04's responses schema)")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_run_records(root: str | os.PathLike | None = None,
+                     run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """The ``run.json`` of each run (one row per run; missing or broken files give nulls)."""
+    results = project_paths(root).results
+    rows = []
+    for run_id in sorted(set(run_ids or [p.parent.name for p in results.glob("*/run.json")])):
+        path = results / str(run_id) / "run.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        rows.append({"run_id": run_id, "model": record.get("model") or record.get("model_id"),
+                     "arm": record.get("arm"), "simulated": bool(record.get("simulated", False)),
+                     "record": json.dumps(record, default=str)})
+    return pd.DataFrame(rows, columns=["run_id", "model", "arm", "simulated", "record"])
+
+
+def _fingerprint(files: Sequence[Path]) -> str:
+    """Identity of the inputs and of this parser, so new runs or a new parser invalidate."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def score_runs(profile: str | Mapping[str, Any] = "demo",
+               root: str | os.PathLike | None = None, force: bool = False,
+               progress: bool = True, **overrides: Any) -> dict[str, pd.DataFrame]:
+    """Stage 06: re-parse, score and summarise every run; write ``data/analysis/*.parquet``.
+
+    Parameters
+    ----------
+    profile : profile name, TOML path or mapping; its ``[scoring]`` table supplies
+        ``credible_level`` and ``runs`` (run ids to score; empty = every run under
+        ``data/results``).
+    root : project root (default: the repository).
+    force : redo the work even when the outputs are fresh for these inputs.
+    overrides : single ``[scoring]`` keys (``None`` = the profile's value).
+
+    Returns
+    -------
+    dict with DataFrames ``scored``, ``bayes_by_factor``, ``semsam_effect``,
+    ``unparseable`` (read back from disk when fresh).
+    """
+    params = stage_params(profile, "scoring", **overrides)
+    paths = project_paths(root)
+    files = find_runs(root, params.get("runs"))
+    qpath = paths.benchmark / "questions.parquet"
+    if not qpath.is_file():
+        raise FileNotFoundError(f"{qpath} is missing: run stage 03 (03_question_generation)")
+    stamp_params = {**params, "inputs": _fingerprint([qpath, *files])}
+    out_dir = paths.analysis
+    if not force and is_fresh(out_dir, "scoring", stamp_params, OUTPUTS):
+        return {Path(o).stem: pd.read_parquet(out_dir / o) for o in OUTPUTS}
+
+    level = float(params.get("credible_level", 0.95))
+    responses = load_responses(files)
+    scored = rescore(responses, pd.read_parquet(qpath), progress=progress)
+    if scored.duplicated(["model", "arm", "question_id", "trial"]).any():
+        runs = sorted(scored["run_id"].unique())
+        raise ValueError(f"runs {runs} answer the same (model, arm, question, trial) more "
+                         "than once; name the runs to score in [scoring] runs")
+    tables = {"scored": scored,
+              "bayes_by_factor": bayes_by_factor(scored, level=level),
+              "semsam_effect": semsam_effect(scored, level=level),
+              "unparseable": unparseable_rates(scored)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.to_parquet(out_dir / f"{name}.parquet", index=False)
+    write_stamp(out_dir, "scoring", stamp_params, OUTPUTS)
+    if tables["semsam_effect"].empty and scored["arm"].nunique() > 1:
+        warnings.warn("no model was answered in both the baseline and the semsam arm on the "
+                      "same questions: semsam_effect.parquet is empty", stacklevel=2)
+    return tables
