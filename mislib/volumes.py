@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing as mp
 import os
 import re
 import zlib
@@ -505,7 +506,8 @@ def prepare(profile: str = "demo", root: str | os.PathLike | None = None, force:
             results.append(prepare_case(case, out_dir, params))
             progress.update()
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: the parent may hold threads (torch, BLAS) that fork would copy mid-lock
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(prepare_case, case, out_dir, params) for case in cases]
             for future in as_completed(futures):
                 results.append(future.result())

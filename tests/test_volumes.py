@@ -1,0 +1,323 @@
+"""Stage 01 (mislib.volumes, mislib.geometry): reading, reorienting, measuring, rejecting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from mislib import geometry, phantoms, volumes
+
+# ---- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def atlas_case(tmp_path_factory):
+    """The real MNI152 template + neuromorphometrics atlas, written as a label-map case."""
+    return phantoms.write_brain_atlas(tmp_path_factory.mktemp("atlas") / "mni152")
+
+
+@pytest.fixture(scope="session")
+def atlas_names(atlas_case):
+    return volumes.read_label_names(atlas_case / "labels.csv")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Stage 01 run once on all three demo sources (phantoms written to data/raw/demo/)."""
+    root = tmp_path_factory.mktemp("demo")
+    volumes.prepare("demo", root=root, workers=1)
+    return root
+
+
+def _restore(src, dst, axcodes):
+    """Re-store a NIfTI file in another orientation (same voxels, same world geometry)."""
+    img = nib.load(src)
+    ornt = ornt_transform(io_orientation(img.affine), axcodes2ornt(tuple(axcodes)))
+    nib.save(img.as_reoriented(ornt), dst)
+
+
+def _labelmap_case(folder, image, labels, affine, names, label_affine=None):
+    """Write a generic label-map case: image.nii.gz, labels.nii.gz, labels.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), folder / "image.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine if label_affine is None else label_affine),
+             folder / "labels.nii.gz")
+    pd.DataFrame({"index": list(names), "name": list(names.values())}).to_csv(
+        folder / "labels.csv", index=False)
+    return folder
+
+
+def _two_blobs(shape=(24, 20, 16)):
+    labels = np.zeros(shape, np.int16)
+    labels[2:8, 3:9, 4:10] = 1
+    labels[14:20, 10:16, 6:12] = 2
+    image = np.random.default_rng(0).normal(100, 10, shape).astype(np.float32)
+    return image, labels
+
+
+# ---- geometry ----------------------------------------------------------------------------
+
+
+def test_component_stats_matches_brute_force_in_any_storage_order():
+    image, labels = _two_blobs()
+    affine = np.array([[0, 0, -2.5, 40], [1.5, 0, 0, -10], [0, -1.0, 0, 7], [0, 0, 0, 1]])
+    table = geometry.component_stats(labels, affine, {1: "a", 2: "b"}).set_index("component")
+    for value, name in ((1, "a"), (2, "b")):
+        world = nib.affines.apply_affine(affine, np.argwhere(labels == value))
+        row = table.loc[name]
+        np.testing.assert_allclose(row[["centroid_x", "centroid_y", "centroid_z"]],
+                                   world.mean(axis=0))
+        np.testing.assert_allclose(row[["min_x", "min_y", "min_z"]], world.min(axis=0))
+        np.testing.assert_allclose(row[["max_x", "max_y", "max_z"]], world.max(axis=0))
+        assert row["voxels"] == (labels == value).sum()
+        assert row["volume_mm3"] == pytest.approx(row["voxels"] * 2.5 * 1.5 * 1.0)
+
+
+def test_oblique_affine_is_rejected_with_the_file_name():
+    rot = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot
+    assert not geometry.is_axis_aligned(affine)
+    with pytest.raises(geometry.GeometryError, match="scan.nii.gz: oblique affine"):
+        geometry.to_canonical(nib.Nifti1Image(np.zeros((4, 4, 4)), affine), "scan.nii.gz")
+
+
+# ---- the real brain atlas ----------------------------------------------------------------
+
+
+def _twins(table):
+    left = [n for n in table.index if n.startswith("Left_")]
+    return [(n, "Right_" + n[len("Left_"):]) for n in left if "Right_" + n[len("Left_"):] in table.index]
+
+
+@pytest.mark.parametrize("axcodes", ["LAS", "RAS", "PIR", "ILP"])
+def test_atlas_left_structures_lie_left_of_their_right_twins_in_every_storage(
+        atlas_case, atlas_names, tmp_path, axcodes):
+    image, labels = tmp_path / "image.nii.gz", tmp_path / "labels.nii.gz"
+    _restore(atlas_case / "image.nii.gz", image, axcodes)
+    _restore(atlas_case / "labels.nii.gz", labels, axcodes)
+    assert "".join(nib.aff2axcodes(nib.load(labels).affine)) == axcodes
+    table = geometry.component_table(image, labels, atlas_names).set_index("component")
+    twins = _twins(table)
+    assert len(twins) >= 50
+    for left, right in twins:
+        # RAS+: patient left has the smaller x
+        assert table.loc[left, "centroid_x"] < table.loc[right, "centroid_x"], (left, right)
+    for side in ("Left", "Right"):
+        assert (table.loc[f"{side}_Thalamus_Proper", "centroid_z"]
+                > table.loc["Brain_Stem", "centroid_z"] + 20)
+    # the cerebellum lies behind the thalami
+    assert (table.loc["Left_Cerebellum_Exterior", "centroid_y"]
+            < table.loc["Left_Thalamus_Proper", "centroid_y"] - 20)
+
+
+def test_atlas_component_table_is_the_same_in_every_storage(atlas_case, atlas_names, tmp_path):
+    reference = geometry.component_table(atlas_case / "image.nii.gz",
+                                         atlas_case / "labels.nii.gz", atlas_names)
+    _restore(atlas_case / "image.nii.gz", tmp_path / "i.nii.gz", "SPR")
+    _restore(atlas_case / "labels.nii.gz", tmp_path / "l.nii.gz", "SPR")
+    restored = geometry.component_table(tmp_path / "i.nii.gz", tmp_path / "l.nii.gz",
+                                        atlas_names)
+    pd.testing.assert_frame_equal(reference, restored, atol=1e-6)
+
+
+# ---- the demo run ------------------------------------------------------------------------
+
+
+def test_demo_prepares_all_three_sources(demo_root):
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet")
+    assert set(vols["source"]) == {"brain_atlas", "torso_ct_phantom", "knee_mri_phantom"}
+    assert set(vols["storage_axcodes"]) >= {"LAS", "LPS", "RAS"}
+    assert pd.read_parquet(prepared / "rejected.parquet").empty
+    for row in vols.itertuples():
+        img = nib.load(prepared / row.canonical_image)
+        lab = nib.load(prepared / row.canonical_labels)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert img.shape == lab.shape == (row.shape_x, row.shape_y, row.shape_z)
+        np.testing.assert_allclose(img.affine, lab.affine)
+
+
+def test_torso_phantom_anatomy_survives_lps_storage(demo_root):
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id")
+    comps = pd.read_parquet(prepared / "components.parquet")
+    torso = vols.index[vols["source"] == "torso_ct_phantom"]
+    assert "LPS" in set(vols.loc[torso, "storage_axcodes"])
+    for vid in torso:
+        t = comps[comps["volume_id"] == vid].set_index("component")
+        assert t.loc["liver", "centroid_x"] > 0 > t.loc["spleen", "centroid_x"]  # patient right
+        assert t.loc["heart", "centroid_z"] > t.loc["liver", "centroid_z"] > \
+            t.loc["urinary_bladder", "centroid_z"]
+        assert t.loc["kidney_left", "centroid_y"] < t.loc["small_bowel", "centroid_y"]
+        assert set(t.index) <= set(volumes.totalsegmentator_classes().values())
+
+
+def test_knee_phantoms_record_side_and_put_the_fibula_laterally(demo_root):
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id")
+    comps = pd.read_parquet(prepared / "components.parquet")
+    knees = vols[vols["source"] == "knee_mri_phantom"]
+    assert set(knees["laterality"]) == {"left", "right"}
+    for vid, side in knees["laterality"].items():
+        t = comps[comps["volume_id"] == vid].set_index("component")
+        lateral = np.sign(t.loc["fibula", "centroid_x"] - t.loc["tibia", "centroid_x"])
+        assert lateral == (1 if side == "right" else -1)
+        assert t.loc["patella", "centroid_y"] > t.loc["femur", "centroid_y"]
+
+
+def test_chosen_slices_show_at_least_two_structures_and_match_the_labels(demo_root):
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id")
+    comps = pd.read_parquet(prepared / "components.parquet")
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    assert (slices.groupby("volume_id").size() == 2).all()
+    assert slices["slice_id"].is_unique
+    for s in slices.itertuples():
+        assert s.n_components == len(s.components) >= 2
+        lab = nib.load(prepared / vols.loc[s.volume_id, "canonical_labels"])
+        fixed, _ = geometry.plane_axes(s.plane)
+        plane = np.asarray(lab.dataobj).take(s.index, axis=fixed)
+        value = comps[comps["volume_id"] == s.volume_id].set_index("component")["label"]
+        for name in s.components:
+            assert (plane == value[name]).any(), (s.slice_id, name)
+        position = np.zeros(3)
+        position[fixed] = s.index
+        assert nib.affines.apply_affine(lab.affine, position)[fixed] == pytest.approx(s.position_mm)
+
+
+def test_slice_selection_is_deterministic_from_the_seed():
+    _, labels = _two_blobs((30, 30, 30))
+    labels[5:25, 5:25, 20:24] = 3
+    a = volumes.select_slices(labels, np.eye(4), {1: "a", 2: "b", 3: "c"}, 3, 1.0, seed=7)
+    b = volumes.select_slices(labels, np.eye(4), {1: "a", 2: "b", 3: "c"}, 3, 1.0, seed=7)
+    assert a == b and len(a) == 3
+
+
+def test_second_run_with_same_config_skips_and_force_or_new_config_redoes(tmp_path):
+    image, labels = _two_blobs()
+    _labelmap_case(tmp_path / "raw" / "one", image, labels, np.eye(4), {1: "a", 2: "b"})
+    params = {"sources": ["generic"], "generic_root": str(tmp_path / "raw"), "workers": 1}
+    out = tmp_path / "data" / "prepared" / "slices.parquet"
+    volumes.prepare("demo", root=tmp_path, **params)
+    before = out.stat().st_mtime_ns
+    volumes.prepare("demo", root=tmp_path, **params)
+    assert out.stat().st_mtime_ns == before
+    volumes.prepare("demo", root=tmp_path, force=True, **params)
+    assert out.stat().st_mtime_ns > before
+    volumes.prepare("demo", root=tmp_path, slices_per_volume=1, **params)
+    assert len(pd.read_parquet(out)) == 1
+
+
+# ---- bad input: each volume is rejected with the file named; the others are prepared ------
+
+
+def _bad_cases(root):
+    """One good case and one case per kind of bad input, in the generic layout."""
+    image, labels = _two_blobs()
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    names = {1: "a", 2: "b"}
+    _labelmap_case(root / "good", image, labels, affine, names)
+    bad = {}
+
+    case = _labelmap_case(root / "truncated", image, labels, affine, names)
+    blob = (case / "image.nii.gz").read_bytes()
+    (case / "image.nii.gz").write_bytes(blob[: len(blob) // 2])
+    bad["truncated"] = "truncated/image.nii.gz: unreadable"
+
+    case = _labelmap_case(root / "notgzip", image, labels, affine, names)
+    (case / "labels.nii.gz").write_bytes(b"this is not a gzip file" * 10)
+    bad["notgzip"] = "notgzip/labels.nii.gz: unreadable"
+
+    _labelmap_case(root / "shape", image, labels[:, :, :8], affine, names)
+    bad["shape"] = "shape/labels.nii.gz: shape"
+
+    shifted = affine.copy()
+    shifted[0, 3] = 12.0
+    _labelmap_case(root / "affine", image, labels, affine, names, label_affine=shifted)
+    bad["affine"] = "affine/labels.nii.gz: affine does not match"
+
+    _labelmap_case(root / "empty", image, np.zeros_like(labels), affine, names)
+    bad["empty"] = "empty/labels.nii.gz: no labelled voxels"
+
+    _labelmap_case(root / "fourd", np.stack([image, image], axis=-1), labels, affine, names)
+    bad["fourd"] = "fourd/image.nii.gz: 4D image"
+
+    nan_image = image.copy()
+    nan_image[3, 3, 3] = np.nan
+    nan_image[4, 4, 4] = np.inf
+    _labelmap_case(root / "nan", nan_image, labels, affine, names)
+    bad["nan"] = "nan/image.nii.gz: 2 non-finite intensities"
+
+    _labelmap_case(root / "unnamed", image, labels, affine, {1: "a"})
+    bad["unnamed"] = r"unnamed/labels.nii.gz: label value\(s\) \[2\] have no name"
+
+    rot = affine.copy()
+    rot[:3, :3] = [[1.3, -0.75, 0], [0.75, 1.3, 0], [0, 0, 3.0]]
+    _labelmap_case(root / "oblique", image, labels, rot, names)
+    bad["oblique"] = "oblique/image.nii.gz: oblique affine"
+    return bad
+
+
+def test_every_bad_input_is_rejected_naming_its_file_and_the_good_volume_survives(tmp_path):
+    bad = _bad_cases(tmp_path / "raw")
+    vols = volumes.prepare("demo", root=tmp_path, sources=["generic"], workers=2,
+                           generic_root=str(tmp_path / "raw"))
+    assert list(vols["case"]) == ["good"]
+    rejected = pd.read_parquet(tmp_path / "data" / "prepared" / "rejected.parquet")
+    assert sorted(rejected["case"]) == sorted(bad)
+    for case, pattern in bad.items():
+        reason = rejected.loc[rejected["case"] == case, "reason"].item()
+        assert re.search(pattern, reason), (case, reason)
+
+
+def test_totalsegmentator_reads_only_asked_masks_and_notes_empty_ones(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # LPS storage
+    case = tmp_path / "ts" / "s0001"
+    (case / "segmentations").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.rint(image).astype(np.int16), affine), case / "ct.nii.gz")
+    for value, name in ((1, "liver"), (2, "spleen")):
+        nib.save(nib.Nifti1Image((labels == value).astype(np.uint8), affine),
+                 case / "segmentations" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros_like(labels, np.uint8), affine),
+             case / "segmentations" / "heart.nii.gz")
+    # a corrupt mask that is not asked for must not be read
+    (case / "segmentations" / "stomach.nii.gz").write_bytes(gzip.compress(b"garbage"))
+    (tmp_path / "ts" / "s0002").mkdir()  # a case without ct.nii.gz
+
+    params = {"sources": ["totalsegmentator"], "totalsegmentator_root": str(tmp_path / "ts"),
+              "structures": ["liver", "spleen", "heart"], "workers": 1}
+    vols = volumes.prepare("paper", root=tmp_path, **params)
+    assert list(vols["case"]) == ["s0001"]
+    comps = pd.read_parquet(tmp_path / "data" / "prepared" / "components.parquet")
+    classes = {v: k for k, v in volumes.totalsegmentator_classes().items()}
+    assert dict(zip(comps["component"], comps["label"], strict=True)) == {
+        "liver": classes["liver"], "spleen": classes["spleen"]}
+    rejected = pd.read_parquet(tmp_path / "data" / "prepared" / "rejected.parquet")
+    reasons = " | ".join(rejected["reason"])
+    assert "heart.nii.gz: empty mask" in reasons
+    assert "s0002/ct.nii.gz: file not found" in reasons
+    assert "stomach" not in reasons
+
+
+def test_label_table_errors_name_the_file(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("value,label\n1,a\n")
+    with pytest.raises(volumes.VolumeError, match="labels.csv: label table lacks column"):
+        volumes.read_label_names(path)
+    path.write_text("index,name\n1,a\n1,b\n")
+    with pytest.raises(volumes.VolumeError, match=r"labels.csv: label index \[1\] listed twice"):
+        volumes.read_label_names(path)
+
+
+def test_demo_marker_makes_phantoms_reusable(demo_root):
+    marker = demo_root / "data" / "raw" / "demo" / "totalsegmentator" / ".demo.json"
+    assert json.loads(marker.read_text())["spec"]["source"] == "torso_ct_phantom"
