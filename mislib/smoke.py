@@ -176,3 +176,67 @@ def _build(out: Path) -> None:
                                  video_processor=video_processor,
                                  chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
+
+
+def write_smoke_benchmark(root: str | os.PathLike | None = None, n_questions: int = 24,
+                          seed: int = 0, image_size: int = 64, n_frames: int = 4,
+                          ablation_share: float = 0.5) -> Path:
+    """A small benchmark in stage 03's layout, with random pictures, for stage-04 checks.
+
+    Stage 04 can then be tested and timed without stages 01-03: the questions come from
+    :func:`mislib.simulate.simulate_questions` (the real schema and factor mix), and each
+    question that is not text-only gets a random RGB PNG (2D) or a folder of
+    ``frame_000.png ...`` (3D stack), written where ``image_path`` says.
+
+    Parameters
+    ----------
+    root : path, optional
+        Project root; files go to ``<root>/data/benchmark/``.
+    n_questions : int
+        Number of questions.
+    seed : int
+        Seed of the questions and of the pictures.
+    image_size : int
+        Side of every picture in pixels.
+    n_frames : int
+        Frames per 3D stack (even, as the renderer writes them).
+    ablation_share : float
+        Share of relation questions in the ablations (half of them text-only), higher
+        than the paper's so that small tables hold text-only questions too.
+
+    Returns
+    -------
+    Path
+        The ``questions.parquet`` written.
+    """
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from mislib.simulate import simulate_questions
+
+    bench_dir = project_paths(root).benchmark
+    questions = simulate_questions(n_questions, seed=seed, ablation_share=ablation_share)
+    rng = np.random.default_rng(seed)
+    paths: list[str | None] = []
+    for render_id, dims in zip(questions["render_id"], questions["dims"], strict=True):
+        if pd.isna(render_id):  # the text-only ablation
+            paths.append(None)
+            continue
+        if dims == "3d":
+            rel = f"stacks/{render_id}"
+            (bench_dir / rel).mkdir(parents=True, exist_ok=True)
+            for f in range(n_frames):
+                pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(bench_dir / rel / f"frame_{f:03d}.png")
+        else:
+            rel = f"images/{render_id}.png"
+            (bench_dir / "images").mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(bench_dir / rel)
+        paths.append(rel)
+    questions["image_path"] = paths
+    questions["n_frames"] = np.where(questions["dims"] == "3d", n_frames, 1)
+    out = bench_dir / "questions.parquet"
+    questions.to_parquet(out, index=False)
+    return out

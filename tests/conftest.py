@@ -15,3 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tmp_root(tmp_path):
     """A throw-away project root for running stages end to end."""
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    """A project root whose ``.cache`` holds the tiny Qwen3-VL (built once per session)."""
+    from mislib.smoke import smoke_model_dir
+
+    root = tmp_path_factory.mktemp("smoke_root")
+    smoke_model_dir(root)
+    return root
