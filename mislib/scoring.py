@@ -300,11 +300,13 @@ def _subject_is_b(segment: str, start: int, end: int, ent_a, ent_b) -> bool:
     """True when the clause around an option states B's position relative to A."""
     if ent_b is None:
         return False
-    before = segment[:start]
+    # A bounded window: a clause is short, and scanning the whole prefix for every option
+    # named would be quadratic in a very long output.
+    before = segment[max(0, start - 200):start]
     breaks = list(_CLAUSE_BREAK.finditer(before))
     clause_start = breaks[-1].end() if breaks else 0
     before = before[clause_start:]
-    after = segment[end:]
+    after = segment[end:end + 200]
     stop = _CLAUSE_BREAK.search(after)
     after = after[:stop.start()] if stop else after
     subjects = []
