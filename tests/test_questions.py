@@ -1,0 +1,375 @@
+"""mislib.questions: the factorial question set and its ground truth.
+
+Small synthetic stage-01/02 tables are built in code: three volumes (a brain MRI, a torso CT
+and a right knee), one slice per plane, 2D renders in both conventions, two prompts and both
+backgrounds, plus 3D stacks; pixel centroids and frame ranges follow the geometry mapping
+as a renderer would draw them. The truths are then recomputed here from the inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mislib.config import stage_params
+from mislib.geometry import screen_mapping, screen_offset
+from mislib.questions import (
+    FORMS,
+    QUESTION_COLUMNS,
+    GroundTruthMismatch,
+    anatomical_term,
+    build_questions,
+    colloquial_term,
+    display_name,
+    generate,
+)
+from mislib.scoring import is_correct, parse_answer
+
+MARGIN = 10.0
+# volume -> (source, modality, laterality, {component: 3D centroid (mm)})
+VOLUMES = {
+    "brain-1": ("brain_atlas", "MRI", None, {
+        "Left_Hippocampus": (-25.0, -20.0, -12.0), "Right_Hippocampus": (26.0, -21.0, -11.0),
+        "Left_Putamen": (-24.0, 2.0, 1.0), "3rd_Ventricle": (0.0, -12.0, 2.0)}),
+    "ct-1": ("totalsegmentator", "CT", None, {
+        "liver": (-60.0, 10.0, 40.0), "spleen": (70.0, -30.0, 50.0),
+        "kidney_left": (55.0, -45.0, 5.0), "stomach": (35.0, 0.0, 46.0)}),  # 6 mm over spleen
+    "knee-1": ("knee_mri", "MRI", "right", {
+        "femur": (0.0, 0.0, 40.0), "tibia": (2.0, -3.0, -40.0), "fibula": (30.0, -15.0, -50.0),
+        "patella": (5.0, 35.0, 20.0)}),
+}
+PIXEL_MM = 0.5
+IMAGE_SIZE = 8
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_inputs(root, conventions=("standard", "storage"), prompts=("mask", "box"),
+                write_images=True):
+    """Write volumes/components/renders parquet files (and tiny images) under ``root``."""
+    prepared, bench = root / "data" / "prepared", root / "data" / "benchmark"
+    prepared.mkdir(parents=True, exist_ok=True)
+    bench.mkdir(parents=True, exist_ok=True)
+    vols, comps, renders = [], [], []
+    for v, (source, modality, laterality, structures) in VOLUMES.items():
+        vols.append({"volume_id": v, "source": source, "modality": modality, "case": v,
+                     "laterality": laterality, "n_components": len(structures)})
+        for label, (name, c) in enumerate(structures.items(), start=1):
+            comps.append({"volume_id": v, "source": source, "modality": modality,
+                          "component": name, "label": label, "voxels": 100,
+                          "centroid_x": c[0], "centroid_y": c[1], "centroid_z": c[2]})
+        centre = np.mean(list(structures.values()), axis=0)
+        for plane, fixed in (("axial", 2), ("coronal", 1), ("sagittal", 0)):
+            slice_id = f"{v}-{plane}"
+            for dims in ("2d", "3d"):
+                for convention in conventions:
+                    m = screen_mapping(plane, convention)
+                    for prompt in prompts:
+                        for background in ("scan", "blank"):
+                            rid = f"{slice_id}-{dims}-{convention}-{prompt}-{background}"
+                            n_frames = 1 if dims == "2d" else 4
+                            image_path = (f"images/{rid}.png" if dims == "2d"
+                                          else f"stacks/{rid}/")
+                            if write_images:
+                                value = len(renders) % 250
+                                if dims == "2d":
+                                    (bench / image_path).parent.mkdir(exist_ok=True)
+                                    (bench / image_path).write_bytes(_png(value))
+                                else:
+                                    (bench / image_path).mkdir(parents=True, exist_ok=True)
+                                    for f in range(n_frames):
+                                        (bench / image_path / f"frame_{f:03d}.png").write_bytes(
+                                            _png((value + f) % 250))
+                            for k, (name, c) in enumerate(structures.items()):
+                                world = np.array(c, float)
+                                if dims == "2d":  # visible part: on the slice plane
+                                    world[fixed] = centre[fixed]
+                                right, down, frame = screen_offset(world - centre, m)
+                                first = last = None
+                                if dims == "3d":  # a 10-mm-per-frame stack, 4 frames wide
+                                    mid = 20 + frame / 10.0
+                                    first, last = mid - 1.5, mid + 1.5
+                                renders.append({
+                                    "render_id": rid, "volume_id": v, "slice_id": slice_id,
+                                    "plane": plane, "convention": convention, "dims": dims,
+                                    "prompt": prompt, "background": background,
+                                    "image_path": image_path, "n_frames": n_frames,
+                                    "width": IMAGE_SIZE, "height": IMAGE_SIZE,
+                                    "pixel_mm": PIXEL_MM, "letter": "ABCDEF"[k],
+                                    "component": name, "color": "#ff0000",
+                                    "centroid_col": 200 + right / PIXEL_MM,
+                                    "centroid_row": 200 + down / PIXEL_MM,
+                                    "frame_first": first, "frame_last": last,
+                                    "visible_x": world[0], "visible_y": world[1],
+                                    "visible_z": world[2],
+                                    "visible_area_mm2": 50.0 if dims == "2d" else None,
+                                    "visible_frames": None if dims == "2d" else 4})
+    volumes, components = pd.DataFrame(vols), pd.DataFrame(comps)
+    render_df = pd.DataFrame(renders)
+    volumes.to_parquet(prepared / "volumes.parquet", index=False)
+    components.to_parquet(prepared / "components.parquet", index=False)
+    render_df.to_parquet(bench / "renders.parquet", index=False)
+    return render_df, volumes, components
+
+
+def _params(**overrides):
+    return stage_params("demo", "questions", **overrides)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("questions")
+    renders, volumes, components = make_inputs(root, write_images=False)
+    return root, renders, volumes, components
+
+
+@pytest.fixture(scope="module")
+def full(inputs):
+    """Every cell of every relation (the full factorial), so each check sees all of them."""
+    _, renders, volumes, components = inputs
+    return build_questions(renders, volumes, components,
+                           _params(cells_per_relation="all", terminologies_per_relation="all",
+                                   plane_cells_per_unit="all", max_pairs_per_unit=0),
+                           progress=False)
+
+
+def _world(renders, components, q, comp):
+    if pd.isna(q["render_id"]):
+        row = components[(components.volume_id == q["volume_id"])
+                         & (components.component == comp)].iloc[0]
+        return np.array([row.centroid_x, row.centroid_y, row.centroid_z])
+    row = renders[(renders.render_id == q["render_id"]) & (renders.component == comp)].iloc[0]
+    return np.array([row.visible_x, row.visible_y, row.visible_z])
+
+
+# ---- direction terms -------------------------------------------------------------------
+
+def test_anatomical_terms_are_patient_relative_and_medial_lateral_on_a_limb():
+    assert [anatomical_term(c) for c in "RLAPSI"] == [
+        "right", "left", "anterior", "posterior", "superior", "inferior"]
+    assert anatomical_term("R", "right") == "lateral" and anatomical_term("L", "right") == "medial"
+    assert anatomical_term("R", "left") == "medial" and anatomical_term("S", "left") == "superior"
+
+
+@pytest.mark.parametrize(("plane", "convention", "expected"), [
+    # world code -> screen term; standard views: anterior/superior up, patient right on the left
+    ("axial", "standard", {"R": "left", "A": "above", "S": "later"}),
+    ("coronal", "standard", {"R": "left", "S": "above", "A": "earlier"}),
+    ("sagittal", "standard", {"A": "left", "S": "above", "R": "later"}),
+    ("axial", "storage", {"R": "above", "A": "left", "S": "earlier"}),
+    ("coronal", "storage", {"R": "above", "S": "left", "A": "earlier"}),
+    ("sagittal", "storage", {"A": "above", "S": "left", "R": "earlier"}),
+])
+def test_colloquial_terms_follow_the_screen_mapping(plane, convention, expected):
+    m = screen_mapping(plane, convention)
+    for code, term in expected.items():
+        assert colloquial_term(code, m) == term
+
+
+def test_display_names_read_naturally():
+    assert display_name("kidney_left") == "left kidney"
+    assert display_name("Left_Hippocampus") == "left hippocampus"
+    assert display_name("vertebrae_L1") == "vertebrae L1"
+
+
+# ---- the question table ----------------------------------------------------------------
+
+def test_questions_cover_every_source_family_and_form(full):
+    assert list(full.columns) == list(QUESTION_COLUMNS)
+    assert set(full["source"]) == {"brain_atlas", "totalsegmentator", "knee_mri"}
+    assert set(full["family"]) == {"relation_2d", "relation_3d", "plane"}
+    assert set(full["form"]) == set(FORMS)
+    assert set(full["ablation"]) == {"none", "blank", "text_only"}
+    assert full["question_id"].is_unique
+
+
+def test_true_and_false_are_exactly_balanced(full):
+    closed = full[full.form != "open"]
+    assert (closed["answer"] == "True").sum() == (closed["answer"] == "False").sum()
+    for _, cell in closed.groupby(["family", "ablation"], dropna=False):
+        assert (cell["answer"] == "True").sum() == (cell["answer"] == "False").sum()
+
+
+def test_open_answers_are_balanced_across_direction_terms(full):
+    rel = full[(full.form == "open") & (full.family != "plane")].copy()
+    rel["options"] = rel["choices"].map(lambda c: tuple(sorted(c)))
+    keys = ["family", "terminology", "ablation", "convention", "options"]
+    for key, cell in rel.groupby(keys, dropna=False):
+        counts = cell["answer"].value_counts()
+        assert set(counts.index) <= set(key[-1])
+        assert counts.max() - counts.reindex(list(key[-1]), fill_value=0).min() <= 1, key
+
+
+def test_every_closed_false_inverts_its_closed_true(full):
+    opposite = {"superior": "inferior", "anterior": "posterior", "left": "right",
+                "medial": "lateral", "above": "below", "earlier": "later"}
+    opposite.update({v: k for k, v in opposite.items()})
+    rel = full[full.family != "plane"]
+    for _, trip in rel.groupby("relation_id"):
+        forms = trip.set_index("form")
+        assert sorted(forms.index) == sorted(FORMS)
+        t, f, o = forms.loc["closed_true"], forms.loc["closed_false"], forms.loc["open"]
+        assert (t.answer, f.answer) == ("True", "False")
+        assert f.direction == opposite[t.direction] and o.answer == t.direction
+        assert (t.component_a, t.component_b) == (f.component_a, f.component_b)
+    plane = full[full.family == "plane"].set_index(["relation_id", "form"])["direction"]
+    for rid in plane.index.get_level_values(0).unique():
+        assert plane[(rid, "closed_false")] != plane[(rid, "closed_true")] == plane[(rid, "open")]
+
+
+def test_no_relation_below_the_margin_is_asked(inputs, full):
+    _, renders, _, components = inputs
+    axis_index = {"R/L": 0, "A/P": 1, "S/I": 2}
+    rel = full[full.family != "plane"]
+    assert (rel["separation_mm"] >= MARGIN).all()
+    for q in rel.drop_duplicates("relation_id").to_dict("records"):
+        a = _world(renders, components, q, q["component_a"])
+        b = _world(renders, components, q, q["component_b"])
+        assert abs(a - b)[axis_index[q["axis"]]] >= MARGIN, q["question_id"]
+    # stomach and spleen are 6 mm apart along S/I: never asked along it
+    pair = rel[rel.component_a.isin(["stomach", "spleen"]) & rel.component_b.isin(["stomach", "spleen"])]
+    assert not (pair["axis"] == "S/I").any()
+
+
+def test_anatomical_truth_comes_from_world_geometry(inputs, full):
+    _, renders, _, components = inputs
+    codes = {"R/L": (0, "R", "L"), "A/P": (1, "A", "P"), "S/I": (2, "S", "I")}
+    rel = full[(full.family != "plane") & (full.terminology == "anatomical")
+               & (full.form == "open")]
+    assert len(rel) > 20
+    for q in rel.to_dict("records"):
+        axis, pos, neg = codes[q["axis"]]
+        d = (_world(renders, components, q, q["component_a"])
+             - _world(renders, components, q, q["component_b"]))[axis]
+        lat = "right" if q["source"] == "knee_mri" else None
+        assert q["answer"] == anatomical_term(pos if d > 0 else neg, lat)
+    knee_x = rel[(rel.source == "knee_mri") & (rel.axis == "R/L")]
+    assert set(knee_x["answer"]) <= {"medial", "lateral"} and len(knee_x)
+
+
+def test_colloquial_truth_comes_from_pixels_and_frame_order(inputs, full):
+    _, renders, _, _ = inputs
+    r = renders.set_index(["render_id", "component"])
+    rel = full[(full.terminology == "colloquial") & (full.form == "open")
+               & full.render_id.notna()]
+    for q in rel.to_dict("records"):
+        a, b = r.loc[(q["render_id"], q["component_a"])], r.loc[(q["render_id"], q["component_b"])]
+        if q["family"] == "relation_2d":
+            # the screen axis the asked world axis lands on, then the sign from the pixels
+            unit = np.eye(3)[{"R/L": 0, "A/P": 1, "S/I": 2}[q["axis"]]]
+            right, down, _ = np.abs(screen_offset(unit, screen_mapping(q["plane"], q["convention"])))
+            if right:
+                expected = "right" if a.centroid_col > b.centroid_col else "left"
+            else:
+                assert down
+                expected = "below" if a.centroid_row > b.centroid_row else "above"
+        else:
+            expected = "later" if a.frame_first > b.frame_first else "earlier"
+        assert q["answer"] == expected, q["question_id"]
+
+
+def test_text_only_questions_have_no_image_and_follow_the_standard_convention(inputs, full):
+    _, _, _, components = inputs
+    text = full[full.ablation == "text_only"]
+    assert len(text) and text["render_id"].isna().all() and text["convention"].isna().all()
+    assert text["letter_a"].isna().all() and (text["n_frames"] == 0).all()
+    assert not text["text"].str.contains(r"\([A-F]\)").any()
+    codes = {"R/L": ("R", "L", 0), "A/P": ("A", "P", 1), "S/I": ("S", "I", 2)}
+    coll = text[(text.terminology == "colloquial") & (text.form == "open")]
+    assert len(coll)
+    for q in coll.to_dict("records"):
+        pos, neg, axis = codes[q["axis"]]
+        d = (_world(None, components, q, q["component_a"])
+             - _world(None, components, q, q["component_b"]))[axis]
+        m = screen_mapping(q["plane"], "standard")
+        assert q["answer"] == colloquial_term(pos if d > 0 else neg, m)
+        assert "standard" in q["text"]
+
+
+def test_blank_questions_name_structures_by_letter_only(full):
+    blank = full[(full.ablation == "blank") & (full.family != "plane")]
+    assert len(blank)
+    for q in blank.head(50).to_dict("records"):
+        assert re.search(rf"\b[Ss]tructure {q['letter_a']}\b", q["text"])
+        assert q["name_a"] not in q["text"].lower()
+    named = full[(full.ablation == "none") & (full.family != "plane")].iloc[0]
+    assert re.search(rf"\b[Tt]he {re.escape(named['name_a'])} \({named['letter_a']}\)", named["text"])
+
+
+def test_the_scorer_reads_every_ground_truth_answer(full):
+    for q in full.to_dict("records"):
+        value, status = parse_answer(f"Let me look.\nAnswer: {q['answer']}", q)
+        assert status == "ok" and is_correct(value, status, q), (q["question_id"], q["answer"])
+        assert q["answer"] in q["choices"] and q["direction"] is not None
+        assert "Answer:" in q["text"]
+        if q["form"] == "open":
+            assert all(c in q["text"] for c in q["choices"])
+
+
+def test_sampled_design_balances_cells_and_components(inputs):
+    _, renders, volumes, components = inputs
+    q = build_questions(renders, volumes, components,
+                        _params(cells_per_relation=1, terminologies_per_relation=1,
+                                plane_cells_per_unit=1, max_pairs_per_unit=2), progress=False)
+    for family in ("relation_2d", "relation_3d"):
+        trip = q[(q.family == family) & (q.form == "open")]
+        cells = trip.fillna("-").groupby(["ablation", "convention", "prompt"]).size()
+        assert len(cells) == 9  # 2 conventions x 2 prompts x 2 backgrounds + text-only
+        assert cells.max() - cells.min() <= 1, cells
+        terms = trip.groupby(["terminology"]).size()
+        assert terms.max() - terms.min() <= 1
+    pairs = q[q.family == "relation_2d"].drop_duplicates(["slice_id", "component_a", "component_b"])
+    used = pd.concat([pairs.component_a, pairs.component_b]).value_counts()
+    assert used.max() - used.min() <= 2
+    assert len(q) < len(build_questions(renders, volumes, components, _params(
+        cells_per_relation="all"), progress=False))
+
+
+def test_pixel_centroids_that_contradict_the_mapping_stop_the_stage(inputs):
+    _, renders, volumes, components = inputs
+    bad = renders.copy()
+    rid = "ct-1-axial-2d-standard-mask-scan"
+    sel = (bad.render_id == rid) & (bad.component == "liver")
+    bad.loc[sel, "centroid_col"] = 2 * 200 - bad.loc[sel, "centroid_col"]  # mirrored
+    with pytest.raises(GroundTruthMismatch, match=rid):
+        build_questions(bad, volumes, components, _params(cells_per_relation="all"),
+                        progress=False)
+
+
+def test_bad_inputs_get_errors_naming_the_file_and_field(inputs):
+    _, renders, volumes, components = inputs
+    with pytest.raises(ValueError, match=r"renders.parquet: missing columns \['centroid_col'\]"):
+        build_questions(renders.drop(columns="centroid_col"), volumes, components, _params())
+    odd = renders.assign(plane=renders.plane.replace("axial", "oblique"))
+    with pytest.raises(ValueError, match="renders.parquet: column 'plane'.*oblique"):
+        build_questions(odd, volumes, components, _params())
+    with pytest.raises(ValueError, match="cells_per_relation"):
+        build_questions(renders, volumes, components, _params(cells_per_relation="some"))
+
+
+def test_generate_is_deterministic_and_skips_fresh_work(inputs):
+    root = inputs[0]
+    first = generate("demo", root=root, force=True)
+    target = root / "data" / "benchmark" / "questions.parquet"
+    blob, mtime = target.read_bytes(), target.stat().st_mtime_ns
+    again = generate("demo", root=root)  # fresh: read back, not rewritten
+    assert target.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(first, again)
+    generate("demo", root=root, force=True)
+    assert target.read_bytes() == blob  # a second run gives identical bytes
+    changed = generate("demo", root=root, margin_mm=40.0)
+    assert len(changed) < len(first) and target.read_bytes() != blob
+
+
+def test_generate_without_upstream_outputs_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="renders.parquet"):
+        generate("demo", root=tmp_path)
