@@ -565,7 +565,9 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     ----------
     scored : the ``scored.parquet`` table (``question_id, trial, correct`` + factors).
     by : grouping columns, e.g. ``["model", "arm", "convention", "terminology"]``; rows
-        where a grouping column is null (the factor does not apply) are left out.
+        where a grouping column is null (the factor does not apply) are left out. Without
+        ``model`` (or ``arm``) in ``by`` the models (arms) are pooled, each (model, arm,
+        question) counting as one question of Bayes@N.
     level : credible level of ``lo``/``hi``.
 
     Returns
@@ -576,8 +578,16 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     missing = [c for c in (*by, "question_id", "trial", "correct") if c not in scored]
     if missing:
         raise ValueError(f"scored table lacks columns {missing}")
+    table = scored.dropna(subset=list(by))
+    # Pooling over models or arms: each (model, arm, question) is its own Bayes@N row.
+    pooled = [c for c in ("model", "arm") if c in table and c not in by]
+    if pooled and len(table.drop_duplicates(pooled)) > 1:
+        key = table["question_id"].astype(str)
+        for c in pooled:
+            key = table[c].astype(str) + "\x1f" + key
+        table = table.assign(question_id=key)
     rows = []
-    for key, group in scored.dropna(subset=list(by)).groupby(list(by), sort=True):
+    for key, group in table.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key, strict=True)), **_bayes_row(group, level)})
     columns = [*by, "n_questions", "n_trials", "n_incomplete", "accuracy", "mu", "sigma",

@@ -369,3 +369,13 @@ def test_score_runs_names_a_responses_file_lacking_columns(tmp_root, study):
         run_dir / "responses.parquet")
     with pytest.raises(ValueError, match=r"responses\.parquet.*raw_text"):
         score_runs("demo", root=tmp_root, progress=False)
+
+
+def test_bayes_by_pools_models_as_separate_questions(scored):
+    pooled = bayes_by(scored[scored["arm"] == "baseline"], ["terminology"])
+    per_model = bayes_by(scored[scored["arm"] == "baseline"], ["model", "terminology"])
+    for row in pooled.itertuples():
+        parts = per_model[per_model["terminology"] == row.terminology]
+        assert row.n_questions == parts["n_questions"].sum()
+        weights = parts["n_questions"] / parts["n_questions"].sum()
+        assert row.mu == pytest.approx((parts["mu"] * weights).sum())
