@@ -1,0 +1,157 @@
+"""mislib.plots: each figure draws what its name says; the stage writes PNG and PDF."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from mislib import plots
+from mislib.scoring import bayes_by_factor, rescore, score_runs
+from mislib.simulate import simulate_study, write_study
+
+
+def _errorbars(ax):
+    """The errorbar containers drawn on an axis (one per plotted series)."""
+    return [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+
+
+@pytest.fixture(scope="module")
+def study():
+    return simulate_study(n_questions=300, n_trials=2, seed=7, models=("m-small", "m-large"))
+
+
+@pytest.fixture(scope="module")
+def scored(study):
+    return rescore(study.responses, study.questions, progress=False)
+
+
+def test_save_figure_writes_png_and_pdf_named_by_the_notebook(tmp_root):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    paths = plots.save_figure(fig, "demo_line", tmp_root)
+    assert [p.name for p in paths] == ["08_demo_line.png", "08_demo_line.pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    assert not plt.fignum_exists(fig.number)  # closed after saving
+
+
+def test_accuracy_by_factor_draws_one_panel_per_factor_and_series_per_model_arm(scored):
+    table = bayes_by_factor(scored, factors=("dims", "terminology", "plane"))
+    fig = plots.accuracy_by_factor(table)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["dims", "terminology", "plane"]
+    assert len(_errorbars(visible[0])) == 4  # 2 models x 2 arms
+    assert [t.get_text() for t in visible[2].get_xticklabels()] == ["axial", "coronal",
+                                                                     "sagittal"]
+    plt.close(fig)
+
+
+def test_accuracy_by_factor_plots_percent_of_the_bayes_means():
+    table = pd.DataFrame({"model": "m", "arm": "baseline", "factor": "dims",
+                          "level": ["3d", "2d"], "mu": [0.5, 0.6], "lo": [0.4, 0.55],
+                          "hi": [0.6, 0.65]})
+    fig = plots.accuracy_by_factor(table)
+    line = _errorbars(fig.axes[0])[0].lines[0]
+    assert list(line.get_ydata()) == pytest.approx([60.0, 50.0])  # 2d first: level order
+    plt.close(fig)
+
+
+def test_interaction_draws_a_panel_per_arm_and_a_line_per_terminology():
+    cells = pd.DataFrame([{"arm": arm, "convention": c, "terminology": t, "mu": 0.5,
+                           "lo": 0.4, "hi": 0.6}
+                          for arm in ("baseline", "semsam") for c in ("storage", "standard")
+                          for t in ("anatomical", "colloquial")])
+    fig = plots.interaction(cells, "convention", "terminology")
+    assert [ax.get_title() for ax in fig.axes] == ["arm = baseline", "arm = semsam"]
+    assert all(len(_errorbars(ax)) == 2 for ax in fig.axes)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["standard", "storage"]
+    plt.close(fig)
+
+
+def test_interaction_without_cells_is_an_error():
+    empty = pd.DataFrame(columns=["arm", "convention", "terminology", "mu", "lo", "hi"])
+    with pytest.raises(ValueError, match="no convention × terminology cells"):
+        plots.interaction(empty, "convention", "terminology")
+
+
+def _prompt_cells(prompts):
+    rows = []
+    for i, p in enumerate(prompts):
+        for j, t in enumerate(("anatomical", "colloquial")):
+            mu = 0.5 + 0.05 * i - 0.1 * j
+            rows.append({"arm": "baseline", "prompt": p, "terminology": t, "mu": mu,
+                         "sigma": 0.02, "lo": mu - 0.04, "hi": mu + 0.04})
+    return pd.DataFrame(rows)
+
+
+def test_visual_prompt_effect_draws_differences_from_the_no_prompt_baseline():
+    fig = plots.visual_prompt_effect(_prompt_cells(["none", "mask", "box"]), baseline="none")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mask", "box"]
+    ys = _errorbars(ax)[0].lines[0].get_ydata()
+    assert list(ys) == pytest.approx([5.0, 10.0])  # points above the baseline
+    assert "minus no prompt" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_visual_prompt_effect_without_a_baseline_level_says_so():
+    fig = plots.visual_prompt_effect(_prompt_cells(["mask", "box", "point"]), baseline="none")
+    assert "no 'none' baseline" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_semsam_by_model_draws_arms_and_the_effect_per_model():
+    effect = pd.DataFrame({"model": ["a", "b"], "baseline_mu": [0.5, 0.6],
+                           "baseline_lo": [0.45, 0.55], "baseline_hi": [0.55, 0.65],
+                           "semsam_mu": [0.6, 0.62], "semsam_lo": [0.55, 0.57],
+                           "semsam_hi": [0.65, 0.67], "effect_mu": [0.1, 0.02],
+                           "effect_lo": [0.05, -0.01], "effect_hi": [0.15, 0.05]})
+    fig = plots.semsam_by_model(effect)
+    left, right = fig.axes
+    assert len(_errorbars(left)) == 2
+    assert list(_errorbars(right)[0].lines[0].get_ydata()) == pytest.approx([10.0, 2.0])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="empty"):
+        plots.semsam_by_model(effect.iloc[0:0])
+
+
+def test_factor_forest_has_one_row_per_term_and_leaves_out_the_intercept():
+    effects = pd.DataFrame({"term": ["Intercept", "dims[2d]", "dims[3d]",
+                                     "convention[standard]:terminology[anatomical]"],
+                            "mean": [0.4, 0.1, -0.1, 0.3], "lo95": [0.2, 0.0, -0.2, 0.1],
+                            "hi95": [0.6, 0.2, 0.0, 0.5], "r_hat": [1.0, 1.0, 1.02, 1.0]})
+    fig = plots.factor_forest(effects)
+    ax = fig.axes[0]
+    top_down = sorted(zip(ax.get_yticks(), (t.get_text() for t in ax.get_yticklabels()),
+                          strict=True), reverse=True)
+    assert [label for _, label in top_down] == [
+        "dims[2d]", "dims[3d]", "convention[standard]:terminology[anatomical]"]
+    plt.close(fig)
+
+
+def test_make_figures_writes_every_figure_from_the_analysis_tables(tmp_root, study):
+    write_study(study, tmp_root)
+    score_runs("demo", root=tmp_root, progress=False)
+    truth = study.truth.rename(columns={"value": "mean"})
+    truth.assign(sd=0.1, lo95=truth["mean"] - 0.2, hi95=truth["mean"] + 0.2, r_hat=1.0,
+                 ess_bulk=500.0).to_parquet(tmp_root / "data/analysis/factor_effects.parquet")
+    written = plots.make_figures("demo", tmp_root)
+    assert set(written) == set(plots.FIGURES)
+    for name, paths in written.items():
+        assert [p.suffix for p in paths] == [".png", ".pdf"], name
+        assert all(p.stat().st_size > 1000 for p in paths), name
+        assert paths[0].name == f"08_{name}.png"
+
+
+def test_make_figures_names_the_missing_stage_07_output(tmp_root, study):
+    write_study(study, tmp_root)
+    score_runs("demo", root=tmp_root, progress=False)
+    with pytest.raises(FileNotFoundError, match="factor_effects.*07"):
+        plots.make_figures("demo", tmp_root)
+
+
+def test_ordered_puts_known_levels_first_then_the_rest_sorted():
+    assert plots.ordered("ablation", ["zeta", "blank", np.nan, "none", "alpha"]) == [
+        "none", "blank", "alpha", "zeta"]
