@@ -373,3 +373,66 @@ def test_generate_is_deterministic_and_skips_fresh_work(inputs):
 def test_generate_without_upstream_outputs_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="renders.parquet"):
         generate("demo", root=tmp_path)
+
+
+# ---- the real brain atlas (stages 01-02 run on the MNI152 template + neuromorphometrics) ----
+
+# Where the patient's LEFT lands on screen, from DESIGN.md §4: the standard axial and coronal
+# views put patient right on the image left; the storage convention draws the LPI array as
+# indexed, so the x axis (L) runs down the image in axial and coronal slices.
+PATIENT_LEFT_ON_SCREEN = {("axial", "standard"): "right", ("coronal", "standard"): "right",
+                          ("axial", "storage"): "below", ("coronal", "storage"): "below"}
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    from mislib.render import render_benchmark
+    from mislib.volumes import prepare
+
+    root = tmp_path_factory.mktemp("brain")
+    prepare(profile="demo", root=root, sources=["brain_atlas"], workers=1)
+    render_benchmark(profile="demo", root=root, prompts=["mask"], workers=1)
+    return root
+
+
+def test_real_atlas_left_right_twins_follow_the_patient_and_the_mapping(brain):
+    from mislib.questions import load_inputs
+
+    renders, volumes, components = load_inputs(brain)
+    q = build_questions(renders, volumes, components,
+                        _params(max_pairs_per_unit=0, cells_per_relation="all"), progress=False)
+    side = {"Left": "left", "Right": "right"}
+    a_side = q["component_a"].str.split("_").str[0].map(side)
+    b_side = q["component_b"].str.split("_").str[0].map(side)
+    twins = q[a_side.notna() & b_side.notna() & (a_side != b_side)
+              & (q["component_a"].str.split("_", n=1).str[1]
+                 == q["component_b"].str.split("_", n=1).str[1])
+              & (q["axis"] == "R/L") & (q["form"] == "open")]
+    anat = twins[twins.terminology == "anatomical"]
+    coll = twins[twins.terminology == "colloquial"]
+    assert len(anat) >= 4 and len(coll) >= 4
+    for row in anat.itertuples():
+        assert row.answer == side[row.component_a.split("_")[0]], row.question_id
+    for row in coll.itertuples():
+        convention = row.convention if isinstance(row.convention, str) else "standard"
+        left_on_screen = PATIENT_LEFT_ON_SCREEN[(row.plane, convention)]
+        expected = left_on_screen if row.component_a.startswith("Left_") else \
+            {"right": "left", "below": "above"}[left_on_screen]
+        assert row.answer == expected, (row.question_id, row.plane, convention)
+    assert set(coll["convention"].dropna()) == {"standard", "storage"}
+
+
+def test_real_atlas_questions_are_written_balanced_and_exportable(brain):
+    from mislib.export import check_export
+    from mislib.questions import export
+
+    q = generate("demo", root=brain, force=True)
+    assert set(q["family"]) == {"relation_2d", "relation_3d", "plane"}
+    closed = q[q.form != "open"]
+    assert (closed.answer == "True").sum() == (closed.answer == "False").sum() > 0
+    assert (q.loc[q.family != "plane", "separation_mm"] >= MARGIN).all()
+    for row in q.to_dict("records"):
+        assert parse_answer(f"Answer: {row['answer']}", row) == (row["answer"], "ok")
+    export("demo", root=brain)
+    summary = check_export(brain)
+    assert summary["rows"] == len(q) and summary["stack_frames"] > 0
