@@ -45,7 +45,15 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from mislib.config import is_fresh, stage_params, write_stamp
-from mislib.geometry import CONVENTIONS, PLANES, plane_axes, screen_mapping
+from mislib.geometry import (
+    CONVENTIONS,
+    PLANES,
+    centroid_mm,
+    plane_axes,
+    screen_mapping,
+    to_canonical,
+    voxel_spacing,
+)
 from mislib.paths import project_paths
 
 PROMPTS = ("mask", "box", "point")
@@ -100,7 +108,7 @@ class Volume:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size along x, y, z (mm), shape (3,)."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return voxel_spacing(self.affine)
 
     def world(self, ijk: np.ndarray) -> np.ndarray:
         """World RAS+ mm of voxel indices ``ijk`` (..., 3)."""
@@ -110,11 +118,8 @@ class Volume:
 def _canonical(path: Path) -> nib.Nifti1Image:
     if not path.is_file():
         raise FileNotFoundError(f"missing volume file {path}")
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    off_diagonal = img.affine[:3, :3] - np.diag(np.diag(img.affine[:3, :3]))
-    if np.abs(off_diagonal).max() > 1e-3 * np.abs(img.affine[:3, :3]).max():
-        raise ValueError(f"{path}: oblique affine; stage 01 must resample it to RAS+ first")
-    return img
+    # stage 01 stores RAS+ already; this is a no-op then, and a guard against obliquity
+    return to_canonical(nib.load(str(path)), str(path))
 
 
 def mri_window(image: np.ndarray, percentiles: Sequence[float] = (1.0, 99.0)) -> tuple[float, float]:
@@ -324,11 +329,26 @@ class Mark:
     letter: str
     color: str
     mask: np.ndarray          # (size, size) bool
+    edge: np.ndarray          # (size, size) bool, the mask's outline
     area_px: int
     centroid: tuple[float, float]   # (col, row), pixel centres at integer coordinates
     bbox: tuple[int, int, int, int]  # (col0, row0, col1, row1), inclusive
     point: tuple[int, int]    # (col, row) deepest pixel inside the structure
     text_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # (x0, y0, x1, y1) of the letter
+
+
+def _coarse_distance(mask: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Distance (pixels) to the nearest ``mask`` pixel, on a grid ``factor`` times coarser.
+
+    Letter placement only needs "how far from the structure", and the exact transform of
+    every mask on every frame would dominate the rendering time.
+    """
+    n = mask.shape[0]
+    m = -(-n // factor) * factor
+    padded = np.zeros((m, m), bool)
+    padded[:n, :n] = mask
+    coarse = padded.reshape(m // factor, factor, m // factor, factor).any(axis=(1, 3))
+    return ndimage.distance_transform_edt(~coarse) * factor
 
 
 def place_letters(marks: list[Mark], size: int) -> None:
@@ -341,25 +361,22 @@ def place_letters(marks: list[Mark], size: int) -> None:
     free spot gets the least-bad position that still avoids other letters.
     """
     font, stroke, pad = _letter_style(size)
-    union = np.zeros((size, size), bool)
-    for m in marks:
-        union |= m.mask
+    tables = [_summed(m.mask) for m in marks]
     placed: list[tuple[int, int, int, int]] = []
-    step = 2
-    for m in marks:
+    step, margin = (2 if size < 256 else 4), 2  # candidate grid; letters are ~size/20 tall
+    for k, m in enumerate(marks):
         x0, y0, x1, y1 = font.getbbox(m.letter, stroke_width=stroke)
         w, h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
         ys = np.arange(0, size - h + 1, step)
         xs = np.arange(0, size - w + 1, step)
-        own = _rect_sums(_summed(m.mask), ys, xs, h, w)
-        other_cost = np.zeros_like(own, dtype=float)
-        for o in marks:
-            if o is not m:
-                other_cost += _rect_sums(_summed(o.mask), ys, xs, h, w) * (100.0 / max(o.area_px,
-                                                                                        1))
-        near = ndimage.distance_transform_edt(~m.mask)[np.ix_(ys + h // 2, xs + w // 2)]
-        clash = np.zeros_like(own, dtype=bool)
-        margin = 2
+        own = _rect_sums(tables[k], ys, xs, h, w)
+        other_cost = np.zeros(own.shape)
+        for j, o in enumerate(marks):
+            if j != k:
+                other_cost += _rect_sums(tables[j], ys, xs, h, w) * (100.0 / max(o.area_px, 1))
+        coarse = _coarse_distance(m.mask)
+        near = coarse[np.ix_((ys + h // 2) // 4, (xs + w // 2) // 4)]
+        clash = np.zeros(own.shape, bool)
         for px0, py0, px1, py1 in placed:
             clash |= ((ys[:, None] < py1 + margin) & (ys[:, None] + h > py0 - margin)
                       & (xs[None, :] < px1 + margin) & (xs[None, :] + w > px0 - margin))
@@ -383,20 +400,30 @@ def frame_marks(label_frame: np.ndarray, structures: dict[str, tuple[str, str]],
     placed by :func:`place_letters`; the point prompt sits at the pixel deepest inside the
     structure (largest distance to its border), which lies inside even for a C-shaped one.
     """
+    size = label_frame.shape[0]
+    thickness = max(1, size // 300)
     marks = []
     for comp, (letter, color) in sorted(structures.items(), key=lambda kv: kv[1][0]):
         mask = label_frame == name_to_label[comp]
         area = int(mask.sum())
         if area == 0 or area < min_area_px:
             continue
-        rows, cols = np.nonzero(mask)
-        depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+        # work on the bounding box (+1 pixel of background) instead of the whole canvas
+        crop = np.pad(mask[r0:r1 + 1, c0:c1 + 1], 1)
+        depth = ndimage.distance_transform_edt(crop)
         pr, pc = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        marks.append(Mark(comp, name_to_label[comp], letter, color, mask, area,
-                          (float(cols.mean()), float(rows.mean())),
-                          (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())),
-                          (int(pc), int(pr))))
-    place_letters(marks, label_frame.shape[0])
+        edge = np.zeros_like(mask)
+        edge[r0:r1 + 1, c0:c1 + 1] = (crop & ~ndimage.binary_erosion(
+            crop, iterations=thickness))[1:-1, 1:-1]
+        rr, cc = np.nonzero(crop)
+        marks.append(Mark(comp, name_to_label[comp], letter, color, mask, edge, area,
+                          (float(cc.mean() - 1 + c0), float(rr.mean() - 1 + r0)),
+                          (int(c0), int(r0), int(c1), int(r1)),
+                          (int(pc - 1 + c0), int(pr - 1 + r0))))
+    place_letters(marks, size)
     return marks
 
 
@@ -410,15 +437,18 @@ def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
     of ``prompt`` kind and the letters. Returns an RGB image."""
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt {prompt!r}; expected one of {PROMPTS}")
-    base = np.zeros((size, size, 3), np.float32)
+    base = np.zeros((size, size, 3), np.uint8)
     if grey is not None:
         base[:] = grey[..., None]
     if prompt == "mask":
         for m in marks:
-            base[m.mask] = (1 - alpha) * base[m.mask] + alpha * _rgb(m.color)
-            edge = m.mask & ~ndimage.binary_erosion(m.mask, iterations=max(1, size // 300))
-            base[edge] = _rgb(m.color)
-    img = Image.fromarray(base.round().astype(np.uint8), "RGB")
+            c0, r0, c1, r1 = m.bbox
+            box = base[r0:r1 + 1, c0:c1 + 1]  # a view: edit the bounding box only
+            inside = m.mask[r0:r1 + 1, c0:c1 + 1]
+            tinted = (1 - alpha) * box[inside] + alpha * _rgb(m.color)
+            box[inside] = tinted.round().astype(np.uint8)
+            box[m.edge[r0:r1 + 1, c0:c1 + 1]] = _rgb(m.color).astype(np.uint8)
+    img = Image.fromarray(base, "RGB")
     canvas = ImageDraw.Draw(img)
     width = max(1, size // 200)
     if prompt == "box":
@@ -445,7 +475,7 @@ def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
 def png_bytes(img: Image.Image) -> bytes:
     """Deterministic PNG encoding (Pillow writes no time stamp)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=3)
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -548,12 +578,15 @@ def choose_structures(volume: Volume, spec: SliceSpec, opts: RenderOptions) -> d
     return visible
 
 
-def _visible_world(volume: Volume, spec: SliceSpec, label: int) -> np.ndarray:
-    """World centroid (3,) of a label's voxels on the canonical slice."""
+def _visible_world(volume: Volume, spec: SliceSpec, labels: Iterable[int]) -> dict[int, np.ndarray]:
+    """World centroid (3,) of each label's voxels on the canonical slice: {label: xyz}."""
     fixed, _ = plane_axes(spec.plane)
-    ijk = np.argwhere(np.take(volume.labels, spec.index, axis=fixed) == label).astype(float)
-    ijk = np.insert(ijk, fixed, spec.index, axis=1)
-    return volume.world(ijk.mean(axis=0))
+    plane = np.take(volume.labels, spec.index, axis=fixed)
+    out = {}
+    for label in labels:
+        ijk = np.argwhere(plane == label).astype(float)
+        out[label] = volume.world(np.insert(ijk, fixed, spec.index, axis=1).mean(axis=0))
+    return out
 
 
 def _stack_frames(disp_labels: np.ndarray, labels: Sequence[int], n_frames: int) -> np.ndarray:
@@ -611,7 +644,8 @@ def render_slice(volume: Volume, spec: SliceSpec, opts: RenderOptions) -> list[R
                       dims="2d", convention=convention)
             else:
                 grey = apply_window(resample_image(disp_img[f], grid), window)
-                world = {m.component: _visible_world(volume, spec, m.label) for m in marks}
+                by_label = _visible_world(volume, spec, [m.label for m in marks])
+                world = {m.component: by_label[m.label] for m in marks}
                 for prompt in opts.prompts:
                     for background in opts.backgrounds:
                         rid = render_id(spec.slice_id, "2d", convention, prompt, background)
@@ -655,10 +689,7 @@ def _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid, lett
               dims="3d", convention=convention)
         return []
     greys = [apply_window(resample_image(disp_img[f], grid), window) for f in frames]
-    centroid3d = {}
-    for comp in seen:
-        ijk = np.argwhere(volume.labels == name_to_label[comp]).mean(axis=0)
-        centroid3d[comp] = volume.world(ijk)
+    centroid3d = {c: centroid_mm(volume.labels == name_to_label[c], volume.affine) for c in seen}
     renders = []
     for prompt in opts.prompts:
         for background in opts.backgrounds:
