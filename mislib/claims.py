@@ -43,7 +43,7 @@ from mislib.paths import project_paths
 
 STATUSES = ("reproduced", "not reproduced", "not measurable")
 #: Columns of the claims table (``paper/tables/claims.*`` and :func:`evaluate_claims`).
-CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "paper", "estimate", "lo", "hi",
+CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "paper", "estimate", "lo", "hi", "raw",
                  "n_questions", "status", "model_estimate", "model_lo", "model_hi", "note")
 TABLES = ("claims", "accuracy_by_model_arm", "accuracy_by_factor", "semsam_effect",
           "unparseable", "factor_effects")
@@ -173,7 +173,8 @@ def _subset(scored: pd.DataFrame, select: Mapping[str, str], baseline: str) -> p
     return scored[mask]
 
 
-def _estimate(rows: pd.DataFrame, level: float) -> tuple[float, float, float, float, int] | None:
+def _estimate(rows: pd.DataFrame, level: float) -> tuple[float, ...] | None:
+    """``(mu, sigma, lo, hi, n_questions, raw accuracy)`` of some scored rows, or None."""
     from mislib.scoring import bayes_by
 
     if rows.empty:
@@ -182,8 +183,8 @@ def _estimate(rows: pd.DataFrame, level: float) -> tuple[float, float, float, fl
     if cell.empty or cell["n_questions"].iat[0] == 0:
         return None
     r = cell.iloc[0]
-    return float(r["mu"]), float(r["sigma"]), float(r["lo"]), float(r["hi"]), int(
-        r["n_questions"])
+    return (float(r["mu"]), float(r["sigma"]), float(r["lo"]), float(r["hi"]),
+            int(r["n_questions"]), float(r["accuracy"]))
 
 
 def _status(kind: str, paper: float, estimate: float, lo: float, hi: float) -> str:
@@ -226,14 +227,17 @@ def evaluate_claims(scored: pd.DataFrame, semsam: pd.DataFrame | None = None,
     Returns
     -------
     DataFrame with :data:`CLAIM_COLUMNS`; ``paper``, ``estimate``, ``lo``, ``hi`` and
-    ``model_*`` in percent (levels) or percentage points (differences).
+    ``model_*`` in percent (levels) or percentage points (differences). ``estimate`` is
+    the Bayes@N posterior mean, which shrinks each question's accuracy towards 50 % by
+    N/(N+2) for N trials; ``raw`` is the plain accuracy of the same trials, for comparison
+    with numbers reported as plain accuracies.
     """
     in_arm = scored[scored["arm"].astype(str) == arm] if "arm" in scored else scored
     rows = []
     for c in claims:
         row = {"claim": c.claim, "id": c.id, "quantity": c.quantity, "kind": c.kind,
                "paper": c.paper, "estimate": math.nan, "lo": math.nan, "hi": math.nan,
-               "n_questions": 0, "status": "not measurable", "note": ""}
+               "raw": math.nan, "n_questions": 0, "status": "not measurable", "note": ""}
         mean, lo, hi = _contrast_lookup(contrasts, c.contrast)
         row.update(model_estimate=mean, model_lo=lo, model_hi=hi)
         if c.id in _SEMSAM_IDS:
@@ -250,14 +254,15 @@ def evaluate_claims(scored: pd.DataFrame, semsam: pd.DataFrame | None = None,
                                else f"no such questions in the {arm} arm of this run")
             else:
                 if b is None:
-                    mu, sigma, lo_, hi_, n = a
+                    mu, sigma, lo_, hi_, n, raw = a
                 else:
                     # Different questions on each side: independent posteriors.
                     mu, sigma = a[0] - b[0], math.hypot(a[1], b[1])
                     z = float(norm.ppf(0.5 + level / 2))
                     lo_, hi_ = mu - z * sigma, mu + z * sigma
-                    n = a[4] + b[4]
-                row.update(estimate=100 * mu, lo=100 * lo_, hi=100 * hi_, n_questions=n,
+                    n, raw = a[4] + b[4], a[5] - b[5]
+                row.update(estimate=100 * mu, lo=100 * lo_, hi=100 * hi_, raw=100 * raw,
+                           n_questions=n,
                            note=f"Bayes@N, {arm} arm, models pooled")
                 row["status"] = _status(c.kind, c.paper, row["estimate"], row["lo"], row["hi"])
         rows.append(row)
@@ -344,8 +349,9 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
         paper=[_paper(p) for p in claims["paper"]],
         estimate=[_pct(e) for e in claims["estimate"]],
         interval=[_interval(lo, hi) for lo, hi in zip(claims["lo"], claims["hi"], strict=True)],
+        raw=[_pct(e) for e in claims["raw"]],
         factor_model=[_pct(e) for e in claims["model_estimate"]])
-    out["claims"] = (shown[["claim", "quantity", "paper", "estimate", "interval",
+    out["claims"] = (shown[["claim", "quantity", "paper", "estimate", "interval", "raw",
                             "factor_model", "status"]].rename(
                                 columns={"factor_model": "factor model", "estimate": "this run"}),
                      f"The paper's headline numbers beside this run (percent or points; "
@@ -449,7 +455,10 @@ def claims_markdown(claims: pd.DataFrame, context: Mapping[str, Any]) -> str:
         lines += [f"> **{context['warning']}**", ""]
     lines += ["Status: a level is *reproduced* when the paper's value lies in this run's "
               "interval; a difference when it has the paper's sign and its interval excludes "
-              "zero; *not measurable* when this run has no such questions. `factor model` is "
+              "zero; *not measurable* when this run has no such questions. `this run` is the "
+              "Bayes@N posterior mean (each question's accuracy shrunk towards 50 % by "
+              "N/(N+2) for N trials); `raw` is the plain accuracy of the same trials. "
+              "`factor model` is "
               "stage 07's population-averaged estimate of the same contrast where it has one "
               "(it pools both arms and every ablation, so its scope is wider than the "
               "Bayes@N column's).",
@@ -462,6 +471,7 @@ def claims_markdown(claims: pd.DataFrame, context: Mapping[str, Any]) -> str:
             "quantity": g["quantity"], "paper": [_paper(v) for v in g["paper"]],
             "this run": [_pct(v) for v in g["estimate"]],
             "interval": [_interval(lo, hi) for lo, hi in zip(g["lo"], g["hi"], strict=True)],
+            "raw": [_pct(v) for v in g["raw"]],
             "factor model": [_pct(v) for v in g["model_estimate"]],
             "status": g["status"], "note": g["note"]})
         lines += [markdown_table(shown)]
@@ -528,7 +538,7 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
     from mislib.scoring import FACTORS, bayes_by_factor
 
     scored = tables["scored"]
-    pooled = bayes_by_factor(scored.assign(model="all models"), FACTORS, level)
+    pooled = bayes_by_factor(scored, FACTORS, level, per_model=False)
     tables["bayes_by_factor_pooled"] = pooled
     claims = evaluate_claims(scored, tables["semsam_effect"], tables["contrasts"],
                              arm=str(params["claims_arm"]),

@@ -596,8 +596,12 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
 
 
 def bayes_by_factor(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
-                    level: float = 0.95) -> pd.DataFrame:
+                    level: float = 0.95, per_model: bool = True) -> pd.DataFrame:
     """Bayes@N per model × arm overall (``factor == level == "all"``) and per factor level.
+
+    Parameters
+    ----------
+    per_model : False pools the models (``model`` is then ``"all models"``).
 
     Returns
     -------
@@ -605,15 +609,18 @@ def bayes_by_factor(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
     Factors absent from ``scored`` are skipped; a factor's null rows (not applicable to
     that question) are left out of its levels.
     """
+    keys = ["model", "arm"] if per_model else ["arm"]
     parts = []
-    overall = bayes_by(scored, ["model", "arm"], level)
+    overall = bayes_by(scored, keys, level)
     parts.append(overall.assign(factor="all", level="all"))
     for factor in factors:
         if factor not in scored:
             continue
-        table = bayes_by(scored, ["model", "arm", factor], level)
+        table = bayes_by(scored, [*keys, factor], level)
         parts.append(table.rename(columns={factor: "level"}).assign(factor=factor))
     out = pd.concat(parts, ignore_index=True)
+    if not per_model:
+        out["model"] = "all models"
     out["level"] = out["level"].astype(str)
     out["credible_level"] = level
     first = ["model", "arm", "factor", "level"]

@@ -379,3 +379,11 @@ def test_bayes_by_pools_models_as_separate_questions(scored):
         assert row.n_questions == parts["n_questions"].sum()
         weights = parts["n_questions"] / parts["n_questions"].sum()
         assert row.mu == pytest.approx((parts["mu"] * weights).sum())
+
+
+def test_bayes_by_factor_pools_models_on_request(scored):
+    table = bayes_by_factor(scored, factors=("dims",), per_model=False)
+    assert set(table["model"]) == {"all models"}
+    overall = table.query("factor == 'all'")
+    assert sorted(overall["arm"]) == ["baseline", "semsam"]
+    assert (overall["n_questions"] == 2 * scored["question_id"].nunique()).all()
