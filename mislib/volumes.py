@@ -37,7 +37,7 @@ import multiprocessing as mp
 import os
 import re
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,11 +212,13 @@ def load_case(case: Case) -> tuple[Any, Any, dict[int, str], list[dict[str, str]
     return image, labels, names, notes
 
 
-def _read_totalsegmentator_masks(case: Case, image):
+def _read_totalsegmentator_masks(case: Case, image, threads: int = 2):
     """Combine ``segmentations/<class>.nii.gz`` into one label map (class-map values).
 
     Only the masks in ``case.structures`` are read (all when empty). An empty mask is a
-    note, not an error: TotalSegmentator writes one file per class, present or not.
+    note, not an error: TotalSegmentator writes one file per class, present or not. Masks
+    are read in ``threads`` threads (gzip inflation releases the GIL, and it dominates: a
+    512 x 512 x 400 mask is 100 MB once inflated).
     """
     import nibabel as nib
 
@@ -226,26 +228,47 @@ def _read_totalsegmentator_masks(case: Case, image):
     if not folder.is_dir():
         raise VolumeError(f"{folder}: segmentations folder not found")
     wanted = case.structures or tuple(sorted(p.name[:-7] for p in folder.glob("*.nii.gz")))
-    labels = np.zeros(image.shape[:3], dtype=np.int16)
-    names: dict[int, str] = {}
     notes = []
+    readable = []
     for name in wanted:
         path = folder / f"{name}.nii.gz"
         if name not in value_of:
             notes.append(_rejection(case, path, f"{path}: '{name}' is not a TotalSegmentator class"))
-            continue
-        if not path.is_file():
+        elif not path.is_file():
             notes.append(_rejection(case, path, f"{path}: mask file not found"))
-            continue
+        else:
+            readable.append((name, path))
+
+    def read(item):
+        name, path = item
         mask_img = _load(path)
         geometry.check_same_grid(image, mask_img, str(case.image_path), str(path))
         mask = np.asanyarray(mask_img.dataobj) > 0
-        if not mask.any():
-            notes.append(_rejection(case, path, f"{path}: empty mask"))
-            continue
-        labels[mask] = value_of[name]
-        names[value_of[name]] = name
+        box = _bounding_box(mask)
+        return name, path, box, (mask[box] if box is not None else None)
+
+    # Same memory order as nibabel's arrays (Fortran), so the writes below stay contiguous.
+    labels = np.zeros(image.shape[:3], dtype=np.int16, order="F")
+    names: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for name, path, box, mask in pool.map(read, readable):
+            if box is None:
+                notes.append(_rejection(case, path, f"{path}: empty mask"))
+                continue
+            np.copyto(labels[box], np.int16(value_of[name]), where=mask)
+            names[value_of[name]] = name
     return nib.Nifti1Image(labels, image.affine), names, notes
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Index box (tuple of slices) around the true voxels of a 3D mask, or None if empty."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if len(hit) == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def _rejection(case: Case, path: Path, reason: str) -> dict[str, str]:
@@ -357,8 +380,10 @@ def visible_areas(labels: np.ndarray, spacing: np.ndarray, plane: str,
     """
     fixed, (a, b) = geometry.plane_axes(plane)  # canonical RAS arrays: array axis = world axis
     pixel_mm2 = float(spacing[a] * spacing[b])
-    return np.stack([np.bincount(labels.take(i, axis=fixed).ravel(), minlength=n_labels + 1)
-                     for i in range(labels.shape[fixed])]) * pixel_mm2
+    # one contiguous copy with the slice axis first, then a histogram per slab
+    slabs = np.ascontiguousarray(np.moveaxis(labels, fixed, 0))
+    return np.stack([np.bincount(slab.ravel(), minlength=n_labels + 1)
+                     for slab in slabs]) * pixel_mm2
 
 
 def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str], n: int,
