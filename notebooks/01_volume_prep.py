@@ -72,7 +72,7 @@ volume_table[["volume_id", "source", "layout", "modality", "storage_axcodes", "s
 # %%
 fig, axes = plt.subplots(len(volume_table), 2, figsize=(6, 2.6 * len(volume_table)),
                          squeeze=False)
-for row, ax in zip(volume_table.itertuples(), axes):
+for row, ax in zip(volume_table.itertuples(), axes, strict=True):
     stored = np.asanyarray(nib.load(row.image_path).dataobj)
     canonical = np.asanyarray(nib.load(prepared / row.canonical_image).dataobj)
     ax[0].imshow(stored[stored.shape[0] // 2].T, cmap="gray", origin="lower")
@@ -115,7 +115,7 @@ slices[["slice_id", "plane", "index", "position_mm", "n_components"]]
 # %%
 vols = volume_table.set_index("volume_id")
 fig, axes = plt.subplots(1, len(slices), figsize=(2.4 * len(slices), 2.8), squeeze=False)
-for s, ax in zip(slices.itertuples(), axes[0]):
+for s, ax in zip(slices.itertuples(), axes[0], strict=True):
     row = vols.loc[s.volume_id]
     image = np.asanyarray(nib.load(prepared / row.canonical_image).dataobj)
     labels = np.asanyarray(nib.load(prepared / row.canonical_labels).dataobj)
