@@ -892,3 +892,87 @@ def _run_tasks(tasks: list[dict], workers: int) -> tuple[list[dict], list[dict]]
                 bar.update()
     bar.close()
     return rows, skipped
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def load_prepared_volume(volume_id: str, root: str | os.PathLike | None = None,
+                         percentiles: Sequence[float] = (1.0, 99.0)) -> Volume:
+    """One prepared volume of stage 01 by id (for notebooks and figures)."""
+    prepared = project_paths(root).prepared
+    volumes, components, _ = _read_inputs(prepared)
+    row = volumes[volumes["volume_id"] == volume_id]
+    if row.empty:
+        raise ValueError(f"{prepared / 'volumes.parquet'}: no volume {volume_id!r}")
+    return load_volume(prepared, row.iloc[0], components, percentiles)
+
+
+def contact_sheet(volume: Volume, ijk: Sequence[int], opts: RenderOptions | None = None):
+    """The factors on one page: the three planes through voxel ``ijk`` × two conventions
+    (rows) × the three prompts on the scan and the mask prompt on a blank background
+    (columns). Rendered in memory by :func:`render_slice`, exactly as the stage renders.
+
+    Returns a matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    base = opts or RenderOptions()
+    cells = [(p, "scan") for p in PROMPTS] + [("mask", "blank")]
+    rows = [(plane, conv) for plane in PLANES for conv in CONVENTIONS]
+    fig, axes = plt.subplots(len(rows), len(cells), figsize=(2.3 * len(cells), 2.3 * len(rows)),
+                             squeeze=False)
+    for r, (plane, convention) in enumerate(rows):
+        fixed, _ = plane_axes(plane)
+        spec = SliceSpec(f"{volume.volume_id}-{plane}-{int(ijk[fixed]):04d}", plane,
+                         int(ijk[fixed]))
+        o = RenderOptions(conventions=[convention], prompts=PROMPTS, backgrounds=BACKGROUNDS,
+                          dims=["2d"], image_size=base.image_size, max_labels=base.max_labels,
+                          min_visible_area_mm2=base.min_visible_area_mm2, seed=base.seed)
+        found = {(x.rows[0]["prompt"], x.rows[0]["background"]): x
+                 for x in render_slice(volume, spec, o)}
+        m = screen_mapping(plane, convention)
+        for c, cell in enumerate(cells):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell in found:
+                ax.imshow(found[cell].frames[0])
+            else:
+                ax.text(0.5, 0.5, "skipped", ha="center", va="center", transform=ax.transAxes)
+            if r == 0:
+                ax.set_title(f"{cell[0]} on {cell[1]}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{plane}\n{convention}\nup {m.up}, left {m.left}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def stack_strip(benchmark: str | os.PathLike, renders: pd.DataFrame, render_id: str,
+                n_show: int = 8):
+    """Every k-th frame of a stored 3D stack in a row, frame numbers and letters' span.
+
+    Returns a matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = renders[renders["render_id"] == render_id]
+    if rows.empty or rows["dims"].iloc[0] != "3d":
+        raise ValueError(f"{render_id!r} is not a 3D render in renders.parquet")
+    folder = Path(benchmark) / rows["image_path"].iloc[0]
+    frames = sorted(folder.glob("frame_*.png"))
+    picks = np.unique(np.round(np.linspace(0, len(frames) - 1, min(n_show, len(frames))))
+                      .astype(int))
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.6), squeeze=False)
+    m = screen_mapping(rows["plane"].iloc[0], rows["convention"].iloc[0])
+    for ax, i in zip(axes[0], picks, strict=True):
+        with Image.open(frames[i]) as img:
+            ax.imshow(np.asarray(img))
+        ax.set_title(f"frame {i}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    spans = "; ".join(f"{r.letter} {r.component} {r.frame_first}-{r.frame_last}"
+                      for r in rows.sort_values("letter").itertuples())
+    fig.suptitle(f"{render_id}: frames run toward {m.frame}\n{spans}", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,44 @@
+"""Stage 02 speed: renders per second on the demo sources.
+
+Stage 01 prepares the demo sources (the MNI152 brain atlas and the torso-CT / knee-MRI
+phantoms; ``--quick``: the brain atlas alone) into a temporary root, then the whole
+``[render]`` stage of the demo profile runs there — every slice in every factor cell, 2D
+images and 16-frame 3D stacks, PNGs written — once in one process and once in two. A
+*render* is one row-group of ``renders.parquet`` (an image or a stack); an *image* is one
+PNG file (a 2D image or one stack frame). The demo's render share must stay well under a
+minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from mislib import render, volumes
+
+
+def run(quick: bool = False) -> list[dict]:
+    sources = ["brain_atlas"] if quick else None
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        volumes.prepare("demo", root=root, sources=sources)
+        for workers in (1,) if quick else (1, 2):
+            t0 = time.perf_counter()
+            renders = render.render_benchmark("demo", root=root, force=True, workers=workers)
+            seconds = time.perf_counter() - t0
+            n_renders = renders.render_id.nunique()
+            per_render = renders.drop_duplicates("render_id")
+            n_images = int(per_render.n_frames.sum())
+            common = {"bench": "render", "workers": workers, "renders": n_renders,
+                      "images": n_images, "image_size": int(per_render.width.iloc[0]),
+                      "volumes": int(renders.volume_id.nunique())}
+            figures += [
+                {**common, "metric": "renders_per_s", "value": round(n_renders / seconds, 2),
+                 "unit": "render/s"},
+                {**common, "metric": "images_per_s", "value": round(n_images / seconds, 1),
+                 "unit": "png/s"},
+                {**common, "metric": "stage_s", "value": round(seconds, 2), "unit": "s"},
+            ]
+    return figures
