@@ -41,7 +41,9 @@ def _failed_cell(nb_path: Path) -> str:
     nb = nbformat.read(nb_path, as_version=4)
     code_index = 0
     for cell in nb.cells:
-        if cell.cell_type != "code":
+        # papermill's injected-parameters cell is not in the committed notebook: skip it
+        # so the number matches what the reader sees there
+        if cell.cell_type != "code" or "injected-parameters" in cell.metadata.get("tags", []):
             continue
         code_index += 1
         for out in cell.get("outputs", []):

@@ -54,3 +54,25 @@ def test_notebook_matches_its_jupytext_pair(path):
     b = jupytext.read(script)
     cells = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731
     assert cells(a) == cells(b), f"{path.name} and {script.name} differ: run `make notebooks-sync`"
+
+
+def test_a_failing_cell_stops_reproduce_and_names_notebook_and_cell(tmp_path):
+    from mislib.notebooks import NotebookFailed, reproduce
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "demo"\nforce = False')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, folder / "01_broken.ipynb")
+    nbformat.write(nb, folder / "02_never.ipynb")
+    with pytest.raises(NotebookFailed, match=r"01_broken.ipynb failed at code cell 3 .*"
+                                             r"ValueError: broken on purpose"):
+        reproduce("demo", root=tmp_path)
+    executed = tmp_path / "build" / "notebooks" / "demo"
+    assert (executed / "01_broken.ipynb").is_file()
+    assert not (executed / "02_never.ipynb").exists()
