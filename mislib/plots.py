@@ -26,16 +26,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # figures are files; no display on the build machines
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from mislib.paths import figure_path, project_paths  # noqa: E402
+from mislib.paths import figure_path, project_paths
 
 NOTEBOOK = "08_paper_assets"
 #: Level order as the benchmark lists them (others follow, sorted).
@@ -356,17 +352,19 @@ def dims_2d_3d(dims: pd.DataFrame, family: pd.DataFrame) -> plt.Figure:
 
 
 def make_figures(profile: str | Mapping[str, Any] = "demo",
-                 root: str | os.PathLike | None = None) -> dict[str, list[Path]]:
+                 root: str | os.PathLike | None = None, **overrides: Any
+                 ) -> dict[str, list[Path]]:
     """Draw every figure of the paper from ``data/analysis/`` and save it (PNG + PDF).
 
     Reads ``scored, bayes_by_factor, semsam_effect`` (stage 06) and ``factor_effects``
-    (stage 07); a missing input is an error naming the stage that writes it. Returns
-    ``{figure name: [png, pdf]}``; a run without both arms has no SemSam figure.
+    (stage 07); a missing input is an error naming the stage that writes it. ``overrides``
+    are ``[paper]`` keys (``prompt_baseline``). Returns ``{figure name: [png, pdf]}``; a
+    run without both arms has no SemSam figure.
     """
     from mislib.config import stage_params
 
     analysis = project_paths(root).analysis
-    params = stage_params(profile, "paper")
+    params = stage_params(profile, "paper", **overrides)
     level = float(stage_params(profile, "scoring").get("credible_level", 0.95))
 
     def need(name: str, stage: str) -> pd.DataFrame:

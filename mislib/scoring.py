@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mislib.config import is_fresh, stage_params, write_stamp
 from mislib.paths import project_paths
