@@ -484,3 +484,97 @@ def test_missing_volume_file_is_skipped_naming_it_and_the_rest_renders(rendered)
 def test_unknown_factor_level_is_rejected_before_rendering(synth_root):
     with pytest.raises(ValueError, match="prompts: unknown"):
         render.render_benchmark("demo", root=synth_root, prompts=["arrow"], **FAST)
+
+
+# ----------------------------------------------------------------- the real brain atlas
+
+
+@pytest.fixture(scope="session")
+def atlas_rendered(tmp_path_factory):
+    """Stage 01 on the real MNI152 + neuromorphometrics atlas (two slices per plane), then
+    stage 02 in 2D with the mask prompt on the scan."""
+    from mislib import volumes
+
+    root = tmp_path_factory.mktemp("atlas_render")
+    volumes.prepare("demo", root=root, sources=["brain_atlas"], slices_per_volume=6, workers=1)
+    renders = render.render_benchmark("demo", root=root, dims=["2d"], prompts=["mask"],
+                                      backgrounds=["scan"], workers=1)
+    prepared = root / "data" / "prepared"
+    volume = render.load_prepared_volume(
+        pd.read_parquet(prepared / "volumes.parquet").volume_id.iloc[0], root=root)
+    index = pd.read_parquet(prepared / "slices.parquet").set_index("slice_id")["index"]
+    return renders, volume, index.astype(int).to_dict()
+
+
+def _twins(components):
+    names = set(components)
+    return [(n, "Right_" + n[len("Left_"):]) for n in sorted(names)
+            if n.startswith("Left_") and "Right_" + n[len("Left_"):] in names]
+
+
+def _all_marks(volume, plane, index, convention, size=448):
+    """Pixel centroids {component: (col, row)} of every named structure on a slice."""
+    disp, sp = render.display_volume(volume.labels, volume.spacing, plane, convention)
+    grid = render.square_grid(disp.shape[1:], sp[1:], size)
+    frame = render.resample_labels(disp[render.frame_index(index, disp.shape[0], plane,
+                                                           convention)], grid)
+    out = {}
+    for lab in np.unique(frame[frame > 0]):
+        rows, cols = np.nonzero(frame == lab)
+        out[volume.names[int(lab)]] = (cols.mean(), rows.mean())
+    return out
+
+
+def test_real_atlas_standard_axial_shows_every_left_structure_right_of_its_twin(
+        atlas_rendered):
+    renders, volume, slice_index = atlas_rendered
+    axial = renders[(renders.plane == "axial") & (renders.convention == "standard")]
+    assert axial.slice_id.nunique() >= 1
+    pairs = 0
+    for _, group in axial.groupby("render_id"):
+        col = dict(zip(group.component, group.centroid_col, strict=True))
+        for left, right in _twins(col):
+            assert col[left] > col[right], (left, right)
+            pairs += 1
+    assert pairs >= 1
+    # every twin on those slices, labelled or not, obeys the same rule
+    for sid in axial.slice_id.unique():
+        index = slice_index[sid]
+        marks = _all_marks(volume, "axial", index, "standard")
+        twins = _twins(marks)
+        assert len(twins) >= 10
+        for left, right in twins:
+            assert marks[left][0] > marks[right][0], (index, left, right)
+
+
+def test_real_atlas_storage_coronal_puts_the_more_superior_structure_further_left(
+        atlas_rendered):
+    renders, volume, slice_index = atlas_rendered
+    coronal = renders[(renders.plane == "coronal") & (renders.convention == "storage")]
+    assert coronal.slice_id.nunique() >= 1
+    pairs = 0
+    for _, group in coronal.groupby("render_id"):
+        z = group.visible_z.to_numpy()
+        col = group.centroid_col.to_numpy()
+        for i in range(len(group)):
+            for j in range(len(group)):
+                if z[i] - z[j] >= 10.0:  # i clearly superior to j
+                    assert col[i] < col[j]
+                    pairs += 1
+    assert pairs >= 1
+    # every structure pair on those slices, using the atlas's own world centroids
+    for sid in coronal.slice_id.unique():
+        index = slice_index[sid]
+        marks = _all_marks(volume, "coronal", index, "storage")
+        zs = {}
+        for name in marks:
+            lab = {v: k for k, v in volume.names.items()}[name]
+            ijk = np.argwhere(volume.labels[:, index, :] == lab)
+            zs[name] = volume.world(np.insert(ijk, 1, index, axis=1).mean(axis=0))[2]
+        checked = 0
+        for a in marks:
+            for b in marks:
+                if zs[a] - zs[b] >= 10.0:
+                    assert marks[a][0] < marks[b][0], (sid, a, b)
+                    checked += 1
+        assert checked >= 20
