@@ -49,7 +49,6 @@ Text-only colloquial questions follow the ``standard`` convention.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections import Counter, defaultdict
@@ -172,8 +171,9 @@ def display_name(component: str) -> str:
 
 def stable_hash(*parts: Any) -> int:
     """A 64-bit integer hash of ``parts`` that is the same in every process and run."""
-    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return int.from_bytes(hashlib.blake2b(blob.encode(), digest_size=8).digest(), "big")
+    # repr of tuples/lists of str, int, float and None is stable across runs and platforms
+    # (unlike hash(), which is salted per process) and faster than JSON.
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,11 +289,6 @@ class _Render:
     labels: dict  # component -> (letter, col, row, frame_first, frame_last, xyz)
 
 
-def _unit_key(row) -> tuple:
-    slice_id = "" if pd.isna(row.slice_id) else str(row.slice_id)
-    return (str(row.volume_id), str(row.dims), str(row.plane), slice_id)
-
-
 def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     _require(renders, RENDER_COLUMNS, "renders.parquet")
     _check_values(renders, "plane", PLANES, "renders.parquet")
@@ -307,21 +302,29 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
         raise ValueError(f"renders.parquet: missing visible_x/y/z in renders {list(bad)}")
     out: dict[str, _Render] = {}
     r = renders.sort_values(["render_id", "component"], kind="stable")
-    for row in r.itertuples(index=False):
-        rid = str(row.render_id)
+    # Plain Python lists: iterating Arrow-backed columns row by row is several times slower.
+    c = {k: r[k].astype(object).tolist() for k in RENDER_COLUMNS if k not in
+         ("visible_x", "visible_y", "visible_z", "centroid_col", "centroid_row")}
+    xyz = r[["visible_x", "visible_y", "visible_z"]].to_numpy(float)
+    col = r["centroid_col"].to_numpy(float)
+    row_px = r["centroid_row"].to_numpy(float)
+    for i, rid in enumerate(c["render_id"]):
+        rid = str(rid)
         rend = out.get(rid)
         if rend is None:
-            rend = _Render(rid, _unit_key(row), str(row.plane), str(row.convention),
-                           str(row.dims), str(row.prompt),
-                           "blank" if row.background == "blank" else "none",
-                           str(row.image_path), int(row.n_frames), {})
+            slice_id = c["slice_id"][i]
+            unit = (str(c["volume_id"][i]), str(c["dims"][i]), str(c["plane"][i]),
+                    "" if pd.isna(slice_id) else str(slice_id))
+            rend = _Render(rid, unit, str(c["plane"][i]), str(c["convention"][i]),
+                           str(c["dims"][i]), str(c["prompt"][i]),
+                           "blank" if c["background"][i] == "blank" else "none",
+                           str(c["image_path"][i]), int(c["n_frames"][i]), {})
             out[rid] = rend
-        comp = str(row.component)
+        comp = str(c["component"][i])
         if comp in rend.labels:
             raise ValueError(f"renders.parquet: render {rid} labels {comp!r} twice")
-        rend.labels[comp] = (str(row.letter), float(row.centroid_col), float(row.centroid_row),
-                             row.frame_first, row.frame_last,
-                             np.array([row.visible_x, row.visible_y, row.visible_z], float))
+        rend.labels[comp] = (str(c["letter"][i]), col[i], row_px[i], c["frame_first"][i],
+                             c["frame_last"][i], xyz[i])
     return out
 
 
@@ -336,8 +339,12 @@ def _option_spec(value: Any, levels: int | None, name: str) -> int | None:
     return int(value)
 
 
-def _pick_least_used(options: Sequence, usage: Counter, k: int | None, seed: Any) -> list:
-    """Up to ``k`` options (all when ``k`` is None), least used first, ties by a stable hash."""
+def _pick_least_used(options: Sequence, usage: Mapping, k: int | None, seed: Any) -> list:
+    """Up to ``k`` options (all when ``k`` is None), least used first, ties by a stable hash.
+
+    ``usage`` maps an option to a sortable count (a number, or a tuple of counts compared
+    in order).
+    """
     if k is None:
         return list(options)
     ranked = sorted(options, key=lambda o: (usage[o], stable_hash(seed, o)))
@@ -500,12 +507,15 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
                         if separation < margin:
                             continue  # this render's visible parts are closer than the margin
                         code = AXIS_CODES[axis] if delta > 0 else OPPOSITE[AXIS_CODES[axis]]
+                        # least used in this cell, then overall, so both stay balanced
                         terms_here = _pick_least_used(
                             [t for t in TERMINOLOGIES if t in terminologies],
-                            Counter({t: term_usage[(family, cell, t)] for t in TERMINOLOGIES}),
+                            {t: (term_usage[(family, cell, t)], term_usage[(family, t)])
+                             for t in TERMINOLOGIES},
                             n_terms, (seed, relation_key, cell))
                         for terminology in terms_here:
                             term_usage[(family, cell, terminology)] += 1
+                            term_usage[(family, terminology)] += 1
                             if terminology == "anatomical":
                                 t1 = anatomical_term(code, laterality)  # c1 relative to c2
                             else:
@@ -522,7 +532,8 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
                             if answer_usage[(bal_key, t1)] != answer_usage[(bal_key, t2)]:
                                 a_first = answer_usage[(bal_key, t1)] < answer_usage[(bal_key, t2)]
                             else:
-                                a_first = stable_hash(seed, relation_key, cell, terminology) % 2 == 0
+                                a_first = stable_hash(seed, relation_key, cell,
+                                                      terminology) % 2 == 0
                             a, b, truth = (c1, c2, t1) if a_first else (c2, c1, t2)
                             answer_usage[(bal_key, truth)] += 1
                             rows_base = _relation_base(
