@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from mislib.analysis import structure_pair
 from mislib.paths import project_paths
 
 # The paper's benchmark: 33,864 questions over 1,160 volumes, 77 structures (67 CT, 10 MRI).
@@ -134,8 +135,9 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
     DataFrame with ``question_id, render_id, volume_id, source, modality, plane, dims,
     convention, prompt, background, terminology, form, family, ablation, component_a,
     component_b, letter_a, letter_b, direction, axis, text, answer, choices, n_frames,
-    separation_mm``. Text-only questions have no render, prompt, background or convention;
-    plane-naming questions have no terminology and no second structure.
+    image_path, separation_mm``. Text-only questions have no render, image, prompt,
+    background or convention; plane-naming questions have no terminology and no second
+    structure.
     """
     rng = np.random.default_rng(seed)
     n = int(n_questions)
@@ -221,6 +223,9 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
         "letter_b": np.where(text_only | is_plane, None, letters[rng.integers(3, 6, n)]),
         "direction": direction, "axis": axis, "text": text, "answer": answer,
         "choices": choices, "n_frames": np.where(dims == "3d", 16, 1),
+        "image_path": [None if rid is None else
+                       (f"stacks/{rid}/" if d == "3d" else f"images/{rid}.png")
+                       for rid, d in zip(render_id, dims, strict=True)],
         "separation_mm": np.where(is_plane, np.nan, rng.uniform(10, 80, n)),
     })
 
@@ -235,17 +240,6 @@ def default_effects(models: Sequence[str], arms: Sequence[str] = ("baseline", "s
         inter[("arm", "model")] = {(arms[-1], m): DEFAULT_ARM_MODEL_GAIN * i
                                    for i, m in enumerate(models)}
     return main, inter
-
-
-def structure_pair(component_a: pd.Series, component_b: pd.Series) -> pd.Series:
-    """An order-free key of the two structures a question names (``"a|b"``, or ``"a"``)."""
-    a = component_a.fillna("").astype(str)
-    b = component_b.fillna("").astype(str)
-    lo = np.where(a <= b, a, b)
-    hi = np.where(a <= b, b, a)
-    key = pd.Series(np.char.add(np.char.add(lo.astype(str), "|"), hi.astype(str)),
-                    index=component_a.index)
-    return key.str.strip("|").replace("", "none")
 
 
 def simulate_study(n_questions: int = 2000, n_trials: int = 5,
