@@ -1,0 +1,917 @@
+"""Stage 07: a hierarchical logistic model of which benchmark factor breaks grounding.
+
+The model
+---------
+Trials are aggregated to binomial counts, one row per (model, arm, question): ``n`` trials,
+``k`` correct. The logit of accuracy is
+
+``Intercept + Σ_f β_f[level] + Σ_(f1,f2) γ_f1,f2[l1, l2] + u_question + u_pair + u_volume``
+
+- ``β_f`` — one vector per factor (arm, model, modality, plane, dims, convention, prompt,
+  terminology, form, family, ablation), a **sum-to-zero deviation** per level
+  (``pm.ZeroSumNormal``), so ``Intercept`` is the logit at the average level of every factor.
+  A factor that does not apply to a question (no prompt on a text-only question, no
+  terminology on a plane-naming question) is null there and adds nothing.
+- ``γ_f1,f2`` — the interactions the paper's claims need (default convention × terminology,
+  prompt × terminology, ablation × terminology, arm × model), sum-to-zero along both axes.
+- crossed random intercepts ``u_g ~ Normal(0, σ_g)`` for the question, the structure pair
+  (the order-free pair of structures a question names) and the volume.
+
+Fixed effects are centred ``ZeroSumNormal`` (every level carries hundreds of trials, so the
+likelihood dominates); each random intercept is centred or non-centred as the ``centred``
+parameter says (:func:`fit_factor_model`; the choice is benchmarked in notebook 07 and
+``bench/bench_analysis.py``). Sampling uses nutpie (NUTS, numba backend).
+
+A factor or interaction with fewer than two observed levels (``model`` in a one-model run,
+``convention`` when only one was rendered) is dropped and listed in the diagnostics.
+
+Outputs (``data/analysis/``)
+----------------------------
+``factor_effects.parquet``
+    One row per fixed effect on the **logit scale**: ``term`` (``Intercept``,
+    ``<factor>[<level>]`` or ``<f1>[<l1>]:<f2>[<l2>]``), ``mean, sd, lo95, hi95`` (central
+    95 % interval), ``r_hat, ess_bulk``; plus ``ess_tail``.
+``factor_sd.parquet``
+    The random-intercept standard deviations, ``term`` ``sd[question]`` etc., same columns.
+``contrasts.parquet``
+    Accuracies on the **probability scale** with 95 % intervals. Columns ``contrast, kind,
+    factors, mean, sd, lo95, hi95, observed, n_trials``. Names:
+
+    - ``p[<factor>=<level>]`` (``kind="level"``) and ``p[<f1>=<l1>,<f2>=<l2>]``
+      (``kind="cell"``, for each interaction in the model and always for arm × model when
+      both vary): the expected accuracy of the benchmark's own trials in that level or cell,
+      averaged over *new* draws of the random intercepts (population-averaged; not
+      conditional on the fitted question effects). ``observed`` is the raw accuracy of the
+      same trials, ``n_trials`` their number. Examples: ``p[family=plane]``,
+      ``p[dims=3d]``, ``p[ablation=text_only,terminology=colloquial]``.
+    - ``<A> - <B>`` (``kind="difference"``) where ``<A>``, ``<B>`` are two of the names
+      above that differ in one factor: every pair of levels of each factor, and within each
+      level of one factor of an interaction every pair of levels of the other. Examples:
+      ``p[arm=semsam,model=<id>] - p[arm=baseline,model=<id>]`` (SemSam's gain per model),
+      ``p[convention=standard,terminology=anatomical] -
+      p[convention=standard,terminology=colloquial]``,
+      ``p[prompt=box,terminology=colloquial] - p[prompt=mask,terminology=colloquial]``,
+      ``p[family=relation_3d] - p[family=relation_2d]``, ``p[dims=3d] - p[dims=2d]``.
+      The first name is the minuend. Levels are ordered as the benchmark lists them, and a
+      pair appears once: ``a - b`` with ``a`` after ``b`` in that order (arm: semsam after
+      baseline; dims: 3d after 2d; terminology: colloquial after anatomical; ...), so read
+      ``-mean`` for the other direction.
+``ppc.parquet``
+    The posterior predictive check per factor level and interaction cell: ``cell`` (named
+    like the contrasts), ``factors, observed, n_trials, pp_mean, pp_lo95, pp_hi95, inside``.
+    Replicates use new random intercepts (a *mixed* predictive check), so a cell outside its
+    band means the factor structure misses something, not that one question is odd.
+``factor_diagnostics.json``
+    Divergences, the largest R-hat and smallest bulk/tail ESS (fixed effects, random-effect
+    SDs, and every random intercept), sampling settings, sizes, timings, dropped terms.
+``factor_posterior.zarr``
+    The posterior of the fixed effects and SDs (no per-question intercepts) with sample
+    stats, for trace and rank plots.
+
+>>> from mislib.simulate import simulate_study, scored_table
+>>> scored = scored_table(simulate_study(n_questions=300, n_trials=2, seed=3))
+>>> data = prepare_factor_data(scored)
+>>> data.factors[:3], int(data.obs["n"].sum()) == len(scored)
+(['arm', 'model', 'modality'], True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.paths import project_paths
+
+log = logging.getLogger(__name__)
+
+FACTORS: tuple[str, ...] = ("arm", "model", "modality", "plane", "dims", "convention",
+                            "prompt", "terminology", "form", "family", "ablation")
+INTERACTIONS: tuple[str, ...] = ("convention:terminology", "prompt:terminology",
+                                 "ablation:terminology", "arm:model")
+GROUPS: tuple[str, ...] = ("question", "pair", "volume")
+# Factors that vary within a question (every question is answered by each model and arm).
+TRIAL_FACTORS = ("arm", "model")
+# Level order as the benchmark lists them; unknown levels follow, sorted.
+LEVEL_ORDER: dict[str, tuple[str, ...]] = {
+    "arm": ("baseline", "semsam"),
+    "modality": ("CT", "MRI"),
+    "plane": ("axial", "coronal", "sagittal"),
+    "dims": ("2d", "3d"),
+    "convention": ("standard", "storage"),
+    "prompt": ("mask", "box", "point"),
+    "background": ("scan", "blank"),
+    "terminology": ("anatomical", "colloquial"),
+    "form": ("open", "closed_true", "closed_false"),
+    "family": ("relation_2d", "relation_3d", "plane"),
+    "ablation": ("none", "text_only", "blank"),
+}
+OUTPUTS = ("factor_effects.parquet", "factor_sd.parquet", "contrasts.parquet", "ppc.parquet",
+           "factor_diagnostics.json", "factor_posterior.zarr")
+RHAT_MAX = 1.01
+
+
+# ------------------------------------------------------------------------------------------
+# Data: trials → binomial counts, factor codes
+# ------------------------------------------------------------------------------------------
+def structure_pair(component_a: pd.Series, component_b: pd.Series) -> pd.Series:
+    """An order-free key of the structures a question names: ``"a|b"``, or ``"a"`` alone.
+
+    >>> structure_pair(pd.Series(["liver", "spleen"]), pd.Series(["spleen", None])).tolist()
+    ['liver|spleen', 'spleen']
+    """
+    a = component_a.astype(object).where(component_a.notna(), "").astype(str).to_numpy()
+    b = component_b.astype(object).where(component_b.notna(), "").astype(str).to_numpy()
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    key = pd.Series([f"{x}|{y}".strip("|") for x, y in zip(lo, hi, strict=True)],
+                    index=component_a.index, dtype=object)
+    return key.replace("", "none")
+
+
+def _ordered_levels(factor: str, values: pd.Series) -> list[str]:
+    seen = set(values.dropna().astype(str).unique())
+    known = [lv for lv in LEVEL_ORDER.get(factor, ()) if lv in seen]
+    return known + sorted(seen - set(known))
+
+
+@dataclass
+class FactorData:
+    """Binomial counts and integer codes, the input of :func:`build_model`.
+
+    Attributes
+    ----------
+    obs : DataFrame, one row per (model, arm, question): ``model, arm, question_id, n, k``,
+        the factor columns and ``pair, volume_id``.
+    factors : factors in the model (each with at least two observed levels).
+    levels : the levels of each factor and group, in model order.
+    interactions : pairs of factors whose interaction is in the model.
+    codes : factor → int array[n_obs], the level index, -1 where the factor does not apply.
+    question_index : int array[n_obs], the row's question in ``levels["question"]``.
+    group_codes : group → int array[n_questions], each question's pair / volume index.
+    dropped : term → why it is not in the model.
+    """
+
+    obs: pd.DataFrame
+    factors: list[str]
+    levels: dict[str, list[str]]
+    interactions: list[tuple[str, str]]
+    codes: dict[str, np.ndarray]
+    question_index: np.ndarray
+    group_codes: dict[str, np.ndarray]
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_interactions(interactions: Sequence[str | tuple[str, str]]) -> list[tuple[str, str]]:
+    out = []
+    for item in interactions:
+        pair = tuple(item.split(":")) if isinstance(item, str) else tuple(item)
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"interaction {item!r} must name two factors as 'f1:f2'")
+        out.append(pair)
+    return out
+
+
+def prepare_factor_data(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
+                        interactions: Sequence[str | tuple[str, str]] = INTERACTIONS,
+                        groups: Sequence[str] = GROUPS) -> FactorData:
+    """Aggregate scored trials to binomial counts and code the factors.
+
+    Parameters
+    ----------
+    scored : one row per (model, arm, question, trial) with ``model, arm, question_id,
+        correct`` and the question's factor columns (``scored.parquet`` of stage 06, or
+        responses joined with ``questions.parquet``); ``component_a, component_b`` for the
+        pair and ``volume_id`` for the volume intercepts.
+    factors, interactions, groups : what enters the model (see the module docstring).
+
+    Returns
+    -------
+    FactorData
+    """
+    interactions = _parse_interactions(interactions)
+    need = {"model", "arm", "question_id", "correct"} | set(factors)
+    need |= {f for pair in interactions for f in pair}
+    if "pair" in groups:
+        need |= {"component_a", "component_b"}
+    if "volume" in groups:
+        need.add("volume_id")
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown random-intercept groups {sorted(unknown)}; known: {GROUPS}")
+    missing = sorted(need - set(scored.columns))
+    if missing:
+        raise ValueError(f"scored table lacks column(s) {missing}; it has {list(scored.columns)}")
+    if scored.empty:
+        raise ValueError("scored table has no rows")
+    if scored["correct"].isna().any():
+        raise ValueError(f"column 'correct' has {int(scored['correct'].isna().sum())} null "
+                         "values; score every trial (unparseable answers count as wrong)")
+
+    question_cols = [c for c in dict.fromkeys(
+        [f for f in need if f not in TRIAL_FACTORS and f not in ("correct", "question_id")])]
+    df = scored[["model", "arm", "question_id", "correct", *question_cols]].copy()
+    df["correct"] = df["correct"].astype(bool)
+    for col in ("model", "arm", "question_id"):
+        df[col] = df[col].astype(str)
+    varying = df.groupby("question_id", sort=False)[question_cols].nunique(dropna=False).max()
+    bad = sorted(varying[varying > 1].index)
+    if bad:
+        raise ValueError(f"question-level column(s) {bad} differ between trials of one question")
+
+    obs = (df.groupby(["model", "arm", "question_id"], sort=True, observed=True)
+             .agg(n=("correct", "size"), k=("correct", "sum")).reset_index())
+    per_q = df.drop_duplicates("question_id").set_index("question_id")[question_cols]
+    obs = obs.join(per_q, on="question_id")
+    obs["k"] = obs["k"].astype(np.int64)
+    if "pair" in groups:
+        obs["pair"] = structure_pair(obs["component_a"], obs["component_b"])
+
+    kept, levels, dropped, codes = [], {}, {}, {}
+    for f in dict.fromkeys([*factors, *(x for p in interactions for x in p)]):
+        lv = _ordered_levels(f, obs[f])
+        if len(lv) < 2:
+            dropped[f] = f"{len(lv)} observed level(s) {lv}"
+            continue
+        levels[f] = lv
+        codes[f] = pd.Categorical(obs[f].astype(object).where(obs[f].notna()),
+                                  categories=lv).codes.astype(np.int64)
+        if f in factors:
+            kept.append(f)
+    inter = []
+    for f1, f2 in interactions:
+        name = f"{f1}:{f2}"
+        if f1 not in levels or f2 not in levels:
+            dropped[name] = "a factor has fewer than two observed levels"
+            continue
+        both = (codes[f1] >= 0) & (codes[f2] >= 0)
+        if not both.any():
+            dropped[name] = "the two factors never apply to the same question"
+            continue
+        inter.append((f1, f2))
+    # An interaction's factors need their main effects (sum-to-zero coding).
+    for f in {x for p in inter for x in p} - set(kept):
+        kept.append(f)
+    kept = [f for f in dict.fromkeys([*factors, *kept]) if f in kept]
+    for f in list(codes):
+        if f not in kept:
+            codes.pop(f)
+            levels.pop(f)
+
+    q_codes, q_levels = pd.factorize(obs["question_id"], sort=True)
+    levels["question"] = list(q_levels)
+    first = obs.drop_duplicates("question_id").set_index("question_id").loc[q_levels]
+    group_codes = {}
+    for g, col in (("pair", "pair"), ("volume", "volume_id")):
+        if g in groups:
+            c, u = pd.factorize(first[col].astype(str), sort=True)
+            group_codes[g] = c.astype(np.int64)
+            levels[g] = list(u)
+    if "question" in groups:
+        group_codes["question"] = np.arange(len(q_levels), dtype=np.int64)
+    return FactorData(obs=obs, factors=kept, levels=levels, interactions=inter, codes=codes,
+                      question_index=q_codes.astype(np.int64), group_codes=group_codes,
+                      dropped=dropped)
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+def _pad(vec, pt):
+    """Append a zero so that code -1 (factor does not apply) picks 0."""
+    return pt.concatenate([vec, pt.zeros((1,))])
+
+
+def _pad2(mat, pt):
+    mat = pt.concatenate([mat, pt.zeros((1, mat.shape[1]))], axis=0)
+    return pt.concatenate([mat, pt.zeros((mat.shape[0], 1))], axis=1)
+
+
+def _dim(name: str, data: FactorData) -> str:
+    return name if name in data.group_codes or name == "question" else f"{name}_level"
+
+
+def resolve_centred(data: FactorData, centred: str | Sequence[str] = "auto",
+                    min_trials: float = 20.0) -> list[str]:
+    """The random-intercept groups to sample centred.
+
+    ``"auto"`` centres a group when its levels carry on average at least ``min_trials``
+    trials each: then the data pin each intercept down and the centred form has no funnel,
+    while sparsely observed levels (a question seen 10 times) sample better non-centred.
+    Otherwise ``centred`` lists the groups.
+    """
+    if isinstance(centred, str):
+        if centred != "auto":
+            raise ValueError(f"centred must be 'auto' or a list of groups, got {centred!r}")
+        total = float(data.obs["n"].sum())
+        return [g for g in data.group_codes if total / len(data.levels[g]) >= min_trials]
+    unknown = set(centred) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"centred names unknown group(s) {sorted(unknown)}; known: {GROUPS}")
+    return [g for g in data.group_codes if g in centred]
+
+
+def build_model(data: FactorData, centred: str | Sequence[str] = "auto",
+                prior_sd: float = 1.0, interaction_sd: float = 0.5,
+                group_sd_scale: float = 1.0):
+    """The PyMC model of :class:`FactorData` (see the module docstring).
+
+    Parameters
+    ----------
+    centred : random-intercept groups sampled centred (``u ~ Normal(0, σ)``), the others
+        non-centred (``u = σ·z``, ``z ~ Normal(0, 1)``); ``"auto"``: :func:`resolve_centred`.
+    prior_sd : scale of ``ZeroSumNormal`` main effects and of the intercept (logit).
+    interaction_sd : scale of the interaction effects (logit).
+    group_sd_scale : scale of the ``HalfNormal`` prior on each random-intercept SD.
+
+    Returns
+    -------
+    pymc.Model with free variables ``Intercept``, one per factor and interaction (named
+    ``f`` and ``f1:f2``), ``sd_<group>`` and ``u_<group>`` (centred) or ``z_<group>``.
+    """
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    centred = resolve_centred(data, centred)
+    n = data.obs["n"].to_numpy()
+    k = data.obs["k"].to_numpy()
+    # Dimension names get a suffix: PyMC forbids a variable named like a dimension.
+    coords = {_dim(name, data): data.levels[name] for name in data.levels}
+    n_q = len(data.levels["question"])
+    # The fixed part of the logit depends only on a row's factor levels, so it is computed
+    # once per distinct combination of levels ("pattern", a few hundred) and then gathered:
+    # one gather per row instead of one per factor keeps the gradient cheap at 10^5 rows.
+    pattern_codes, pattern_of_row, _ = _patterns(data)
+    col = {f: j for j, f in enumerate(data.factors)}
+
+    with pm.Model(coords=coords) as model:
+        intercept = pm.Normal("Intercept", 0.0, 1.5 * prior_sd)
+        eta_pattern = intercept + pt.zeros(len(pattern_codes))
+        for f in data.factors:
+            beta = pm.ZeroSumNormal(f, sigma=prior_sd, dims=_dim(f, data))
+            eta_pattern = eta_pattern + _pad(beta, pt)[pattern_codes[:, col[f]]]
+        for f1, f2 in data.interactions:
+            gamma = pm.ZeroSumNormal(f"{f1}:{f2}", sigma=interaction_sd,
+                                     dims=(_dim(f1, data), _dim(f2, data)), n_zerosum_axes=2)
+            eta_pattern = eta_pattern + _pad2(gamma, pt)[pattern_codes[:, col[f1]],
+                                                         pattern_codes[:, col[f2]]]
+        u_total = pt.zeros(n_q)
+        for g, gcodes in data.group_codes.items():
+            sd = pm.HalfNormal(f"sd_{g}", group_sd_scale)
+            if g in centred:
+                u = pm.Normal(f"u_{g}", 0.0, sd, dims=g)
+            else:
+                u = sd * pm.Normal(f"z_{g}", 0.0, 1.0, dims=g)
+            u_total = u_total + (u if g == "question" else u[gcodes])
+        eta = eta_pattern[pattern_of_row] + u_total[data.question_index]
+        # The binomial log-likelihood without its constant binomial coefficient.
+        pm.Potential("correct", pt.sum(k * eta - n * pt.softplus(eta)))
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Fitting and summaries
+# ------------------------------------------------------------------------------------------
+@dataclass
+class FactorFit:
+    """Everything :func:`fit_factor_model` computed.
+
+    ``posterior`` is the nutpie ``xarray.DataTree`` (groups ``posterior``, ``sample_stats``;
+    per-question intercepts dropped after their R-hat was taken); the tables are described
+    in the module docstring.
+    """
+
+    data: FactorData
+    posterior: Any
+    effects: pd.DataFrame
+    sds: pd.DataFrame
+    contrasts: pd.DataFrame
+    ppc: pd.DataFrame
+    diagnostics: dict[str, Any]
+
+
+def _fixed_names(data: FactorData) -> list[str]:
+    return ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions)]
+
+
+def _summarise(draws: np.ndarray, rhat: np.ndarray, ess_bulk: np.ndarray,
+               ess_tail: np.ndarray, terms: Sequence[str]) -> pd.DataFrame:
+    """Rows of ``term, mean, sd, lo95, hi95, r_hat, ess_bulk, ess_tail``.
+
+    ``draws`` is [chain, draw, n_terms]; the diagnostics are [n_terms].
+    """
+    flat = draws.reshape(-1, draws.shape[-1])
+    lo, hi = np.quantile(flat, [0.025, 0.975], axis=0)
+    return pd.DataFrame({"term": list(terms), "mean": flat.mean(0), "sd": flat.std(0, ddof=1),
+                         "lo95": lo, "hi95": hi, "r_hat": rhat, "ess_bulk": ess_bulk,
+                         "ess_tail": ess_tail})
+
+
+def _diag(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R-hat, bulk and tail ESS of [chain, draw, n] draws (ArviZ's rank-normalised ones)."""
+    import arviz as az
+
+    return (np.asarray(az.rhat(arr, chain_axis=0, draw_axis=1)),
+            np.asarray(az.ess(arr, method="bulk", chain_axis=0, draw_axis=1)),
+            np.asarray(az.ess(arr, method="tail", prob=0.05, chain_axis=0, draw_axis=1)))
+
+
+def _stack_terms(post, data: FactorData) -> tuple[np.ndarray, list[str]]:
+    """Fixed effects as [chain, draw, n_terms] with their ``factor_effects`` names."""
+    cols, terms = [], []
+    for name in _fixed_names(data):
+        arr = np.asarray(post[name].values)
+        if name == "Intercept":
+            cols.append(arr[..., None])
+            terms.append("Intercept")
+        elif ":" in name:
+            f1, f2 = name.split(":")
+            cols.append(arr.reshape(*arr.shape[:2], -1))
+            terms += [f"{f1}[{a}]:{f2}[{b}]" for a in data.levels[f1] for b in data.levels[f2]]
+        else:
+            cols.append(arr)
+            terms += [f"{name}[{lv}]" for lv in data.levels[name]]
+    return np.concatenate(cols, axis=-1), terms
+
+
+def _flat_draws(post, name: str) -> np.ndarray:
+    arr = np.asarray(post[name].values)
+    return arr.reshape(-1, *arr.shape[2:])
+
+
+def _patterns(data: FactorData) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Unique factor-code combinations: codes [n_pattern, n_factor], index per obs, counts."""
+    names = data.factors
+    mat = np.stack([data.codes[f] for f in names], axis=1)
+    uniq, inverse = np.unique(mat, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    counts = pd.DataFrame({"n": np.bincount(inverse, weights=data.obs["n"].to_numpy(float)),
+                           "k": np.bincount(inverse, weights=data.obs["k"].to_numpy(float))})
+    return uniq, inverse, counts
+
+
+def _eta_fixed(post, data: FactorData, pattern_codes: np.ndarray,
+               draw_index: np.ndarray) -> np.ndarray:
+    """Fixed-effect logit [n_draw, n_pattern] for factor codes [n_pattern, n_factor]."""
+    col = {f: j for j, f in enumerate(data.factors)}
+    eta = _flat_draws(post, "Intercept")[draw_index][:, None] + np.zeros(len(pattern_codes))
+    for f in data.factors:
+        beta = _flat_draws(post, f)[draw_index]
+        beta = np.concatenate([beta, np.zeros((len(beta), 1))], axis=1)
+        eta += beta[:, pattern_codes[:, col[f]]]
+    for f1, f2 in data.interactions:
+        g = _flat_draws(post, f"{f1}:{f2}")[draw_index]
+        g = np.pad(g, ((0, 0), (0, 1), (0, 1)))
+        eta += g[:, pattern_codes[:, col[f1]], pattern_codes[:, col[f2]]]
+    return eta
+
+
+def _total_sd(post, data: FactorData, draw_index: np.ndarray) -> np.ndarray:
+    var = np.zeros(len(draw_index))
+    for g in data.group_codes:
+        var += _flat_draws(post, f"sd_{g}")[draw_index] ** 2
+    return np.sqrt(var)
+
+
+def _marginal_p(eta: np.ndarray, sd: np.ndarray, n_nodes: int = 24) -> np.ndarray:
+    """E[invlogit(eta + u)], u ~ Normal(0, sd²) per draw (Gauss–Hermite), same shape as eta."""
+    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
+    w = w / w.sum()
+    out = np.zeros_like(eta)
+    for xj, wj in zip(x, w, strict=True):
+        out += wj / (1.0 + np.exp(-(eta + xj * sd[:, None])))
+    return out
+
+
+def _cells(data: FactorData) -> list[tuple[str, tuple[str, ...], dict[str, int]]]:
+    """(name, factors, {factor: level code}) of every level and interaction cell."""
+    out = []
+    for f in data.factors:
+        for i, lv in enumerate(data.levels[f]):
+            out.append((f"p[{f}={lv}]", (f,), {f: i}))
+    pairs = list(data.interactions)
+    if "arm" in data.factors and "model" in data.factors and ("arm", "model") not in pairs:
+        pairs.append(("arm", "model"))
+    for f1, f2 in pairs:
+        for i, a in enumerate(data.levels[f1]):
+            for j, b in enumerate(data.levels[f2]):
+                out.append((f"p[{f1}={a},{f2}={b}]", (f1, f2), {f1: i, f2: j}))
+    return out
+
+
+def _differences(data: FactorData, cells) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(name, minuend, subtrahend, factors): every pair of levels differing in one factor."""
+    by_name = {name: (factors, assign) for name, factors, assign in cells}
+    out = []
+    for name_a, (factors, assign_a) in by_name.items():
+        for name_b, (factors_b, assign_b) in by_name.items():
+            if factors != factors_b:
+                continue
+            differ = [f for f in factors if assign_a[f] != assign_b[f]]
+            if len(differ) == 1 and assign_a[differ[0]] > assign_b[differ[0]]:
+                out.append((f"{name_a} - {name_b}", name_a, name_b, factors))
+    return out
+
+
+def _interval(x: np.ndarray) -> tuple[float, float, float, float]:
+    lo, hi = np.quantile(x, [0.025, 0.975])
+    return float(x.mean()), float(x.std(ddof=1)), float(lo), float(hi)
+
+
+def compute_contrasts(post, data: FactorData, max_draws: int = 1000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Levels, cells and their differences on the probability scale (module docstring).
+
+    Uses at most ``max_draws`` posterior draws (evenly thinned).
+    """
+    n_total = _flat_draws(post, "Intercept").shape[0]
+    draw_index = np.unique(np.linspace(0, n_total - 1, min(max_draws, n_total)).astype(int))
+    codes, _, counts = _patterns(data)
+    p = _marginal_p(_eta_fixed(post, data, codes, draw_index), _total_sd(post, data, draw_index))
+    col = {f: j for j, f in enumerate(data.factors)}
+    weights = counts["n"].to_numpy()
+    rows, values = [], {}
+    cells = _cells(data)
+    for name, factors, assign in cells:
+        mask = np.all([codes[:, col[f]] == c for f, c in assign.items()], axis=0)
+        n_cell = weights[mask].sum()
+        if n_cell == 0:
+            continue  # a cell no trial is in (e.g. a prompt on a text-only question)
+        values[name] = p[:, mask] @ weights[mask] / n_cell
+        observed = counts["k"].to_numpy()[mask].sum() / n_cell
+        rows.append({"contrast": name, "kind": "cell" if len(factors) > 1 else "level",
+                     "factors": ":".join(factors), **dict(zip(
+                         ("mean", "sd", "lo95", "hi95"), _interval(values[name]), strict=True)),
+                     "observed": float(observed), "n_trials": int(n_cell)})
+    for name, a, b, factors in _differences(data, cells):
+        if a in values and b in values:
+            rows.append({"contrast": name, "kind": "difference", "factors": ":".join(factors),
+                         **dict(zip(("mean", "sd", "lo95", "hi95"),
+                                    _interval(values[a] - values[b]), strict=True)),
+                         "observed": float(next(r["observed"] for r in rows
+                                                if r["contrast"] == a)
+                                           - next(r["observed"] for r in rows
+                                                  if r["contrast"] == b)),
+                         "n_trials": 0})
+    out = pd.DataFrame(rows)
+    return out
+
+
+def posterior_predictive_check(post, data: FactorData, n_draws: int = 200,
+                               seed: int = 0) -> pd.DataFrame:
+    """Observed accuracy per level and interaction cell against mixed posterior replicates.
+
+    For each of ``n_draws`` thinned posterior draws: new random intercepts for every
+    question, pair and volume from their fitted SDs, then ``k_rep ~ Binomial(n, p)`` per
+    (model, arm, question) row, aggregated to each cell's accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    n_total = _flat_draws(post, "Intercept").shape[0]
+    draw_index = np.unique(np.linspace(0, n_total - 1, min(n_draws, n_total)).astype(int))
+    codes, inverse, counts = _patterns(data)
+    eta_pattern = _eta_fixed(post, data, codes, draw_index)
+    n = data.obs["n"].to_numpy()
+    k = data.obs["k"].to_numpy()
+    col = {f: j for j, f in enumerate(data.factors)}
+    cells = _cells(data)
+    cell_of_obs = [(name, factors, np.all([codes[inverse, col[f]] == c
+                                          for f, c in assign.items()], axis=0))
+                   for name, factors, assign in cells]
+    cell_of_obs = [(name, factors, m) for name, factors, m in cell_of_obs if n[m].sum() > 0]
+    onehot = np.stack([m for _, _, m in cell_of_obs], axis=1).astype(float)  # [n_obs, n_cell]
+    sds = {g: _flat_draws(post, f"sd_{g}")[draw_index] for g in data.group_codes}
+    rep = np.empty((len(draw_index), onehot.shape[1]))
+    for s in range(len(draw_index)):
+        eta = eta_pattern[s, inverse].copy()
+        u_q = np.zeros(len(data.levels["question"]))
+        for g, gcodes in data.group_codes.items():
+            u_q += rng.normal(0.0, sds[g][s], len(data.levels[g]))[gcodes]
+        eta += u_q[data.question_index]
+        k_rep = rng.binomial(n, 1.0 / (1.0 + np.exp(-eta)))
+        rep[s] = (k_rep @ onehot) / (n @ onehot)
+    observed = (k @ onehot) / (n @ onehot)
+    lo, hi = np.quantile(rep, [0.025, 0.975], axis=0)
+    return pd.DataFrame({
+        "cell": [c[0] for c in cell_of_obs], "factors": [":".join(c[1]) for c in cell_of_obs],
+        "observed": observed, "n_trials": (n @ onehot).astype(int), "pp_mean": rep.mean(0),
+        "pp_lo95": lo, "pp_hi95": hi, "inside": (observed >= lo) & (observed <= hi)})
+
+
+def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
+                     interactions: Sequence[str] = INTERACTIONS,
+                     groups: Sequence[str] = GROUPS,
+                     centred: str | Sequence[str] = "auto",
+                     draws: int = 500, tune: int = 500, chains: int = 2,
+                     cores: int | None = None, seed: int = 0, prior_sd: float = 1.0,
+                     interaction_sd: float = 0.5, contrast_draws: int = 1000,
+                     ppc_draws: int = 200, progress: bool = True) -> FactorFit:
+    """Fit the hierarchical factor model to scored trials with nutpie.
+
+    Parameters
+    ----------
+    scored : one row per trial (see :func:`prepare_factor_data`).
+    factors, interactions, groups : model terms; interactions as ``"f1:f2"``.
+    centred : random-intercept groups sampled centred, the others non-centred; ``"auto"``
+        decides from the trials per level (:func:`resolve_centred`).
+    draws, tune, chains : NUTS draws and warm-up per chain, number of chains.
+    cores : parallel chains (default: ``min(chains, os.cpu_count())``).
+    seed : sampler and predictive-check seed.
+    prior_sd, interaction_sd : prior scales of main effects and interactions (logit).
+    contrast_draws, ppc_draws : posterior draws used for contrasts and the predictive check.
+    progress : show nutpie's progress bar.
+
+    Returns
+    -------
+    FactorFit
+    """
+    import nutpie
+    import xarray as xr
+
+    t0 = time.perf_counter()
+    data = prepare_factor_data(scored, factors, interactions, groups)
+    model = build_model(data, centred=centred, prior_sd=prior_sd,
+                        interaction_sd=interaction_sd)
+    t_build = time.perf_counter()
+    compiled = nutpie.compile_pymc_model(model, backend="numba")
+    t_compile = time.perf_counter()
+    cores = cores or min(chains, os.cpu_count() or 1)
+    trace = nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores,
+                          seed=seed, progress_bar=progress, save_warmup=False)
+    t_sample = time.perf_counter()
+
+    post = trace.posterior
+    fixed, terms = _stack_terms(post, data)
+    effects = _summarise(fixed, *_diag(fixed), terms)
+    sd_names = [f"sd_{g}" for g in data.group_codes]
+    sd_arr = np.stack([np.asarray(post[v].values) for v in sd_names], axis=-1)
+    sds = _summarise(sd_arr, *_diag(sd_arr), [f"sd[{g}]" for g in data.group_codes])
+    # R-hat and ESS of every random intercept too (then drop the per-question ones).
+    re_rhat, re_ess = [], []
+    for g in data.group_codes:
+        name = f"u_{g}" if f"u_{g}" in post else f"z_{g}"
+        arr = np.asarray(post[name].values)
+        r, e, _ = _diag(arr.reshape(*arr.shape[:2], -1))
+        re_rhat.append(np.nanmax(r))
+        re_ess.append(np.nanmin(e))
+    stats = trace.sample_stats
+    diverging = np.asarray(stats["diverging"].values)
+    contrasts = compute_contrasts(post, data, max_draws=contrast_draws, seed=seed)
+    ppc = posterior_predictive_check(post, data, n_draws=ppc_draws, seed=seed)
+    keep = ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions),
+            *sd_names]
+    small = trace.copy()
+    small["posterior"] = xr.DataTree(post.to_dataset()[keep])
+    t_end = time.perf_counter()
+
+    depth = np.asarray(stats["depth"].values) if "depth" in stats else np.array([np.nan])
+    all_rhat = np.concatenate([effects["r_hat"], sds["r_hat"], re_rhat])
+    diagnostics = {
+        "n_trials": int(data.obs["n"].sum()), "n_obs": len(data.obs),
+        "n_questions": len(data.levels["question"]),
+        "groups": {g: len(data.levels[g]) for g in data.group_codes},
+        "factors": {f: data.levels[f] for f in data.factors},
+        "interactions": [f"{a}:{b}" for a, b in data.interactions],
+        "dropped": data.dropped, "centred": resolve_centred(data, centred),
+        "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
+        "divergences": int(diverging.sum()),
+        "max_r_hat_fixed": float(np.nanmax(effects["r_hat"])),
+        "max_r_hat": float(np.nanmax(all_rhat)),
+        "min_ess_bulk_fixed": float(np.nanmin(effects["ess_bulk"])),
+        "min_ess_tail_fixed": float(np.nanmin(effects["ess_tail"])),
+        "min_ess_bulk": float(min(np.nanmin(effects["ess_bulk"]), np.nanmin(sds["ess_bulk"]),
+                                  *re_ess)),
+        "max_r_hat_random": {g: float(r) for g, r in zip(data.group_codes, re_rhat,
+                                                         strict=True)},
+        "mean_tree_depth": float(np.nanmean(depth)),
+        "step_size": float(np.nanmean(np.asarray(stats["step_size"].values)))
+        if "step_size" in stats else None,
+        "ppc_inside_share": float(ppc["inside"].mean()),
+        "rhat_ok": bool(np.nanmax(all_rhat) <= RHAT_MAX),
+        "seconds": {"build": round(t_build - t0, 2), "compile": round(t_compile - t_build, 2),
+                    "sample": round(t_sample - t_compile, 2),
+                    "summaries": round(t_end - t_sample, 2), "total": round(t_end - t0, 2)},
+    }
+    return FactorFit(data=data, posterior=small, effects=effects, sds=sds,
+                     contrasts=contrasts, ppc=ppc, diagnostics=diagnostics)
+
+
+# ------------------------------------------------------------------------------------------
+# The stage: read scored trials, fit, write data/analysis/
+# ------------------------------------------------------------------------------------------
+def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Scored trials with their question factors, as stage 06 left them.
+
+    Reads ``data/analysis/scored.parquet``; question columns it lacks are joined from
+    ``data/benchmark/questions.parquet``. Without a scored table, the raw
+    ``data/results/*/responses.parquet`` are scored with :mod:`mislib.scoring`.
+    """
+    paths = project_paths(root)
+    scored_path = paths.analysis / "scored.parquet"
+    if scored_path.is_file():
+        scored = pd.read_parquet(scored_path)
+        source = scored_path
+    else:
+        scored = _score_results(paths)
+        source = paths.results
+    question_cols = {*FACTORS, "component_a", "component_b", "volume_id"} - set(TRIAL_FACTORS)
+    missing = sorted(question_cols - set(scored.columns))
+    if missing:
+        qpath = paths.benchmark / "questions.parquet"
+        if not qpath.is_file():
+            raise FileNotFoundError(f"{source} lacks {missing} and there is no {qpath} to "
+                                    "join them from")
+        questions = pd.read_parquet(qpath, columns=["question_id", *missing])
+        scored = scored.merge(questions, on="question_id", how="left", validate="many_to_one")
+        unmatched = int(scored[missing[0]].isna().all()) if len(scored) else 0
+        if unmatched:
+            raise ValueError(f"no question of {source} is in {qpath}")
+    return scored
+
+
+def _score_results(paths) -> pd.DataFrame:
+    """Score every ``results/*/responses.parquet`` with stage 06's scorer."""
+    from mislib import scoring
+
+    files = sorted(paths.results.glob("*/responses.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"nothing to analyse: no {paths.analysis / 'scored.parquet'} (stage 06) and no "
+            f"{paths.results}/*/responses.parquet (stage 04); run notebooks 04 and 06 first")
+    for name in ("score_responses", "score_table"):
+        if hasattr(scoring, name):
+            return getattr(scoring, name)(root=paths.root)
+    raise FileNotFoundError(f"no {paths.analysis / 'scored.parquet'}: run notebook 06_scoring "
+                            "first")
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_outputs(fit: FactorFit, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the tables, diagnostics and the small posterior of a fit to ``out_dir``."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["term", "mean", "sd", "lo95", "hi95", "r_hat", "ess_bulk", "ess_tail"]
+    fit.effects[cols].to_parquet(out / "factor_effects.parquet", index=False)
+    fit.sds[cols].to_parquet(out / "factor_sd.parquet", index=False)
+    fit.contrasts.to_parquet(out / "contrasts.parquet", index=False)
+    fit.ppc.to_parquet(out / "ppc.parquet", index=False)
+    (out / "factor_diagnostics.json").write_text(json.dumps(fit.diagnostics, indent=2,
+                                                            default=str))
+    zpath = out / "factor_posterior.zarr"
+    if zpath.exists():
+        shutil.rmtree(zpath)
+    fit.posterior.to_zarr(zpath)
+    return [out / name for name in OUTPUTS]
+
+
+@dataclass
+class FactorAnalysis:
+    """What notebook 07 shows: the tables, diagnostics, posterior and coded data."""
+
+    effects: pd.DataFrame
+    sds: pd.DataFrame
+    contrasts: pd.DataFrame
+    ppc: pd.DataFrame
+    diagnostics: dict[str, Any]
+    posterior: Any
+    data: FactorData
+    params: dict[str, Any]
+    reused: bool
+
+
+def _fit_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("factors", "interactions", "groups", "centred", "draws", "tune", "chains",
+            "prior_sd", "interaction_sd", "contrast_draws", "ppc_draws", "seed")
+    return {k: params[k] for k in keys if k in params}
+
+
+def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
+                        root: str | os.PathLike | None = None, force: bool = False,
+                        progress: bool = True, **overrides: Any) -> FactorAnalysis:
+    """Stage 07: fit the factor model to ``scored.parquet`` and write ``data/analysis/``.
+
+    Parameters
+    ----------
+    profile : profile name or mapping; its ``[analysis]`` table sets the model and sampler.
+    root : project root (default: the repository, or ``$MISGROUND_ROOT``).
+    force : refit even when the outputs exist for the same parameters and input.
+    progress : show the sampler's progress bar.
+    **overrides : single ``[analysis]`` keys (``None`` keeps the profile's value).
+
+    Returns
+    -------
+    FactorAnalysis; ``reused`` says whether the outputs on disk were fresh and read back.
+    """
+    import xarray as xr
+
+    params = stage_params(profile, "analysis", **overrides)
+    paths = project_paths(root)
+    scored = load_scored(paths.root)
+    scored_path = paths.analysis / "scored.parquet"
+    # The stamp covers the input too: a re-scored run must be refitted.
+    stamp_params = dict(params, input=_file_digest(scored_path) if scored_path.is_file()
+                        else f"{len(scored)} rows from results/")
+    out = paths.analysis
+    kwargs = _fit_kwargs(params)
+    if not force and is_fresh(out, "analysis", stamp_params, OUTPUTS):
+        data = prepare_factor_data(scored, kwargs.get("factors", FACTORS),
+                                   kwargs.get("interactions", INTERACTIONS),
+                                   kwargs.get("groups", GROUPS))
+        posterior = xr.open_datatree(out / "factor_posterior.zarr", engine="zarr").load()
+        return FactorAnalysis(
+            effects=pd.read_parquet(out / "factor_effects.parquet"),
+            sds=pd.read_parquet(out / "factor_sd.parquet"),
+            contrasts=pd.read_parquet(out / "contrasts.parquet"),
+            ppc=pd.read_parquet(out / "ppc.parquet"),
+            diagnostics=json.loads((out / "factor_diagnostics.json").read_text()),
+            posterior=posterior, data=data, params=params, reused=True)
+    fit = fit_factor_model(scored, progress=progress, **kwargs)
+    write_outputs(fit, out)
+    write_stamp(out, "analysis", stamp_params, OUTPUTS)
+    for name, value in (("divergences", fit.diagnostics["divergences"]),
+                        ("max R-hat", fit.diagnostics["max_r_hat"])):
+        log.info("factor model %s: %s", name, value)
+    if not fit.diagnostics["rhat_ok"] or fit.diagnostics["divergences"]:
+        log.warning("factor model did not sample cleanly: %d divergences, max R-hat %.3f "
+                    "(see factor_diagnostics.json)", fit.diagnostics["divergences"],
+                    fit.diagnostics["max_r_hat"])
+    return FactorAnalysis(effects=fit.effects, sds=fit.sds, contrasts=fit.contrasts,
+                          ppc=fit.ppc, diagnostics=fit.diagnostics, posterior=fit.posterior,
+                          data=fit.data, params=params, reused=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Figures (notebook 07; the forest plot is reused by notebook 08)
+# ------------------------------------------------------------------------------------------
+def plot_factor_forest(effects: pd.DataFrame, ax=None, include_intercept: bool = False):
+    """Posterior means and 95 % intervals of the fixed effects (logit scale), one row each."""
+    import matplotlib.pyplot as plt
+
+    df = effects if include_intercept else effects[effects["term"] != "Intercept"]
+    df = df.iloc[::-1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.22 * len(df) + 1.0))
+    y = np.arange(len(df))
+    ax.hlines(y, df["lo95"], df["hi95"], color="0.3", lw=1.2)
+    ax.plot(df["mean"], y, "o", ms=3.5, color="C0")
+    ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+    ax.set_yticks(y, df["term"], fontsize=7)
+    ax.set_ylim(-0.7, len(df) - 0.3)
+    ax.set_xlabel("effect on the logit of accuracy (sum-to-zero deviation), 95 % interval")
+    return ax
+
+
+def plot_ppc(ppc: pd.DataFrame, ax=None):
+    """Observed accuracy per cell (dots) against the 95 % posterior predictive band."""
+    import matplotlib.pyplot as plt
+
+    df = ppc.iloc[::-1]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.2 * len(df) + 1.0))
+    y = np.arange(len(df))
+    ax.hlines(y, df["pp_lo95"], df["pp_hi95"], color="0.7", lw=4, label="95 % predictive")
+    colors = np.where(df["inside"], "C0", "C3")
+    ax.scatter(df["observed"], y, s=12, c=colors, zorder=3, label="observed")
+    ax.set_yticks(y, df["cell"].str.removeprefix("p[").str.removesuffix("]"), fontsize=7)
+    ax.set_ylim(-0.7, len(df) - 0.3)
+    ax.set_xlabel("accuracy")
+    ax.legend(loc="lower right", fontsize=7)
+    return ax
+
+
+def plot_diagnostics(effects: pd.DataFrame, sds: pd.DataFrame, axes=None):
+    """R-hat and bulk ESS of every fixed effect and random-intercept SD."""
+    import matplotlib.pyplot as plt
+
+    df = pd.concat([effects, sds], ignore_index=True)
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(9, 3))
+    axes[0].hist(df["r_hat"], bins=30, color="C0")
+    axes[0].axvline(RHAT_MAX, color="C3", ls="--", label=f"R-hat = {RHAT_MAX}")
+    axes[0].set_xlabel("R-hat (rank-normalised, split)")
+    axes[0].legend(fontsize=7)
+    axes[1].hist(df["ess_bulk"], bins=30, color="C1")
+    axes[1].set_xlabel("bulk ESS")
+    for ax in axes:
+        ax.set_ylabel("parameters")
+    return axes
