@@ -77,10 +77,8 @@ Outputs (``data/analysis/``)
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -799,6 +797,17 @@ class FactorAnalysis:
     reused: bool
 
 
+def stamp_params(params: Mapping[str, Any], paths) -> dict[str, Any]:
+    """The stage parameters plus a digest of the input, so re-scored trials are refitted."""
+    scored_path = paths.analysis / "scored.parquet"
+    if scored_path.is_file():
+        digest = _file_digest(scored_path)
+    else:
+        digest = "|".join(f"{p.relative_to(paths.results)}:{_file_digest(p)}"
+                          for p in sorted(paths.results.glob("*/responses.parquet")))
+    return dict(params, input=digest)
+
+
 def _fit_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("factors", "interactions", "groups", "centred", "draws", "tune", "chains",
             "prior_sd", "interaction_sd", "contrast_draws", "ppc_draws", "seed")
@@ -827,13 +836,10 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
     params = stage_params(profile, "analysis", **overrides)
     paths = project_paths(root)
     scored = load_scored(paths.root)
-    scored_path = paths.analysis / "scored.parquet"
-    # The stamp covers the input too: a re-scored run must be refitted.
-    stamp_params = dict(params, input=_file_digest(scored_path) if scored_path.is_file()
-                        else f"{len(scored)} rows from results/")
+    stamp = stamp_params(params, paths)
     out = paths.analysis
     kwargs = _fit_kwargs(params)
-    if not force and is_fresh(out, "analysis", stamp_params, OUTPUTS):
+    if not force and is_fresh(out, "analysis", stamp, OUTPUTS):
         data = prepare_factor_data(scored, kwargs.get("factors", FACTORS),
                                    kwargs.get("interactions", INTERACTIONS),
                                    kwargs.get("groups", GROUPS))
@@ -847,7 +853,7 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
             posterior=posterior, data=data, params=params, reused=True)
     fit = fit_factor_model(scored, progress=progress, **kwargs)
     write_outputs(fit, out)
-    write_stamp(out, "analysis", stamp_params, OUTPUTS)
+    write_stamp(out, "analysis", stamp, OUTPUTS)
     for name, value in (("divergences", fit.diagnostics["divergences"]),
                         ("max R-hat", fit.diagnostics["max_r_hat"])):
         log.info("factor model %s: %s", name, value)
