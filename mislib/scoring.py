@@ -694,25 +694,33 @@ def unparseable_rates(scored: pd.DataFrame) -> pd.DataFrame:
 
     Returns
     -------
-    DataFrame: ``model, arm, n_responses, n_ok, n_unparseable, n_ambiguous,
-    unparseable_rate, ambiguous_rate, n_reparsed_differently`` (responses whose re-parse
-    differs from the status or value stored at inference time; 0 when nothing was stored).
+    DataFrame: ``model, arm, n_responses`` (answered records), ``n_ok, n_unparseable,
+    n_ambiguous, unparseable_rate, ambiguous_rate`` (of the answered records),
+    ``n_reparsed_differently`` (re-parse differs from the status or value stored at
+    inference time), ``n_not_answered`` (records stage 04 could not answer, or questions
+    of an unknown family) and ``not_answered`` (JSON counts per record status).
     """
     rows = []
     for (model, arm), g in scored.groupby(["model", "arm"], sort=True):
-        status = g["parse_status"]
-        n = len(g)
+        answered = g["answered"].to_numpy(bool) if "answered" in g else np.ones(len(g), bool)
+        status = g["parse_status"][answered]
+        n = int(answered.sum())
         changed = int(g["reparsed_differently"].sum()) if "reparsed_differently" in g else 0
+        not_answered = (g.loc[~answered, "status"].value_counts().to_dict()
+                        if "status" in g else {})
         rows.append({"model": model, "arm": arm, "n_responses": n,
                      "n_ok": int((status == "ok").sum()),
                      "n_unparseable": int((status == "unparseable").sum()),
                      "n_ambiguous": int((status == "ambiguous").sum()),
-                     "unparseable_rate": float((status == "unparseable").mean()),
-                     "ambiguous_rate": float((status == "ambiguous").mean()),
-                     "n_reparsed_differently": changed})
+                     "unparseable_rate": float((status == "unparseable").mean()) if n else np.nan,
+                     "ambiguous_rate": float((status == "ambiguous").mean()) if n else np.nan,
+                     "n_reparsed_differently": changed,
+                     "n_not_answered": int((~answered).sum()),
+                     "not_answered": json.dumps(not_answered, sort_keys=True)})
     return pd.DataFrame(rows, columns=["model", "arm", "n_responses", "n_ok", "n_unparseable",
                                        "n_ambiguous", "unparseable_rate", "ambiguous_rate",
-                                       "n_reparsed_differently"])
+                                       "n_reparsed_differently", "n_not_answered",
+                                       "not_answered"])
 
 
 # ----------------------------------------------------------------------------------------
@@ -741,14 +749,17 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
     Returns
     -------
     DataFrame, one row per response: the response columns with ``parsed, parse_status,
-    correct`` from this parser, ``reparsed_differently`` (bool), and the question's factor
-    columns (everything of ``questions.parquet`` but ``text`` and ``choices``).
+    correct`` from this parser, ``reparsed_differently`` (bool), ``status`` (stage 04's
+    record status, ``unknown_family`` for a question of an unknown family), ``answered``
+    (``status == "ok"``: the model produced an answer; other rows are not parsed, have a
+    null ``parse_status`` and are not scored), and the question's factor columns
+    (everything of ``questions.parquet`` but ``text`` and ``choices``).
 
     Raises
     ------
     ValueError
         When a response names a question that ``questions`` lacks, or a required column
-        is missing, or a question's family is unknown.
+        is missing.
     """
     missing = [c for c in RESPONSE_COLUMNS if c not in responses]
     if missing:
@@ -762,10 +773,20 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         raise ValueError(f"{int(unknown.sum())} responses name questions absent from "
                          f"questions.parquet, e.g. {ids}: was the benchmark regenerated "
                          "after the run?")
-    bad_family = ~qtable["family"].isin(FAMILIES)
+    # A record stage 04 could not answer (missing input, out of memory) or a question of
+    # an unknown family is no answer of the model: it is kept out of the accuracy and
+    # counted per status in unparseable.parquet instead.
+    record_status = (responses["status"].fillna("ok").astype(str) if "status" in responses
+                     else pd.Series("ok", index=responses.index))
+    known = qtable["family"].isin(FAMILIES)
+    bad_family = ~responses["question_id"].map(known).astype(bool)
     if bad_family.any():
-        ids = qtable.index[bad_family][:5].tolist()
-        raise ValueError(f"questions {ids} have an unknown family; expected one of {FAMILIES}")
+        ids = responses.loc[bad_family, "question_id"].unique()[:5].tolist()
+        warnings.warn(f"{int(bad_family.sum())} responses answer questions of an unknown "
+                      f"family (e.g. {ids}; expected one of {FAMILIES}): not scored",
+                      stacklevel=2)
+        record_status = record_status.where(~bad_family, "unknown_family")
+    answered = (record_status == "ok").to_numpy()
 
     records = {qid: {k: row.get(k) for k in _QUESTION_KEYS}
                for qid, row in zip(qtable.index, qtable.to_dict("records"), strict=True)}
@@ -773,8 +794,14 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
     parsed, status, correct = [], [], []
     texts = responses["raw_text"].to_numpy(dtype=object)
     qids = responses["question_id"].to_numpy(dtype=object)
-    for qid, text in tqdm(zip(qids, texts, strict=True), total=len(texts), desc="re-parsing",
-                          unit="resp", disable=not progress, mininterval=1.0):
+    for qid, text, ok in tqdm(zip(qids, texts, answered, strict=True), total=len(texts),
+                              desc="re-parsing", unit="resp", disable=not progress,
+                              mininterval=1.0):
+        if not ok:
+            parsed.append(None)
+            status.append(None)
+            correct.append(False)
+            continue
         key = (qid, "" if _null(text) else str(text))
         if key not in cache:  # trials often repeat the same text
             cache[key] = parse_answer(key[1], records[qid])
@@ -788,8 +815,10 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         if col in out:
             out = out.rename(columns={col: f"{col}_at_inference"})
     out["parsed"] = pd.Series(parsed, index=out.index, dtype=object)
-    out["parse_status"] = status
+    out["parse_status"] = pd.Series(status, index=out.index, dtype=object)
     out["correct"] = np.asarray(correct, dtype=bool)
+    out["status"] = record_status.to_numpy()
+    out["answered"] = answered
     if "parse_status_at_inference" in out:
         def as_text(col: pd.Series) -> np.ndarray:
             return np.array(["" if _null(v) else str(v) for v in col], dtype=object)
@@ -797,7 +826,7 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         differs = as_text(out["parse_status_at_inference"]) != as_text(out["parse_status"])
         if "parsed_at_inference" in out:
             differs |= as_text(out["parsed_at_inference"]) != as_text(out["parsed"])
-        out["reparsed_differently"] = differs.astype(bool)
+        out["reparsed_differently"] = differs.astype(bool) & answered
     else:
         out["reparsed_differently"] = False
     factors = [c for c in questions.columns if c not in ("text", "choices", "question_id")
@@ -885,8 +914,9 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
 
     Returns
     -------
-    dict with DataFrames ``scored``, ``bayes_by_factor``, ``semsam_effect``,
-    ``unparseable`` (read back from disk when fresh).
+    dict with DataFrames ``scored`` (the answered records, see :func:`rescore`),
+    ``bayes_by_factor``, ``semsam_effect``, ``unparseable`` (read back from disk when
+    fresh).
     """
     params = stage_params(profile, "scoring", **overrides)
     paths = project_paths(root)
@@ -901,7 +931,10 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
 
     level = float(params.get("credible_level", 0.95))
     responses = load_responses(files)
-    scored = rescore(responses, pd.read_parquet(qpath), progress=progress)
+    rescored = rescore(responses, pd.read_parquet(qpath), progress=progress)
+    unparseable = unparseable_rates(rescored)
+    # Only the model's answers are scored; the rest are counted in unparseable.parquet.
+    scored = rescored[rescored["answered"]].reset_index(drop=True)
     if scored.duplicated(["model", "arm", "question_id", "trial"]).any():
         runs = sorted(scored["run_id"].unique())
         raise ValueError(f"runs {runs} answer the same (model, arm, question, trial) more "
@@ -909,7 +942,7 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
     tables = {"scored": scored,
               "bayes_by_factor": bayes_by_factor(scored, level=level),
               "semsam_effect": semsam_effect(scored, level=level),
-              "unparseable": unparseable_rates(scored)}
+              "unparseable": unparseable}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.to_parquet(out_dir / f"{name}.parquet", index=False)

@@ -275,6 +275,34 @@ def test_rescore_names_responses_to_unknown_questions(study):
         rescore(responses, study.questions, progress=False)
 
 
+def test_rescore_keeps_records_stage_04_could_not_answer_out_of_the_scores(study):
+    responses = study.responses.head(8).copy()
+    responses["status"] = ["ok"] * 6 + ["missing_input", "oom"]
+    responses.loc[responses.index[6:], "raw_text"] = None
+    out = rescore(responses, study.questions, progress=False)
+    assert list(out["answered"]) == [True] * 6 + [False] * 2
+    assert out["parse_status"].iloc[6:].isna().all()
+    assert not out["correct"].iloc[6:].any()
+    table = unparseable_rates(out)
+    assert table["n_responses"].sum() == 6
+    assert table["n_not_answered"].sum() == 2
+    assert any("missing_input" in s for s in table["not_answered"])
+
+
+def test_rescore_does_not_score_questions_of_an_unknown_family(study):
+    questions = study.questions.copy()
+    target = study.responses["question_id"].iat[0]
+    questions.loc[questions["question_id"] == target, "family"] = "volume_4d"
+    responses = study.responses[study.responses["question_id"].isin(
+        questions["question_id"].head(3))]
+    with pytest.warns(UserWarning, match="unknown family"):
+        out = rescore(responses, questions, progress=False)
+    unknown = out["question_id"] == target
+    assert (out.loc[unknown, "status"] == "unknown_family").all()
+    assert not out.loc[unknown, "answered"].any()
+    assert out.loc[~unknown, "answered"].all()
+
+
 def test_bayes_by_factor_covers_every_factor_level_per_model_and_arm(study, scored):
     table = bayes_by_factor(scored)
     cells = scored.groupby(["model", "arm"]).ngroups
@@ -342,6 +370,7 @@ def test_score_runs_writes_the_stage_outputs_and_skips_when_fresh(tmp_root, stud
     for name in ("scored", "bayes_by_factor", "semsam_effect", "unparseable"):
         assert (analysis / f"{name}.parquet").is_file()
         assert len(out[name]) > 0
+    assert out["scored"]["answered"].all()
     stamp = analysis / ".scoring.stage.json"
     mtime = stamp.stat().st_mtime_ns
     again = score_runs("demo", root=tmp_root, progress=False)
