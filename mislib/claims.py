@@ -279,7 +279,12 @@ def _semsam_claim(c: Claim, semsam: pd.DataFrame | None, pattern: str) -> dict[s
     r = match.iloc[0]
     part = _SEMSAM_IDS[c.id]
     est, lo, hi = (100 * r[f"{part}_mu"], 100 * r[f"{part}_lo"], 100 * r[f"{part}_hi"])
-    return {"estimate": est, "lo": lo, "hi": hi, "n_questions": int(r["n_questions"]),
+    raw = math.nan
+    if "baseline_accuracy" in r and "semsam_accuracy" in r:
+        raw = 100 * {"baseline": r["baseline_accuracy"], "semsam": r["semsam_accuracy"],
+                     "effect": r["semsam_accuracy"] - r["baseline_accuracy"]}[part]
+    return {"estimate": est, "lo": lo, "hi": hi, "raw": raw,
+            "n_questions": int(r["n_questions"]),
             "status": _status(c.kind, c.paper, est, lo, hi),
             "note": f"{r['model']}, same questions and trials in both arms"}
 
@@ -392,10 +397,13 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
 
     un = tables["unparseable"]
     out["unparseable"] = (pd.DataFrame({
-        "model": un["model"], "arm": un["arm"], "responses": un["n_responses"],
+        "model": un["model"], "arm": un["arm"], "answers": un["n_responses"],
         "unparseable": [_pct(100 * v) for v in un["unparseable_rate"]],
-        "ambiguous": [_pct(100 * v) for v in un["ambiguous_rate"]]}),
-        "Answers the parser could not read (%), per model and arm; scored as wrong.")
+        "ambiguous": [_pct(100 * v) for v in un["ambiguous_rate"]],
+        "not answered": un["n_not_answered"] if "n_not_answered" in un else 0}),
+        "Answers the parser could not read or found contradictory (% of answers; scored as "
+        "wrong), and records without an answer (missing input, out of memory; not scored), "
+        "per model and arm.")
 
     fe = tables.get("factor_effects")
     if fe is not None and not fe.empty:

@@ -649,7 +649,8 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
     DataFrame, one row per model answered in both arms: ``model, n_questions, n_trials,
     baseline_mu, baseline_sigma, baseline_lo, baseline_hi, semsam_mu, ..., effect_mu,
     effect_sigma, effect_lo, effect_hi, paired_mu, paired_sigma, paired_lo, paired_hi``
-    (fractions), ``n_fixed`` (trials baseline got wrong and SemSam right), ``n_broken``
+    (fractions), ``baseline_accuracy, semsam_accuracy`` (plain means of the shared
+    trials), ``n_fixed`` (trials baseline got wrong and SemSam right), ``n_broken``
     (the reverse) and ``credible_level``.
     """
     from scorio.eval.utils import normal_credible_interval
@@ -679,13 +680,14 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
                      "semsam_lo": s_lo, "semsam_hi": s_hi, "effect_mu": e_mu,
                      "effect_sigma": e_sigma, "effect_lo": e_lo, "effect_hi": e_hi,
                      "paired_mu": p_mu, "paired_sigma": p_sigma, "paired_lo": p_lo,
-                     "paired_hi": p_hi, "n_fixed": int((R == 1).sum()),
+                     "paired_hi": p_hi, "baseline_accuracy": float((R // 2).mean()),
+                     "semsam_accuracy": float((R % 2).mean()), "n_fixed": int((R == 1).sum()),
                      "n_broken": int((R == 2).sum()), "credible_level": level})
     columns = ["model", "n_questions", "n_trials", "baseline_mu", "baseline_sigma",
                "baseline_lo", "baseline_hi", "semsam_mu", "semsam_sigma", "semsam_lo",
                "semsam_hi", "effect_mu", "effect_sigma", "effect_lo", "effect_hi", "paired_mu",
-               "paired_sigma", "paired_lo", "paired_hi", "n_fixed", "n_broken",
-               "credible_level"]
+               "paired_sigma", "paired_lo", "paired_hi", "baseline_accuracy",
+               "semsam_accuracy", "n_fixed", "n_broken", "credible_level"]
     return pd.DataFrame(rows, columns=columns)
 
 

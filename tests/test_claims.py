@@ -117,9 +117,11 @@ def test_semsam_claim_reads_the_matching_model_of_the_paired_effect():
                            "baseline_hi": [0.42, 0.55], "semsam_mu": [0.5, 0.66],
                            "semsam_lo": [0.48, 0.64], "semsam_hi": [0.52, 0.68],
                            "effect_mu": [0.1, 0.13], "effect_lo": [0.07, 0.10],
-                           "effect_hi": [0.13, 0.16]})
+                           "effect_hi": [0.13, 0.16], "baseline_accuracy": [0.4, 0.52],
+                           "semsam_accuracy": [0.5, 0.68]})
     table = C.evaluate_claims(_scored([({"family": "plane"}, 0.5)], n_questions=5), effect)
     assert _row(table, "semsam_gain")["estimate"] == pytest.approx(13.0)
+    assert _row(table, "semsam_gain")["raw"] == pytest.approx(16.0)
     assert _row(table, "semsam_gain")["status"] == "reproduced"
     assert _row(table, "semsam_baseline")["status"] == "reproduced"  # 53.4 in [51, 55]
     assert "32B" in _row(table, "semsam_with")["note"]
