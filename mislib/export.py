@@ -27,6 +27,7 @@ import base64
 import csv
 import json
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -285,11 +286,14 @@ def check_export(root: str | os.PathLike | None = None) -> dict[str, Any]:
     files = sorted(str(p) for p in (out["hf"] / "data").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no exported parquet files under {out['hf']}; run the export")
-    ds = datasets.load_dataset("parquet", data_files=files, split="train",
-                               cache_dir=str(out["dir"] / ".hf-cache"))
-    assert len(ds) == len(questions), f"HF export has {len(ds)} rows, questions {len(questions)}"
-    raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column(
-        "frames", datasets.List(datasets.Image(decode=False)))
+    # A throw-away cache: the check must read the files, not an earlier load of them.
+    with tempfile.TemporaryDirectory(prefix="mis-ground-export-check-") as cache:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+        raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column(
+            "frames", datasets.List(datasets.Image(decode=False)))
+        hf_rows = raw.to_list()
+    assert len(hf_rows) == len(questions), \
+        f"HF export has {len(hf_rows)} rows, questions {len(questions)}"
     read = lambda p: pd.read_csv(p, sep="\t", keep_default_na=False, dtype=str)  # noqa: E731
     tsv_img, tsv_text = read(out["tsv"]), read(out["tsv_text"])
     imgs = dict(zip(tsv_img["index"], _tsv_images(tsv_img), strict=True))
@@ -301,7 +305,7 @@ def check_export(root: str | os.PathLike | None = None) -> dict[str, Any]:
     tsv_imgs = [imgs.get(idx, []) for idx in tsv["index"]]
     images = _ImageCache(paths.benchmark, size=256)
     n_images = n_frames = 0
-    for i, (q, hf) in enumerate(zip(questions.to_dict("records"), raw, strict=True)):
+    for i, (q, hf) in enumerate(zip(questions.to_dict("records"), hf_rows, strict=True)):
         for col in ("question_id", "text", "answer", "family", "form"):
             assert hf[col] == q[col], f"HF row {i}: {col} {hf[col]!r} != {q[col]!r}"
         assert hf["choices"] == [str(c) for c in q["choices"]], f"HF row {i}: choices differ"
@@ -316,5 +320,5 @@ def check_export(root: str | os.PathLike | None = None) -> dict[str, Any]:
         assert tsv_imgs[i] == expected, f"TSV row {i} ({q['question_id']}): image bytes differ"
         n_images += int(bool(expected)) if q["dims"] == "2d" else 0
         n_frames += len(expected) if q["dims"] == "3d" else 0
-    return {"rows": len(ds), "rows_with_image": n_images, "stack_frames": n_frames,
+    return {"rows": len(hf_rows), "rows_with_image": n_images, "stack_frames": n_frames,
             "hf_files": len(files), "tsv_rows": len(tsv_img), "tsv_text_rows": len(tsv_text)}

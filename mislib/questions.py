@@ -106,8 +106,9 @@ OPPOSITE_TERM = {"superior": "inferior", "inferior": "superior", "anterior": "po
 #: Options of an open relation question, in a fixed order per term pair.
 TERM_PAIRS = (("superior", "inferior"), ("anterior", "posterior"), ("left", "right"),
               ("medial", "lateral"), ("above", "below"), ("earlier", "later"))
-SOURCE_DESCRIPTIONS = {"brain_atlas": "brain MRI", "totalsegmentator": "torso CT",
-                       "knee_mri": "knee MRI"}
+#: Prompt wording of a scan, by the start of its source name (phantoms included).
+SOURCE_DESCRIPTIONS = {"brain": "brain MRI", "totalsegmentator": "torso CT",
+                       "torso": "torso CT", "knee": "knee MRI"}
 
 
 class GroundTruthMismatch(ValueError):
@@ -230,13 +231,24 @@ def _frame_hint(terminology: str, dims: str) -> str:
 
 
 def _volume_description(source: str, modality: str, laterality: str | None) -> str:
-    desc = SOURCE_DESCRIPTIONS.get(source, "medical scan")
-    if source == "knee_mri" and laterality in ("left", "right"):
-        desc = f"{laterality}-knee MRI"  # medial/lateral need the side
+    """What the scan shows, for the prompt: ``brain MRI``, ``torso CT``, ``right-knee MRI``.
+
+    Matched on the source name's stem, so the demo phantoms (``torso_ct_phantom``,
+    ``knee_mri_phantom``) read like the datasets they imitate.
+    """
+    stem = str(source).lower()
+    side = f"{laterality}-" if laterality in ("left", "right") else ""
+    desc = next((d for key, d in SOURCE_DESCRIPTIONS.items() if stem.startswith(key)),
+                f"{modality} scan")
+    if side:  # medial/lateral are only answerable when the limb's side is known
+        desc = f"{side}knee MRI" if stem.startswith("knee") else f"{side}limb {desc}"
     return desc
 
 
 def _article(word: str) -> str:
+    """``a`` or ``an`` by sound: acronyms such as MRI (em-) or X-ray (ex-) take ``an``."""
+    if word[:2].isupper():
+        return "an" if word[0] in "AEFHILMNORSX" else "a"
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
@@ -247,15 +259,17 @@ def _context(ablation: str, dims: str, desc: str, plane: str, terminology: str |
             view = (" shown as a video in the standard radiological frame order" if dims == "3d"
                     else " shown in the standard radiological display")
         shape = "series of slices" if dims == "3d" else "slice"
-        return f"Consider {_article(plane)} {plane} {shape} of a {desc}{view}."
+        return f"Consider {_article(plane)} {plane} {shape} of {_article(desc)} {desc}{view}."
     if ablation == "blank":
         if dims == "3d":
-            return ("The video shows the labelled outlines of structures, slice by slice, "
-                    f"from a {desc} on an empty background.")
-        return f"The image shows labelled structures from a {desc} on an empty background."
+            return ("The video shows labelled structures, slice by slice, from "
+                    f"{_article(desc)} {desc} on an empty background.")
+        return (f"The image shows labelled structures from {_article(desc)} {desc} on an "
+                "empty background.")
     if dims == "3d":
-        return f"The video shows consecutive slices of a {desc}; structures are labelled."
-    return f"The image is a slice of a {desc} with labelled structures."
+        return (f"The video shows consecutive slices of {_article(desc)} {desc}; structures "
+                "are labelled.")
+    return f"The image is a slice of {_article(desc)} {desc} with labelled structures."
 
 
 # ----------------------------------------------------------------------------------------

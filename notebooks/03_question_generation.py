@@ -70,6 +70,7 @@ overrides = dict(margin_mm=margin_mm, families=families, forms=forms,
                  plane_cells_per_unit=plane_cells_per_unit)
 params = stage_params(profile, "questions", **overrides)
 paths = project_paths()
+paths.figures.mkdir(parents=True, exist_ok=True)
 {k: v for k, v in params.items() if k != "profile"}
 
 # %% [markdown]
@@ -110,11 +111,11 @@ questions.groupby(["source", "modality", "family"]).size().unstack("family", fil
 #
 # Rows: family, ablation and display convention (`—` where the factor does not apply:
 # text-only questions have no display, plane questions no terminology). Columns:
-# terminology × form. Every relation appears in all three forms, so the three form columns
-# of a terminology are equal.
+# terminology. Every relation is asked in all three forms, so each count is a multiple of 3.
 
 # %%
-qgen.factor_counts(questions)
+qgen.factor_counts(questions, rows=("family", "ablation", "convention"),
+                   columns=("terminology",))
 
 # %%
 qgen.factor_counts(questions, rows=("family", "dims", "prompt"), columns=("modality",))
@@ -176,14 +177,17 @@ print(f"smallest separation asked: {rel.separation_mm.min():.1f} mm")
 # One question per family and form, with the rendered image it refers to.
 
 # %%
-examples = (questions[questions.ablation != "text_only"]
+with_image = questions[questions.ablation != "text_only"]
+scan = with_image[with_image.ablation == "none"]
+examples = ((scan if len(scan) else with_image)
             .groupby(["family", "form"], sort=True).head(1).reset_index(drop=True))
 fig, axes = plt.subplots(1, min(3, len(examples)), figsize=(12, 4.2))
 for ax, row in zip(axes, examples[examples.form == "open"].itertuples(), strict=False):
     path = paths.benchmark / row.image_path
     frame = path / f"frame_{row.n_frames // 2:03d}.png" if path.is_dir() else path
     ax.imshow(Image.open(frame))
-    ax.set_title(f"{row.family}, {row.terminology or 'plane'}, {row.convention}\n"
+    terms = "plane name" if pd.isna(row.terminology) else row.terminology
+    ax.set_title(f"{row.family}, {terms}, {row.convention}, {row.prompt}\n"
                  f"answer: {row.answer}", fontsize=9)
     ax.axis("off")
 fig.tight_layout()
