@@ -16,7 +16,9 @@ The rule, in order:
    ``<answer>…</answer>``, drop markdown emphasis.
 2. Find the **last declared answer**: ``Answer: …`` (also ``Final answer -``,
    ``Réponse :``, ``答案：``) up to the end of its line (or the next line when the
-   marker ends its line), or ``the answer is …`` up to the end of its sentence.
+   marker ends its line), or ``the answer is …`` up to the end of its sentence. A
+   declaration quoted inside a sentence is an echoed instruction ("end with a line
+   'Answer: True' or 'Answer: False'"), not an answer.
    Without any declaration, the last line that names a valid option is read instead
    (letters are never read outside a declaration, except an output that is nothing but
    one upper-case letter, such as ``(B)`` or ``Option C.``).
@@ -259,10 +261,25 @@ def _normalise_text(text: Any) -> str:
     return text.replace("_", " ")
 
 
+_QUOTES = "'\"‘“«「『"
+
+
+def _quoted_in_sentence(text: str, start: int) -> bool:
+    """True for a declaration quoted inside a sentence, as in an echoed instruction
+    ("End your reply with a line 'Answer: True' or 'Answer: False'."): an example of the
+    format, not an answer."""
+    if start == 0 or text[start - 1] not in _QUOTES:
+        return False
+    line_start = text.rfind("\n", 0, start) + 1
+    return re.search(r"\w", text[line_start:start - 1]) is not None
+
+
 def _last_declared_segment(text: str) -> str | None:
     """The text of the last answer declaration, or None when there is none."""
     candidates = []
     for m in _DECL_COLON.finditer(text):
+        if _quoted_in_sentence(text, m.start()):
+            continue
         rest = text[m.end():]
         line, _, after = rest.partition("\n")
         if not re.search(r"\w", line):

@@ -135,6 +135,14 @@ CASES = [
     (LETTERS, "A structure is visible near the top.", None, "unparseable"),
     (LETTERS, "Answer: A structure", None, "unparseable"),
     (LETTERS, "Final answer: D", None, "unparseable"),
+    # an echoed instruction quotes the answer format: an example, not an answer
+    (CLOSED, "Is it true? End your reply with a line 'Answer: True' or 'Answer: False'.",
+     None, "ambiguous"),
+    (ANATOMICAL, "Options: superior, inferior.\nEnd your reply with a line 'Answer: <option>' "
+     "naming one option.", None, "ambiguous"),
+    (CLOSED, "End your reply with a line 'Answer: True' or 'Answer: False'.\n\nFalse",
+     "False", "ok"),
+    (ANATOMICAL, "'Answer: superior'", "superior", "ok"),
     # empty and very long output
     (ANATOMICAL, "", None, "unparseable"),
     (ANATOMICAL, "   \n\t ", None, "unparseable"),
