@@ -450,3 +450,34 @@ def test_real_atlas_questions_are_written_balanced_and_exportable(brain):
     export("demo", root=brain)
     summary = check_export(brain)
     assert summary["rows"] == len(q) and summary["stack_frames"] > 0
+
+
+def test_knee_phantoms_ask_medial_lateral_by_the_limb_side(tmp_path_factory):
+    """On both a right and a left knee the fibula and lateral meniscus lie lateral and the
+    medial meniscus medial to the other structures: the limb side turns R/L into M/L."""
+    from mislib.questions import load_inputs
+    from mislib.render import render_benchmark
+    from mislib.volumes import prepare
+
+    root = tmp_path_factory.mktemp("knee")
+    prepare(profile="demo", root=root, sources=["knee_mri_phantom"], workers=1)
+    render_benchmark(profile="demo", root=root, prompts=["mask"], backgrounds=["scan"],
+                     workers=1)
+    renders, volumes, components = load_inputs(root)
+    assert set(volumes["laterality"]) == {"left", "right"}
+    q = build_questions(renders, volumes, components,
+                        _params(max_pairs_per_unit=0, cells_per_relation="all"), progress=False)
+    knee = q[(q.axis == "R/L") & (q.terminology == "anatomical") & (q.form == "open")]
+    assert set(knee["answer"]) == {"medial", "lateral"}
+    lateral, medial = {"fibula", "lateral_meniscus"}, {"medial_meniscus"}
+    checked = set()
+    for row in knee.itertuples():
+        for mine, other, flip in ((row.component_a, row.component_b, False),
+                                  (row.component_b, row.component_a, True)):
+            if mine in lateral | medial and other not in lateral | medial:
+                expected = "lateral" if mine in lateral else "medial"
+                if flip:
+                    expected = {"lateral": "medial", "medial": "lateral"}[expected]
+                assert row.answer == expected, (row.volume_id, row.component_a, row.component_b)
+                checked.add(row.volume_id)
+    assert checked == set(volumes["volume_id"])
