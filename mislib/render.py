@@ -104,6 +104,13 @@ class Volume:
     affine: np.ndarray
     names: dict[int, str]
     window: tuple[float, float] | None = None
+    _centroids: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def centroid(self, label: int) -> np.ndarray:
+        """World centroid (3,) in mm of a label's voxels (cached: stacks reuse it)."""
+        if label not in self._centroids:
+            self._centroids[label] = centroid_mm(self.labels == label, self.affine)
+        return self._centroids[label]
 
     @property
     def spacing(self) -> np.ndarray:
@@ -689,7 +696,7 @@ def _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid, lett
               dims="3d", convention=convention)
         return []
     greys = [apply_window(resample_image(disp_img[f], grid), window) for f in frames]
-    centroid3d = {c: centroid_mm(volume.labels == name_to_label[c], volume.affine) for c in seen}
+    centroid3d = {c: volume.centroid(name_to_label[c]) for c in seen}
     renders = []
     for prompt in opts.prompts:
         for background in opts.backgrounds:
