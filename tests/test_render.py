@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from mislib import render
 from mislib.geometry import CONVENTIONS, PLANES, screen_mapping, screen_offset
@@ -331,8 +332,6 @@ def test_every_image_file_exists_with_the_declared_size(rendered, synth_root):
         else:
             files = sorted((bench / row.image_path).glob("frame_*.png"))
             assert len(files) == row.n_frames == FRAMES
-        from PIL import Image
-
         with Image.open(files[0]) as img:
             assert img.size == (row.width, row.height) == (SIZE, SIZE)
 
