@@ -283,7 +283,7 @@ def _require(df: pd.DataFrame, columns: Iterable[str], name: str) -> None:
 
 
 def _check_values(df: pd.DataFrame, column: str, allowed: Sequence[str], name: str) -> None:
-    bad = sorted(set(df[column].dropna().astype(str)) - set(allowed))
+    bad = sorted({str(v) for v in df[column].dropna().unique()} - set(allowed))
     if bad:
         raise ValueError(f"{name}: column {column!r} has unknown values {bad}; "
                          f"expected {list(allowed)}")
@@ -317,7 +317,7 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     out: dict[str, _Render] = {}
     r = renders.sort_values(["render_id", "component"], kind="stable")
     # Plain Python lists: iterating Arrow-backed columns row by row is several times slower.
-    c = {k: r[k].astype(object).tolist() for k in RENDER_COLUMNS if k not in
+    c = {k: r[k].to_numpy(dtype=object).tolist() for k in RENDER_COLUMNS if k not in
          ("visible_x", "visible_y", "visible_z", "centroid_col", "centroid_row")}
     xyz = r[["visible_x", "visible_y", "visible_z"]].to_numpy(float)
     col = r["centroid_col"].to_numpy(float)
@@ -359,10 +359,16 @@ def _pick_least_used(options: Sequence, usage: Mapping, k: int | None, seed: Any
     ``usage`` maps an option to a sortable count (a number, or a tuple of counts compared
     in order).
     """
-    if k is None:
+    if k is None or k >= len(options):
         return list(options)
-    ranked = sorted(options, key=lambda o: (usage[o], stable_hash(seed, o)))
-    return ranked[:k]
+    chosen: list = []
+    for level in sorted({usage[o] for o in options}):
+        tier = [o for o in options if usage[o] == level]
+        if len(chosen) + len(tier) > k:  # hash only where the counts tie
+            tier.sort(key=lambda o: stable_hash(seed, o))
+            return chosen + tier[:k - len(chosen)]
+        chosen += tier
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,10 +485,11 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
             chosen = []
             remaining = list(candidates)
             while remaining and (max_pairs is None or len(chosen) < max_pairs):
-                best = min(remaining, key=lambda pc: (
-                    comp_usage[pc[0][0]] + comp_usage[pc[0][1]],
-                    max(comp_usage[pc[0][0]], comp_usage[pc[0][1]]),
-                    stable_hash(seed, ukey, pc[0])))
+                usage = {pc[0]: (comp_usage[pc[0][0]] + comp_usage[pc[0][1]],
+                                 max(comp_usage[pc[0][0]], comp_usage[pc[0][1]]))
+                         for pc in remaining}
+                pick = _pick_least_used([pc[0] for pc in remaining], usage, 1, (seed, ukey))[0]
+                best = next(pc for pc in remaining if pc[0] == pick)
                 remaining.remove(best)
                 chosen.append(best)
                 comp_usage.update(best[0])
@@ -769,14 +776,23 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
     return questions
 
 
-def export(profile: str = "demo", root: str | os.PathLike | None = None) -> dict[str, Any]:
+def export(profile: str = "demo", root: str | os.PathLike | None = None,
+           check: bool = True) -> dict[str, Any]:
     """Export ``questions.parquet`` as a HF ``datasets`` parquet dataset and a VLMEvalKit TSV.
 
-    See :func:`mislib.export.export_benchmark`.
+    What ``make export`` runs. Writes ``benchmark/export/`` (see :mod:`mislib.export`), then,
+    with ``check``, loads both exports back and compares every row and image with the
+    sources (:func:`mislib.export.check_export`; the result is under ``"check"``).
     """
-    from mislib.export import export_benchmark
+    from mislib.export import check_export, export_benchmark
 
-    return export_benchmark(profile=profile, root=root)
+    info = export_benchmark(profile=profile, root=root)
+    if check:
+        info["check"] = check_export(root)
+    # `make export` shows this line; the notebook shows it under its export cell.
+    print(f"exported {info['rows']} questions ({info['bytes'] / 1e6:.1f} MB) to "
+          f"{info['tsv'].parent}" + (f"; check passed: {info['check']}" if check else ""))
+    return info
 
 
 # ----------------------------------------------------------------------------------------

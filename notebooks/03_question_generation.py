@@ -43,7 +43,6 @@ from PIL import Image
 
 from mislib import questions as qgen
 from mislib.config import stage_params
-from mislib.export import check_export
 from mislib.geometry import CONVENTIONS, PLANES, screen_mapping
 from mislib.paths import figure_path, project_paths
 
@@ -214,10 +213,7 @@ for row in text_only.itertuples():
 # %%
 if run_export:
     info = qgen.export(profile)
-    check = check_export()
-    print(f"exported {info['rows']} questions, {info['bytes'] / 1e6:.1f} MB: "
-          f"{[p.name for p in info['hf_files']]}, {info['tsv'].name}, {info['tsv_text'].name}")
-    print("check:", check)
+    print("files:", [p.name for p in info["hf_files"]], info["tsv"].name, info["tsv_text"].name)
 
 # %% [markdown]
 # ## Paper scale
