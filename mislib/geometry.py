@@ -194,8 +194,8 @@ def centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.affines.apply_affine(affine, ijk.mean(axis=0))
 
 
-def component_stats(labels: np.ndarray, affine: np.ndarray,
-                    names: dict[int, str]) -> pd.DataFrame:
+def component_stats(labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
+                    boxes: list | None = None) -> pd.DataFrame:
     """Per-structure size, world centroid and bounding box of an integer label map.
 
     Parameters
@@ -206,6 +206,8 @@ def component_stats(labels: np.ndarray, affine: np.ndarray,
         Voxel-to-world affine (RAS+ mm); must be axis-aligned.
     names : dict int -> str
         Label value -> structure name. Labels absent from the map are skipped.
+    boxes : list, optional
+        ``scipy.ndimage.find_objects(labels)``, when the caller already has it.
 
     Returns
     -------
@@ -221,7 +223,8 @@ def component_stats(labels: np.ndarray, affine: np.ndarray,
         raise GeometryError("component_stats needs an axis-aligned affine")
     labels = np.asarray(labels)
     voxel_mm3 = float(np.prod(voxel_spacing(affine)))
-    boxes = ndimage.find_objects(labels)  # box of label v at index v - 1
+    if boxes is None:
+        boxes = ndimage.find_objects(labels)  # box of label v at index v - 1
     rows = []
     for value in sorted(names):
         if value <= 0 or value > len(boxes) or boxes[value - 1] is None:

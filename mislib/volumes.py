@@ -382,23 +382,46 @@ def ensure_demo_source(source: str, params: dict[str, Any],
 
 # ---- slices ------------------------------------------------------------------------------
 
-def visible_areas(labels: np.ndarray, spacing: np.ndarray, plane: str,
-                  n_labels: int) -> np.ndarray:
-    """Area (mm²) of every label on every slice of ``plane`` of a canonical label map.
+def visible_areas(labels: np.ndarray, spacing: np.ndarray, n_labels: int,
+                  boxes: list | None = None) -> dict[str, np.ndarray]:
+    """Area (mm²) of every label on every slice of each plane of a canonical label map.
 
-    Returns an array (n_slices, n_labels + 1): row = slice index along the plane's fixed
-    axis, column = label value (0 = background).
+    Parameters
+    ----------
+    labels : int array (X, Y, Z), canonical RAS+ (array axis = world axis)
+    spacing : array (3,), voxel size in mm
+    n_labels : largest label value
+    boxes : ``scipy.ndimage.find_objects(labels)`` if already computed
+
+    Returns
+    -------
+    dict plane -> array (n_slices, n_labels + 1)
+        Row = slice index along the plane's fixed axis, column = label value. Counted
+        inside each label's bounding box only, so the cost follows the structures' size,
+        not the field of view.
     """
-    fixed, (a, b) = geometry.plane_axes(plane)  # canonical RAS arrays: array axis = world axis
-    pixel_mm2 = float(spacing[a] * spacing[b])
-    # one contiguous copy with the slice axis first, then a histogram per slab
-    slabs = np.ascontiguousarray(np.moveaxis(labels, fixed, 0))
-    return np.stack([np.bincount(slab.ravel(), minlength=n_labels + 1)
-                     for slab in slabs]) * pixel_mm2
+    from scipy import ndimage
+
+    if boxes is None:
+        boxes = ndimage.find_objects(labels)
+    areas = {}
+    for plane in geometry.PLANES:
+        fixed, (a, b) = geometry.plane_axes(plane)
+        areas[plane] = np.zeros((labels.shape[fixed], n_labels + 1))
+    for value, box in enumerate(boxes, start=1):
+        if box is None or value > n_labels:
+            continue
+        inside = labels[box] == value
+        for plane, table in areas.items():
+            fixed, (a, b) = geometry.plane_axes(plane)
+            per_slice = inside.sum(axis=(a, b))
+            table[box[fixed], value] = per_slice * float(spacing[a] * spacing[b])
+    return areas
 
 
 def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str], n: int,
-                  min_area_mm2: float, seed: int) -> list[dict[str, Any]]:
+                  min_area_mm2: float, seed: int, boxes: list | None = None
+                  ) -> list[dict[str, Any]]:
     """Choose ``n`` slices across the three planes that show the most distinct structures.
 
     Planes take turns in an order drawn from ``seed``; in each, the slice with the most
@@ -413,11 +436,9 @@ def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
     rng = np.random.default_rng(seed)
     spacing = geometry.voxel_spacing(affine)
     n_labels = int(labels.max())
-    visible = {}
-    for plane in geometry.PLANES:
-        areas = visible_areas(labels, spacing, plane, n_labels)[:, 1:] >= min_area_mm2
-        named = np.array([v in names for v in range(1, n_labels + 1)])
-        visible[plane] = areas & named
+    named = np.array([v in names for v in range(1, n_labels + 1)])
+    visible = {plane: (areas[:, 1:] >= min_area_mm2) & named
+               for plane, areas in visible_areas(labels, spacing, n_labels, boxes).items()}
     order = [geometry.PLANES[i] for i in rng.permutation(3)]
     chosen: list[dict[str, Any]] = []
     for attempt in range(3 * n):
@@ -461,6 +482,7 @@ def prepare_case(case: Case, out_dir: str | os.PathLike, params: dict[str, Any])
     ``rejected`` rows, whose reason names the file.
     """
     import nibabel as nib
+    from scipy import ndimage
 
     out = Prepared()
     try:
@@ -482,13 +504,14 @@ def prepare_case(case: Case, out_dir: str | os.PathLike, params: dict[str, Any])
     label_data = np.asanyarray(labels.dataobj).astype(np.int16)
     nib.save(nib.Nifti1Image(label_data, labels.affine), folder / "labels.nii.gz")
 
-    comps = geometry.component_stats(label_data, labels.affine, names)
+    boxes = ndimage.find_objects(label_data)  # shared by the two passes below
+    comps = geometry.component_stats(label_data, labels.affine, names, boxes=boxes)
     comps.insert(0, "volume_id", vid)
     comps.insert(1, "source", case.source)
     comps.insert(2, "modality", case.modality)
     seed = int(params["seed"]) + zlib.crc32(vid.encode())
     slices = select_slices(label_data, labels.affine, names, int(params["slices_per_volume"]),
-                           float(params["min_component_area_mm2"]), seed)
+                           float(params["min_component_area_mm2"]), seed, boxes)
     out.slices = pd.DataFrame(
         [{"slice_id": f"{vid}-{s['plane']}-{s['index']:04d}", "volume_id": vid, **s}
          for s in slices], columns=list(SLICE_COLUMNS))

@@ -321,3 +321,15 @@ def test_label_table_errors_name_the_file(tmp_path):
 def test_demo_marker_makes_phantoms_reusable(demo_root):
     marker = demo_root / "data" / "raw" / "demo" / "totalsegmentator" / ".demo.json"
     assert json.loads(marker.read_text())["spec"]["source"] == "torso_ct_phantom"
+
+
+def test_visible_areas_equal_a_full_histogram_of_every_slice():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, size=(9, 7, 5)).astype(np.int16)
+    spacing = np.array([0.5, 2.0, 3.0])
+    areas = volumes.visible_areas(labels, spacing, int(labels.max()))
+    for plane in geometry.PLANES:
+        fixed, (a, b) = geometry.plane_axes(plane)
+        brute = np.stack([np.bincount(labels.take(i, axis=fixed).ravel(), minlength=5)
+                          for i in range(labels.shape[fixed])]) * spacing[a] * spacing[b]
+        np.testing.assert_allclose(areas[plane][:, 1:], brute[:, 1:])
