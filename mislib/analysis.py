@@ -118,6 +118,7 @@ LEVEL_ORDER: dict[str, tuple[str, ...]] = {
 OUTPUTS = ("factor_effects.parquet", "factor_sd.parquet", "contrasts.parquet", "ppc.parquet",
            "factor_diagnostics.json", "factor_posterior.zarr")
 RHAT_MAX = 1.01
+DIAG_LEVELS = 500  # random intercepts per group whose R-hat and ESS are checked
 
 
 # ------------------------------------------------------------------------------------------
@@ -366,12 +367,24 @@ def build_model(data: FactorData, centred: str | Sequence[str] = "auto",
         u_total = pt.zeros(n_q)
         for g, gcodes in data.group_codes.items():
             sd = pm.HalfNormal(f"sd_{g}", group_sd_scale)
+            # Sum-to-zero intercepts: their mean would otherwise trade off against the
+            # global intercept, a ridge that leaves the intercept mixing slowly.
             if g in centred:
-                u = pm.Normal(f"u_{g}", 0.0, sd, dims=g)
+                u = pm.ZeroSumNormal(f"u_{g}", sigma=sd, dims=g)
             else:
-                u = sd * pm.Normal(f"z_{g}", 0.0, 1.0, dims=g)
+                u = sd * pm.ZeroSumNormal(f"z_{g}", sigma=1.0, dims=g)
             u_total = u_total + (u if g == "question" else u[gcodes])
-        eta = eta_pattern[pattern_of_row] + u_total[data.question_index]
+        eta_rows = eta_pattern[pattern_of_row]
+        n_blocks, rem = divmod(len(data.obs), n_q)
+        if rem == 0 and np.array_equal(data.question_index,
+                                       np.tile(np.arange(n_q), n_blocks)):
+            # Every (model, arm) answered every question (the paired design): add the
+            # question intercepts by broadcasting over a [block, question] grid, whose
+            # gradient is a sum, instead of gathering and scattering per row.
+            eta = eta_rows.reshape((n_blocks, n_q)) + u_total[None, :]
+            k, n = k.reshape(n_blocks, n_q), n.reshape(n_blocks, n_q)
+        else:
+            eta = eta_rows + u_total[data.question_index]
         # The binomial log-likelihood without its constant binomial coefficient.
         pm.Potential("correct", pt.sum(k * eta - n * pt.softplus(eta)))
     return model
@@ -612,7 +625,8 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
                      draws: int = 500, tune: int = 500, chains: int = 2,
                      cores: int | None = None, seed: int = 0, prior_sd: float = 1.0,
                      interaction_sd: float = 0.5, contrast_draws: int = 1000,
-                     ppc_draws: int = 200, progress: bool = True) -> FactorFit:
+                     ppc_draws: int = 200, adaptation: str = "diag",
+                     progress: bool = True) -> FactorFit:
     """Fit the hierarchical factor model to scored trials with nutpie.
 
     Parameters
@@ -626,6 +640,7 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
     seed : sampler and predictive-check seed.
     prior_sd, interaction_sd : prior scales of main effects and interactions (logit).
     contrast_draws, ppc_draws : posterior draws used for contrasts and the predictive check.
+    adaptation : nutpie's mass-matrix adaptation (``"diag"`` or ``"low_rank"``).
     progress : show nutpie's progress bar.
 
     Returns
@@ -644,7 +659,8 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
     t_compile = time.perf_counter()
     cores = cores or min(chains, os.cpu_count() or 1)
     trace = nutpie.sample(compiled, draws=draws, tune=tune, chains=chains, cores=cores,
-                          seed=seed, progress_bar=progress, save_warmup=False)
+                          seed=seed, progress_bar=progress, save_warmup=False,
+                          adaptation=adaptation)
     t_sample = time.perf_counter()
 
     post = trace.posterior
@@ -653,12 +669,16 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
     sd_names = [f"sd_{g}" for g in data.group_codes]
     sd_arr = np.stack([np.asarray(post[v].values) for v in sd_names], axis=-1)
     sds = _summarise(sd_arr, *_diag(sd_arr), [f"sd[{g}]" for g in data.group_codes])
-    # R-hat and ESS of every random intercept too (then drop the per-question ones).
+    # R-hat and ESS of the random intercepts too, on up to DIAG_LEVELS evenly spaced
+    # levels per group: ArviZ takes them one at a time (~1 ms each) and a paper-scale run
+    # has 3.7e4 of them.
     re_rhat, re_ess = [], []
     for g in data.group_codes:
         name = f"u_{g}" if f"u_{g}" in post else f"z_{g}"
         arr = np.asarray(post[name].values)
-        r, e, _ = _diag(arr.reshape(*arr.shape[:2], -1))
+        arr = arr.reshape(*arr.shape[:2], -1)
+        pick = np.unique(np.linspace(0, arr.shape[-1] - 1, DIAG_LEVELS).astype(int))
+        r, e, _ = _diag(arr[..., pick])
         re_rhat.append(np.nanmax(r))
         re_ess.append(np.nanmin(e))
     stats = trace.sample_stats
@@ -681,6 +701,7 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         "interactions": [f"{a}:{b}" for a, b in data.interactions],
         "dropped": data.dropped, "centred": resolve_centred(data, centred),
         "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
+        "adaptation": adaptation, "diag_levels_per_group": DIAG_LEVELS,
         "divergences": int(diverging.sum()),
         "max_r_hat_fixed": float(np.nanmax(effects["r_hat"])),
         "max_r_hat": float(np.nanmax(all_rhat)),
@@ -737,19 +758,23 @@ def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
 
 
 def _score_results(paths) -> pd.DataFrame:
-    """Score every ``results/*/responses.parquet`` with stage 06's scorer."""
+    """Score every ``results/*/responses.parquet`` with stage 06's parser (nothing written)."""
     from mislib import scoring
 
     files = sorted(paths.results.glob("*/responses.parquet"))
-    if not files:
+    qpath = paths.benchmark / "questions.parquet"
+    if not files or not qpath.is_file():
         raise FileNotFoundError(
             f"nothing to analyse: no {paths.analysis / 'scored.parquet'} (stage 06) and no "
-            f"{paths.results}/*/responses.parquet (stage 04); run notebooks 04 and 06 first")
-    for name in ("score_responses", "score_table"):
-        if hasattr(scoring, name):
-            return getattr(scoring, name)(root=paths.root)
-    raise FileNotFoundError(f"no {paths.analysis / 'scored.parquet'}: run notebook 06_scoring "
-                            "first")
+            f"{paths.results}/*/responses.parquet with {qpath} (stages 03-04); run notebooks "
+            "04 and 06 first")
+    log.warning("no %s: scoring %d run(s) under %s with mislib.scoring",
+                paths.analysis / "scored.parquet", len(files), paths.results)
+    rescored = scoring.rescore(scoring.load_responses(files), pd.read_parquet(qpath))
+    # As stage 06 does: only records the model answered are scored.
+    if "answered" in rescored:
+        rescored = rescored[rescored["answered"]].reset_index(drop=True)
+    return rescored
 
 
 def _file_digest(path: Path) -> str:
@@ -920,4 +945,25 @@ def plot_diagnostics(effects: pd.DataFrame, sds: pd.DataFrame, axes=None):
     axes[1].set_xlabel("bulk ESS")
     for ax in axes:
         ax.set_ylabel("parameters")
+    return axes
+
+
+def plot_traces(posterior, names: Sequence[str] | None = None, axes=None):
+    """Per-chain traces of scalar parameters (default: the intercept and the SDs)."""
+    import matplotlib.pyplot as plt
+
+    post = posterior["posterior"] if "posterior" in posterior.children else posterior
+    if names is None:
+        names = ["Intercept", *sorted(v for v in post.data_vars if str(v).startswith("sd_"))]
+    if axes is None:
+        _, axes = plt.subplots(len(names), 1, figsize=(8, 1.3 * len(names) + 0.4),
+                               sharex=True, squeeze=False)
+        axes = axes[:, 0]
+    for ax, name in zip(axes, names, strict=True):
+        values = np.asarray(post[name].values)
+        for chain in range(values.shape[0]):
+            ax.plot(values[chain], lw=0.5, alpha=0.8, label=f"chain {chain}")
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1].set_xlabel("draw (after warm-up)")
+    axes[0].legend(fontsize=7, ncol=4, loc="upper right")
     return axes

@@ -1,0 +1,237 @@
+"""mislib.analysis: data coding, the factor model's recovery of known effects, the stage files.
+
+One model is compiled and sampled for the whole module (``fitted``): a simulated study of
+600 questions x 2 models x 2 arms x 5 trials written in the stage-04 layout, analysed by
+:func:`run_factor_analysis` exactly as notebook 07 does.
+"""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mislib.analysis import (
+    FactorData,
+    load_scored,
+    prepare_factor_data,
+    resolve_centred,
+    run_factor_analysis,
+    stamp_params,
+    structure_pair,
+)
+from mislib.paths import project_paths
+from mislib.simulate import scored_table, simulate_study, write_study
+
+MODELS = ("sim-vlm-a", "sim-vlm-b")
+TERM_RE = re.compile(r"^(Intercept|\w+\[[^\]]+\](:\w+\[[^\]]+\])?)$")
+# Share of true effects that must lie inside their 95 % intervals. Nominal is 0.95; with
+# about 50 correlated effects the rate of one fit scatters, so the bar is set lower.
+MIN_COVERAGE = 0.85
+
+
+@pytest.fixture(scope="module")
+def study():
+    return simulate_study(n_questions=600, n_trials=5, models=MODELS, seed=11)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, study):
+    root = tmp_path_factory.mktemp("fa")
+    write_study(study, root=root, scored=True)
+    result = run_factor_analysis("demo", root=root, progress=False, draws=400, tune=400,
+                                 chains=2)
+    return root, result
+
+
+# ---- coding the data (no sampling) ---------------------------------------------------------
+def test_counts_aggregate_trials_per_model_arm_question(study):
+    scored = scored_table(study)
+    data = prepare_factor_data(scored)
+    assert len(data.obs) == scored[["model", "arm", "question_id"]].drop_duplicates().shape[0]
+    assert int(data.obs["n"].sum()) == len(scored)
+    assert int(data.obs["k"].sum()) == int(scored["correct"].sum())
+    one = data.obs.iloc[7]
+    rows = scored[(scored["model"] == one["model"]) & (scored["arm"] == one["arm"])
+                  & (scored["question_id"] == one["question_id"])]
+    assert (one["n"], one["k"]) == (len(rows), rows["correct"].sum())
+
+
+def test_codes_are_minus_one_where_a_factor_does_not_apply(study):
+    data = prepare_factor_data(scored_table(study))
+    text_only = (data.obs["ablation"] == "text_only").to_numpy()
+    assert (data.codes["prompt"][text_only] == -1).all()
+    assert (data.codes["prompt"][~text_only] >= 0).all()
+    plane = (data.obs["family"] == "plane").to_numpy()
+    assert (data.codes["terminology"][plane] == -1).all()
+    assert data.levels["arm"] == ["baseline", "semsam"]
+    assert data.levels["dims"] == ["2d", "3d"]
+
+
+def test_single_level_factors_and_their_interactions_are_dropped(study):
+    scored = scored_table(study)
+    one_model = scored[scored["model"] == MODELS[0]]
+    data = prepare_factor_data(one_model)
+    assert "model" not in data.factors
+    assert ("arm", "model") not in data.interactions
+    assert "model" in data.dropped and "arm:model" in data.dropped
+
+
+def test_bad_input_is_named():
+    scored = scored_table(simulate_study(n_questions=80, n_trials=1, seed=2))
+    with pytest.raises(ValueError, match="convention"):
+        prepare_factor_data(scored.drop(columns="convention"))
+    broken = scored.copy()
+    broken["correct"] = broken["correct"].astype(object)
+    broken.loc[3, "correct"] = None
+    with pytest.raises(ValueError, match="'correct'"):
+        prepare_factor_data(broken)
+    mixed = scored.copy()
+    first = mixed["question_id"] == mixed["question_id"].iat[0]
+    mixed.loc[first.idxmax(), "plane"] = "axial" if mixed.loc[first.idxmax(), "plane"] != \
+        "axial" else "coronal"
+    with pytest.raises(ValueError, match="plane"):
+        prepare_factor_data(mixed)
+
+
+def test_structure_pair_ignores_order_and_keeps_single_structures():
+    a = pd.Series(["liver", "spleen", "femur"])
+    b = pd.Series(["spleen", "liver", None])
+    assert structure_pair(a, b).tolist() == ["liver|spleen", "liver|spleen", "femur"]
+
+
+def test_auto_centring_follows_trials_per_level(study):
+    data = prepare_factor_data(scored_table(study))
+    assert isinstance(data, FactorData)
+    total = data.obs["n"].sum()
+    per_level = {g: total / len(data.levels[g]) for g in data.group_codes}
+    assert per_level["question"] == 20  # 2 models x 2 arms x 5 trials
+    assert per_level["volume"] > 100
+    assert resolve_centred(data, "auto", min_trials=21) == [
+        g for g in data.group_codes if per_level[g] >= 21]
+    assert "question" not in resolve_centred(data, "auto", min_trials=21)
+    assert "question" in resolve_centred(data, "auto", min_trials=20)
+    assert resolve_centred(data, ["volume"]) == ["volume"]
+    with pytest.raises(ValueError, match="unknown group"):
+        resolve_centred(data, ["questions"])
+
+
+def test_load_scored_joins_question_columns(tmp_root, study):
+    write_study(study, root=tmp_root, scored=False)
+    paths = project_paths(tmp_root)
+    paths.analysis.mkdir(parents=True)
+    study.responses.to_parquet(paths.analysis / "scored.parquet")  # no factor columns
+    scored = load_scored(tmp_root)
+    assert len(scored) == len(study.responses)
+    assert scored["convention"].notna().any() and "volume_id" in scored
+
+
+def test_load_scored_scores_raw_results_when_stage06_has_not_run(tmp_root):
+    small = simulate_study(n_questions=40, n_trials=1, seed=4)
+    write_study(small, root=tmp_root, scored=False)
+    scored = load_scored(tmp_root)
+    assert len(scored) == len(small.responses)
+    merged = scored.merge(small.responses, on=["model", "arm", "question_id", "trial"],
+                          suffixes=("", "_sim"))
+    assert (merged["correct"] == merged["correct_sim"]).all()
+    assert not (project_paths(tmp_root).analysis / "scored.parquet").exists()
+
+
+def test_missing_inputs_raise_naming_the_stage(tmp_root):
+    with pytest.raises(FileNotFoundError, match="scored.parquet"):
+        load_scored(tmp_root)
+
+
+# ---- the fit ---------------------------------------------------------------------------------
+def test_recovery_95_intervals_cover_the_true_effects(fitted, study):
+    root, result = fitted
+    truth = study.truth.set_index("term")["value"]
+    est = result.effects.set_index("term").join(truth, how="inner")
+    assert len(est) == len(result.effects)  # every fitted term has a true value
+    inside = (est["lo95"] <= est["value"]) & (est["value"] <= est["hi95"])
+    print(f"recovery: {inside.sum()}/{len(est)} = {inside.mean():.1%} of true effects inside "
+          "their 95 % intervals")
+    assert inside.mean() >= MIN_COVERAGE, est[~inside]
+    # and the estimates track the truth, not just wide intervals
+    assert np.corrcoef(est["mean"], est["value"])[0, 1] > 0.9
+    assert (est["hi95"] - est["lo95"]).median() < 0.6
+    sds = result.sds.set_index("term")
+    for group, true_sd in study.sd.items():
+        row = sds.loc[f"sd[{group}]"]
+        assert row["lo95"] - 0.1 <= true_sd <= row["hi95"] + 0.1, (group, row)
+
+
+def test_sampler_diagnostics_are_clean(fitted):
+    _, result = fitted
+    diag = result.diagnostics
+    assert diag["divergences"] == 0
+    assert diag["max_r_hat_fixed"] <= 1.01
+    assert diag["max_r_hat"] <= 1.05
+    assert diag["min_ess_bulk_fixed"] > 100
+
+
+def test_factor_effects_file_has_the_contract_columns_and_term_names(fitted):
+    root, result = fitted
+    effects = pd.read_parquet(project_paths(root).analysis / "factor_effects.parquet")
+    for col in ("term", "mean", "sd", "lo95", "hi95", "r_hat", "ess_bulk"):
+        assert col in effects
+    assert effects["term"].is_unique
+    assert all(TERM_RE.match(t) for t in effects["term"]), effects["term"].tolist()
+    terms = set(effects["term"])
+    assert {"Intercept", "arm[semsam]", "dims[3d]", "family[plane]",
+            "convention[storage]:terminology[colloquial]", "prompt[box]:terminology[anatomical]",
+            f"arm[semsam]:model[{MODELS[1]}]"} <= terms
+    assert (effects["lo95"] <= effects["mean"]).all() and (effects["mean"] <= effects["hi95"]).all()
+    # sum-to-zero deviations: the levels of a factor cancel in every draw, so in the mean
+    conv = effects[effects["term"].str.match(r"^convention\[[a-z]+\]$")]
+    assert abs(conv["mean"].sum()) < 1e-8
+
+
+def test_contrasts_name_the_claims_and_match_raw_accuracy(fitted, study):
+    root, result = fitted
+    contrasts = pd.read_parquet(project_paths(root).analysis / "contrasts.parquet")
+    c = contrasts.set_index("contrast")
+    for model in MODELS:
+        gain = c.loc[f"p[arm=semsam,model={model}] - p[arm=baseline,model={model}]"]
+        assert gain["kind"] == "difference" and gain["lo95"] <= gain["mean"] <= gain["hi95"]
+    for name in ("p[convention=standard,terminology=anatomical] - "
+                 "p[convention=standard,terminology=colloquial]",
+                 "p[prompt=box,terminology=colloquial] - p[prompt=mask,terminology=colloquial]",
+                 "p[family=relation_3d] - p[family=relation_2d]", "p[dims=3d] - p[dims=2d]",
+                 "p[ablation=text_only,terminology=anatomical]", "p[family=plane]"):
+        assert name in c.index, name
+    probs = c[c["kind"] != "difference"]
+    assert probs[["mean", "lo95", "hi95"]].apply(lambda s: s.between(0, 1)).all().all()
+    scored = scored_table(study)
+    raw = scored.loc[scored["terminology"] == "colloquial", "correct"].mean()
+    assert c.loc["p[terminology=colloquial]", "observed"] == pytest.approx(raw)
+    assert c.loc["p[terminology=colloquial]", "n_trials"] == (
+        scored["terminology"] == "colloquial").sum()
+    # the model-based accuracy sits close to the raw one on data drawn from the model
+    assert (probs["mean"] - probs["observed"]).abs().max() < 0.06
+
+
+def test_posterior_predictive_check_covers_observed_cells(fitted):
+    root, result = fitted
+    ppc = pd.read_parquet(project_paths(root).analysis / "ppc.parquet")
+    assert {"cell", "observed", "pp_lo95", "pp_hi95", "inside"} <= set(ppc.columns)
+    assert ppc["inside"].mean() >= 0.85
+    assert (ppc["pp_lo95"] <= ppc["pp_hi95"]).all()
+
+
+def test_second_run_reuses_fresh_outputs_and_a_new_input_is_not_fresh(fitted):
+    root, result = fitted
+    again = run_factor_analysis("demo", root=root, progress=False, draws=400, tune=400,
+                                chains=2)
+    assert again.reused and not result.reused
+    pd.testing.assert_frame_equal(again.effects.reset_index(drop=True),
+                                  result.effects.reset_index(drop=True), check_dtype=False)
+    assert "Intercept" in again.posterior.posterior
+    diag = json.loads((project_paths(root).analysis / "factor_diagnostics.json").read_text())
+    assert diag["divergences"] == result.diagnostics["divergences"]
+    paths = project_paths(root)
+    before = stamp_params(result.params, paths)
+    scored = pd.read_parquet(paths.analysis / "scored.parquet")
+    scored.iloc[:-1].to_parquet(paths.analysis / "scored.parquet")
+    assert stamp_params(result.params, paths) != before
