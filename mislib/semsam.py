@@ -533,7 +533,7 @@ def select_next_token(logits: torch.Tensor, table: NeighborTable, *, temperature
         keep &= (p_top.cumsum(-1) - p_top) < top_p
     keep[:, 0] = True
     u = _uniforms(batch, generator, logits.device)
-    default = _inverse_cdf(torch.where(keep, q, 0.0), u)
+    default = _inverse_cdf(q.masked_fill(~keep, 0.0), u)
     if not rescore:
         return cand.gather(1, default[:, None]).squeeze(1)
     ids, weights = _neighbours(cand, table)
@@ -541,9 +541,9 @@ def select_next_token(logits: torch.Tensor, table: NeighborTable, *, temperature
     scores = (weights * torch.exp((nb_z - z_max[..., None]) * inv_t)).sum(-1)
     if mode == "argmax":
         # Candidates are sorted by p, and argmax returns the first maximum: ties -> higher p.
-        pick = torch.where(keep, scores, -1.0).argmax(-1)
+        pick = scores.masked_fill(~keep, -1.0).argmax(-1)
     else:
-        pick = _inverse_cdf(torch.where(keep, scores, 0.0), u)
+        pick = _inverse_cdf(scores.masked_fill(~keep, 0.0), u)
     all_content = (table.content_mask[cand] | ~keep).all(-1)
     chosen = torch.where(all_content, pick, default)
     return cand.gather(1, chosen[:, None]).squeeze(1)
@@ -568,7 +568,9 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The ``k`` largest entries lie in the ``k`` blocks with the largest maxima (plus the
     ragged tail), so one vectorised max pass over ``V`` and a ``topk`` over
-    ``k * block`` entries replace a selection over the whole row.
+    ``k * block`` entries replace a selection over the whole row. The block maxima come
+    from ``max_pool1d``, which runs one row per thread (a reduction that splits a single
+    row over threads stalls when the cores are shared).
     """
     batch, vocab = logits.shape
     n_blocks = vocab // _TOPK_BLOCK
@@ -576,7 +578,8 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return logits.topk(k, dim=-1)
     body = n_blocks * _TOPK_BLOCK
     blocks = logits[:, :body].view(batch, n_blocks, _TOPK_BLOCK)
-    which = blocks.amax(-1).topk(k, dim=-1).indices  # [B, k]
+    maxima = torch.nn.functional.max_pool1d(logits[:, None, :body], _TOPK_BLOCK).squeeze(1)
+    which = maxima.topk(k, dim=-1).indices  # [B, k]
     pool = blocks.gather(1, which[..., None].expand(-1, -1, _TOPK_BLOCK)).flatten(1)
     pool_ids = (which[..., None] * _TOPK_BLOCK
                 + torch.arange(_TOPK_BLOCK, device=logits.device)).flatten(1)
@@ -610,7 +613,7 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = weights.cumsum(-1)
     idx = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
     positions = torch.arange(weights.shape[1], device=weights.device)
-    last_positive = torch.where(weights > 0, positions, 0).amax(-1)
+    last_positive = (positions * (weights > 0)).amax(-1)
     return torch.minimum(idx, last_positive)
 
 
