@@ -342,8 +342,8 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     return out
 
 
-def _option_spec(value: Any, levels: int | None, name: str) -> int | None:
-    """``"all"`` → None (every level), else a positive int."""
+def _option_spec(value: Any, name: str) -> int | None:
+    """``"all"`` → None (every level), else a count >= 0."""
     if isinstance(value, str):
         if value != "all":
             raise ValueError(f"[questions] {name} must be an integer or 'all', got {value!r}")
@@ -407,12 +407,10 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
         bad = sorted(set(params[key]) - set(allowed))
         if bad:
             raise ValueError(f"[questions] {key}: unknown values {bad}; expected {list(allowed)}")
-    max_pairs = _option_spec(params["max_pairs_per_unit"], None, "max_pairs_per_unit")
-    max_pairs = None if max_pairs == 0 else max_pairs
-    n_cells = _option_spec(params["cells_per_relation"], None, "cells_per_relation")
-    n_terms = _option_spec(params["terminologies_per_relation"], None,
-                           "terminologies_per_relation")
-    n_plane_cells = _option_spec(params["plane_cells_per_unit"], None, "plane_cells_per_unit")
+    max_pairs = _option_spec(params["max_pairs_per_unit"], "max_pairs_per_unit")
+    n_cells = _option_spec(params["cells_per_relation"], "cells_per_relation")
+    n_terms = _option_spec(params["terminologies_per_relation"], "terminologies_per_relation")
+    n_plane_cells = _option_spec(params["plane_cells_per_unit"], "plane_cells_per_unit")
 
     _require(volumes, ("volume_id", "source", "modality", "laterality"), "volumes.parquet")
     _require(components, ("volume_id", "component", "centroid_x", "centroid_y", "centroid_z"),

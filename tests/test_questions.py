@@ -138,7 +138,7 @@ def full(inputs):
     _, renders, volumes, components = inputs
     return build_questions(renders, volumes, components,
                            _params(cells_per_relation="all", terminologies_per_relation="all",
-                                   plane_cells_per_unit="all", max_pairs_per_unit=0),
+                                   plane_cells_per_unit="all", max_pairs_per_unit="all"),
                            progress=False)
 
 
@@ -414,7 +414,7 @@ def test_real_atlas_left_right_twins_follow_the_patient_and_the_mapping(brain):
 
     renders, volumes, components = load_inputs(brain)
     q = build_questions(renders, volumes, components,
-                        _params(max_pairs_per_unit=0, cells_per_relation="all"), progress=False)
+                        _params(max_pairs_per_unit="all", cells_per_relation="all"), progress=False)
     side = {"Left": "left", "Right": "right"}
     a_side = q["component_a"].str.split("_").str[0].map(side)
     b_side = q["component_b"].str.split("_").str[0].map(side)
@@ -466,7 +466,7 @@ def test_knee_phantoms_ask_medial_lateral_by_the_limb_side(tmp_path_factory):
     renders, volumes, components = load_inputs(root)
     assert set(volumes["laterality"]) == {"left", "right"}
     q = build_questions(renders, volumes, components,
-                        _params(max_pairs_per_unit=0, cells_per_relation="all"), progress=False)
+                        _params(max_pairs_per_unit="all", cells_per_relation="all"), progress=False)
     knee = q[(q.axis == "R/L") & (q.terminology == "anatomical") & (q.form == "open")]
     assert set(knee["answer"]) == {"medial", "lateral"}
     lateral, medial = {"fibula", "lateral_meniscus"}, {"medial_meniscus"}
@@ -481,3 +481,19 @@ def test_knee_phantoms_ask_medial_lateral_by_the_limb_side(tmp_path_factory):
                 assert row.answer == expected, (row.volume_id, row.component_a, row.component_b)
                 checked.add(row.volume_id)
     assert checked == set(volumes["volume_id"])
+
+
+def test_zero_knobs_switch_a_family_off_and_all_crosses_every_level(inputs):
+    _, renders, volumes, components = inputs
+    only_plane = build_questions(renders, volumes, components, _params(max_pairs_per_unit=0),
+                                 progress=False)
+    assert set(only_plane["family"]) == {"plane"}
+    no_plane = build_questions(renders, volumes, components,
+                               _params(plane_cells_per_unit=0, families=["relation_2d"]),
+                               progress=False)
+    assert set(no_plane["family"]) == {"relation_2d"}
+    every = build_questions(renders, volumes, components,
+                            _params(plane_cells_per_unit="all", families=["plane"]),
+                            progress=False)
+    n_renders = renders.render_id.nunique()
+    assert len(every) == 3 * n_renders  # every render asked for its plane, in three forms
