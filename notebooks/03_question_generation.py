@@ -186,11 +186,12 @@ for ax, row in zip(axes, examples[examples.form == "open"].itertuples(), strict=
     frame = path / f"frame_{row.n_frames // 2:03d}.png" if path.is_dir() else path
     ax.imshow(Image.open(frame))
     terms = "plane name" if pd.isna(row.terminology) else row.terminology
+    asked = "" if pd.isna(row.letter_a) else f"{row.letter_a} relative to {row.letter_b}: "
     ax.set_title(f"{row.family}, {terms}, {row.convention}, {row.prompt}\n"
-                 f"answer: {row.answer}", fontsize=9)
+                 f"{asked}{row.answer}", fontsize=9)
     ax.axis("off")
 fig.tight_layout()
-fig.savefig(figure_path("03_question_generation", "examples"), dpi=120)
+fig.savefig(figure_path("03_question_generation", "examples"), dpi=120, bbox_inches="tight")
 plt.show()
 for row in examples.itertuples():
     print(f"--- {row.family} / {row.form} / {row.terminology} / {row.ablation}: "
