@@ -535,12 +535,15 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
             stage = "07 (07_factor_analysis)" if name in ("factor_effects", "contrasts") \
                 else "06 (06_scoring)"
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
-    outputs = ["claims.md", "numbers.tex", ".claims.json"] + [f"tables/{t}.{ext}" for t in TABLES
-                                              for ext in ("tex", "md")]
+    # The stamp and the claims' JSON live in paper/tables/ (generated, git-ignored); the
+    # output paths are relative to it.
+    outputs = ["../claims.md", "../numbers.tex", ".claims.json"] + [
+        f"{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
     stamp_params = {**params, "level": level, "inputs": _fingerprint(list(inputs.values()))}
-    if not force and is_fresh(paths.paper, "paper", stamp_params, outputs):
-        return {"claims": pd.read_json(paths.paper / ".claims.json"),
-                "paths": [paths.paper / o for o in outputs]}
+    if not force and is_fresh(paths.tables, "paper", stamp_params, outputs):
+        return {"claims": pd.read_json(paths.tables / ".claims.json"),
+                "paths": [(paths.tables / o).resolve() for o in outputs
+                          if o != ".claims.json"]}
 
     tables = {name: pd.read_parquet(path) for name, path in inputs.items()}
     from mislib.scoring import FACTORS, bayes_by_factor
@@ -565,8 +568,8 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
         written += [tex, md]
     (paths.paper / "numbers.tex").write_text(numbers_tex(claims, tables))
     (paths.paper / "claims.md").write_text(claims_markdown(claims, context))
-    claims.to_json(paths.paper / ".claims.json", orient="records", indent=1)
+    claims.to_json(paths.tables / ".claims.json", orient="records", indent=1)
     written += [paths.paper / "numbers.tex", paths.paper / "claims.md"]
-    write_stamp(paths.paper, "paper", stamp_params, outputs)
+    write_stamp(paths.tables, "paper", stamp_params, outputs)
     return {"claims": claims, "paths": written, "context": json.loads(json.dumps(
         context, default=str))}
