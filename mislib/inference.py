@@ -30,6 +30,7 @@ that runs out of memory is halved and retried, and later batches keep the smalle
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -63,8 +64,6 @@ RECORD_STATUSES = ("ok", "missing_input", "unknown_family", "oom")
 RESPONSE_COLUMNS = ("run_id", "model", "arm", "question_id", "trial", "seed", "raw_text",
                     "parsed", "parse_status", "correct", "n_tokens", "latency_s", "status",
                     "error", "batch_size")
-#: Appended to each question so the model states one of the valid options.
-DEFAULT_INSTRUCTION = "Answer with one of: {options}. End with a line 'Answer: <your answer>'."
 #: Packages whose versions go into ``run.json``.
 RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                      "pillow", "mislib")
@@ -180,8 +179,13 @@ def load_media(question: Mapping[str, Any], benchmark_dir: Path) -> Any:
     return np.stack(arrays)
 
 
-def question_prompt(question: Mapping[str, Any], instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The user text: the question, then the answer instruction naming its valid options."""
+def question_prompt(question: Mapping[str, Any], instruction: str = "") -> str:
+    """The user text: the question, then ``instruction`` with ``{options}`` filled in.
+
+    Stage 03's questions already end with the answer format they expect, so profiles
+    leave ``instruction`` empty; a template such as ``"Answer with one of: {options}."``
+    serves question tables that do not.
+    """
     choices = question.get("choices")
     options = [] if _is_missing(choices) else [str(c) for c in list(choices)]
     text = str(question["text"]).strip()
@@ -506,6 +510,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def compact(run_dir: Path, keys: Sequence[tuple[str, int]] | None = None) -> pd.DataFrame:
     """Write ``responses.parquet`` from the shards (only ``keys`` when given), atomically."""
+    for stale in run_dir.glob(".responses.*.parquet"):  # left by a compaction killed midway
+        stale.unlink(missing_ok=True)
     records = read_shards(run_dir / "shards")
     frame = pd.DataFrame.from_records(records, columns=list(RESPONSE_COLUMNS))
     if keys is not None:
@@ -569,8 +575,7 @@ def _decode_settings(params: Mapping[str, Any], semsam_params: Mapping[str, Any]
             "top_k": int(semsam_params["top_k"]), "top_p": float(semsam_params["top_p"]),
             "mode": str(semsam_params["mode"]), "k": int(semsam_params["k"]),
             "max_new_tokens": int(params["max_new_tokens"]), "do_sample": False,
-            "seed": int(params["seed"]), "instruction": params.get("instruction",
-                                                                    DEFAULT_INSTRUCTION)}
+            "seed": int(params["seed"]), "instruction": str(params.get("instruction", ""))}
 
 
 def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baseline",
@@ -647,9 +652,39 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
                 "questions_sha": request["questions_sha"]}
     run_id = f"{_slug(model_id)}-{arm}-{config_hash(identity)[:10]}"
     run_dir = results_dir / run_id
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(run_dir):
+        if force:
+            shutil.rmtree(run_dir / "shards", ignore_errors=True)
+            for stale in ("responses.parquet", "run.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+        return _run_locked(run_dir, run_id, identity, params, paths, questions_file,
+                           questions, request, decode, backend, table, arm, model_id,
+                           results_dir, stage, generate_hook, progress)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+    """An exclusive lock on ``run_dir``, so two processes never append the same records.
+
+    The lock is ``flock`` on ``run_dir/.lock``: the kernel releases it when the holder
+    exits, however it exits, so a killed run never leaves a stale lock behind.
+    """
+    import fcntl
+
+    with (run_dir / ".lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{run_dir} is being written by another process right now; "
+                               "wait for it to finish or stop it") from None
+        yield
+
+
+def _run_locked(run_dir, run_id, identity, params, paths, questions_file, questions, request,
+                decode, backend, table, arm, model_id, results_dir, stage, generate_hook,
+                progress) -> InferenceRun:
+    """The body of :func:`run_inference` once the run's folder is locked."""
     run_record = {"run_id": run_id, **identity, "profile": params["profile"],
                   "questions_file": str(questions_file.relative_to(paths.root))
                   if questions_file.is_relative_to(paths.root) else str(questions_file),

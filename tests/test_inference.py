@@ -24,6 +24,7 @@ from mislib.inference import (
     compact,
     input_kind,
     load_media,
+    question_prompt,
     read_shards,
     run_inference,
     select_questions,
@@ -40,7 +41,8 @@ def _profile(**inference):
     prof = copy.deepcopy(load_profile("demo"))
     prof["name"] = "test"
     prof["inference"].update({"max_new_tokens": 4, "batch_size": 4, "n_trials": 2,
-                              "limit": 0, **inference})
+                              "limit": 0, "instruction": "Answer with one of: {options}.",
+                              **inference})
     return prof
 
 
@@ -142,6 +144,13 @@ def test_load_media_names_the_missing_file(tmp_path):
         load_media(stack, tmp_path)
 
 
+def test_question_prompt_appends_the_instruction_with_the_options():
+    question = {"text": "Is A superior to B? ", "choices": np.array(["True", "False"])}
+    assert question_prompt(question) == "Is A superior to B?"
+    assert question_prompt(question, "Answer with one of: {options}.") == \
+        "Is A superior to B?\nAnswer with one of: True, False."
+
+
 def _rec(qid, trial, **kw):
     base = dict.fromkeys(RESPONSE_COLUMNS)
     base.update(question_id=qid, trial=trial, seed=1, batch_size=1, status="ok", **kw)
@@ -229,6 +238,17 @@ def test_more_trials_resume_the_same_run_and_add_only_the_new_ones(both_arms):
     assert more.n_generated == N_QUESTIONS
     frame = pd.read_parquet(more.responses)
     assert len(frame) == N_QUESTIONS * 3 and not frame.duplicated(["question_id", "trial"]).any()
+
+
+def test_a_run_being_written_by_another_process_is_not_touched(both_arms):
+    import fcntl
+
+    root, runs = both_arms
+    with (runs["semsam"].run_dir / ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="being written by another process"):
+            run_inference(_profile(n_trials=3), arm="semsam", root=root, progress=False)
+    assert len(pd.read_parquet(runs["semsam"].responses)) == N_QUESTIONS * 2
 
 
 def test_force_starts_the_run_over(smoke_root, tmp_path):
