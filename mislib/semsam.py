@@ -301,6 +301,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     if n_content < k:
         raise ValueError(f"k={k} neighbours requested but only {n_content} content tokens")
     device = torch.device(device) if device is not None else emb.device
+    block_size = -(-max(block_size, _GROUP) // _GROUP) * _GROUP  # whole groups per block
     if key is None:
         key = table_key(emb, content_mask, k)
     width = min(k + max(margin, 0), n_content)
@@ -345,10 +346,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         ej = min(sj + block_size, n_content)
         low_t = low[sj:ej].T.contiguous()  # [d, n]: the fast layout for the matmul
         for si in starts[:j]:
-            ei = si + block_size
-            sim = low[si:ei] @ low_t
-            _merge_candidates(best_val, best_idx, si, sj, sim)
-            _merge_candidates(best_val, best_idx, sj, si, sim.T)
+            _merge_candidates(best_val, best_idx, si, sj, low[si:si + block_size] @ low_t)
             bar.update()
     bar.close()
     del low
@@ -396,34 +394,64 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     return NeighborTable(ids.cpu(), sims.cpu(), content_mask, key, meta)
 
 
+# Similarities are screened in groups of this many entries: a group whose maximum is not
+# above a row's weakest candidate is skipped without looking at its members.
+_GROUP = 16
+
+
 def _merge_candidates(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int, col0: int,
                       sim: torch.Tensor) -> None:
-    """Fold block ``sim`` (rows ``row0 + i``, columns ``col0 + j``) into the candidate lists.
+    """Fold block ``sim`` (content rows ``row0 + i``, columns ``col0 + j``) into the lists.
 
-    Only entries above a row's current weakest candidate can enter, so the block is
-    thresholded (one pass) instead of sorted; the few survivors are merged with ``topk``.
+    Both directions at once, since the block is a piece of a symmetric matrix: row ``i``
+    may gain column ``j`` and row ``col0 + j`` may gain row ``row0 + i``. Only entries
+    above a row's current weakest candidate can enter, so the block is screened through
+    group maxima (one pass, no sort) and only the surviving groups are read.
     """
-    n_rows, width = sim.shape[0], best_val.shape[1]
-    view_val = best_val[row0:row0 + n_rows]
-    hit = sim > view_val[:, -1:].to(sim.dtype)
-    r, c = hit.nonzero(as_tuple=True)
-    if r.numel() == 0:
-        return
-    counts = torch.bincount(r, minlength=n_rows)
-    touched = counts.nonzero().squeeze(1)
-    slot = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
-    extra = int(counts.max())
-    # Survivors of each touched row packed into a [rows, extra] buffer, padded with -inf.
-    local = torch.full((n_rows,), -1, dtype=torch.long, device=r.device)
-    local[touched] = torch.arange(touched.numel(), device=r.device)
-    new_val = torch.full((touched.numel(), extra), -math.inf, device=sim.device)
-    new_idx = torch.zeros((touched.numel(), extra), dtype=torch.long, device=sim.device)
-    new_val[local[r], slot] = sim[r, c].float()
-    new_idx[local[r], slot] = c + col0
-    rows = touched + row0
-    vals, pos = torch.cat([best_val[rows], new_val], 1).topk(width, dim=1)
-    best_idx[rows] = torch.cat([best_idx[rows], new_idx], 1).gather(1, pos)
-    best_val[rows] = vals
+    n_i, n_j = sim.shape
+    group = torch.arange(_GROUP, device=sim.device)
+    # rows of the block: groups of consecutive columns
+    thr = best_val[row0:row0 + n_i, -1].to(sim.dtype)
+    gmax = torch.nn.functional.max_pool1d(sim[None], _GROUP, ceil_mode=True)[0]
+    r, g = (gmax > thr[:, None]).nonzero(as_tuple=True)
+    if r.numel():
+        cols = g[:, None] * _GROUP + group
+        vals = sim[r[:, None], cols.clamp_max(n_j - 1)]
+        vals = vals.masked_fill((cols >= n_j) | (vals <= thr[r, None]), -math.inf)
+        _fold(best_val, best_idx, r + row0, vals, cols + col0)
+    if row0 == col0:
+        return  # a diagonal block: its columns are its rows
+    # columns of the block: groups of consecutive rows (n_i is a whole number of groups)
+    thr = best_val[col0:col0 + n_j, -1].to(sim.dtype)
+    gmax = sim.view(n_i // _GROUP, _GROUP, n_j).amax(1)
+    g, c = (gmax > thr[None, :]).nonzero(as_tuple=True)
+    if c.numel():
+        rows = g[:, None] * _GROUP + group
+        vals = sim[rows, c[:, None]]
+        vals = vals.masked_fill(vals <= thr[c, None], -math.inf)
+        _fold(best_val, best_idx, c + col0, vals, rows + row0)
+
+
+def _fold(best_val: torch.Tensor, best_idx: torch.Tensor, target: torch.Tensor,
+          vals: torch.Tensor, ids: torch.Tensor) -> None:
+    """Merge groups of candidates ``vals``/``ids`` ``[n, G]`` into rows ``target`` ``[n]``."""
+    order = torch.argsort(target, stable=True)
+    target, vals, ids = target[order], vals[order], ids[order]
+    rows, counts = torch.unique_consecutive(target, return_counts=True)
+    first = counts.cumsum(0) - counts
+    slot = torch.arange(target.numel(), device=target.device) - first.repeat_interleave(counts)
+    local = torch.arange(rows.numel(), device=target.device).repeat_interleave(counts)
+    per_row = int(counts.max())
+    width = best_val.shape[1]
+    new_val = torch.full((rows.numel(), per_row, vals.shape[1]), -math.inf,
+                         device=best_val.device)
+    new_idx = torch.zeros((rows.numel(), per_row, vals.shape[1]), dtype=torch.long,
+                          device=best_val.device)
+    new_val[local, slot] = vals.float()
+    new_idx[local, slot] = ids
+    merged, pos = torch.cat([best_val[rows], new_val.flatten(1)], 1).topk(width, dim=1)
+    best_idx[rows] = torch.cat([best_idx[rows], new_idx.flatten(1)], 1).gather(1, pos)
+    best_val[rows] = merged
 
 
 def _exact_rows(redo: torch.Tensor, unit_rows, n_content: int, k: int, block_size: int,
@@ -675,3 +703,103 @@ class SemSamLogitsProcessor(LogitsProcessor):
                                   rescore=self.rescore, generator=self._generator)
         out = torch.full_like(scores, -math.inf)
         return out.scatter_(1, token[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Real embeddings for the notebook, and the decode-step timing used by notebook and bench
+# --------------------------------------------------------------------------------------
+
+def load_wordllama() -> tuple[torch.Tensor, Any]:
+    """The LLM token embeddings that ship with the ``wordllama`` package, and their tokenizer.
+
+    Returns
+    -------
+    embeddings : torch.FloatTensor
+        ``[32000, 256]`` (Llama-2 vocabulary, WordLlama's ``l2_supercat`` 256-d matrix).
+    tokenizer : tokenizers.Tokenizer
+        The matching Llama-2 tokenizer.
+
+    Notes
+    -----
+    The files are located through the import system without importing ``wordllama`` (which
+    pulls in its inference stack); nothing is downloaded.
+    """
+    import importlib.util
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package 'wordllama' is not installed (pip install wordllama)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    weights = root / "weights" / "l2_supercat_256.safetensors"
+    vocab = root / "tokenizers" / "l2_supercat_tokenizer_config.json"
+    for path in (weights, vocab):
+        if not path.is_file():
+            raise FileNotFoundError(f"wordllama is installed at {root} but has no {path.name}")
+    tensors = load_file(str(weights))
+    if "embedding.weight" not in tensors:
+        raise ValueError(f"{weights}: no tensor 'embedding.weight' (has {sorted(tensors)})")
+    return tensors["embedding.weight"].float(), Tokenizer.from_file(str(vocab))
+
+
+def time_decode_step(batches: Sequence[int] = (1, 8, 64), vocab: int = 151_936,
+                     rounds: int = 30, temperature: float = 0.7, top_k: int = 20,
+                     top_p: float = 0.8, k: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+    """Median seconds of one decode step: SemSam against transformers' chain and a floor.
+
+    Methods, on the same fp32 logits ``[B, vocab]``: ``transformers_chain`` (Temperature ->
+    TopK -> TopP warpers, softmax, multinomial), ``softmax_argmax`` (the floor every rule
+    pays), ``semsam_argmax`` and ``semsam_sample`` (:func:`select_next_token` with a random
+    ``k``-neighbour table). They are timed round-robin, one call each per round, so load
+    from other processes hits them alike.
+
+    Returns
+    -------
+    list of dict
+        One row per (batch, method): ``batch, method, median_ms, min_ms, rounds``.
+    """
+    import statistics
+    import time
+
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    table = NeighborTable(torch.randint(0, vocab, (vocab, k), generator=g),
+                          torch.rand(vocab, k, generator=g), torch.ones(vocab, dtype=torch.bool))
+    chain = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                 TopPLogitsWarper(top_p)])
+    rule = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    rows = []
+    for batch in batches:
+        # LLM-like logits: a few strong tokens over a broad floor
+        logits = torch.randn(batch, vocab, generator=g) * 2.0
+        logits[:, torch.randint(0, vocab, (30,), generator=g)] += 8.0
+        gen = torch.Generator().manual_seed(seed + 1)
+        methods = {
+            "transformers_chain": lambda x=logits, r=gen: torch.multinomial(
+                torch.softmax(chain(None, x), dim=-1), 1, generator=r),
+            "softmax_argmax": lambda x=logits: torch.softmax(x, dim=-1).argmax(-1),
+            "semsam_argmax": lambda x=logits, r=gen: select_next_token(
+                x, table, mode="argmax", generator=r, **rule),
+            "semsam_sample": lambda x=logits, r=gen: select_next_token(
+                x, table, mode="sample", generator=r, **rule),
+        }
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        with torch.no_grad():
+            for fn in methods.values():  # warm-up
+                fn()
+            for _ in range(rounds):
+                for name, fn in methods.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        rows += [{"batch": batch, "method": name, "median_ms": statistics.median(v) * 1e3,
+                  "min_ms": min(v) * 1e3, "rounds": rounds} for name, v in times.items()]
+    return rows
