@@ -44,6 +44,7 @@ timing_rounds = None  # rounds of the decode-step timing (None: 5 for demo, 30 o
 
 # %%
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -56,6 +57,8 @@ from mislib.paths import figure_path, project_paths
 params = stage_params(profile, "semsam", k=k, temperature=temperature, top_k=top_k,
                       top_p=top_p)
 rounds = timing_rounds or (5 if params["profile"] == "demo" else 30)
+# Some neighbours are CJK or Cyrillic tokens that the default font draws as boxes.
+warnings.filterwarnings("ignore", message="Glyph .* missing from font")
 params
 
 # %% [markdown]
@@ -108,9 +111,10 @@ hoods.pivot(index="rank", columns="word", values="neighbour")[words]
 # %%
 fig, axes = plt.subplots(2, 4, figsize=(13, 6), sharex=True)
 for ax, word in zip(axes.flat, words, strict=True):
-    rows = hoods[(hoods.word == word) & (hoods["rank"] > 0)]
-    ax.barh(rows.neighbour.str.replace("▁", "", regex=False)[::-1], rows.cosine[::-1],
-            color="tab:blue")
+    rows = hoods[(hoods.word == word) & (hoods["rank"] > 0)].iloc[::-1]
+    # "▁" marks a token that starts a word; shown as "_" ("_left" and "Left" differ)
+    ax.barh(range(len(rows)), rows.cosine, color="tab:blue")
+    ax.set_yticks(range(len(rows)), rows.neighbour.str.replace("▁", "_", regex=False))
     ax.set_title(word)
     ax.set_xlim(0, 1)
 for ax in axes[1]:
