@@ -31,6 +31,7 @@ that runs out of memory is halved and retried, and later batches keep the smalle
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -317,6 +318,9 @@ class HFBackend:
             keys = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
                     "merge_size", "do_resize", "image_mean", "image_std")
             out = {k: getattr(proc, k) for k in keys if getattr(proc, k, None) is not None}
+            if dataclasses.is_dataclass(out.get("size")):  # transformers' SizeDict
+                out["size"] = {k: v for k, v in dataclasses.asdict(out["size"]).items()
+                               if v is not None}
             out["class"] = type(proc).__name__
             return json.loads(json.dumps(out, default=str))
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,12 +38,12 @@
 # %% tags=["parameters"]
 profile = "demo"
 force = False
-models = None          # list of model ids; None: the profile's
-arms = None            # e.g. ["baseline"]; None: the profile's
-limit = None           # at most this many questions; None: the profile's (0 = all)
-n_trials = None        # None: the profile's
-batch_size = None      # None: the profile's
-max_new_tokens = None  # None: the profile's
+models = None          # list of model ids; None: as in the profile
+arms = None            # e.g. ["baseline"]; None: as in the profile
+limit = None           # at most this many questions, 0 = all; None: as in the profile
+n_trials = None        # None: as in the profile
+batch_size = None      # None: as in the profile
+max_new_tokens = None  # None: as in the profile
 
 # %%
 import json
@@ -120,8 +122,9 @@ fig.savefig(figure_path("04_inference", "throughput"), dpi=150)
 fig.savefig(figure_path("04_inference", "throughput", suffix=".pdf"))
 
 # %% [markdown]
-# Left: records per second of generation for each arm; the SemSam rule adds a few
-# vectorised tensor operations per decode step, so the two bars should be close. Right:
+# Left: records per second of generation for each arm, over the sessions that produced
+# them (on a shared machine this moves with the load; `make bench` times the two arms back
+# to back on the same questions). Right:
 # how many outputs the parser read as one valid option (`ok`), as none (`unparseable`) or
 # as several (`ambiguous`); records the harness could not produce normally keep their own
 # status (`missing_input`, `unknown_family`, `oom`) instead of disappearing. With the smoke
