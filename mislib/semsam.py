@@ -246,7 +246,7 @@ def cached_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: t
 
 
 def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: torch.Tensor,
-                         k: int, *, margin: int = 16, block_size: int = 8192,
+                         k: int, *, margin: int = 32, block_size: int = 8192,
                          device: torch.device | str | None = None, key: str | None = None,
                          progress: bool = True) -> NeighborTable:
     """Exact cosine k-nearest neighbours of every content token among the content tokens.
@@ -278,7 +278,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     Similarities of unit vectors are computed block by block in bf16 with fp32
     accumulation (about 2.4x the fp32 matmul rate on an AVX-512-bf16 CPU, more with AMX or
     on a GPU), over the upper triangle only, since the matrix is symmetric. Each row keeps its ``k + margin`` best bf16
-    candidates (a running threshold discards the rest of a block without sorting it); the
+    candidates (found through maxima of groups of 16 entries, without sorting a block); the
     candidates are then re-scored exactly in fp32 and the best ``k`` kept. A row is accepted
     only when its exact ``k``-th similarity beats the best discarded bf16 value by more than
     the bf16 error: the output rounding (a strict bound) plus five times a per-pair bound on
@@ -394,8 +394,8 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     return NeighborTable(ids.cpu(), sims.cpu(), content_mask, key, meta)
 
 
-# Similarities are screened in groups of this many entries: a group whose maximum is not
-# above a row's weakest candidate is skipped without looking at its members.
+# A block row's best entries lie in its best groups of this many consecutive entries (ranked
+# by group maximum), so a row is searched through its group maxima instead of sorted whole.
 _GROUP = 16
 
 
@@ -404,54 +404,38 @@ def _merge_candidates(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int,
     """Fold block ``sim`` (content rows ``row0 + i``, columns ``col0 + j``) into the lists.
 
     Both directions at once, since the block is a piece of a symmetric matrix: row ``i``
-    may gain column ``j`` and row ``col0 + j`` may gain row ``row0 + i``. Only entries
-    above a row's current weakest candidate can enter, so the block is screened through
-    group maxima (one pass, no sort) and only the surviving groups are read.
+    may gain column ``j`` and row ``col0 + j`` may gain row ``row0 + i``. Each direction
+    takes the ``width`` best entries of every line through group maxima (the ``width``
+    best entries lie in the ``width`` groups with the largest maxima), then merges them
+    with the running lists.
     """
     n_i, n_j = sim.shape
+    width = best_val.shape[1]
     group = torch.arange(_GROUP, device=sim.device)
-    # rows of the block: groups of consecutive columns
-    thr = best_val[row0:row0 + n_i, -1].to(sim.dtype)
+    # rows of the block: groups of consecutive columns (the last one may be ragged)
     gmax = torch.nn.functional.max_pool1d(sim[None], _GROUP, ceil_mode=True)[0]
-    r, g = (gmax > thr[:, None]).nonzero(as_tuple=True)
-    if r.numel():
-        cols = g[:, None] * _GROUP + group
-        vals = sim[r[:, None], cols.clamp_max(n_j - 1)]
-        vals = vals.masked_fill((cols >= n_j) | (vals <= thr[r, None]), -math.inf)
-        _fold(best_val, best_idx, r + row0, vals, cols + col0)
+    which = gmax.topk(min(width, gmax.shape[1]), dim=1).indices
+    cols = (which[..., None] * _GROUP + group).flatten(1)
+    vals = sim.gather(1, cols.clamp_max(n_j - 1)).masked_fill(cols >= n_j, -math.inf)
+    _fold(best_val, best_idx, row0, vals, cols + col0)
     if row0 == col0:
         return  # a diagonal block: its columns are its rows
     # columns of the block: groups of consecutive rows (n_i is a whole number of groups)
-    thr = best_val[col0:col0 + n_j, -1].to(sim.dtype)
-    gmax = sim.view(n_i // _GROUP, _GROUP, n_j).amax(1)
-    g, c = (gmax > thr[None, :]).nonzero(as_tuple=True)
-    if c.numel():
-        rows = g[:, None] * _GROUP + group
-        vals = sim[rows, c[:, None]]
-        vals = vals.masked_fill(vals <= thr[c, None], -math.inf)
-        _fold(best_val, best_idx, c + col0, vals, rows + row0)
+    gmax = sim.view(n_i // _GROUP, _GROUP, n_j).amax(1).T
+    which = gmax.topk(min(width, gmax.shape[1]), dim=1).indices
+    rows = (which[..., None] * _GROUP + group).flatten(1)
+    _fold(best_val, best_idx, col0, sim.T.gather(1, rows), rows + row0)
 
 
-def _fold(best_val: torch.Tensor, best_idx: torch.Tensor, target: torch.Tensor,
-          vals: torch.Tensor, ids: torch.Tensor) -> None:
-    """Merge groups of candidates ``vals``/``ids`` ``[n, G]`` into rows ``target`` ``[n]``."""
-    order = torch.argsort(target, stable=True)
-    target, vals, ids = target[order], vals[order], ids[order]
-    rows, counts = torch.unique_consecutive(target, return_counts=True)
-    first = counts.cumsum(0) - counts
-    slot = torch.arange(target.numel(), device=target.device) - first.repeat_interleave(counts)
-    local = torch.arange(rows.numel(), device=target.device).repeat_interleave(counts)
-    per_row = int(counts.max())
-    width = best_val.shape[1]
-    new_val = torch.full((rows.numel(), per_row, vals.shape[1]), -math.inf,
-                         device=best_val.device)
-    new_idx = torch.zeros((rows.numel(), per_row, vals.shape[1]), dtype=torch.long,
-                          device=best_val.device)
-    new_val[local, slot] = vals.float()
-    new_idx[local, slot] = ids
-    merged, pos = torch.cat([best_val[rows], new_val.flatten(1)], 1).topk(width, dim=1)
-    best_idx[rows] = torch.cat([best_idx[rows], new_idx.flatten(1)], 1).gather(1, pos)
-    best_val[rows] = merged
+def _fold(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int, vals: torch.Tensor,
+          ids: torch.Tensor) -> None:
+    """Merge candidates ``vals``/``ids`` ``[n, m]`` into the lists of rows ``row0 + i``."""
+    n, width = vals.shape[0], best_val.shape[1]
+    top, pos = vals.topk(min(width, vals.shape[1]), dim=1)
+    merged, order = torch.cat([best_val[row0:row0 + n], top.float()], 1).topk(width, dim=1)
+    best_idx[row0:row0 + n] = torch.cat([best_idx[row0:row0 + n], ids.gather(1, pos)],
+                                        1).gather(1, order)
+    best_val[row0:row0 + n] = merged
 
 
 def _exact_rows(redo: torch.Tensor, unit_rows, n_content: int, k: int, block_size: int,
@@ -468,8 +452,9 @@ def _exact_rows(redo: torch.Tensor, unit_rows, n_content: int, k: int, block_siz
             cols = torch.arange(c0, min(c0 + block_size, n_content), device=device)
             sim = query @ unit_rows(cols).T
             sim[rows[:, None] == cols[None, :]] = math.inf  # the token itself first
-            v, i = torch.cat([best_v, sim], 1).topk(k, dim=1)
-            best_i = torch.cat([best_i, cols.expand(rows.numel(), -1)], 1).gather(1, i)
+            v, i = sim.topk(min(k, cols.numel()), dim=1)
+            v, order = torch.cat([best_v, v], 1).topk(k, dim=1)
+            best_i = torch.cat([best_i, cols[i]], 1).gather(1, order)
             best_v = v
         own = (query * query).sum(1)
         best_v[:, 0] = own  # the +inf placeholder back to the token's own cosine
