@@ -23,7 +23,10 @@ parameter says (:func:`fit_factor_model`; the choice is benchmarked in notebook 
 ``bench/bench_analysis.py``). Sampling uses nutpie (NUTS, numba backend).
 
 A factor or interaction with fewer than two observed levels (``model`` in a one-model run,
-``convention`` when only one was rendered) is dropped and listed in the diagnostics.
+``convention`` when only one was rendered) is dropped and listed in the diagnostics, and so
+is a pair or volume intercept whose levels hold fewer than two questions on average (a small
+run where nearly every question names its own pair): it cannot be told apart from the
+question intercept.
 
 Outputs (``data/analysis/``)
 ----------------------------
@@ -118,6 +121,7 @@ LEVEL_ORDER: dict[str, tuple[str, ...]] = {
 OUTPUTS = ("factor_effects.parquet", "factor_sd.parquet", "contrasts.parquet", "ppc.parquet",
            "factor_diagnostics.json", "factor_posterior.zarr")
 RHAT_MAX = 1.01
+MIN_QUESTIONS_PER_LEVEL = 2.0  # fewer: a pair/volume intercept is dropped (see below)
 DIAG_LEVELS = 500  # random intercepts per group whose R-hat and ESS are checked
 
 
@@ -274,6 +278,14 @@ def prepare_factor_data(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
     for g, col in (("pair", "pair"), ("volume", "volume_id")):
         if g in groups:
             c, u = pd.factorize(first[col].astype(str), sort=True)
+            per_level = len(q_levels) / len(u)
+            if "question" in groups and per_level < MIN_QUESTIONS_PER_LEVEL:
+                # Nearly one question per level: this intercept and the question's are not
+                # separately identified, and their SDs would only trade off.
+                dropped[g] = (f"{per_level:.2f} questions per {g} (< "
+                              f"{MIN_QUESTIONS_PER_LEVEL}): not separable from the question "
+                              "intercept")
+                continue
             group_codes[g] = c.astype(np.int64)
             levels[g] = list(u)
     if "question" in groups:
@@ -301,12 +313,15 @@ def _dim(name: str, data: FactorData) -> str:
 
 
 def resolve_centred(data: FactorData, centred: str | Sequence[str] = "auto",
-                    min_trials: float = 20.0) -> list[str]:
+                    min_trials: float = 250.0) -> list[str]:
     """The random-intercept groups to sample centred.
 
     ``"auto"`` centres a group when its levels carry on average at least ``min_trials``
     trials each: then the data pin each intercept down and the centred form has no funnel,
     while sparsely observed levels (a question seen 10 times) sample better non-centred.
+    The default threshold comes from simulated studies (notebook 07's text, the
+    benchmark): with SDs of 0.2-0.6 on the logit scale, volumes with ~200 trials each still
+    left the centred SD mixing slowly (bulk ESS < 20 of 2,000 draws), ~300 did not.
     Otherwise ``centred`` lists the groups.
     """
     if isinstance(centred, str):
@@ -926,7 +941,7 @@ def plot_ppc(ppc: pd.DataFrame, ax=None):
     ax.set_yticks(y, df["cell"].str.removeprefix("p[").str.removesuffix("]"), fontsize=7)
     ax.set_ylim(-0.7, len(df) - 0.3)
     ax.set_xlabel("accuracy")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     return ax
 
 

@@ -120,7 +120,9 @@ def _double_centre(effects: Mapping[tuple[str, str], float], levels1: Sequence[s
 
 
 def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = None,
-                       ablation_share: float = 0.2) -> pd.DataFrame:
+                       ablation_share: float = 0.2,
+                       n_structures: tuple[int, int] = (N_CT_STRUCTURES, N_MRI_STRUCTURES),
+                       ) -> pd.DataFrame:
     """Questions in the stage-03 schema (the columns the scorer and the factor model use).
 
     Parameters
@@ -129,6 +131,8 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
     seed : the random seed; the same seed gives the same table.
     n_volumes : volumes to spread them over (default: the paper's ratio, 1,160 per 33,864).
     ablation_share : share of relation questions in the text-only and blank ablations.
+    n_structures : (CT, MRI) structures to draw pairs from (the paper: 67 and 10). Fewer
+        give each structure pair more questions, as in the paper, in a small simulation.
 
     Returns
     -------
@@ -166,8 +170,10 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
     terminology = np.where(is_plane, None, rng.choice(LEVELS["terminology"], n)).astype(object)
     form = rng.choice(LEVELS["form"], n)
 
-    pools = {"CT": np.array([f"ct_structure_{j:02d}" for j in range(N_CT_STRUCTURES)]),
-             "MRI": np.array([f"mri_structure_{j:02d}" for j in range(N_MRI_STRUCTURES)])}
+    if min(n_structures) < 2:
+        raise ValueError(f"n_structures needs at least 2 per modality, got {n_structures}")
+    pools = {"CT": np.array([f"ct_structure_{j:02d}" for j in range(n_structures[0])]),
+             "MRI": np.array([f"mri_structure_{j:02d}" for j in range(n_structures[1])])}
     comp_a = np.empty(n, dtype=object)
     comp_b = np.empty(n, dtype=object)
     for mod, pool in pools.items():

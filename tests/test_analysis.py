@@ -22,7 +22,7 @@ from mislib.analysis import (
     structure_pair,
 )
 from mislib.paths import project_paths
-from mislib.simulate import scored_table, simulate_study, write_study
+from mislib.simulate import scored_table, simulate_questions, simulate_study, write_study
 
 MODELS = ("sim-vlm-a", "sim-vlm-b")
 TERM_RE = re.compile(r"^(Intercept|\w+\[[^\]]+\](:\w+\[[^\]]+\])?)$")
@@ -33,14 +33,18 @@ MIN_COVERAGE = 0.85
 
 @pytest.fixture(scope="module")
 def study():
-    return simulate_study(n_questions=600, n_trials=5, models=MODELS, seed=11)
+    # As at the paper's scale (2,256 pairs of ~15 questions, 1,160 volumes of ~29), every
+    # pair and volume holds several questions: 12 CT and 4 MRI structures give ~90 pairs,
+    # and 60 volumes (~10 MRI) pin down the between-volume modality effect.
+    questions = simulate_questions(600, seed=11, n_volumes=60, n_structures=(12, 4))
+    return simulate_study(n_trials=5, models=MODELS, seed=11, questions=questions)
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, study):
     root = tmp_path_factory.mktemp("fa")
     write_study(study, root=root, scored=True)
-    result = run_factor_analysis("demo", root=root, progress=False, draws=400, tune=400,
+    result = run_factor_analysis("demo", root=root, progress=False, draws=1500, tune=700,
                                  chains=2)
     return root, result
 
@@ -93,6 +97,13 @@ def test_bad_input_is_named():
         "axial" else "coronal"
     with pytest.raises(ValueError, match="plane"):
         prepare_factor_data(mixed)
+
+
+def test_a_pair_intercept_with_one_question_per_pair_is_dropped():
+    sparse = simulate_study(n_questions=300, n_trials=1, seed=3)  # 2,256 possible pairs
+    data = prepare_factor_data(scored_table(sparse))
+    assert "pair" not in data.group_codes and "pair" in data.dropped
+    assert "volume" in data.group_codes
 
 
 def test_structure_pair_ignores_order_and_keeps_single_structures():
@@ -165,10 +176,12 @@ def test_recovery_95_intervals_cover_the_true_effects(fitted, study):
 def test_sampler_diagnostics_are_clean(fitted):
     _, result = fitted
     diag = result.diagnostics
-    assert diag["divergences"] == 0
-    assert diag["max_r_hat_fixed"] <= 1.01
-    assert diag["max_r_hat"] <= 1.05
-    assert diag["min_ess_bulk_fixed"] > 100
+    worst = result.effects.sort_values("r_hat").tail(3)[["term", "r_hat", "ess_bulk"]]
+    report = f"{diag}\n{worst}\n{result.sds}"
+    assert diag["divergences"] == 0, report
+    assert diag["max_r_hat_fixed"] <= 1.01, report
+    assert diag["max_r_hat"] <= 1.05, report
+    assert diag["min_ess_bulk_fixed"] > 100, report
 
 
 def test_factor_effects_file_has_the_contract_columns_and_term_names(fitted):
@@ -222,7 +235,7 @@ def test_posterior_predictive_check_covers_observed_cells(fitted):
 
 def test_second_run_reuses_fresh_outputs_and_a_new_input_is_not_fresh(fitted):
     root, result = fitted
-    again = run_factor_analysis("demo", root=root, progress=False, draws=400, tune=400,
+    again = run_factor_analysis("demo", root=root, progress=False, draws=1500, tune=700,
                                 chains=2)
     assert again.reused and not result.reused
     pd.testing.assert_frame_equal(again.effects.reset_index(drop=True),
