@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mislib.config import config_hash, is_fresh, load_profile, stage_params, write_stamp
 from mislib.paths import REPO_ROOT, project_paths
@@ -333,7 +333,10 @@ class HFBackend:
                 "chat_template_sha": hashlib.sha256(
                     str(self.processor.chat_template or "").encode()).hexdigest()[:16],
                 "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
-                "generation_config": self.model.generation_config.to_diff_dict()}
+                # without transformers_version, so an upgrade alone does not start a new run
+                "generation_config": {k: v for k, v in
+                                      self.model.generation_config.to_diff_dict().items()
+                                      if k != "transformers_version"}}
 
     def input_embeddings(self):
         """The input-embedding matrix ``[V, d]`` (SemSam's neighbourhood space)."""
@@ -708,6 +711,7 @@ def _run_locked(run_dir, run_id, identity, params, paths, questions_file, questi
 
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "git_commit": git_commit(), "packages": package_versions(),
+               "n_questions": len(questions), "n_trials": request["n_trials"],
                "n_todo": len(todo)}
     run_record["sessions"].append(session)
     _atomic_write_text(run_dir / "run.json", json.dumps(run_record, indent=2, default=str))
@@ -863,3 +867,20 @@ def summarise_runs(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
             "questions_per_s": generated / wall if wall > 0 else float("nan"),
         })
     return pd.DataFrame(rows)
+
+
+def current_runs(results_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The run folder that the latest finished call wrote for each (model, arm).
+
+    Every configuration change (model revision, decode settings, questions) starts a new
+    ``<run_id>`` folder and leaves the old one in place; the stage stamps
+    ``.inference-<model>-<arm>.stage.json`` name the current one. Later stages that
+    should see one run per (model, arm) read these instead of globbing every folder.
+    """
+    folder = Path(results_dir) if results_dir is not None else project_paths().results
+    runs = []
+    for stamp in sorted(folder.glob(".inference-*.stage.json")):
+        outputs = json.loads(stamp.read_text()).get("outputs") or []
+        if outputs and (folder / outputs[0]).is_file():
+            runs.append((folder / outputs[0]).parent)
+    return runs

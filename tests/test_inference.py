@@ -22,6 +22,7 @@ from mislib.inference import (
     RESPONSE_COLUMNS,
     ShardWriter,
     compact,
+    current_runs,
     input_kind,
     load_media,
     question_prompt,
@@ -222,6 +223,12 @@ def test_run_json_records_model_processor_decode_table_and_versions(both_arms, s
     assert session["packages"]["torch"] and session["packages"]["transformers"]
     assert "git_commit" in session
     assert record["n_records"] == N_QUESTIONS * 2
+
+
+def test_current_runs_names_the_latest_run_of_each_arm(both_arms):
+    root, runs = both_arms
+    found = current_runs(root / "data" / "results")
+    assert sorted(found) == sorted(run.run_dir for run in runs.values())
 
 
 def test_rerun_of_a_finished_run_does_no_work(both_arms):
