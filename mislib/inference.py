@@ -13,7 +13,9 @@ one model in one arm and writes ``data/results/<run_id>/``:
   finished keys are skipped and a torn last line is ignored;
 - ``responses.parquet`` — the shards compacted, one row per (question, trial) with
   ``run_id, model, arm, question_id, trial, seed, raw_text, parsed, parse_status, correct,
-  n_tokens, latency_s`` and ``status, error, batch_size``.
+  n_tokens, latency_s`` and ``status, error, batch_size``. ``n_tokens`` counts generated
+  tokens up to and including the end-of-turn token; ``latency_s`` is the wall time of the
+  ``generate`` call that produced the record, shared by its ``batch_size`` rows.
 
 Both arms decode through the same :class:`mislib.semsam.SemSamLogitsProcessor` with
 ``generate(do_sample=False)``: the baseline arm with re-scoring off. Seeds depend on the
