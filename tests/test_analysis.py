@@ -208,8 +208,10 @@ def test_contrasts_name_the_claims_and_match_raw_accuracy(fitted, study):
     for model in MODELS:
         gain = c.loc[f"p[arm=semsam,model={model}] - p[arm=baseline,model={model}]"]
         assert gain["kind"] == "difference" and gain["lo95"] <= gain["mean"] <= gain["hi95"]
-    for name in ("p[convention=standard,terminology=anatomical] - "
-                 "p[convention=standard,terminology=colloquial]",
+    for name in ("p[convention=standard,terminology=colloquial] - "
+                 "p[convention=standard,terminology=anatomical]",
+                 "p[convention=storage,terminology=colloquial] - "
+                 "p[convention=storage,terminology=anatomical]",
                  "p[prompt=box,terminology=colloquial] - p[prompt=mask,terminology=colloquial]",
                  "p[family=relation_3d] - p[family=relation_2d]", "p[dims=3d] - p[dims=2d]",
                  "p[ablation=text_only,terminology=anatomical]", "p[family=plane]"):
