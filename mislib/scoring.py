@@ -856,7 +856,12 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
 
 def find_runs(root: str | os.PathLike | None = None,
               runs: Iterable[str] | None = None) -> list[Path]:
-    """``responses.parquet`` of every finished run under ``data/results`` (or the named ones).
+    """``responses.parquet`` of the runs to score: the named ones, else the current ones.
+
+    The current runs are those stage 04's stamps name, one per (model, arm): a changed
+    configuration starts a new run folder and leaves the old one on disk, and it must not
+    be counted twice. Without any stamp (results copied in by hand, or simulated), every
+    run under ``data/results`` is taken.
 
     Raises
     ------
@@ -871,7 +876,11 @@ def find_runs(root: str | os.PathLike | None = None,
         if absent:
             raise FileNotFoundError(f"named runs have no responses.parquet: {absent}")
         return files
-    files = sorted(results.glob("*/responses.parquet"))
+    from mislib.inference import current_runs
+
+    files = [run / "responses.parquet" for run in current_runs(results)]
+    if not files:
+        files = sorted(results.glob("*/responses.parquet"))
     if not files:
         raise FileNotFoundError(
             f"no run results under {results}: run stage 04 first (notebook 04_inference or "

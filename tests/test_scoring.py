@@ -12,6 +12,7 @@ from mislib.scoring import (
     bayes_by,
     bayes_by_factor,
     bayes_interval,
+    find_runs,
     is_correct,
     outcome_matrix,
     parse_answer,
@@ -424,3 +425,18 @@ def test_bayes_by_factor_pools_models_on_request(scored):
     overall = table.query("factor == 'all'")
     assert sorted(overall["arm"]) == ["baseline", "semsam"]
     assert (overall["n_questions"] == 2 * scored["question_id"].nunique()).all()
+
+
+def test_find_runs_takes_the_current_run_of_each_model_and_arm_over_stale_ones(tmp_path):
+    from mislib.config import write_stamp
+    from mislib.paths import project_paths
+
+    results = project_paths(tmp_path).results
+    for run in ("m-baseline-old", "m-baseline-new", "m-semsam-new"):
+        (results / run).mkdir(parents=True)
+        (results / run / "responses.parquet").write_bytes(b"")
+    assert len(find_runs(tmp_path)) == 3  # no stamps: every run
+    write_stamp(results, "inference-m-baseline", {}, ["m-baseline-new/responses.parquet"])
+    write_stamp(results, "inference-m-semsam", {}, ["m-semsam-new/responses.parquet"])
+    assert sorted(p.parent.name for p in find_runs(tmp_path)) == ["m-baseline-new",
+                                                                 "m-semsam-new"]
