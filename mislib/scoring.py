@@ -337,13 +337,38 @@ def _subject_is_b(segment: str, start: int, end: int, ent_a, ent_b) -> bool:
     return not objects or (ent_a is not None and ent_a.search(after) is not None)
 
 
+@functools.lru_cache(maxsize=4096)
+def _name_pattern(names: tuple[str, ...]) -> re.Pattern | None:
+    """Whole-word pattern of structure names, ``_`` or space between their words."""
+    alternatives = []
+    for name in sorted(set(names), key=len, reverse=True):
+        words = re.split(r"[\s_]+", name.strip())
+        if len(words) > 1 or len(words[0]) > 2:
+            alternatives.append(r"[\s_]+".join(re.escape(w) for w in words))
+    if not alternatives:
+        return None
+    return re.compile(r"(?i)(?<![A-Za-z0-9])(?:" + "|".join(alternatives) + r")(?![A-Za-z0-9])")
+
+
+def _inside_names(segment: str, question) -> list[tuple[int, int]]:
+    """Spans of the question's structure names in ``segment`` ("left kidney", "Left_Putamen"):
+    a direction word inside a name is part of the name, not an answer."""
+    names = tuple(str(question.get(k)) for k in ("component_a", "component_b", "name_a", "name_b")
+                  if isinstance(question.get(k), str))
+    pattern = _name_pattern(names) if names else None
+    return [m.span() for m in pattern.finditer(segment)] if pattern else []
+
+
 def _mentions(segment: str, table, question, allow_letters: bool = True) -> list[tuple]:
     """Non-overlapping option mentions ``(start, end, choice, canonical, kind, negated)``."""
     found = []
+    names = _inside_names(segment, question)
     for choice, canonical, kind, pattern in table:
         if kind == "letter" and not allow_letters:
             continue
         for m in pattern.finditer(segment):
+            if any(a <= m.start() and m.end() <= b for a, b in names):
+                continue
             found.append((m.start(), m.end(), choice, canonical, kind))
     # Longest match wins where two overlap ("不正确" over "正确").
     found.sort(key=lambda f: (f[0], -(f[1] - f[0])))

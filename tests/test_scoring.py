@@ -440,3 +440,18 @@ def test_find_runs_takes_the_current_run_of_each_model_and_arm_over_stale_ones(t
     write_stamp(results, "inference-m-semsam", {}, ["m-semsam-new/responses.parquet"])
     assert sorted(p.parent.name for p in find_runs(tmp_path)) == ["m-baseline-new",
                                                                  "m-semsam-new"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Answer: The left cerebral white matter lies to the right of the right putamen.",
+     "to the right"),
+    ("Left_Cerebral_White_Matter (A) is left of Right_Putamen (B). Answer: to the left",
+     "to the left"),
+])
+def test_direction_words_inside_structure_names_are_not_answers(text, expected):
+    question = {"question_id": "q-names", "family": "relation_2d", "form": "open",
+                "terminology": "colloquial", "choices": ["to the left", "to the right"],
+                "component_a": "Left_Cerebral_White_Matter", "component_b": "Right_Putamen",
+                "name_a": "left cerebral white matter", "name_b": "right putamen",
+                "letter_a": "A", "letter_b": "B"}
+    assert parse_answer(text, question) == (expected, "ok")
