@@ -106,6 +106,19 @@ def test_a_pair_intercept_with_one_question_per_pair_is_dropped():
     assert "volume" in data.group_codes
 
 
+def test_volumes_and_pairs_are_found_nested_in_modality(study):
+    data = prepare_factor_data(scored_table(study))
+    assert data.nested["volume"] == ["modality"] and data.nested["pair"] == ["modality"]
+    assert data.nested["question"] == []
+    first = data.obs.drop_duplicates("question_id").set_index("question_id")
+    vol_modality = first.groupby("volume_id")["modality"].first()
+    blocks = pd.Series(data.group_blocks["volume"], index=data.levels["volume"])
+    # one block per modality, and every volume in its modality's block
+    assert blocks.groupby(vol_modality.loc[blocks.index].to_numpy()).nunique().eq(1).all()
+    assert blocks.nunique() == 2
+    assert (data.group_blocks["question"] == 0).all()
+
+
 def test_structure_pair_ignores_order_and_keeps_single_structures():
     a = pd.Series(["liver", "spleen", "femur"])
     b = pd.Series(["spleen", "liver", None])
