@@ -47,7 +47,7 @@ force = False
 draws = None  # NUTS draws per chain (None: the profile's [analysis] value)
 tune = None  # warm-up per chain
 chains = None
-centred = None  # groups sampled centred ([] = none, the profile default) or "auto"
+centred = None  # groups to sample centred, or "auto" (None: the profile value, no group)
 simulated_questions = None  # e.g. 3000: analyse a simulated study, not the real results
 
 # %%
