@@ -67,8 +67,9 @@ Outputs (``data/analysis/``)
       ``p[family=relation_3d] - p[family=relation_2d]``, ``p[dims=3d] - p[dims=2d]``.
       The first name is the minuend. Levels are ordered as the benchmark lists them, and a
       pair appears once: ``a - b`` with ``a`` after ``b`` in that order (arm: semsam after
-      baseline; dims: 3d after 2d; terminology: colloquial after anatomical; ...), so read
-      ``-mean`` for the other direction.
+      baseline; dims: 3d after 2d; terminology: colloquial after anatomical; prompt: none,
+      mask, box, point; ablation: none, text_only, blank; ...), so read ``-mean`` for the
+      other direction.
 ``ppc.parquet``
     The posterior predictive check per factor level and interaction cell: ``cell`` (named
     like the contrasts), ``factors, observed, n_trials, pp_mean, pp_lo95, pp_hi95, inside``.
@@ -121,7 +122,7 @@ LEVEL_ORDER: dict[str, tuple[str, ...]] = {
     "plane": ("axial", "coronal", "sagittal"),
     "dims": ("2d", "3d"),
     "convention": ("standard", "storage"),
-    "prompt": ("mask", "box", "point"),
+    "prompt": ("none", "mask", "box", "point"),  # "none": a no-prompt baseline, if rendered
     "background": ("scan", "blank"),
     "terminology": ("anatomical", "colloquial"),
     "form": ("open", "closed_true", "closed_false"),
