@@ -44,7 +44,7 @@ def study():
 def fitted(tmp_path_factory, study):
     root = tmp_path_factory.mktemp("fa")
     write_study(study, root=root, scored=True)
-    result = run_factor_analysis("demo", root=root, progress=False, draws=1500, tune=700,
+    result = run_factor_analysis("demo", root=root, progress=False, draws=3000, tune=1000,
                                  chains=2)
     return root, result
 
