@@ -40,7 +40,7 @@ profile = "demo"
 force = False
 models = None          # list of model ids; None: as in the profile
 arms = None            # e.g. ["baseline"]; None: as in the profile
-limit = None           # at most this many questions, 0 = all; None: as in the profile
+limit = None           # at most this many questions (0: all; None: as in the profile)
 n_trials = None        # None: as in the profile
 batch_size = None      # None: as in the profile
 max_new_tokens = None  # None: as in the profile

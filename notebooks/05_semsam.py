@@ -36,7 +36,7 @@
 # %% tags=["parameters"]
 profile = "demo"
 force = False
-k = None            # neighbours per token (the profile's [semsam] k)
+k = None            # neighbours per token (None: [semsam] k of the profile)
 temperature = None
 top_k = None
 top_p = None

@@ -44,7 +44,7 @@
 # %% tags=["parameters"]
 profile = "demo"
 force = False
-draws = None  # NUTS draws per chain (None: the profile's [analysis] value)
+draws = None  # NUTS draws per chain (None: [analysis] draws of the profile)
 tune = None  # warm-up per chain
 chains = None
 centred = None  # groups to sample centred, or "auto" (None: the profile value, no group)

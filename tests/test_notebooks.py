@@ -76,3 +76,18 @@ def test_a_failing_cell_stops_reproduce_and_names_notebook_and_cell(tmp_path):
     executed = tmp_path / "build" / "notebooks" / "demo"
     assert (executed / "01_broken.ipynb").is_file()
     assert not (executed / "02_never.ipynb").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_can_override_every_name_in_the_parameters_cell(path):
+    import ast
+
+    import papermill as pm
+
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
+    # papermill skips a line it cannot parse (e.g. '=' or a quote in its comment): that
+    # parameter could then not be set from `make reproduce` or a notebook call
+    assert list(pm.inspect_notebook(str(path))) == assigned
