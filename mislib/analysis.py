@@ -958,26 +958,8 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
 
 
 # ------------------------------------------------------------------------------------------
-# Figures (notebook 07; the forest plot is reused by notebook 08)
+# Figures (notebook 07; its forest plot is mislib.plots.factor_forest, shared with 08)
 # ------------------------------------------------------------------------------------------
-def plot_factor_forest(effects: pd.DataFrame, ax=None, include_intercept: bool = False):
-    """Posterior means and 95 % intervals of the fixed effects (logit scale), one row each."""
-    import matplotlib.pyplot as plt
-
-    df = effects if include_intercept else effects[effects["term"] != "Intercept"]
-    df = df.iloc[::-1]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 0.22 * len(df) + 1.0))
-    y = np.arange(len(df))
-    ax.hlines(y, df["lo95"], df["hi95"], color="0.3", lw=1.2)
-    ax.plot(df["mean"], y, "o", ms=3.5, color="C0")
-    ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
-    ax.set_yticks(y, df["term"], fontsize=7)
-    ax.set_ylim(-0.7, len(df) - 0.3)
-    ax.set_xlabel("effect on the logit of accuracy (sum-to-zero deviation), 95 % interval")
-    return ax
-
-
 def plot_ppc(ppc: pd.DataFrame, ax=None):
     """Observed accuracy per cell (dots) against the 95 % posterior predictive band."""
     import matplotlib.pyplot as plt

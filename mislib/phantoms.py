@@ -81,9 +81,19 @@ def write_brain_atlas(case_dir: str | os.PathLike) -> Path:
 
 # ---- phantom building blocks -----------------------------------------------------------
 
-def _grid(shape, spacing, origin):
-    """World coordinates (mm) of the voxel centres along each RAS axis."""
-    return [origin[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
+def _grid(extent, spacing):
+    """A RAS+ grid covering ``extent`` ((lo, hi) mm per axis) at ``spacing`` mm.
+
+    Returns the shape, the world coordinates (mm) of the voxel centres along each axis and
+    the voxel-to-world affine.
+    """
+    spacing = np.asarray(spacing, float)
+    lo = np.array([e[0] for e in extent], float)
+    shape = tuple(int(round((e[1] - e[0]) / s)) for e, s in zip(extent, spacing, strict=True))
+    axes = [lo[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = lo
+    return shape, axes, affine
 
 
 def _ellipsoid(axes, centre, radii):
@@ -164,12 +174,7 @@ def write_torso_ct_phantom(case_dir: str | os.PathLike, seed: int,
     seed jitters each structure's position (±6 mm) and size (±10 %), so cases differ.
     """
     rng = np.random.default_rng(seed)
-    spacing = np.array(TORSO_SPACING)
-    lo = np.array([e[0] for e in TORSO_EXTENT], float)
-    shape = tuple(int(round((e[1] - e[0]) / s)) for e, s in zip(TORSO_EXTENT, spacing, strict=True))
-    axes = _grid(shape, spacing, lo)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = lo
+    shape, axes, affine = _grid(TORSO_EXTENT, TORSO_SPACING)
 
     hu = np.full(shape, -1000.0, dtype=np.float32)
     body = _ellipsoid(axes, (0, 0, 0), (170, 120, 1e6))
@@ -232,12 +237,7 @@ def write_knee_mri_phantom(case_dir: str | os.PathLike, seed: int, laterality: s
     if laterality not in ("left", "right"):
         raise ValueError(f"laterality must be 'left' or 'right', got {laterality!r}")
     rng = np.random.default_rng(seed)
-    spacing = np.array(KNEE_SPACING)
-    lo = np.array([e[0] for e in KNEE_EXTENT], float)
-    shape = tuple(int(round((e[1] - e[0]) / s)) for e, s in zip(KNEE_EXTENT, spacing, strict=True))
-    axes = _grid(shape, spacing, lo)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = lo
+    shape, axes, affine = _grid(KNEE_EXTENT, KNEE_SPACING)
     mirror = 1.0 if laterality == "right" else -1.0
 
     signal = np.zeros(shape, dtype=np.float32)
@@ -256,7 +256,7 @@ def write_knee_mri_phantom(case_dir: str | os.PathLike, seed: int, laterality: s
         labels[mask] = index_of[name]
         signal[mask] = value
     # a smooth coil-sensitivity bias along y, and noise
-    bias = 1.0 + 0.25 * (axes[1] - lo[1]) / (axes[1][-1] - lo[1])
+    bias = 1.0 + 0.25 * (axes[1] - axes[1][0]) / (axes[1][-1] - axes[1][0])
     signal = signal * bias[None, :, None] + rng.normal(0, 20, shape).astype(np.float32)
 
     case = Path(case_dir)

@@ -31,23 +31,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from mislib.analysis import LEVEL_ORDER
 from mislib.paths import figure_path, project_paths
 
 NOTEBOOK = "08_paper_assets"
-#: Level order as the benchmark lists them (others follow, sorted).
-LEVEL_ORDER: dict[str, tuple[str, ...]] = {
-    "arm": ("baseline", "semsam"),
-    "modality": ("CT", "MRI"),
-    "plane": ("axial", "coronal", "sagittal"),
-    "dims": ("2d", "3d"),
-    "convention": ("standard", "storage"),
-    "prompt": ("none", "mask", "box", "point"),
-    "background": ("scan", "blank"),
-    "terminology": ("anatomical", "colloquial"),
-    "form": ("open", "closed_true", "closed_false"),
-    "family": ("relation_2d", "relation_3d", "plane"),
-    "ablation": ("none", "text_only", "blank"),
-}
 #: The figures :func:`make_figures` writes (file names ``08_<name>.png|pdf``).
 FIGURES = ("accuracy_by_factor", "convention_terminology", "visual_prompt", "dims_2d_3d",
            "ablations", "semsam_by_model", "factor_forest")

@@ -54,14 +54,9 @@ simulated_questions = None  # e.g. 3000: analyse a simulated study, not the real
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from mislib.analysis import (
-    plot_diagnostics,
-    plot_factor_forest,
-    plot_ppc,
-    plot_traces,
-    run_factor_analysis,
-)
+from mislib.analysis import plot_diagnostics, plot_ppc, plot_traces, run_factor_analysis
 from mislib.paths import figure_path, project_paths
+from mislib.plots import factor_forest
 
 NOTEBOOK = "07_factor_analysis"
 root = None
@@ -133,9 +128,9 @@ save(axes[0].figure, "traces")
 # 95 % interval; interaction rows are deviations beyond the two main effects.
 
 # %%
-ax = plot_factor_forest(fa.effects)
-ax.set_title(f"Factor effects — {label}", fontsize=9)
-save(ax.figure, "forest")
+fig = factor_forest(fa.effects)
+fig.axes[0].set_title(f"Factor effects — {label}", fontsize=9)
+save(fig, "forest")
 
 # %%
 fa.effects.round(3)
