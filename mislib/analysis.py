@@ -103,7 +103,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.config import file_digest, is_fresh, stage_params, write_stamp
 from mislib.paths import project_paths
 
 log = logging.getLogger(__name__)
@@ -842,16 +842,6 @@ def _score_results(paths) -> pd.DataFrame:
     return rescored
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def write_outputs(fit: FactorFit, out_dir: str | os.PathLike) -> list[Path]:
     """Write the tables, diagnostics and the small posterior of a fit to ``out_dir``."""
     import shutil
@@ -891,9 +881,9 @@ def stamp_params(params: Mapping[str, Any], paths) -> dict[str, Any]:
     """The stage parameters plus a digest of the input, so re-scored trials are refitted."""
     scored_path = paths.analysis / "scored.parquet"
     if scored_path.is_file():
-        digest = _file_digest(scored_path)
+        digest = file_digest(scored_path)
     else:
-        digest = "|".join(f"{p.relative_to(paths.results)}:{_file_digest(p)}"
+        digest = "|".join(f"{p.relative_to(paths.results)}:{file_digest(p)}"
                           for p in sorted(paths.results.glob("*/responses.parquet")))
     return dict(params, input=digest)
 

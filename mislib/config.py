@@ -79,6 +79,16 @@ def config_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """A short SHA-256 of a file's bytes, read in 1 MiB blocks: stages put the digests of
+    their input files into their configuration hash, so new inputs make outputs stale."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _stamp_path(out_dir: Path, stage: str) -> Path:
     return Path(out_dir) / f".{stage}.stage.json"
 

@@ -54,7 +54,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mislib.config import config_hash, is_fresh, load_profile, stage_params, write_stamp
+from mislib.config import (
+    config_hash,
+    file_digest,
+    is_fresh,
+    load_profile,
+    stage_params,
+    write_stamp,
+)
 from mislib.paths import REPO_ROOT, project_paths
 from mislib.scoring import FAMILIES, is_correct, parse_answer
 
@@ -564,14 +571,6 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def _slug(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", model_id.rsplit("/", 1)[-1]).strip("-").lower()
 
@@ -639,7 +638,7 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
                "device": params.get("device", "auto"), "video_fps": params.get("video_fps", 1.0),
                "n_trials": int(params["n_trials"]), "limit": int(params["limit"] or 0),
                "batch_size": int(params["batch_size"]), "decode": decode,
-               "questions_sha": _file_sha(questions_file)}
+               "questions_sha": file_digest(questions_file)}
     stage = f"inference-{_slug(model_id)}-{arm}"
     stamp = results_dir / f".{stage}.stage.json"
     if not force and stamp.is_file():

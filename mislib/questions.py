@@ -54,14 +54,13 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.config import file_digest, is_fresh, stage_params, write_stamp
 from mislib.geometry import (
     AXIS_VECTORS,
     CONVENTIONS,
@@ -724,14 +723,6 @@ def _finish(rows: list[dict]) -> pd.DataFrame:
 # Stage entry points
 # ----------------------------------------------------------------------------------------
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def load_inputs(root: str | os.PathLike | None = None
                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(renders, volumes, components)`` from stages 01–02, with a clear error if absent."""
@@ -758,9 +749,9 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
     out_dir = paths.benchmark
     renders, volumes, components = load_inputs(root)
     stamp_params = {**params, "inputs": {
-        "renders": _file_digest(out_dir / "renders.parquet"),
-        "volumes": _file_digest(paths.prepared / "volumes.parquet"),
-        "components": _file_digest(paths.prepared / "components.parquet")}}
+        "renders": file_digest(out_dir / "renders.parquet"),
+        "volumes": file_digest(paths.prepared / "volumes.parquet"),
+        "components": file_digest(paths.prepared / "components.parquet")}}
     target = out_dir / QUESTIONS_FILE
     if not force and is_fresh(out_dir, "questions", stamp_params, [QUESTIONS_FILE]):
         log.info("questions: fresh for this configuration, reading %s", target)

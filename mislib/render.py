@@ -23,7 +23,6 @@ so factor cells differ only in the factor.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import multiprocessing
 import os
@@ -44,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.config import config_hash, file_digest, is_fresh, stage_params, write_stamp
 from mislib.geometry import (
     CONVENTIONS,
     PLANES,
@@ -784,10 +783,7 @@ def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
 
 
 def _input_digest(prepared: Path) -> str:
-    h = hashlib.sha256()
-    for name in INPUT_FILES:
-        h.update((prepared / name).read_bytes())
-    return h.hexdigest()[:16]
+    return config_hash({name: file_digest(prepared / name) for name in INPUT_FILES})
 
 
 def _read_inputs(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

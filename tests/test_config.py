@@ -43,3 +43,12 @@ def test_stage_is_fresh_only_for_same_params_and_existing_outputs(tmp_path):
     assert not config.is_fresh(tmp_path, "volumes", {"x": 2}, ["out.parquet"])
     (tmp_path / "out.parquet").unlink()
     assert not config.is_fresh(tmp_path, "volumes", params, ["out.parquet"])
+
+
+def test_file_digest_follows_the_bytes(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"x" * (3 << 20))
+    b.write_bytes(b"x" * (3 << 20))
+    assert config.file_digest(a) == config.file_digest(b)
+    b.write_bytes(b"x" * (3 << 20) + b"y")
+    assert config.file_digest(a) != config.file_digest(b)
