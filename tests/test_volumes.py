@@ -333,3 +333,22 @@ def test_visible_areas_equal_a_full_histogram_of_every_slice():
         brute = np.stack([np.bincount(labels.take(i, axis=fixed).ravel(), minlength=5)
                           for i in range(labels.shape[fixed])]) * spacing[a] * spacing[b]
         np.testing.assert_allclose(areas[plane][:, 1:], brute[:, 1:])
+
+
+def test_gzip_reader_matches_nibabel_for_plain_scaled_and_multi_member_files(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([-1.0, 2.0, 3.0, 1.0])
+    plain = tmp_path / "plain.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), plain)
+    scaled_img = nib.Nifti1Image(data, affine)
+    scaled_img.header.set_slope_inter(0.5, -3.0)
+    scaled = tmp_path / "scaled.nii.gz"
+    nib.save(scaled_img, scaled)
+    raw = gzip.decompress(plain.read_bytes())
+    multi = tmp_path / "multi.nii.gz"  # two gzip members, as bgzip-style writers make
+    multi.write_bytes(gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
+    for path in (plain, scaled, multi):
+        img, voxels = volumes._read_nii_gz(path)
+        reference = nib.load(path)
+        np.testing.assert_array_equal(voxels, reference.get_fdata())
+        np.testing.assert_allclose(img.affine, reference.affine)
