@@ -53,28 +53,24 @@ TSV_FACTORS = ("family", "form", "terminology", "ablation", "modality", "source"
 _TSV_REF_MAX = 64
 
 
+#: Columns of the exported dataset, in order, with their types other than plain strings.
+_EXPORT_COLUMNS = ("question_id", "render_id", "volume_id", "slice_id", "source", "modality",
+                   "plane", "dims", "convention", "prompt", "background", "terminology",
+                   "form", "family", "ablation", "component_a", "component_b", "name_a",
+                   "name_b", "letter_a", "letter_b", "axis", "direction", "separation_mm",
+                   "text", "answer", "choices", "image_path", "n_frames", "relation_id",
+                   "image", "frames")
+
+
 def _features():
     import datasets
 
-    return datasets.Features({
-        "question_id": datasets.Value("string"), "render_id": datasets.Value("string"),
-        "volume_id": datasets.Value("string"), "slice_id": datasets.Value("string"),
-        "source": datasets.Value("string"), "modality": datasets.Value("string"),
-        "plane": datasets.Value("string"), "dims": datasets.Value("string"),
-        "convention": datasets.Value("string"), "prompt": datasets.Value("string"),
-        "background": datasets.Value("string"), "terminology": datasets.Value("string"),
-        "form": datasets.Value("string"), "family": datasets.Value("string"),
-        "ablation": datasets.Value("string"), "component_a": datasets.Value("string"),
-        "component_b": datasets.Value("string"), "name_a": datasets.Value("string"),
-        "name_b": datasets.Value("string"), "letter_a": datasets.Value("string"),
-        "letter_b": datasets.Value("string"), "axis": datasets.Value("string"),
-        "direction": datasets.Value("string"), "separation_mm": datasets.Value("float64"),
-        "text": datasets.Value("string"), "answer": datasets.Value("string"),
-        "choices": datasets.List(datasets.Value("string")),
-        "image_path": datasets.Value("string"), "n_frames": datasets.Value("int64"),
-        "relation_id": datasets.Value("string"),
-        "image": datasets.Image(), "frames": datasets.List(datasets.Image()),
-    })
+    typed = {"separation_mm": datasets.Value("float64"),
+             "choices": datasets.List(datasets.Value("string")),
+             "n_frames": datasets.Value("int64"), "image": datasets.Image(),
+             "frames": datasets.List(datasets.Image())}
+    return datasets.Features({name: typed.get(name, datasets.Value("string"))
+                              for name in _EXPORT_COLUMNS})
 
 
 class _ImageCache:
