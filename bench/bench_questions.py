@@ -1,10 +1,10 @@
 """Stage 03: questions generated per second, at the paper's input shape.
 
 Synthetic stage-01/02 tables shaped like the paper's benchmark input (1,160 volumes, two
-slices each, every slice rendered as a 2D image and a 3D stack in 2 conventions × 3 prompts ×
-2 backgrounds, six labelled structures per render) are built in memory; their pixel
-centroids and frame ranges follow :func:`mislib.geometry.screen_mapping`, as the renderer's
-do. :func:`mislib.questions.build_questions` then runs with the ``paper`` and the ``demo``
+slices each, every slice rendered as a 2D image and a 3D stack in 2 conventions × (3 prompts
+× 2 backgrounds + the scan without a prompt), six labelled structures per render) are built
+in memory; their pixel centroids and frame ranges follow
+:func:`mislib.geometry.screen_mapping`, as the renderer's do. :func:`mislib.questions.build_questions` then runs with the ``paper`` and the ``demo``
 profile's knobs. Figures: questions per second, seconds, and the question count (the paper
 profile's count is the one to compare with the paper's 33,864).
 """
@@ -53,8 +53,10 @@ def synthetic_inputs(n_volumes: int, seed: int = 0, labels: int = 6, ct_share: f
                 for convention in ("standard", "storage"):
                     off = screen_offset(world, screen_mapping(plane, convention))
                     mid = 8 + off[:, 2] / 10.0
-                    for prompt in ("mask", "box", "point"):
+                    for prompt in ("none", "mask", "box", "point"):
                         for background in ("scan", "blank"):
+                            if prompt == "none" and background == "blank":
+                                continue  # an empty image: stage 02 does not draw it
                             rid = f"{vid}-{plane}-{dims}-{convention}-{prompt}-{background}"
                             same = {"render_id": rid, "volume_id": vid,
                                     "slice_id": f"{vid}-{plane}", "plane": plane,
@@ -65,7 +67,7 @@ def synthetic_inputs(n_volumes: int, seed: int = 0, labels: int = 6, ct_share: f
                                     "n_frames": 1 if dims == "2d" else 16}
                             for k, v in same.items():
                                 cols[k] += [v] * labels
-                            cols["letter"] += letters
+                            cols["letter"] += [None] * labels if prompt == "none" else letters
                             cols["component"] += comps
                             cols["centroid_col"] += list(224 + off[:, 0])
                             cols["centroid_row"] += list(224 + off[:, 1])

@@ -14,7 +14,8 @@ balanced as far as the data allow) and, per pair, the **relations** it can ask: 
 in-plane world axis (``relation_2d``) or the through-plane axis (``relation_3d``) along which
 the two centroids are at least ``margin_mm`` apart. Each relation is asked in
 ``cells_per_relation`` **cells** (convention × prompt × ablation, where the ablation is
-``none`` on the scan, ``blank`` on the empty background, or ``text_only`` without an image)
+``none`` on the scan, ``blank`` on the empty background, or ``text_only`` without an image;
+the visual prompt ``none`` — the scan without marks — is one more prompt level of the scan)
 and ``terminologies_per_relation`` terminologies, always least-used first; every
 (relation, cell, terminology) gives three questions, one per form: ``open``,
 ``closed_true`` and ``closed_false`` (the inverted relation, answer ``False``), so True and
@@ -39,6 +40,13 @@ medial/lateral. Colloquial terms (screen-relative) come from the renderer's pixe
 to the world geometry, and a disagreement stops the stage with the renders named
 (:class:`GroundTruthMismatch`), since it means the renderer and the truth drifted apart.
 Text-only colloquial questions follow the ``standard`` convention.
+
+References
+----------
+A structure is named with its letter, ``the liver (B)``, on a prompted scan; by its letter
+only, ``structure B``, on the blank background; by its name only, ``the liver``, on the
+scan without a visual prompt (prompt ``none``: no letters are drawn) and in text-only
+questions.
 
 >>> anatomical_term("R", laterality="right")
 'lateral'
@@ -79,7 +87,9 @@ FAMILIES = ("relation_2d", "relation_3d", "plane")
 FORMS = ("open", "closed_true", "closed_false")
 TERMINOLOGIES = ("anatomical", "colloquial")
 ABLATIONS = ("none", "text_only", "blank")
-PROMPTS = ("mask", "box", "point")
+PROMPTS = ("none", "mask", "box", "point")
+#: The prompt level of a scan drawn without marks or letters (the no-prompt baseline).
+NO_PROMPT = "none"
 
 QUESTIONS_FILE = "questions.parquet"
 RENDER_COLUMNS = ("render_id", "volume_id", "slice_id", "plane", "convention", "dims",
@@ -251,7 +261,8 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def _context(ablation: str, dims: str, desc: str, plane: str, terminology: str | None) -> str:
+def _context(ablation: str, dims: str, desc: str, plane: str, terminology: str | None,
+             prompt: str | None = None) -> str:
     if ablation == "text_only":
         view = ""
         if terminology == "colloquial":
@@ -265,6 +276,10 @@ def _context(ablation: str, dims: str, desc: str, plane: str, terminology: str |
                     f"{_article(desc)} {desc} on an empty background.")
         return (f"The image shows labelled structures from {_article(desc)} {desc} on an "
                 "empty background.")
+    if prompt == NO_PROMPT:  # nothing is marked: the scan alone
+        if dims == "3d":
+            return f"The video shows consecutive slices of {_article(desc)} {desc}."
+        return f"The image is a slice of {_article(desc)} {desc}."
     if dims == "3d":
         return (f"The video shows consecutive slices of {_article(desc)} {desc}; structures "
                 "are labelled.")
@@ -309,6 +324,13 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     _check_values(renders, "dims", ("2d", "3d"), "renders.parquet")
     _check_values(renders, "background", ("scan", "blank"), "renders.parquet")
     _check_values(renders, "prompt", PROMPTS, "renders.parquet")
+    bare = renders["prompt"] == NO_PROMPT
+    for bad, what in ((bare & (renders["background"] == "blank"),
+                       "prompt 'none' on a blank background (an empty image)"),
+                      (~bare & renders["letter"].isna(), "no letter on a prompted render")):
+        if bad.any():
+            ids = renders.loc[bad, "render_id"].astype(str).unique()[:5].tolist()
+            raise ValueError(f"renders.parquet: {what} in renders {ids}")
     xyz = renders[["visible_x", "visible_y", "visible_z"]]
     if xyz.isna().any(axis=None):
         bad = renders.loc[xyz.isna().any(axis=1), "render_id"].astype(str).unique()[:5]
@@ -336,8 +358,9 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
         comp = str(c["component"][i])
         if comp in rend.labels:
             raise ValueError(f"renders.parquet: render {rid} labels {comp!r} twice")
-        rend.labels[comp] = (str(c["letter"][i]), col[i], row_px[i], c["frame_first"][i],
-                             c["frame_last"][i], xyz[i])
+        letter = c["letter"][i]  # null on a render without a visual prompt
+        rend.labels[comp] = (None if pd.isna(letter) else str(letter), col[i], row_px[i],
+                             c["frame_first"][i], c["frame_last"][i], xyz[i])
     return out
 
 
@@ -635,8 +658,8 @@ def _relation_base(unit_base: dict, rend: _Render | None, ablation: str, convent
         "background": None if text_only else ("blank" if ablation == "blank" else "scan"),
         "ablation": ablation, "terminology": terminology,
         "component_a": a, "component_b": b, "name_a": display_name(a), "name_b": display_name(b),
-        "letter_a": None if text_only else rend.labels[a][0],
-        "letter_b": None if text_only else rend.labels[b][0],
+        "letter_a": None if text_only or prompt == NO_PROMPT else rend.labels[a][0],
+        "letter_b": None if text_only or prompt == NO_PROMPT else rend.labels[b][0],
         "axis": AXIS_NAMES[axis], "separation_mm": round(separation, 3),
         "image_path": None if text_only else rend.image_path,
         "n_frames": 0 if text_only else rend.n_frames,
@@ -647,7 +670,7 @@ def _relation_base(unit_base: dict, rend: _Render | None, ablation: str, convent
 
 def _reference(base: dict, side: str) -> str:
     name, letter = base[f"name_{side}"], base[f"letter_{side}"]
-    if base["ablation"] == "text_only":
+    if base["ablation"] == "text_only" or base["prompt"] == NO_PROMPT:
         return f"the {name}"
     if base["ablation"] == "blank":
         return f"structure {letter}"
@@ -657,7 +680,8 @@ def _reference(base: dict, side: str) -> str:
 def _relation_forms(base: dict, family: str, terminology: str, truth: str,
                     pair: tuple[str, str], desc: str, seed: Any) -> list[tuple]:
     a, b = _reference(base, "a"), _reference(base, "b")
-    context = _context(base["ablation"], base["dims"], desc, base["plane"], terminology)
+    context = _context(base["ablation"], base["dims"], desc, base["plane"], terminology,
+                       base["prompt"])
     frame = _frame_hint(terminology, base["dims"])
     key = (seed, base["relation_id"])
     order = list(pair) if stable_hash(key, "order") % 2 == 0 else list(pair)[::-1]
@@ -679,7 +703,7 @@ def _relation_forms(base: dict, family: str, terminology: str, truth: str,
 
 def _plane_forms(base: dict, plane: str, wrong: str, desc: str, seed: Any) -> tuple:
     thing = "stack of slices" if base["dims"] == "3d" else "slice"
-    context = _context(base["ablation"], base["dims"], desc, plane, None)
+    context = _context(base["ablation"], base["dims"], desc, plane, None, base["prompt"])
     key = (seed, base["relation_id"])
     order = [PLANES[(i + stable_hash(key, "order")) % 3] for i in range(3)]
     tpl = _PLANE_OPEN[stable_hash(key, "open") % len(_PLANE_OPEN)]

@@ -15,7 +15,11 @@ question ground truth all share one mapping.
 
 Per (slice or frame, convention) the *layout* — which structures are visible, where each
 one's point and letter go — is computed once and drawn in every (prompt, background) variant,
-so factor cells differ only in the factor.
+so factor cells differ only in the factor. The prompt level ``none`` is the no-prompt
+baseline: the windowed scan alone, no marks and no letters, one image (or stack) per slice
+and convention; its rows in ``renders.parquet`` still list the structures (centroids for the
+ground truth) but with null ``letter`` and ``color``. A blank background without prompts
+would show nothing, so (``none``, ``blank``) is not rendered.
 
 >>> rows = render_benchmark("demo", workers=1)            # doctest: +SKIP
 >>> rows.groupby(["dims", "prompt"]).render_id.nunique()  # doctest: +SKIP
@@ -55,7 +59,9 @@ from mislib.geometry import (
 )
 from mislib.paths import project_paths
 
-PROMPTS = ("mask", "box", "point")
+#: The visual-prompt levels; ``none`` (the scan only) is the no-prompt baseline.
+PROMPTS = ("none", "mask", "box", "point")
+NO_PROMPT = "none"
 BACKGROUNDS = ("scan", "blank")
 DIMS = ("2d", "3d")
 LETTERS = "ABCDEF"
@@ -440,12 +446,17 @@ def _rgb(color: str) -> np.ndarray:
 def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
          alpha: float = 0.35) -> Image.Image:
     """Draw one frame: the scan (``grey`` (size, size) uint8) or a blank canvas, the prompts
-    of ``prompt`` kind and the letters. Returns an RGB image."""
+    of ``prompt`` kind and the letters. Returns an RGB image.
+
+    ``prompt="none"`` draws the scan alone: no prompt and no letter (the no-prompt baseline).
+    """
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt {prompt!r}; expected one of {PROMPTS}")
     base = np.zeros((size, size, 3), np.uint8)
     if grey is not None:
         base[:] = grey[..., None]
+    if prompt == NO_PROMPT:
+        return Image.fromarray(base, "RGB")
     if prompt == "mask":
         for m in marks:
             c0, r0, c1, r1 = m.bbox
@@ -541,6 +552,15 @@ def safe_id(text: str) -> str:
 
 def render_id(slice_id: str, dims: str, convention: str, prompt: str, background: str) -> str:
     return safe_id(f"{slice_id}_{dims}_{convention}_{prompt}_{background}")
+
+
+def factor_cells(prompts: Sequence[str], backgrounds: Sequence[str]) -> list[tuple[str, str]]:
+    """The (prompt, background) variants drawn per slice and convention.
+
+    Every pair, except the no-prompt level on a blank background (an empty image).
+    """
+    return [(p, b) for p in prompts for b in backgrounds
+            if not (p == NO_PROMPT and b == "blank")]
 
 
 def _note(opts: RenderOptions, spec: SliceSpec, volume: Volume, reason: str, *, dims=None,
@@ -652,23 +672,24 @@ def render_slice(volume: Volume, spec: SliceSpec, opts: RenderOptions) -> list[R
                 grey = apply_window(resample_image(disp_img[f], grid), window)
                 by_label = _visible_world(volume, spec, [m.label for m in marks])
                 world = {m.component: by_label[m.label] for m in marks}
-                for prompt in opts.prompts:
-                    for background in opts.backgrounds:
-                        rid = render_id(spec.slice_id, "2d", convention, prompt, background)
-                        img = draw(grey if background == "scan" else None, marks, prompt, size)
-                        rows = [{**base, "render_id": rid, "convention": convention,
-                                 "dims": "2d", "prompt": prompt, "background": background,
-                                 "image_path": f"images/{rid}.png", "n_frames": 1,
-                                 "pixel_mm": grid.pixel_mm, "letter": m.letter,
-                                 "component": m.component, "label": m.label, "color": m.color,
-                                 "centroid_col": m.centroid[0], "centroid_row": m.centroid[1],
-                                 "frame_first": None, "frame_last": None,
-                                 "visible_x": world[m.component][0],
-                                 "visible_y": world[m.component][1],
-                                 "visible_z": world[m.component][2],
-                                 "visible_area_mm2": chosen[m.component],
-                                 "visible_frames": None} for m in marks]
-                        renders.append(Render(rid, [img], rows))
+                for prompt, background in factor_cells(opts.prompts, opts.backgrounds):
+                    rid = render_id(spec.slice_id, "2d", convention, prompt, background)
+                    img = draw(grey if background == "scan" else None, marks, prompt, size)
+                    shown = prompt != NO_PROMPT  # no letter or colour without a prompt
+                    rows = [{**base, "render_id": rid, "convention": convention,
+                             "dims": "2d", "prompt": prompt, "background": background,
+                             "image_path": f"images/{rid}.png", "n_frames": 1,
+                             "pixel_mm": grid.pixel_mm, "letter": m.letter if shown else None,
+                             "component": m.component, "label": m.label,
+                             "color": m.color if shown else None,
+                             "centroid_col": m.centroid[0], "centroid_row": m.centroid[1],
+                             "frame_first": None, "frame_last": None,
+                             "visible_x": world[m.component][0],
+                             "visible_y": world[m.component][1],
+                             "visible_z": world[m.component][2],
+                             "visible_area_mm2": chosen[m.component],
+                             "visible_frames": None} for m in marks]
+                    renders.append(Render(rid, [img], rows))
         if "3d" in opts.dims and n_frames >= 2:
             renders += _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid,
                                      letters, name_to_label, window, n_frames, base,
@@ -697,26 +718,27 @@ def _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid, lett
     greys = [apply_window(resample_image(disp_img[f], grid), window) for f in frames]
     centroid3d = {c: volume.centroid(name_to_label[c]) for c in seen}
     renders = []
-    for prompt in opts.prompts:
-        for background in opts.backgrounds:
-            rid = render_id(spec.slice_id, "3d", convention, prompt, background)
-            images = [draw(g if background == "scan" else None, marks, prompt, size)
-                      for g, marks in zip(greys, per_frame, strict=True)]
-            rows = []
-            for comp, hits in sorted(seen.items(), key=lambda kv: kv[1][0][1].letter):
-                m0 = hits[0][1]
-                rows.append({**base, "render_id": rid, "convention": convention, "dims": "3d",
-                             "prompt": prompt, "background": background,
-                             "image_path": f"stacks/{rid}/", "n_frames": len(frames),
-                             "pixel_mm": grid.pixel_mm, "letter": m0.letter,
-                             "component": comp, "label": m0.label, "color": m0.color,
-                             "centroid_col": float(np.mean([m.centroid[0] for _, m in hits])),
-                             "centroid_row": float(np.mean([m.centroid[1] for _, m in hits])),
-                             "frame_first": hits[0][0], "frame_last": hits[-1][0],
-                             "visible_x": centroid3d[comp][0], "visible_y": centroid3d[comp][1],
-                             "visible_z": centroid3d[comp][2], "visible_area_mm2": None,
-                             "visible_frames": len(hits)})
-            renders.append(Render(rid, images, rows))
+    for prompt, background in factor_cells(opts.prompts, opts.backgrounds):
+        rid = render_id(spec.slice_id, "3d", convention, prompt, background)
+        images = [draw(g if background == "scan" else None, marks, prompt, size)
+                  for g, marks in zip(greys, per_frame, strict=True)]
+        shown = prompt != NO_PROMPT  # no letter or colour without a prompt
+        rows = []
+        for comp, hits in sorted(seen.items(), key=lambda kv: kv[1][0][1].letter):
+            m0 = hits[0][1]
+            rows.append({**base, "render_id": rid, "convention": convention, "dims": "3d",
+                         "prompt": prompt, "background": background,
+                         "image_path": f"stacks/{rid}/", "n_frames": len(frames),
+                         "pixel_mm": grid.pixel_mm, "letter": m0.letter if shown else None,
+                         "component": comp, "label": m0.label,
+                         "color": m0.color if shown else None,
+                         "centroid_col": float(np.mean([m.centroid[0] for _, m in hits])),
+                         "centroid_row": float(np.mean([m.centroid[1] for _, m in hits])),
+                         "frame_first": hits[0][0], "frame_last": hits[-1][0],
+                         "visible_x": centroid3d[comp][0], "visible_y": centroid3d[comp][1],
+                         "visible_z": centroid3d[comp][2], "visible_area_mm2": None,
+                         "visible_frames": len(hits)})
+        renders.append(Render(rid, images, rows))
     return renders
 
 
@@ -913,8 +935,8 @@ def load_prepared_volume(volume_id: str, root: str | os.PathLike | None = None,
 
 def contact_sheet(volume: Volume, ijk: Sequence[int], opts: RenderOptions | None = None):
     """The factors on one page: the three planes through voxel ``ijk`` × two conventions
-    (rows) × the three prompts on the scan and the mask prompt on a blank background
-    (columns). Rendered in memory by :func:`render_slice`, exactly as the stage renders.
+    (rows) × the scan without a prompt, the three prompts on the scan and the mask prompt
+    on a blank background (columns). Rendered in memory by :func:`render_slice`, exactly as the stage renders.
 
     Returns a matplotlib Figure.
     """
@@ -974,8 +996,9 @@ def stack_strip(benchmark: str | os.PathLike, renders: pd.DataFrame, render_id: 
         ax.set_title(f"frame {i}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    spans = "; ".join(f"{r.letter} {r.component} {r.frame_first}-{r.frame_last}"
-                      for r in rows.sort_values("letter").itertuples())
+    spans = "; ".join(f"{'' if pd.isna(r.letter) else r.letter + ' '}{r.component} "
+                      f"{r.frame_first}-{r.frame_last}"
+                      for r in rows.sort_values(["letter", "component"]).itertuples())
     fig.suptitle(f"{render_id}: frames run toward {m.frame}\n{spans}", fontsize=8)
     fig.tight_layout()
     return fig

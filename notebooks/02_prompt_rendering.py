@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -21,8 +23,10 @@
 #   right on the image left) or `storage` (the array drawn as indexed after reorienting so
 #   that index 0 is the right-, anterior-, superior-most voxel);
 # * **visual prompt** — `mask` (translucent fill + outline), `box` or `point`, each structure
-#   with a colour-blind-safe colour and a letter A–F, shuffled per slice;
-# * **background** — the scan, or `blank` (the same prompts, no anatomy);
+#   with a colour-blind-safe colour and a letter A–F, shuffled per slice; or `none`, the scan
+#   alone without marks or letters (the no-prompt baseline);
+# * **background** — the scan, or `blank` (the same prompts, no anatomy; not drawn for
+#   `none`, which would be an empty image);
 # * **dims** — a single `2d` image, or a `3d` stack of frames through the structures,
 #   passed to the model as a video.
 #
@@ -93,8 +97,8 @@ skipped.groupby(["action", "reason"]).size().rename("count").to_frame()
 #
 # The three planes through the centre of the brain atlas's labels, rendered by the same
 # function the stage uses. Rows: plane × convention (the row label names the world
-# directions at the top and on the left). Columns: the three visual prompts on the scan, and
-# the mask prompt on a blank background.
+# directions at the top and on the left). Columns: the scan without a prompt, the three
+# visual prompts on the scan, and the mask prompt on a blank background.
 
 # %%
 volumes = pd.read_parquet(paths.prepared / "volumes.parquet")

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -27,7 +29,8 @@
 #   above/below, left/right as seen, earlier/later frame);
 # * **ablations** — `none` (structures named with their letter, "the liver (A)"), `blank`
 #   (the prompts on an empty background, letters only) and `text_only` (no image, names only;
-#   colloquial answers then follow the standard display).
+#   colloquial answers then follow the standard display). On the scan without a visual
+#   prompt (prompt `none`) no letters are drawn, so structures are named only, "the liver".
 #
 # Anatomical truth comes from world (RAS+) geometry: the centroids of what is visible on the
 # slice for 2D questions, the 3D centroids for stacks and text-only questions. Colloquial

@@ -18,7 +18,7 @@ from mislib.questions import export, generate
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    make_inputs(root, conventions=("standard", "storage"), prompts=("mask",))
+    make_inputs(root, conventions=("standard", "storage"), prompts=("none", "mask"))
     questions = generate("demo", root=root, force=True)
     info = export("demo", root=root)
     return root, questions, info
@@ -85,6 +85,21 @@ def test_vlmevalkit_tsv_has_base64_images_and_index_references(exported):
     # the text round-trips through the TSV, newlines included
     merged = tsv.merge(questions, on="question_id")
     assert (merged["question"] == merged["text"]).all()
+
+
+def test_no_prompt_questions_keep_their_level_and_letter_free_text(exported):
+    root, questions, info = exported
+    bare = questions[questions["prompt"] == "none"]
+    assert len(bare) > 0
+    ds = datasets.load_dataset("parquet", data_files=[str(p) for p in info["hf_files"]],
+                               split="train", cache_dir=str(root / "hf-cache")).to_pandas()
+    rows = ds[ds["prompt"] == "none"]
+    assert rows["question_id"].tolist() == bare["question_id"].tolist()
+    assert rows["letter_a"].isna().all() and (rows["text"] == bare["text"].values).all()
+    tsv = pd.read_csv(export_paths(root)["tsv"], sep="\t", keep_default_na=False, dtype=str)
+    tsv_bare = tsv[tsv["prompt"] == "none"]
+    assert set(tsv_bare["question_id"]) == set(bare["question_id"])
+    assert (tsv_bare["letter_a"] == "").all() and (tsv_bare["background"] == "scan").all()
 
 
 def test_export_without_questions_says_what_to_run(tmp_path):

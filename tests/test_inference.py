@@ -152,6 +152,23 @@ def test_question_prompt_appends_the_instruction_with_the_options():
         "Is A superior to B?\nAnswer with one of: True, False."
 
 
+def test_a_no_prompt_question_reaches_the_model_with_its_scan_and_names_only(tmp_path):
+    from test_questions import make_inputs
+
+    from mislib.questions import generate
+
+    make_inputs(tmp_path, conventions=("standard",), prompts=("none", "mask"))
+    questions = generate("demo", root=tmp_path, force=True)
+    bench = tmp_path / "data" / "benchmark"
+    bare = questions[(questions.prompt == "none") & (questions.family != "plane")]
+    for dims, kind in (("2d", "image"), ("3d", "video")):
+        q = bare[bare.dims == dims].iloc[0].to_dict()
+        assert input_kind(q) == kind and load_media(q, bench) is not None
+        text = question_prompt(q, "Answer with one of: {options}.")
+        assert f"the {q['name_a']}" in text.lower() and f"the {q['name_b']}" in text.lower()
+        assert not re.search(r"\([A-F]\)|[Ss]tructure [A-F]\b|labelled", text)
+
+
 def _rec(qid, trial, **kw):
     base = dict.fromkeys(RESPONSE_COLUMNS)
     base.update(question_id=qid, trial=trial, seed=1, batch_size=1, status="ok", **kw)

@@ -2,7 +2,7 @@
 
 Small synthetic stage-01/02 tables are built in code: three volumes (a brain MRI, a torso CT
 and a right knee), one slice per plane, 2D renders in both conventions, two prompts and both
-backgrounds, plus 3D stacks; pixel centroids and frame ranges follow the geometry mapping
+backgrounds and the scan without a prompt (``none``: no letters), plus 3D stacks; pixel centroids and frame ranges follow the geometry mapping
 as a renderer would draw them. The truths are then recomputed here from the inputs.
 """
 
@@ -53,7 +53,7 @@ def _png(value: int) -> bytes:
     return buf.getvalue()
 
 
-def make_inputs(root, conventions=("standard", "storage"), prompts=("mask", "box"),
+def make_inputs(root, conventions=("standard", "storage"), prompts=("none", "mask", "box"),
                 write_images=True):
     """Write volumes/components/renders parquet files (and tiny images) under ``root``."""
     prepared, bench = root / "data" / "prepared", root / "data" / "benchmark"
@@ -75,6 +75,8 @@ def make_inputs(root, conventions=("standard", "storage"), prompts=("mask", "box
                     m = screen_mapping(plane, convention)
                     for prompt in prompts:
                         for background in ("scan", "blank"):
+                            if prompt == "none" and background == "blank":
+                                continue  # stage 02 draws no empty image
                             rid = f"{slice_id}-{dims}-{convention}-{prompt}-{background}"
                             n_frames = 1 if dims == "2d" else 4
                             image_path = (f"images/{rid}.png" if dims == "2d"
@@ -104,8 +106,10 @@ def make_inputs(root, conventions=("standard", "storage"), prompts=("mask", "box
                                     "prompt": prompt, "background": background,
                                     "image_path": image_path, "n_frames": n_frames,
                                     "width": IMAGE_SIZE, "height": IMAGE_SIZE,
-                                    "pixel_mm": PIXEL_MM, "letter": "ABCDEF"[k],
-                                    "component": name, "color": "#ff0000",
+                                    "pixel_mm": PIXEL_MM,
+                                    "letter": None if prompt == "none" else "ABCDEF"[k],
+                                    "component": name,
+                                    "color": None if prompt == "none" else "#ff0000",
                                     "centroid_col": 200 + right / PIXEL_MM,
                                     "centroid_row": 200 + down / PIXEL_MM,
                                     "frame_first": first, "frame_last": last,
@@ -319,6 +323,41 @@ def test_blank_questions_name_structures_by_letter_only(full):
     assert re.search(reference, named["text"])
 
 
+def test_no_prompt_questions_name_structures_without_letters(full):
+    bare = full[full.prompt == "none"]
+    assert set(bare["ablation"]) == {"none"} and set(bare["background"]) == {"scan"}
+    assert set(bare["family"]) == {"relation_2d", "relation_3d", "plane"}
+    assert bare["letter_a"].isna().all() and bare["letter_b"].isna().all()
+    assert not bare["text"].str.contains(r"\([A-F]\)|[Ss]tructure [A-F]\b|labelled").any()
+    relations = bare[bare.family != "plane"]
+    for q in relations.to_dict("records"):
+        assert re.search(rf"\b[Tt]he {re.escape(q['name_a'])}\b", q["text"])
+        assert re.search(rf"\b[Tt]he {re.escape(q['name_b'])}\b", q["text"])
+    assert bare["question_id"].is_unique and not bare["question_id"].isin(
+        full.loc[full.prompt != "none", "question_id"]).any()
+
+
+def test_no_prompt_truth_is_the_prompted_truth_of_the_same_view(full):
+    """The prompt changes the picture, not the geometry: open answers on the bare scan
+    equal those on the boxed scan of the same slice, convention and terminology."""
+    opposite = {"superior": "inferior", "anterior": "posterior", "left": "right",
+                "medial": "lateral", "above": "below", "earlier": "later"}
+    opposite.update({v: k for k, v in opposite.items()})
+    rel = full[(full.family != "plane") & (full.form == "open")
+               & full.prompt.isin(["none", "box"]) & (full.ablation == "none")]
+    keys = ["slice_id", "dims", "convention", "terminology", "axis"]
+    truth = {}
+    for q in rel[rel.prompt == "box"].to_dict("records"):
+        truth[(*[q[k] for k in keys], q["component_a"], q["component_b"])] = q["answer"]
+        truth[(*[q[k] for k in keys], q["component_b"], q["component_a"])] = \
+            opposite[q["answer"]]
+    bare = rel[rel.prompt == "none"].to_dict("records")
+    assert len(bare) > 20
+    for q in bare:
+        assert truth[(*[q[k] for k in keys], q["component_a"], q["component_b"])] \
+            == q["answer"], q["question_id"]
+
+
 def test_the_scorer_reads_every_ground_truth_answer(full):
     for q in full.to_dict("records"):
         value, status = parse_answer(f"Let me look.\nAnswer: {q['answer']}", q)
@@ -337,7 +376,8 @@ def test_sampled_design_balances_cells_and_components(inputs):
     for family in ("relation_2d", "relation_3d"):
         trip = q[(q.family == family) & (q.form == "open")]
         cells = trip.fillna("-").groupby(["ablation", "convention", "prompt"]).size()
-        assert len(cells) == 9  # 2 conventions x 2 prompts x 2 backgrounds + text-only
+        # 2 conventions x (2 prompts x 2 backgrounds + no prompt) + text-only
+        assert len(cells) == 11
         assert cells.max() - cells.min() <= 1, cells
         terms = trip.groupby(["terminology"]).size()
         assert terms.max() - terms.min() <= 1
@@ -368,6 +408,13 @@ def test_bad_inputs_get_errors_naming_the_file_and_field(inputs):
         build_questions(odd, volumes, components, _params())
     with pytest.raises(ValueError, match="cells_per_relation"):
         build_questions(renders, volumes, components, _params(cells_per_relation="some"))
+    bare_blank = renders.assign(background=renders.background.where(
+        renders.prompt != "none", "blank"))
+    with pytest.raises(ValueError, match="prompt 'none' on a blank background"):
+        build_questions(bare_blank, volumes, components, _params())
+    unlettered = renders.assign(letter=None)
+    with pytest.raises(ValueError, match="no letter on a prompted render"):
+        build_questions(unlettered, volumes, components, _params())
 
 
 def test_generate_is_deterministic_and_skips_fresh_work(inputs):

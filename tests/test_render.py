@@ -245,6 +245,40 @@ def test_scan_is_windowed_and_blank_has_no_scan(ct_volume):
 # ----------------------------------------------------------------- prompts and letters
 
 
+def test_no_prompt_image_is_the_windowed_scan_alone(ct_volume):
+    opts = render.RenderOptions(image_size=SIZE, dims=["2d"], conventions=["standard"],
+                                prompts=["none", "box"])
+    spec = render.SliceSpec("t", "axial", 12)
+    found = {(r.rows[0]["prompt"], r.rows[0]["background"]): r
+             for r in render.render_slice(ct_volume, spec, opts)}
+    # no (none, blank): a blank background without prompts would be an empty image
+    assert set(found) == {("none", "scan"), ("box", "scan"), ("box", "blank")}
+    bare = np.asarray(found[("none", "scan")].frames[0])
+    disp, sp = render.display_volume(ct_volume.image, ct_volume.spacing, "axial", "standard")
+    grid = render.square_grid(disp.shape[1:], sp[1:], SIZE)
+    frame = disp[render.frame_index(12, disp.shape[0], "axial", "standard")]
+    _, window = render.window_for(ct_volume, [r["component"] for r in found[("none",
+                                                                             "scan")].rows])
+    grey = render.apply_window(render.resample_image(frame, grid), window)
+    assert np.array_equal(bare, np.repeat(grey[..., None], 3, axis=-1))  # no mark, no letter
+    boxed = np.asarray(found[("box", "scan")].frames[0])
+    assert (boxed != bare).any(axis=-1).sum() > 50  # the same scan, plus boxes and letters
+    rows = found[("none", "scan")].rows
+    assert len(rows) >= 2 and all(r["letter"] is None and r["color"] is None for r in rows)
+
+
+def test_no_prompt_stack_frames_are_grey(ct_volume):
+    opts = render.RenderOptions(image_size=SIZE, dims=["3d"], conventions=["storage"],
+                                prompts=["none", "mask"], backgrounds=["scan"], frames_3d=6)
+    bare, mask = render.render_slice(ct_volume, render.SliceSpec("t", "axial", 12), opts)
+    assert bare.rows[0]["prompt"] == "none" and mask.rows[0]["prompt"] == "mask"
+    for frame in bare.frames:
+        px = np.asarray(frame)
+        assert (px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all()
+    coloured = [np.asarray(f) for f in mask.frames]
+    assert any((px[..., 0] != px[..., 2]).any() for px in coloured)
+
+
 def test_point_lies_inside_a_c_shaped_structure_whose_centroid_does_not():
     frame = np.zeros((64, 64), int)
     yy, xx = np.mgrid[:64, :64]
@@ -318,9 +352,26 @@ def test_renders_table_has_the_contract_columns_and_every_factor_cell(rendered):
     ct = renders[renders.volume_id == "synth-ct"]
     cells = ct.groupby(["slice_id", "dims", "convention", "prompt", "background"]).render_id
     assert cells.nunique().eq(1).all()
-    assert len(cells) == 3 * 2 * 2 * 3 * 2  # 3 slices x dims x conventions x prompts x bgs
-    assert not renders.duplicated(["render_id", "letter"]).any()
+    # 3 slices x dims x conventions x (3 prompts x 2 backgrounds + the scan without a prompt)
+    assert len(cells) == 3 * 2 * 2 * (3 * 2 + 1)
+    bare = renders[renders.prompt == "none"]
+    assert set(bare.background) == {"scan"}
+    assert bare.letter.isna().all() and bare.color.isna().all()
+    prompted = renders[renders.prompt != "none"]
+    assert prompted.letter.notna().all()
+    assert not prompted.duplicated(["render_id", "letter"]).any()
     assert not renders.duplicated(["render_id", "component"]).any()
+
+
+def test_no_prompt_render_lists_the_same_structures_and_centroids_as_a_prompted_one(rendered):
+    renders, _ = rendered
+    cols = ["slice_id", "dims", "convention", "component", "centroid_col", "centroid_row",
+            "frame_first", "frame_last", "visible_x", "visible_y", "visible_z"]
+    scan = renders[renders.background == "scan"]
+    bare = scan[scan.prompt == "none"][cols].sort_values(cols[:4]).reset_index(drop=True)
+    box = scan[scan.prompt == "box"][cols].sort_values(cols[:4]).reset_index(drop=True)
+    assert len(bare) > 0
+    pd.testing.assert_frame_equal(bare, box)
 
 
 def test_every_image_file_exists_with_the_declared_size(rendered, synth_root):
@@ -458,7 +509,7 @@ def test_more_than_six_candidates_are_trimmed_to_six_with_reasons(rendered):
     renders, skipped = rendered
     crowded = renders[renders.slice_id == "synth-crowded-axial"]
     assert crowded.groupby("render_id").size().eq(6).all()
-    assert set(crowded.letter) == set("ABCDEF")
+    assert set(crowded.letter.dropna()) == set("ABCDEF")
     trimmed = skipped[(skipped.slice_id == "synth-crowded-axial")
                       & (skipped.action == "trimmed") & skipped.component.notna()]
     assert len(trimmed) == 2 and trimmed.reason.str.contains("max_labels").all()
