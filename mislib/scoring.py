@@ -297,7 +297,11 @@ def _last_declared_segment(text: str) -> str | None:
 
 
 def _entity_patterns(question: Mapping[str, Any]) -> tuple[re.Pattern | None, re.Pattern | None]:
-    """Patterns for structure A and structure B (letter or name), when the question has them."""
+    """Patterns for structure A and structure B (letter or name), when the question has them.
+
+    A name matches as stored (``kidney_left``) and as the question text reads it
+    (``name_a``: "left kidney"), the only handle a question without letters gives.
+    """
     out = []
     for side in ("a", "b"):
         parts = []
@@ -305,10 +309,13 @@ def _entity_patterns(question: Mapping[str, Any]) -> tuple[re.Pattern | None, re
         if isinstance(letter, str) and len(letter.strip()) == 1:
             parts.append(rf"(?<![A-Za-z0-9]){re.escape(letter.strip())}(?![A-Za-z0-9])"
                          r"(?!\s+(?!(?:is|lies|sits|appears|was)\b)[a-z])")
-        name = question.get(f"component_{side}")
-        if isinstance(name, str) and len(name.strip()) > 2:
-            words = name.replace("_", " ").strip().split()
-            parts.append(r"(?i:" + r"\s+".join(re.escape(w) for w in words) + r")")
+        for key in (f"component_{side}", f"name_{side}"):
+            name = question.get(key)
+            if isinstance(name, str) and len(name.strip()) > 2:
+                words = name.replace("_", " ").strip().split()
+                part = r"(?i:" + r"\s+".join(re.escape(w) for w in words) + r")"
+                if part not in parts:
+                    parts.append(part)
         out.append(re.compile("|".join(parts)) if parts else None)
     return out[0], out[1]
 
@@ -772,7 +779,7 @@ def unparseable_rates(scored: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------
 
 _QUESTION_KEYS = ("question_id", "family", "form", "terminology", "choices", "answer",
-                  "letter_a", "letter_b", "component_a", "component_b")
+                  "letter_a", "letter_b", "component_a", "component_b", "name_a", "name_b")
 
 
 def _null(value: Any) -> bool:

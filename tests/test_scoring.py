@@ -277,6 +277,22 @@ def test_rescore_uses_the_new_parser_over_stored_fields(study):
     assert (out["parse_status"] == "ok").all()
 
 
+def test_a_question_without_letters_is_read_by_the_names_its_text_uses():
+    # the scan without a visual prompt names structures only: "the left kidney", not "(B)"
+    bare = {**ANATOMICAL, "letter_a": None, "letter_b": None, "name_a": "liver",
+            "name_b": "left kidney", "prompt": "none"}
+    turned = "Answer: the left kidney is inferior to the liver"
+    assert parse_answer(turned, bare) == ("superior", "ok")
+    assert parse_answer("Answer: the liver lies superior to the left kidney", bare) == \
+        ("superior", "ok")
+    questions = pd.DataFrame([{**bare, "choices": list(bare["choices"])}])
+    responses = pd.DataFrame([{"run_id": "r", "model": "m", "arm": "baseline",
+                               "question_id": bare["question_id"], "trial": 0,
+                               "raw_text": turned}])
+    out = rescore(responses, questions, progress=False)  # re-scoring sees the names too
+    assert out["parsed"].tolist() == ["superior"] and out["correct"].tolist() == [True]
+
+
 def test_rescore_names_responses_to_unknown_questions(study):
     responses = study.responses.head(3).copy()
     responses.loc[responses.index[0], "question_id"] = "no-such-question"
