@@ -132,15 +132,21 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("dims_gap", _DIM, "3D − 2D", 56.9 - 58.8, {**_IMG, "dims": "3d"},
           {**_IMG, "dims": "2d"}, contrast=_p(dims="3d") + " - " + _p(dims="2d")),
     Claim("nobox_colloquial", _BOX, "no visual prompt, colloquial terms", 45.1,
-          {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"}),
+          {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"},
+          contrast=_p(prompt="<baseline>", terminology="colloquial")),
     Claim("box_colloquial_gain", _BOX, "box − no prompt, colloquial terms", 8.23,
           {**_IMG, "prompt": "box", "terminology": "colloquial"},
-          {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"}),
+          {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"},
+          contrast=_p(prompt="box", terminology="colloquial") + " - "
+          + _p(prompt="<baseline>", terminology="colloquial")),
     Claim("nobox_anatomical", _BOX, "no visual prompt, anatomical terms", 75.3,
-          {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"}),
+          {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"},
+          contrast=_p(prompt="<baseline>", terminology="anatomical")),
     Claim("box_anatomical_gain", _BOX, "box − no prompt, anatomical terms", -13.33,
           {**_IMG, "prompt": "box", "terminology": "anatomical"},
-          {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"}),
+          {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"},
+          contrast=_p(prompt="box", terminology="anatomical") + " - "
+          + _p(prompt="<baseline>", terminology="anatomical")),
     Claim("text_anatomical", _TXT, "text only, anatomical terms", 69.3,
           {"ablation": "text_only", "terminology": "anatomical"},
           contrast=_p(ablation="text_only", terminology="anatomical")),
@@ -238,7 +244,9 @@ def evaluate_claims(scored: pd.DataFrame, semsam: pd.DataFrame | None = None,
         row = {"claim": c.claim, "id": c.id, "quantity": c.quantity, "kind": c.kind,
                "paper": c.paper, "estimate": math.nan, "lo": math.nan, "hi": math.nan,
                "raw": math.nan, "n_questions": 0, "status": "not measurable", "note": ""}
-        mean, lo, hi = _contrast_lookup(contrasts, c.contrast)
+        # stage 07 names the no-prompt level as the benchmark does (box after none)
+        contrast = c.contrast and c.contrast.replace("<baseline>", prompt_baseline)
+        mean, lo, hi = _contrast_lookup(contrasts, contrast)
         row.update(model_estimate=mean, model_lo=lo, model_hi=hi)
         if c.id in _SEMSAM_IDS:
             row.update(_semsam_claim(c, semsam, semsam_model))

@@ -110,6 +110,35 @@ def test_box_claims_are_measured_against_the_profile_baseline_level():
     assert gain["status"] == "reproduced"
 
 
+def test_box_claims_are_evaluated_against_the_none_level_per_terminology():
+    # the paper's pattern: a box helps colloquial and hurts anatomical questions
+    cells = [({"prompt": "none", "terminology": "colloquial", "ablation": "none"}, 0.45),
+             ({"prompt": "box", "terminology": "colloquial", "ablation": "none"}, 0.60),
+             ({"prompt": "none", "terminology": "anatomical", "ablation": "none"}, 0.75),
+             ({"prompt": "box", "terminology": "anatomical", "ablation": "none"}, 0.60),
+             ({"prompt": "none", "terminology": "colloquial", "ablation": "blank"}, 0.99)]
+    contrasts = pd.DataFrame({
+        "contrast": ["p[prompt=none,terminology=colloquial]",
+                     "p[prompt=box,terminology=colloquial] - "
+                     "p[prompt=none,terminology=colloquial]"],
+        "mean": [0.46, 0.1], "lo95": [0.40, 0.05], "hi95": [0.52, 0.15]})
+    table = C.evaluate_claims(_scored(cells, n_questions=600), contrasts=contrasts)
+    for cid in ("nobox_colloquial", "box_colloquial_gain", "nobox_anatomical",
+                "box_anatomical_gain"):
+        assert _row(table, cid)["status"] != "not measurable", cid
+    assert _row(table, "box_colloquial_gain")["raw"] == pytest.approx(15, abs=4)
+    assert _row(table, "box_anatomical_gain")["raw"] == pytest.approx(-15, abs=4)
+    assert _row(table, "box_colloquial_gain")["status"] == "reproduced"
+    assert _row(table, "box_anatomical_gain")["status"] == "reproduced"
+    # only questions with the image count: the blank cell is not part of the baseline
+    assert _row(table, "nobox_colloquial")["raw"] == pytest.approx(45, abs=4)
+    assert _row(table, "nobox_colloquial")["n_questions"] == 600
+    # stage 07's contrast of the same difference, with the profile's baseline level named
+    assert _row(table, "box_colloquial_gain")["model_estimate"] == pytest.approx(10.0)
+    assert _row(table, "nobox_colloquial")["model_estimate"] == pytest.approx(46.0)
+    assert np.isnan(_row(table, "box_anatomical_gain")["model_estimate"])
+
+
 def test_semsam_claim_reads_the_matching_model_of_the_paired_effect():
     effect = pd.DataFrame({"model": ["Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen3-VL-32B-Instruct"],
                            "n_questions": [100, 100],
