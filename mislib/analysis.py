@@ -174,10 +174,13 @@ class FactorData:
     question_index : int array[n_obs], the row's question in ``levels["question"]``.
     group_codes : group → int array[n_questions], each question's pair / volume index.
     dropped : term → why it is not in the model.
-    nested : group → the factors constant within each of its levels (e.g. volume →
-        modality).
-    group_blocks : group → int array[n_levels], the level's cell of its nested factors;
-        the group's intercepts sum to zero within each cell.
+    nested : group → the factors whose levels split the group's levels into unlinked
+        blocks (volume → modality; pair → modality, and family, terminology: single
+        structures of plane questions against pairs of relation questions).
+    group_blocks : group → int array[n_levels], the level's block (see
+        :func:`_linked_levels`); the model samples the intercepts as deviations summing to
+        zero within each block plus one mean per block.
+    block_labels : group → a name per block (``"modality=CT,family=plane"``).
     """
 
     obs: pd.DataFrame
@@ -190,6 +193,7 @@ class FactorData:
     dropped: dict[str, str] = field(default_factory=dict)
     nested: dict[str, list[str]] = field(default_factory=dict)
     group_blocks: dict[str, np.ndarray] = field(default_factory=dict)
+    block_labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _parse_interactions(interactions: Sequence[str | tuple[str, str]]) -> list[tuple[str, str]]:
@@ -307,35 +311,82 @@ def prepare_factor_data(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
             levels[g] = list(u)
     if "question" in groups:
         group_codes["question"] = np.arange(len(q_levels), dtype=np.int64)
-    # A factor constant within every level of a pair or volume group (volume -> modality)
-    # is nested in it. Those intercepts then sum to zero within each of the factor's
-    # levels: otherwise a shift of, say, every MRI volume's intercept trades off against
-    # the modality effect, a ridge through hundreds of coordinates that a diagonal mass
-    # matrix crosses slowly (paper-scale simulation: R-hat 1.15 for modality).
+    # The levels of a pair or volume group fall into blocks that no question links: volumes
+    # of different modalities (modality is nested in volume), pairs of two structures and
+    # single structures (plane questions: family is partly nested in pair). The mean
+    # intercept of a block trades off against the fixed effects of the factor that splits
+    # the group, a ridge through hundreds of coordinates that a diagonal mass matrix
+    # crosses slowly (paper-scale simulation: R-hat 1.15 for modality, 1.06 for family).
+    # So the model samples the intercepts as deviations summing to zero within each block
+    # plus one mean per block, and the block means join the fixed effects (FixedDesign).
     first_row = np.zeros(len(q_levels), dtype=np.int64)
     first_row[q_codes[::-1]] = np.arange(len(q_codes))[::-1]
-    nested, group_blocks = {}, {}
+    nested, group_blocks, block_labels = {}, {}, {}
     for g, gcodes in group_codes.items():
-        inside = []
+        inside, parts = [], []
         if g != "question":
             for f in kept:
                 if f in TRIAL_FACTORS:
                     continue
-                per_q = codes[f][first_row]
-                if (pd.Series(per_q).groupby(gcodes).nunique(dropna=False) <= 1).all():
+                part, names = _linked_levels(gcodes, codes[f][first_row], levels[f])
+                if len(names) > 1:
                     inside.append(f)
+                    parts.append((f, part, names))
         nested[g] = inside
-        if inside:
-            per_level = pd.DataFrame({f: codes[f][first_row] for f in inside})
-            per_level = per_level.groupby(gcodes).first()
-            group_blocks[g] = pd.MultiIndex.from_frame(per_level).factorize()[0] \
-                if len(inside) > 1 else pd.factorize(per_level[inside[0]])[0]
+        if parts:
+            frame = pd.DataFrame({f: part for f, part, _ in parts})
+            blocks, uniq = pd.MultiIndex.from_frame(frame).factorize()
+            labels = [",".join(f"{f}={names[i]}" for (f, _, names), i in zip(parts, u,
+                                                                            strict=True))
+                      for u in uniq]
         else:
-            group_blocks[g] = np.zeros(len(levels[g]), dtype=np.int64)
-        group_blocks[g] = np.asarray(group_blocks[g], dtype=np.int64)
+            blocks, labels = np.zeros(len(levels[g])), ["all"]
+        group_blocks[g] = np.asarray(blocks, dtype=np.int64)
+        block_labels[g] = labels
     return FactorData(obs=obs, factors=kept, levels=levels, interactions=inter, codes=codes,
                       question_index=q_codes.astype(np.int64), group_codes=group_codes,
-                      dropped=dropped, nested=nested, group_blocks=group_blocks)
+                      dropped=dropped, nested=nested, group_blocks=group_blocks,
+                      block_labels=block_labels)
+
+
+def _linked_levels(group_codes: np.ndarray, factor_codes: np.ndarray,
+                   factor_levels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Split a group's levels by the factor levels their questions share.
+
+    Two group levels are linked when questions of both have one factor level (code -1,
+    the factor does not apply, counts as a level); the linked sets are the connected
+    components of the bipartite graph of group levels and factor levels.
+
+    Parameters
+    ----------
+    group_codes, factor_codes : int [n_questions], each question's group level and factor
+        code.
+    factor_levels : names of the factor codes 0, 1, ...
+
+    Returns
+    -------
+    int [n_group_levels], each group level's component; and per component the factor
+    levels it holds, as ``"a|b"``.
+
+    >>> _linked_levels(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), ["x", "y", "z"])
+    (array([0, 0, 1]), ['x|y', 'z'])
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_g = int(group_codes.max()) + 1
+    f_node = np.where(factor_codes < 0, len(factor_levels), factor_codes)
+    n_f = len(factor_levels) + 1
+    edges = coo_matrix((np.ones(len(group_codes)), (group_codes, n_g + f_node)),
+                       shape=(n_g + n_f, n_g + n_f))
+    _, comp = connected_components(edges, directed=False)
+    part, uniq = pd.factorize(comp[:n_g])
+    names = []
+    for c in uniq:
+        held = sorted(set(f_node[comp[n_g + f_node] == c]))
+        names.append("|".join(factor_levels[i] if i < len(factor_levels) else "none"
+                              for i in held))
+    return np.asarray(part, dtype=np.int64), names
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,6 +404,146 @@ def _pad2(mat, pt):
 
 def _dim(name: str, data: FactorData) -> str:
     return name if name in data.group_codes or name == "question" else f"{name}_level"
+
+
+def sum_to_zero_basis(n_levels: int) -> np.ndarray:
+    """An orthonormal basis [n_levels, n_levels - 1] of the vectors that sum to zero.
+
+    ``pm.ZeroSumNormal(sigma)`` over ``n_levels`` is ``basis @ theta`` with ``theta`` iid
+    ``Normal(0, sigma)`` for any such basis (Helmert contrasts here).
+
+    >>> b = sum_to_zero_basis(3)
+    >>> np.allclose(b.sum(axis=0), 0), np.allclose(b.T @ b, np.eye(2))
+    (True, True)
+    """
+    basis = np.zeros((n_levels, n_levels - 1))
+    for j in range(1, n_levels):
+        basis[:j, j - 1] = 1.0
+        basis[j, j - 1] = -float(j)
+        basis[:, j - 1] /= np.sqrt(j * (j + 1.0))
+    return basis
+
+
+@dataclass
+class FixedDesign:
+    """The fixed effects as one coefficient vector ``theta`` and its sampling transform.
+
+    ``Intercept`` and every factor and interaction are ``theta`` mapped through
+    :func:`sum_to_zero_basis` (``Kronecker`` products for interactions), so ``theta`` has
+    independent ``Normal(0, scale)`` priors, exactly the ``ZeroSumNormal`` ones. The
+    sampler moves ``w`` with ``theta = mode + transform @ w``: ``mode`` and ``transform``
+    (``transform @ transform.T`` the inverse Hessian) come from a Laplace approximation of
+    a binomial GLM of the fixed effects alone on the pattern counts. In these coordinates
+    the design's correlations are gone (unbalanced levels that tie a rare level to the
+    intercept; ``dims``, which only plane questions separate from ``family``), which a
+    diagonal mass matrix cannot undo: in raw coordinates they left ``Intercept`` and
+    ``family`` mixing slowly at the paper's scale (bulk ESS 34 of 1,000 draws).
+
+    Attributes
+    ----------
+    matrix : float [n_pattern, n_coef], the logit of each pattern is ``matrix @ theta``.
+    pattern_of_row : int [n_obs], each row's pattern.
+    scale : float [n_coef], prior SD of each coefficient.
+    mode, transform : float [n_coef], [n_coef, n_coef], see above.
+    blocks : (name, slice of theta, basis [n_cells, n_slice] or None, shape) per term.
+    group_means : (group, slice of theta, levels per block) per random-intercept group:
+        the block means of its intercepts (:attr:`FactorData.group_blocks`), non-centred:
+        a block of ``n`` iid ``Normal(0, sd_group)`` intercepts has mean
+        ``sd_group * theta_j / sqrt(n)`` with ``theta_j ~ Normal(0, 1)``; their columns of
+        ``matrix`` hold ``1 / sqrt(n)`` and are multiplied by ``sd_group`` in the model.
+    n_fixed : the first ``n_fixed`` coefficients are the fixed effects.
+    coef_names : names of the coefficients (``family_c1``, ``mean_pair_c0`` ...).
+    """
+
+    matrix: np.ndarray
+    pattern_of_row: np.ndarray
+    scale: np.ndarray
+    mode: np.ndarray
+    transform: np.ndarray
+    blocks: list[tuple[str, slice, np.ndarray | None, tuple[int, ...]]]
+    group_means: list[tuple[str, slice, np.ndarray]]
+    n_fixed: int
+    coef_names: list[str]
+
+
+def fixed_design(data: FactorData, prior_sd: float = 1.0,
+                 interaction_sd: float = 0.5, group_sd_guess: float = 0.4,
+                 newton_steps: int = 25) -> FixedDesign:
+    """The pattern design of the fixed effects and its whitening transform (see
+    :class:`FixedDesign`); ``group_sd_guess`` stands in for the random-intercept SDs in
+    the prior of the block means while the transform is computed (a guess 2x off only
+    leaves a condition number of about 4 along the block means' ridge)."""
+    pattern_codes, pattern_of_row, counts = _patterns(data)
+    col = {f: j for j, f in enumerate(data.factors)}
+    n_pat = len(pattern_codes)
+    columns = [np.ones((n_pat, 1))]
+    scale = [1.5 * prior_sd]
+    blocks = [("Intercept", slice(0, 1), None, ())]
+    names = ["Intercept"]
+    start = 1
+
+    def add(name, rows, basis, shape, sd):
+        nonlocal start
+        width = basis.shape[1]
+        columns.append(rows)
+        scale.extend([sd] * width)
+        blocks.append((name, slice(start, start + width), basis, shape))
+        names.extend(f"{name}_c{j}" for j in range(width))
+        start += width
+
+    for f in data.factors:
+        basis = sum_to_zero_basis(len(data.levels[f]))
+        padded = np.vstack([basis, np.zeros((1, basis.shape[1]))])  # code -1 -> zeros
+        add(f, padded[pattern_codes[:, col[f]]], basis, (len(basis),), prior_sd)
+    for f1, f2 in data.interactions:
+        k1, k2 = len(data.levels[f1]), len(data.levels[f2])
+        basis = np.kron(sum_to_zero_basis(k1), sum_to_zero_basis(k2))
+        c1, c2 = pattern_codes[:, col[f1]], pattern_codes[:, col[f2]]
+        rows = np.where(((c1 >= 0) & (c2 >= 0))[:, None], basis[c1 * k2 + c2], 0.0)
+        add(f"{f1}:{f2}", rows, basis, (k1, k2), interaction_sd)
+    n_fixed = start
+    first = np.zeros(n_pat, dtype=np.int64)
+    first[pattern_of_row[::-1]] = np.arange(len(pattern_of_row))[::-1]
+    group_means = []
+    for g, gcodes in data.group_codes.items():
+        blocks_of_row = data.group_blocks[g][gcodes[data.question_index]]
+        of_pattern = blocks_of_row[first]
+        # A block is a function of the factor levels (FactorData.group_blocks), so every
+        # row of a pattern is in the same block.
+        if not np.array_equal(of_pattern[pattern_of_row], blocks_of_row):
+            raise AssertionError(f"the blocks of {g} are not determined by the factors")
+        sizes = np.bincount(data.group_blocks[g]).astype(float)
+        width = len(sizes)
+        columns.append((of_pattern[:, None] == np.arange(width)) / np.sqrt(sizes))
+        scale.extend([1.0] * width)
+        group_means.append((g, slice(start, start + width), sizes))
+        names.extend(f"mean_{g}_c{j}" for j in range(width))
+        start += width
+    matrix = np.hstack(columns)
+    scale = np.asarray(scale)
+
+    # Laplace approximation of the binomial GLM of the fixed effects and block means, the
+    # random-intercept SDs set to a guess (Newton's method).
+    guess = matrix.copy()
+    guess[:, n_fixed:] *= group_sd_guess
+    n, k = counts["n"].to_numpy(), counts["k"].to_numpy()
+    theta = np.zeros(matrix.shape[1])
+    theta[0] = np.log((k.sum() + 0.5) / (n.sum() - k.sum() + 0.5))
+    for _ in range(newton_steps):
+        p = 1.0 / (1.0 + np.exp(-(guess @ theta)))
+        grad = guess.T @ (k - n * p) - theta / scale**2
+        hess = (guess.T * (n * p * (1.0 - p))) @ guess + np.diag(1.0 / scale**2)
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    p = 1.0 / (1.0 + np.exp(-(guess @ theta)))
+    hess = (guess.T * (n * p * (1.0 - p))) @ guess + np.diag(1.0 / scale**2)
+    chol = np.linalg.cholesky(hess)  # hess = chol @ chol.T
+    transform = np.linalg.solve(chol.T, np.eye(len(hess)))  # chol^-T: cov = hess^-1
+    return FixedDesign(matrix=matrix, pattern_of_row=pattern_of_row, scale=scale, mode=theta,
+                       transform=transform, blocks=blocks, group_means=group_means,
+                       n_fixed=n_fixed, coef_names=names)
 
 
 def resolve_centred(data: FactorData, centred: str | Sequence[str] = "auto",
@@ -393,8 +584,10 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
 
     Returns
     -------
-    pymc.Model with free variables ``Intercept``, one per factor and interaction (named
-    ``f`` and ``f1:f2``), ``sd_<group>`` and ``u_<group>`` (centred) or ``z_<group>``.
+    pymc.Model with free variables ``fixed_whitened`` (see :class:`FixedDesign`),
+    ``sd_<group>`` and ``u_<group>`` (centred) or ``z_<group>``, and deterministics
+    ``Intercept``, one per factor and interaction (named ``f`` and ``f1:f2``) and
+    ``mean_<group>`` (the block means of the group's intercepts).
     """
     import pymc as pm
     import pytensor.tensor as pt
@@ -408,26 +601,39 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
     # The fixed part of the logit depends only on a row's factor levels, so it is computed
     # once per distinct combination of levels ("pattern", a few hundred) and then gathered:
     # one gather per row instead of one per factor keeps the gradient cheap at 10^5 rows.
-    pattern_codes, pattern_of_row, _ = _patterns(data)
-    col = {f: j for j, f in enumerate(data.factors)}
+    design = fixed_design(data, prior_sd=prior_sd, interaction_sd=interaction_sd)
+    coords["fixed_coef"] = design.coef_names
+    for g in data.group_codes:
+        coords[f"{g}_block"] = data.block_labels[g]
 
     with pm.Model(coords=coords) as model:
-        intercept = pm.Normal("Intercept", 0.0, 1.5 * prior_sd)
-        eta_pattern = intercept + pt.zeros(len(pattern_codes))
-        for f in data.factors:
-            beta = pm.ZeroSumNormal(f, sigma=prior_sd, dims=_dim(f, data))
-            eta_pattern = eta_pattern + _pad(beta, pt)[pattern_codes[:, col[f]]]
-        for f1, f2 in data.interactions:
-            gamma = pm.ZeroSumNormal(f"{f1}:{f2}", sigma=interaction_sd,
-                                     dims=(_dim(f1, data), _dim(f2, data)), n_zerosum_axes=2)
-            eta_pattern = eta_pattern + _pad2(gamma, pt)[pattern_codes[:, col[f1]],
-                                                         pattern_codes[:, col[f2]]]
+        sds = {g: pm.HalfNormal(f"sd_{g}", group_sd_scale) for g in data.group_codes}
+        # Sampled in whitened coordinates (see FixedDesign): theta = mode + transform @ w.
+        w = pm.Normal("fixed_whitened", 0.0, 1.0, dims="fixed_coef")
+        theta = design.mode + pt.dot(design.transform, w)
+        # The priors: theta_j ~ Normal(0, scale_j), for the fixed effects exactly the
+        # ZeroSumNormal ones, for the block means standard normal (non-centred). The map
+        # is linear (constant Jacobian); w's own standard normal is taken out again.
+        pm.Potential("fixed_prior", -0.5 * pt.sum(pt.sqr(theta / design.scale))
+                     + 0.5 * pt.sum(pt.sqr(w)))
+        for name, sl, basis, shape in design.blocks:
+            value = theta[sl] if basis is None else pt.dot(basis, theta[sl])
+            if name == "Intercept":
+                pm.Deterministic(name, value[0])
+            else:
+                dims = tuple(_dim(f, data) for f in name.split(":"))
+                pm.Deterministic(name, value.reshape(shape), dims=dims)
+        n_fixed = design.n_fixed
+        eta_pattern = pt.dot(design.matrix[:, :n_fixed], theta[:n_fixed])
+        for g, sl, sizes in design.group_means:
+            pm.Deterministic(f"mean_{g}", sds[g] * theta[sl] / np.sqrt(sizes),
+                             dims=f"{g}_block")
+            eta_pattern = eta_pattern + sds[g] * pt.dot(design.matrix[:, sl], theta[sl])
+        # The random intercepts less their block means: deviations that sum to zero within
+        # each block (all levels, or each block of prepare_factor_data).
         u_total = pt.zeros(n_q)
         for g, gcodes in data.group_codes.items():
-            sd = pm.HalfNormal(f"sd_{g}", group_sd_scale)
-            # Intercepts sum to zero within each block (all levels, or each level of a
-            # nested factor, see prepare_factor_data): their means would otherwise trade
-            # off against the global intercept or the nested factor's effect.
+            sd = sds[g]
             if g in centred:
                 raw = pm.Normal(f"u_{g}", 0.0, sd, dims=g)
             else:
@@ -441,7 +647,7 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
             if g not in centred:
                 u = sd * u
             u_total = u_total + (u if g == "question" else u[gcodes])
-        eta_rows = eta_pattern[pattern_of_row]
+        eta_rows = eta_pattern[design.pattern_of_row]
         n_blocks, rem = divmod(len(data.obs), n_q)
         if rem == 0 and np.array_equal(data.question_index,
                                        np.tile(np.arange(n_q), n_blocks)):
@@ -745,18 +951,22 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         r, e, _ = _diag(arr[..., pick])
         re_rhat.append(np.nanmax(r))
         re_ess.append(np.nanmin(e))
+    # The block means of the random intercepts (FixedDesign), sampled with the fixed effects.
+    mean_arr = np.concatenate([np.asarray(post[f"mean_{g}"].values)
+                               for g in data.group_codes], axis=-1)
+    mean_rhat, mean_ess, _ = _diag(mean_arr)
     stats = trace.sample_stats
     diverging = np.asarray(stats["diverging"].values)
     contrasts = compute_contrasts(post, data, max_draws=contrast_draws)
     ppc = posterior_predictive_check(post, data, n_draws=ppc_draws, seed=seed)
     keep = ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions),
-            *sd_names]
+            *sd_names, *(f"mean_{g}" for g in data.group_codes)]
     small = trace.copy()
     small["posterior"] = xr.DataTree(post.to_dataset()[keep])
     t_end = time.perf_counter()
 
     depth = np.asarray(stats["depth"].values) if "depth" in stats else np.array([np.nan])
-    all_rhat = np.concatenate([effects["r_hat"], sds["r_hat"], re_rhat])
+    all_rhat = np.concatenate([effects["r_hat"], sds["r_hat"], re_rhat, mean_rhat])
     diagnostics = {
         "n_trials": int(data.obs["n"].sum()), "n_obs": len(data.obs),
         "n_questions": len(data.levels["question"]),
@@ -773,7 +983,8 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         "min_ess_bulk_fixed": float(np.nanmin(effects["ess_bulk"])),
         "min_ess_tail_fixed": float(np.nanmin(effects["ess_tail"])),
         "min_ess_bulk": float(min(np.nanmin(effects["ess_bulk"]), np.nanmin(sds["ess_bulk"]),
-                                  *re_ess)),
+                                  *re_ess, np.nanmin(mean_ess))),
+        "max_r_hat_block_means": float(np.nanmax(mean_rhat)),
         "max_r_hat_random": {g: float(r) for g, r in zip(data.group_codes, re_rhat,
                                                          strict=True)},
         "mean_tree_depth": float(np.nanmean(depth)),

@@ -14,6 +14,7 @@ import pytest
 
 from mislib.analysis import (
     FactorData,
+    fixed_design,
     load_scored,
     prepare_factor_data,
     resolve_centred,
@@ -110,7 +111,7 @@ def test_a_pair_intercept_with_one_question_per_pair_is_dropped():
 
 def test_volumes_and_pairs_are_found_nested_in_modality(study):
     data = prepare_factor_data(scored_table(study))
-    assert data.nested["volume"] == ["modality"] and data.nested["pair"] == ["modality"]
+    assert data.nested["volume"] == ["modality"] and data.nested["pair"][0] == "modality"
     assert data.nested["question"] == []
     first = data.obs.drop_duplicates("question_id").set_index("question_id")
     vol_modality = first.groupby("volume_id")["modality"].first()
@@ -119,6 +120,45 @@ def test_volumes_and_pairs_are_found_nested_in_modality(study):
     assert blocks.groupby(vol_modality.loc[blocks.index].to_numpy()).nunique().eq(1).all()
     assert blocks.nunique() == 2
     assert (data.group_blocks["question"] == 0).all()
+
+
+def test_pairs_split_into_single_structures_of_plane_questions_and_relation_pairs(study):
+    # family is only partly nested in pair: the single structures of plane questions form
+    # pairs of their own, which no relation question shares
+    data = prepare_factor_data(scored_table(study))
+    assert "family" in data.nested["pair"]
+    single = np.array(["|" not in p for p in data.levels["pair"]])
+    blocks = data.group_blocks["pair"]
+    assert len(set(blocks[single]) & set(blocks[~single])) == 0
+    assert len(data.block_labels["pair"]) == 4  # {CT, MRI} x {single, pair}
+    assert all("family=plane" in data.block_labels["pair"][b] for b in set(blocks[single]))
+
+
+def test_fixed_design_reproduces_the_zero_sum_effects_and_block_means(study):
+    data = prepare_factor_data(scored_table(study))
+    design = fixed_design(data)
+    theta = np.random.default_rng(0).normal(size=design.matrix.shape[1])
+    terms = {name: (theta[sl] if basis is None else basis @ theta[sl]).reshape(shape)
+             for name, sl, basis, shape in design.blocks}
+    assert abs(terms["family"].sum()) < 1e-12
+    assert np.allclose(terms["convention:terminology"].sum(axis=0), 0)
+    assert np.allclose(terms["convention:terminology"].sum(axis=1), 0)
+    # the logit of a pattern is the sum of its levels' effects and its blocks' means
+    pattern = design.pattern_of_row[0]
+    row = data.obs.iloc[0]
+    expect = terms["Intercept"] + sum(
+        terms[f][data.levels[f].index(row[f])] for f in data.factors if pd.notna(row[f]))
+    expect += sum(
+        terms[f"{a}:{b}"][data.levels[a].index(row[a]), data.levels[b].index(row[b])]
+        for a, b in data.interactions if pd.notna(row[a]) and pd.notna(row[b]))
+    q = data.question_index[0]
+    for g, sl, sizes in design.group_means:
+        block = data.group_blocks[g][data.group_codes[g][q]]
+        expect += theta[sl][block] / np.sqrt(sizes[block])  # x sd_g in the model
+    assert design.matrix[pattern] @ theta == pytest.approx(float(expect))
+    # the transform's covariance is the inverse Hessian of the approximation
+    cov = design.transform @ design.transform.T
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
 
 
 def test_structure_pair_ignores_order_and_keeps_single_structures():
