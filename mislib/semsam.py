@@ -34,6 +34,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,7 +247,7 @@ def cached_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: t
 
 
 def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: torch.Tensor,
-                         k: int, *, margin: int = 32, block_size: int = 8192,
+                         k: int, *, margin: int = 96, block_size: int = 8192,
                          device: torch.device | str | None = None, key: str | None = None,
                          progress: bool = True) -> NeighborTable:
     """Exact cosine k-nearest neighbours of every content token among the content tokens.
@@ -260,10 +261,10 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     k
         Neighbours per token, the token itself included (column 0).
     margin
-        Extra candidates kept by the bf16 pass and re-ranked exactly (see Notes).
+        Extra candidates kept by the int8 pass and re-ranked exactly (see Notes).
     block_size
-        Rows per block of the similarity matrix (memory: about ``2 * block_size**2`` bytes
-        per block plus the bf16 copy of the content rows, ``2 * V * d`` bytes).
+        Rows per block of the similarity matrix (memory: about ``4 * block_size**2`` bytes
+        per block plus the int8 copy of the content rows, ``V * d`` bytes).
     device
         Where to compute (default: the embeddings' device); CUDA works the same way.
     key
@@ -275,16 +276,19 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
 
     Notes
     -----
-    Similarities of unit vectors are computed block by block in bf16 with fp32
-    accumulation (about 2.4x the fp32 matmul rate on an AVX-512-bf16 CPU, more with AMX or
-    on a GPU), over the upper triangle only, since the matrix is symmetric. Each row keeps its ``k + margin`` best bf16
-    candidates (found through maxima of groups of 16 entries, without sorting a block); the
-    candidates are then re-scored exactly in fp32 and the best ``k`` kept. A row is accepted
-    only when its exact ``k``-th similarity beats the best discarded bf16 value by more than
-    the bf16 error: the output rounding (a strict bound) plus five times a per-pair bound on
-    the standard deviation of the input-rounding error, ``||e_x||_4^2 ||y||_4^2`` summed
-    both ways. Rows that fail (near-ties, clustered embeddings) are recomputed with a full
-    fp32 pass, so the result equals an fp32 brute force up to fp32 rounding.
+    The unit vectors are rounded to int8 on one common scale and their dot products
+    computed block by block as exact int32 sums (``torch._int_mm``: AVX-512-VNNI on a CPU,
+    about twice its bf16 rate and four times fp32; integer tensor cores on a GPU), over the
+    upper triangle only, since the matrix is symmetric. Each row keeps its ``k + margin``
+    best int8 candidates: a block entry can only enter a list when it beats that list's
+    current last entry, so each block is compared once with the lowest such threshold and
+    only the few entries above it are merged (no block is sorted). The candidates are then
+    re-scored exactly in fp32 and the best ``k`` kept. A row is accepted only when its exact
+    ``k``-th similarity beats the best discarded int8 estimate by more than the rounding
+    error: five times a per-pair bound on the standard deviation of the first-order error,
+    ``||e_x||_4^2 ||y||_4^2`` summed both ways, plus a strict bound on the second-order term
+    ``||e_x||_2 ||e_y||_2``. Rows that fail (near-ties, clustered embeddings) are recomputed
+    with a full fp32 pass, so the result equals an fp32 brute force up to fp32 rounding.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -301,7 +305,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     if n_content < k:
         raise ValueError(f"k={k} neighbours requested but only {n_content} content tokens")
     device = torch.device(device) if device is not None else emb.device
-    block_size = -(-max(block_size, _GROUP) // _GROUP) * _GROUP  # whole groups per block
+    block_size = max(1, int(block_size))
     if key is None:
         key = table_key(emb, content_mask, k)
     width = min(k + max(margin, 0), n_content)
@@ -314,18 +318,32 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         x = picked.to(device=device, dtype=torch.float32)
         return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
-    # bf16 copy of the unit content rows and each row's rounding-error statistics.
+    # int8 copy of the unit content rows on one common scale, so that the integer dot
+    # products rank every row and every column alike, and each row's rounding statistics.
     starts = list(range(0, n_content, block_size))
-    low = torch.empty(n_content, dim, dtype=torch.bfloat16, device=device)
-    err4 = torch.empty(n_content, device=device)   # ||x - bf16(x)||_4^2
+    peak = torch.zeros((), device=device)
+    for s in starts:
+        peak = torch.maximum(peak, unit_rows(torch.arange(s, min(s + block_size, n_content),
+                                                          device=device)).abs().max())
+    scale = float(peak) / 127.0 if float(peak) > 0 else 1.0
+    dim_pad = -(-dim // 8) * 8  # CUDA's int8 matmul wants a multiple of 8; zeros change nothing
+    low = torch.zeros(n_content, dim_pad, dtype=torch.int8, device=device)
+    err2 = torch.empty(n_content, device=device)   # ||x - scale * q(x)||_2
+    err4 = torch.empty(n_content, device=device)   # ||x - scale * q(x)||_4^2
     val4 = torch.empty(n_content, device=device)   # ||x||_4^2
     for s in starts:
         e = min(s + block_size, n_content)
         x = unit_rows(torch.arange(s, e, device=device))
-        low[s:e] = x.to(torch.bfloat16)
-        err4[s:e] = (x - low[s:e].float()).pow(4).sum(1).sqrt()
-        val4[s:e] = x.pow(4).sum(1).sqrt()
+        q = torch.round(x / scale).clamp_(-127, 127)
+        low[s:e, :dim] = q.to(torch.int8)
+        err = (x - q * scale).square_()
+        err2[s:e] = err.sum(1).sqrt()
+        err4[s:e] = err.square_().sum(1).sqrt()
+        val4[s:e] = x.square_().square_().sum(1).sqrt()
+    # Per row, a bound on the standard deviation of the first-order rounding error of its
+    # dot products with any other row, and a strict bound on the second-order term.
     spread = (err4 * val4.max()).sqrt() + (err4.max() * val4).sqrt()  # [n_content]
+    second = err2 * err2.max()
     inv_norm = torch.empty(n_content, device=device)  # 1 / ||row|| (0 for a zero row)
     for s in starts:
         e = min(s + block_size, n_content)
@@ -333,62 +351,60 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         norm = raw.norm(dim=1)
         inv_norm[s:e] = torch.where(norm > 0, 1.0 / norm, 0.0)
 
-    best_val = torch.full((n_content, width), -math.inf, device=device)
+    # The candidate pass, in integer units of scale**2 (exact int32 sums).
+    best_val = torch.full((n_content, width), _INT_MIN, dtype=torch.int32, device=device)
     best_idx = torch.zeros((n_content, width), dtype=torch.long, device=device)
     n_blocks = len(starts)
-    bar = tqdm(total=n_blocks * (n_blocks + 1) // 2, desc="semsam kNN (bf16 blocks)",
+    bar = tqdm(total=n_blocks * (n_blocks + 1) // 2, desc="semsam kNN (int8 blocks)",
                disable=not progress, leave=False)
-    # Diagonal blocks first: they seed every row's candidate list (itself first, via +inf).
+    # Diagonal blocks first: they seed every row's candidate list (itself first).
     for s in starts:
         e = min(s + block_size, n_content)
-        sim = low[s:e] @ low[s:e].T
-        sim.diagonal().fill_(math.inf)
+        sim = _int8_matmul(low[s:e], low[s:e].T)
+        sim.diagonal().fill_(_INT_MAX)
         vals, idx = sim.topk(min(width, e - s), dim=1)
-        best_val[s:e, :vals.shape[1]] = vals.float()
+        best_val[s:e, :vals.shape[1]] = vals
         best_idx[s:e, :vals.shape[1]] = idx + s
         bar.update()
     # Off-diagonal blocks of the upper triangle: each updates its rows and its columns.
     for j, sj in enumerate(starts):
         ej = min(sj + block_size, n_content)
-        low_t = low[sj:ej].T.contiguous()  # [d, n]: the fast layout for the matmul
+        low_t = low[sj:ej].T
         for si in starts[:j]:
-            _merge_candidates(best_val, best_idx, si, sj, low[si:si + block_size] @ low_t)
+            _merge_candidates(best_val, best_idx, si, sj,
+                              _int8_matmul(low[si:si + block_size], low_t))
             bar.update()
     bar.close()
     del low
 
-    # Exact fp32 re-rank of the candidates, then the acceptance test.
+    # Exact fp32 re-rank of the candidates, then the acceptance test. The candidates' dot
+    # products are one sampled product (sparse pattern x dense rows), which streams each
+    # candidate row once instead of gathering [rows, width, d] copies.
+    if n_content == n_rows and emb.dtype == torch.float32 and emb.device == device:
+        content_rows = emb
+    else:
+        content_rows = emb[content_src].to(device=device, dtype=torch.float32)
     ids_c = torch.empty((n_content, k), dtype=torch.long, device=device)
     sims_c = torch.empty((n_content, k), device=device)
     accepted = torch.empty(n_content, dtype=torch.bool, device=device)
-    step = max(1, (256 << 20) // max(1, width * dim * 4))  # ~256 MB of gathered rows
-    buffer = torch.empty((step * width, dim), dtype=emb.dtype, device=emb.device)
-    for s in range(0, n_content, step):
-        e = min(s + step, n_content)
+    for s in range(0, n_content, block_size):
+        e = min(s + block_size, n_content)
         rows = torch.arange(s, e, device=device)
-        cand = best_idx[s:e]
-        # Raw rows are gathered and the norms applied to the dot products, so the gathered
-        # [rows, width, d] block (the bulk of this phase's memory traffic) is read once.
-        neighbours = torch.index_select(emb, 0, content_src[cand.reshape(-1).to(emb.device)],
-                                        out=buffer[:(e - s) * width])
-        neighbours = neighbours.to(device=device, dtype=torch.float32).view(e - s, width, dim)
-        exact = torch.bmm(neighbours, unit_rows(rows)[:, :, None]).squeeze(2) * inv_norm[cand]
-        order_key = exact.clone()
-        order_key[:, 0] = math.inf  # the token itself stays first
+        cand = best_idx[s:e].sort(dim=1).values  # sorted columns: a valid CSR pattern
+        exact = _sampled_dots(unit_rows(rows), content_rows, cand) * inv_norm[cand]
+        order_key = exact.masked_fill(cand == rows[:, None], math.inf)  # itself first
         top, pos = order_key.topk(k, dim=1)
         ids_c[s:e] = cand.gather(1, pos)
         sims_c[s:e] = exact.gather(1, pos)
         if width == n_content:  # every content token was a candidate: nothing was discarded
             accepted[s:e] = True
             continue
-        discarded = best_val[s:e, -1]  # bf16 value of the weakest kept candidate
-        # Half an ulp of bf16 (8 significant bits) at the discarded value bounds the output
-        # rounding of every value below it; 5 x spread covers the input rounding.
-        half_ulp = torch.exp2(torch.floor(torch.log2(discarded.abs().clamp_min(1e-30))) - 8)
-        tolerance = half_ulp + 5.0 * spread[s:e] + 1e-6
-        kth = top[:, -1] if k > 1 else torch.full_like(discarded, math.inf)
-        accepted[s:e] = kth >= discarded + tolerance
-    del best_val, best_idx
+        # Every discarded entry's int8 estimate is at most the weakest kept candidate's.
+        discarded = best_val[s:e, -1].double() * scale**2  # lists are sorted by value
+        tolerance = 5.0 * spread[s:e] + second[s:e] + 1e-6
+        kth = top[:, -1] if k > 1 else torch.full_like(top[:, 0], math.inf)
+        accepted[s:e] = kth.double() >= discarded + tolerance
+    del best_val, best_idx, content_rows
 
     redo = (~accepted).nonzero().squeeze(1)
     if redo.numel():
@@ -404,9 +420,18 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     return NeighborTable(ids.cpu(), sims.cpu(), content_mask, key, meta)
 
 
-# A block row's best entries lie in its best groups of this many consecutive entries (ranked
-# by group maximum), so a row is searched through its group maxima instead of sorted whole.
-_GROUP = 16
+_INT_MIN = torch.iinfo(torch.int32).min
+_INT_MAX = torch.iinfo(torch.int32).max
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 product of int8 ``a [m, d]`` and ``b [d, n]`` (VNNI on CPU, IMMA on GPU)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    m, n = a.shape[0], b.shape[1]  # CUDA wants m > 16 and n a multiple of 8
+    a = torch.nn.functional.pad(a, (0, 0, 0, max(0, 17 - m)))
+    b = torch.nn.functional.pad(b, (0, -n % 8))
+    return torch._int_mm(a, b)[:m, :n]
 
 
 def _merge_candidates(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int, col0: int,
@@ -414,43 +439,61 @@ def _merge_candidates(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int,
     """Fold block ``sim`` (content rows ``row0 + i``, columns ``col0 + j``) into the lists.
 
     Both directions at once, since the block is a piece of a symmetric matrix: row ``i``
-    may gain column ``j`` and row ``col0 + j`` may gain row ``row0 + i``. Each direction
-    takes the ``width`` best entries of every line through group maxima (the ``width``
-    best entries lie in the ``width`` groups with the largest maxima), then merges them
-    with the running lists.
+    may gain column ``j`` and row ``col0 + j`` may gain row ``row0 + i``. Only entries
+    above a line's current ``width``-th best can enter its list; one comparison with the
+    lowest of those thresholds over the block's rows and columns finds them (after the
+    diagonal blocks, a small fraction of a block), and only they are merged.
     """
     n_i, n_j = sim.shape
-    width = best_val.shape[1]
-    group = torch.arange(_GROUP, device=sim.device)
-    # rows of the block: groups of consecutive columns (the last one may be ragged)
-    gmax = torch.nn.functional.max_pool1d(sim[None], _GROUP, ceil_mode=True)[0]
-    which = gmax.topk(min(width, gmax.shape[1]), dim=1).indices
-    cols = (which[..., None] * _GROUP + group).flatten(1)
-    vals = sim.gather(1, cols.clamp_max(n_j - 1)).masked_fill(cols >= n_j, -math.inf)
-    _fold(best_val, best_idx, row0, vals, cols + col0)
-    if row0 == col0:
-        return  # a diagonal block: its columns are its rows
-    # columns of the block: groups of consecutive rows (n_i is a whole number of groups)
-    gmax = sim.view(n_i // _GROUP, _GROUP, n_j).amax(1).T
-    which = gmax.topk(min(width, gmax.shape[1]), dim=1).indices
-    rows = (which[..., None] * _GROUP + group).flatten(1)
-    _fold(best_val, best_idx, col0, sim.T.gather(1, rows), rows + row0)
+    thr_rows = best_val[row0:row0 + n_i, -1]
+    thr_cols = best_val[col0:col0 + n_j, -1]
+    floor = torch.minimum(thr_rows.min(), thr_cols.min())
+    r, c = (sim > floor).nonzero(as_tuple=True)
+    v = sim[r, c]
+    into_row = v > thr_rows[r]
+    _append(best_val, best_idx, r[into_row] + row0, c[into_row] + col0, v[into_row],
+            rows_sorted=True)  # nonzero() lists entries row by row
+    into_col = v > thr_cols[c]
+    _append(best_val, best_idx, c[into_col] + col0, r[into_col] + row0, v[into_col])
 
 
-def _fold(best_val: torch.Tensor, best_idx: torch.Tensor, row0: int, vals: torch.Tensor,
-          ids: torch.Tensor) -> None:
-    """Merge candidates ``vals``/``ids`` ``[n, m]`` into the lists of rows ``row0 + i``."""
-    n, width = vals.shape[0], best_val.shape[1]
-    top, pos = vals.topk(min(width, vals.shape[1]), dim=1)
-    merged, order = torch.cat([best_val[row0:row0 + n], top.float()], 1).topk(width, dim=1)
-    best_idx[row0:row0 + n] = torch.cat([best_idx[row0:row0 + n], ids.gather(1, pos)],
-                                        1).gather(1, order)
-    best_val[row0:row0 + n] = merged
+def _append(best_val: torch.Tensor, best_idx: torch.Tensor, rows: torch.Tensor,
+            ids: torch.Tensor, vals: torch.Tensor, rows_sorted: bool = False) -> None:
+    """Merge the entries ``(rows[i], ids[i], vals[i])`` into the lists of their rows."""
+    if rows.numel() == 0:
+        return
+    if not rows_sorted:
+        rows, order = rows.sort()
+        ids, vals = ids[order], vals[order]
+    lines, counts = torch.unique_consecutive(rows, return_counts=True)
+    slot = torch.repeat_interleave(torch.arange(lines.numel(), device=rows.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - first[slot]
+    longest = int(counts.max())
+    new_val = torch.full((lines.numel(), longest), _INT_MIN, dtype=vals.dtype, device=vals.device)
+    new_idx = torch.zeros((lines.numel(), longest), dtype=best_idx.dtype, device=ids.device)
+    new_val[slot, pos] = vals
+    new_idx[slot, pos] = ids
+    merged, pick = torch.cat([best_val[lines], new_val], 1).topk(best_val.shape[1], dim=1)
+    best_idx[lines] = torch.cat([best_idx[lines], new_idx], 1).gather(1, pick)
+    best_val[lines] = merged
+
+
+def _sampled_dots(query: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``out[i, j] = query[i] . rows[cols[i, j]]`` for ``cols`` ``[m, w]`` sorted along dim 1."""
+    m, w = cols.shape
+    crow = torch.arange(0, m * w + 1, w, device=cols.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), query.new_zeros(m * w),
+                                          size=(m, rows.shape[0]), check_invariants=False)
+        out = torch.sparse.sampled_addmm(pattern, query, rows.T, beta=0.0)
+    return out.values().view(m, w)
 
 
 def _exact_rows(redo: torch.Tensor, unit_rows, n_content: int, k: int, block_size: int,
                 ids_c: torch.Tensor, sims_c: torch.Tensor, device: torch.device) -> None:
-    """Full fp32 kNN for the rows ``redo`` (those the bf16 pass could not certify)."""
+    """Full fp32 kNN for the rows ``redo`` (those the int8 pass could not certify)."""
     step = max(1, min(1024, redo.numel()))
     for s in tqdm(range(0, redo.numel(), step), desc="semsam kNN (exact fp32 rows)",
                   leave=False, disable=redo.numel() <= step):
@@ -590,10 +633,9 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk`` (sorted, descending), through block maxima when ``V`` is large.
 
     The ``k`` largest entries lie in the ``k`` blocks with the largest maxima (plus the
-    ragged tail), so one vectorised max pass over ``V`` and a ``topk`` over
-    ``k * block`` entries replace a selection over the whole row. The block maxima come
-    from ``max_pool1d``, which runs one row per thread (a reduction that splits a single
-    row over threads stalls when the cores are shared).
+    ragged tail), so one vectorised max pass over ``V`` (``amax`` over contiguous blocks,
+    about 7x faster than ``max_pool1d`` at B = 1 on an AVX-512 CPU) and a ``topk`` over
+    ``k * block`` entries replace a selection over the whole row.
     """
     batch, vocab = logits.shape
     n_blocks = vocab // _TOPK_BLOCK
@@ -601,7 +643,7 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return logits.topk(k, dim=-1)
     body = n_blocks * _TOPK_BLOCK
     blocks = logits[:, :body].view(batch, n_blocks, _TOPK_BLOCK)
-    maxima = torch.nn.functional.max_pool1d(logits[:, None, :body], _TOPK_BLOCK).squeeze(1)
+    maxima = blocks.amax(-1)
     which = maxima.topk(k, dim=-1).indices  # [B, k]
     pool = blocks.gather(1, which[..., None].expand(-1, -1, _TOPK_BLOCK)).flatten(1)
     pool_ids = (which[..., None] * _TOPK_BLOCK

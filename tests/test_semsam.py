@@ -164,6 +164,63 @@ def test_table_equals_brute_force(margin, block):
         assert table.meta["exact_fallback_rows"] == int(mask.sum())
 
 
+def assert_table_matches(table, emb, mask, k, atol=2e-6):
+    """Equal to the float64 brute force: cosines to ``atol``, ids except among ties."""
+    content, ref_ids, ref_sims = brute_force_knn(emb, mask, k)
+    torch.testing.assert_close(table.sims[content].double(), ref_sims, atol=atol, rtol=0)
+    got = table.ids[content]
+    assert (got[:, 0] == content).all()
+    # the same set of neighbours above the k-th cosine (ties at the k-th may swap members)
+    ref_exact = brute_force_cos(emb, content, got)
+    torch.testing.assert_close(ref_exact, ref_sims, atol=atol, rtol=0)
+
+
+def brute_force_cos(emb, content, ids):
+    """float64 cosines between each content row and the ids listed for it."""
+    x = emb.double() / emb.double().norm(dim=1, keepdim=True)
+    out = (x[ids] * x[content][:, None, :]).sum(-1)
+    out[:, 0] = 1.0
+    return out
+
+
+def test_table_on_clustered_near_duplicate_rows_across_blocks():
+    """Tight clusters and exact duplicates: many near-ties, so rows need the fp32 fallback."""
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(12, 64, generator=g)
+    emb = centres[torch.randint(0, 12, (900,), generator=g)]
+    emb = emb + 1e-3 * torch.randn(900, 64, generator=g)
+    emb[100:110] = emb[5]  # exact duplicates: equal cosines
+    mask = torch.ones(900, dtype=torch.bool)
+    mask[::7] = False
+    table = build_neighbor_table(emb, mask, 10, margin=8, block_size=96, progress=False)
+    assert table.meta["exact_fallback_rows"] > 0
+    assert_table_matches(table, emb, mask, 10)
+    # each row's neighbours are the row's own cluster (the clusters hold ~75 rows each)
+    content = mask.nonzero().squeeze(1)
+    cluster = ((emb[:, None, :] - centres[None]).norm(dim=-1)).argmin(1)
+    assert (cluster[table.ids[content]] == cluster[content][:, None]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_table_accepts_low_and_high_precision_embeddings(dtype):
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(400, 40, generator=g).to(dtype)
+    mask = torch.rand(400, generator=g) < 0.8
+    table = build_neighbor_table(emb, mask, 6, block_size=64, progress=False)
+    assert_table_matches(table, emb.float(), mask, 6)
+
+
+def test_table_with_a_zero_embedding_row():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(200, 16, generator=g)
+    emb[17] = 0.0
+    table = build_neighbor_table(emb, torch.ones(200, dtype=torch.bool), 4, block_size=64,
+                                 progress=False)
+    assert table.ids[17, 0] == 17 and torch.isfinite(table.sims).all()
+    others = torch.cat([torch.arange(17), torch.arange(18, 200)])
+    assert not (table.ids[others] == 17).any() or (table.sims[table.ids[others] == 17] == 0).all()
+
+
 def test_table_save_load_and_cache_key(tmp_path):
     g = torch.Generator().manual_seed(3)
     emb = torch.randn(300, 16, generator=g)
