@@ -14,22 +14,46 @@ Trials are aggregated to binomial counts, one row per (model, arm, question): ``
   terminology on a plane-naming question) is null there and adds nothing.
 - ``γ_f1,f2`` — the interactions the paper's claims need (default convention × terminology,
   prompt × terminology, ablation × terminology, arm × model), sum-to-zero along both axes.
-- crossed random intercepts ``u_g ~ Normal(0, σ_g)`` for the question, the structure pair
-  (the order-free pair of structures a question names) and the volume, centred to sum to
-  zero (within each level of a nested factor such as modality).
+- crossed random intercepts ``u_g ~ Normal(0, σ_g)``, iid, for the question, the structure
+  pair (the order-free pair of structures a question names) and the volume. Their means are
+  not constrained away, so the fixed effects are population effects whose intervals
+  include the uncertainty of, say, the mean intercept of the plane questions.
 
-Fixed effects are centred ``ZeroSumNormal`` with a fixed prior scale (every level carries
-hundreds of trials, so the likelihood dominates and there is no funnel). The random
-intercepts sum to zero (so their mean cannot trade off against the intercept), within each
-level of a factor nested in the group (volumes and structure pairs within a modality: so the
-modality effect does not trade off against a shift of all MRI volumes), and are by default
-non-centred, ``u = σ·z``: on simulated studies shaped like the paper's
-(``bench/bench_analysis.py``, 3,000 questions x 5 trials x 2 arms) centring every group left
-the SDs mixing slowly (bulk ESS 17 of 1,000 draws, R-hat 1.09), while all non-centred gave
-ESS 148 and R-hat 1.02; centring only the volumes (``centred="auto"``, >= 250 trials per
-level) was no better (ESS 144). ``centred`` can name groups to centre. Sampling uses nutpie
-(NUTS, diagonal mass matrix, numba backend); nutpie's low-rank adaptation was 3.5x slower
-per draw here with no ESS gain.
+How it is sampled (nutpie: NUTS, diagonal mass matrix, numba backend). A diagonal mass
+matrix cannot follow correlated directions, and the plain form of this model has three
+kinds of them; each is removed by an exact reparameterisation:
+
+1. *The design.* Levels are unbalanced (a rare ablation level ties to the intercept) and
+   ``dims`` is separated from ``family`` by plane questions only (relation questions carry
+   the dims their family implies). The fixed effects are therefore one vector ``theta`` in
+   orthonormal sum-to-zero coordinates (priors exactly the ``ZeroSumNormal`` ones), sampled
+   as ``theta = mode + transform @ w`` with ``transform`` from a Laplace approximation of
+   the binomial GLM on the pattern counts (:class:`FixedDesign`).
+2. *Random-intercept means against fixed effects.* The mean intercept of a block of pair or
+   volume levels that no question links (MRI against CT volumes; single structures of plane
+   questions against two-structure pairs: ``family`` is partly nested in ``pair``,
+   :func:`_linked_levels`) trades off against the factor that splits them, and the mean
+   question intercept over, say, the plane questions against ``family[plane]``: ridges
+   through hundreds to thousands of coordinates. The intercepts are split exactly into
+   the part spanned by those means (:class:`GroupCells`: block indicators for pairs and
+   volumes, every level of every question-level factor and interaction for questions;
+   a few dozen standard-normal coordinates that join ``theta`` and its whitening) and the
+   rest, which sums to zero over each of those levels and blocks.
+3. *Funnels.* The remaining intercepts are non-centred, ``u = σ·z``, by default; ``centred``
+   can name groups to centre, and ``"auto"`` centres a group with >= 250 trials per level.
+
+Paper-scale simulation (``bench/bench_analysis.py``: 33,864 questions x 5 trials x 2 arms,
+500 + 500 draws, 2 chains, on a shared 2-core machine under load): before these changes the
+smallest bulk ESS of a fixed effect was 34 of 1,000 draws (``Intercept``, ``family``), max
+R-hat 1.056; after them 311 (``plane``; on 10,000 questions the median is 1,290), max
+fixed-effect R-hat 1.008, SDs <= 1.009, 0
+divergences, 42/42 true effects inside their 95 % intervals; 253 CPU s (sampling about
+115 s of wall time on two free cores, the same cost per draw as before). The random
+intercepts (500 checked per group) reach max R-hat 1.016 (volume), 1.019 (question), 1.031
+(pair): above the 1.01 target, whose own noise floor at this length is about 1.01 (the
+largest of 1,500 R-hats of independent draws, 2 x 500, is 1.009-1.013). Centring pairs
+and volumes was worse (bulk ESS 94, fixed R-hat 1.018); nutpie's low-rank adaptation was
+3.5x slower per draw than the diagonal one (before these changes).
 
 A factor or interaction with fewer than two observed levels (``model`` in a one-model run,
 ``convention`` when only one was rendered) is dropped and listed in the diagnostics, and so
@@ -77,7 +101,8 @@ Outputs (``data/analysis/``)
     band means the factor structure misses something, not that one question is odd.
 ``factor_diagnostics.json``
     Divergences, the largest R-hat and smallest bulk/tail ESS (fixed effects, random-effect
-    SDs, and every random intercept), sampling settings, sizes, timings, dropped terms.
+    SDs, every random intercept and the random intercepts' means ``mean_<group>`` per cell
+    of :class:`GroupCells`), sampling settings, sizes, timings, dropped terms.
 ``factor_posterior.zarr``
     The posterior of the fixed effects and SDs (no per-question intercepts) with sample
     stats, for trace and rank plots.
@@ -425,6 +450,73 @@ def sum_to_zero_basis(n_levels: int) -> np.ndarray:
 
 
 @dataclass
+class GroupCells:
+    """The directions of a group's intercepts that fixed effects could stand in for.
+
+    Levels are grouped into cells, and ``basis`` spans, over the cells, the vectors the
+    fixed effects could shift all intercepts of a cell by: for a pair or volume group the
+    indicators of its blocks (:attr:`FactorData.group_blocks`; the directions are the
+    block means), for the question group the indicators of every level of every
+    question-level factor and interaction (the cells are the questions' combinations of
+    levels). Columns are orthonormal over levels: ``basis.T @ diag(sizes) @ basis = I``.
+    For iid ``z ~ Normal(0, I)`` over the levels, ``m = V.T z`` (``V = basis[cell]``) is
+    ``Normal(0, I)`` and independent of ``z - V m``, so the model samples ``z - V V.T z``
+    and ``m`` separately: an exact reparameterisation, with ``m`` among the whitened
+    coefficients.
+
+    Attributes
+    ----------
+    cell : int [n_levels], each level's cell.
+    basis : float [n_cells, n_dirs].
+    sizes : float [n_cells], levels per cell.
+    labels : a name per cell.
+    """
+
+    cell: np.ndarray
+    basis: np.ndarray
+    sizes: np.ndarray
+    labels: list[str]
+
+
+def group_cells(data: FactorData, group: str) -> GroupCells:
+    """The cells and spanned directions of a group's intercepts (:class:`GroupCells`)."""
+    if group != "question":
+        cell = data.group_blocks[group]
+        sizes = np.bincount(cell).astype(float)
+        return GroupCells(cell=cell, basis=np.diag(1.0 / np.sqrt(sizes)), sizes=sizes,
+                          labels=list(data.block_labels[group]))
+    n_q = len(data.levels["question"])
+    first_row = np.zeros(n_q, dtype=np.int64)
+    first_row[data.question_index[::-1]] = np.arange(len(data.question_index))[::-1]
+    q_factors = [f for f in data.factors if f not in TRIAL_FACTORS]
+    if not q_factors:
+        cell = np.zeros(n_q, dtype=np.int64)
+        return GroupCells(cell=cell, basis=np.full((1, 1), 1.0 / np.sqrt(n_q)),
+                          sizes=np.array([float(n_q)]), labels=["all"])
+    mat = np.stack([data.codes[f][first_row] for f in q_factors], axis=1)
+    cell_codes, cell = np.unique(mat, axis=0, return_inverse=True)
+    cell = cell.ravel().astype(np.int64)
+    sizes = np.bincount(cell).astype(float)
+    col = {f: j for j, f in enumerate(q_factors)}
+    indicators = [np.ones(len(cell_codes))]
+    for f in q_factors:
+        for c in np.unique(cell_codes[:, col[f]]):
+            indicators.append(cell_codes[:, col[f]] == c)
+    for f1, f2 in data.interactions:
+        if f1 in col and f2 in col:
+            pairs = cell_codes[:, [col[f1], col[f2]]]
+            for c1, c2 in np.unique(pairs[(pairs >= 0).all(axis=1)], axis=0):
+                indicators.append((pairs[:, 0] == c1) & (pairs[:, 1] == c2))
+    ind = np.stack(indicators, axis=1).astype(float)
+    lam, vec = np.linalg.eigh((ind.T * sizes) @ ind)
+    keep = lam > 1e-9 * lam.max()
+    basis = ind @ (vec[:, keep] / np.sqrt(lam[keep]))
+    labels = [",".join(f"{f}={data.levels[f][c] if c >= 0 else 'none'}"
+                       for f, c in zip(q_factors, row, strict=True)) for row in cell_codes]
+    return GroupCells(cell=cell, basis=basis, sizes=sizes, labels=labels)
+
+
+@dataclass
 class FixedDesign:
     """The fixed effects as one coefficient vector ``theta`` and its sampling transform.
 
@@ -433,7 +525,9 @@ class FixedDesign:
     independent ``Normal(0, scale)`` priors, exactly the ``ZeroSumNormal`` ones. The
     sampler moves ``w`` with ``theta = mode + transform @ w``: ``mode`` and ``transform``
     (``transform @ transform.T`` the inverse Hessian) come from a Laplace approximation of
-    a binomial GLM of the fixed effects alone on the pattern counts. In these coordinates
+    a binomial GLM on the pattern counts, of the fixed effects and the random intercepts'
+    means (``group_means``, with a guessed SD), the rest of the random intercepts left
+    out. In these coordinates
     the design's correlations are gone (unbalanced levels that tie a rare level to the
     intercept; ``dims``, which only plane questions separate from ``family``), which a
     diagonal mass matrix cannot undo: in raw coordinates they left ``Intercept`` and
@@ -446,11 +540,10 @@ class FixedDesign:
     scale : float [n_coef], prior SD of each coefficient.
     mode, transform : float [n_coef], [n_coef, n_coef], see above.
     blocks : (name, slice of theta, basis [n_cells, n_slice] or None, shape) per term.
-    group_means : (group, slice of theta, levels per block) per random-intercept group:
-        the block means of its intercepts (:attr:`FactorData.group_blocks`), non-centred:
-        a block of ``n`` iid ``Normal(0, sd_group)`` intercepts has mean
-        ``sd_group * theta_j / sqrt(n)`` with ``theta_j ~ Normal(0, 1)``; their columns of
-        ``matrix`` hold ``1 / sqrt(n)`` and are multiplied by ``sd_group`` in the model.
+    group_means : group → :class:`GroupCells`, and its slice of ``theta``: the part of the
+        group's intercepts that the fixed effects could trade off against, in
+        coordinates ``theta_j ~ Normal(0, 1)`` (non-centred: their columns of ``matrix``
+        are multiplied by ``sd_group`` in the model).
     n_fixed : the first ``n_fixed`` coefficients are the fixed effects.
     coef_names : names of the coefficients (``family_c1``, ``mean_pair_c0`` ...).
     """
@@ -461,7 +554,7 @@ class FixedDesign:
     mode: np.ndarray
     transform: np.ndarray
     blocks: list[tuple[str, slice, np.ndarray | None, tuple[int, ...]]]
-    group_means: list[tuple[str, slice, np.ndarray]]
+    group_means: dict[str, tuple[GroupCells, slice]]
     n_fixed: int
     coef_names: list[str]
 
@@ -504,19 +597,18 @@ def fixed_design(data: FactorData, prior_sd: float = 1.0,
     n_fixed = start
     first = np.zeros(n_pat, dtype=np.int64)
     first[pattern_of_row[::-1]] = np.arange(len(pattern_of_row))[::-1]
-    group_means = []
+    group_means = {}
     for g, gcodes in data.group_codes.items():
-        blocks_of_row = data.group_blocks[g][gcodes[data.question_index]]
-        of_pattern = blocks_of_row[first]
-        # A block is a function of the factor levels (FactorData.group_blocks), so every
-        # row of a pattern is in the same block.
-        if not np.array_equal(of_pattern[pattern_of_row], blocks_of_row):
-            raise AssertionError(f"the blocks of {g} are not determined by the factors")
-        sizes = np.bincount(data.group_blocks[g]).astype(float)
-        width = len(sizes)
-        columns.append((of_pattern[:, None] == np.arange(width)) / np.sqrt(sizes))
+        cells = group_cells(data, g)
+        cell_of_row = cells.cell[gcodes[data.question_index]]
+        of_pattern = cell_of_row[first]
+        # A cell is a function of the factor levels, so every row of a pattern is in one.
+        if not np.array_equal(of_pattern[pattern_of_row], cell_of_row):
+            raise AssertionError(f"the cells of {g} are not determined by the factors")
+        width = cells.basis.shape[1]
+        columns.append(cells.basis[of_pattern])
         scale.extend([1.0] * width)
-        group_means.append((g, slice(start, start + width), sizes))
+        group_means[g] = (cells, slice(start, start + width))
         names.extend(f"mean_{g}_c{j}" for j in range(width))
         start += width
     matrix = np.hstack(columns)
@@ -603,8 +695,8 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
     # one gather per row instead of one per factor keeps the gradient cheap at 10^5 rows.
     design = fixed_design(data, prior_sd=prior_sd, interaction_sd=interaction_sd)
     coords["fixed_coef"] = design.coef_names
-    for g in data.group_codes:
-        coords[f"{g}_block"] = data.block_labels[g]
+    for g, (cells, _) in design.group_means.items():
+        coords[f"{g}_cell"] = cells.labels
 
     with pm.Model(coords=coords) as model:
         sds = {g: pm.HalfNormal(f"sd_{g}", group_sd_scale) for g in data.group_codes}
@@ -625,12 +717,13 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
                 pm.Deterministic(name, value.reshape(shape), dims=dims)
         n_fixed = design.n_fixed
         eta_pattern = pt.dot(design.matrix[:, :n_fixed], theta[:n_fixed])
-        for g, sl, sizes in design.group_means:
-            pm.Deterministic(f"mean_{g}", sds[g] * theta[sl] / np.sqrt(sizes),
-                             dims=f"{g}_block")
+        for g, (cells, sl) in design.group_means.items():
+            pm.Deterministic(f"mean_{g}", sds[g] * pt.dot(cells.basis, theta[sl]),
+                             dims=f"{g}_cell")
             eta_pattern = eta_pattern + sds[g] * pt.dot(design.matrix[:, sl], theta[sl])
-        # The random intercepts less their block means: deviations that sum to zero within
-        # each block (all levels, or each block of prepare_factor_data).
+        # The random intercepts less their projection on the cells' basis (GroupCells):
+        # pair and volume intercepts sum to zero within each block, question intercepts
+        # sum to zero over every level of every question-level factor.
         u_total = pt.zeros(n_q)
         for g, gcodes in data.group_codes.items():
             sd = sds[g]
@@ -638,12 +731,9 @@ def build_model(data: FactorData, centred: str | Sequence[str] = (),
                 raw = pm.Normal(f"u_{g}", 0.0, sd, dims=g)
             else:
                 raw = pm.Normal(f"z_{g}", 0.0, 1.0, dims=g)
-            blocks = data.group_blocks[g]
-            n_blocks = int(blocks.max()) + 1
-            averaging = np.zeros((n_blocks, len(blocks)))
-            averaging[blocks, np.arange(len(blocks))] = 1.0
-            averaging /= averaging.sum(axis=1, keepdims=True)
-            u = raw - pt.dot(averaging, raw)[blocks]
+            cells = design.group_means[g][0]
+            sums = pt.inc_subtensor(pt.zeros(len(cells.sizes))[cells.cell], raw)
+            u = raw - pt.dot(cells.basis, pt.dot(cells.basis.T, sums))[cells.cell]
             if g not in centred:
                 u = sd * u
             u_total = u_total + (u if g == "question" else u[gcodes])
@@ -951,16 +1041,19 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         r, e, _ = _diag(arr[..., pick])
         re_rhat.append(np.nanmax(r))
         re_ess.append(np.nanmin(e))
-    # The block means of the random intercepts (FixedDesign), sampled with the fixed effects.
-    mean_arr = np.concatenate([np.asarray(post[f"mean_{g}"].values)
-                               for g in data.group_codes], axis=-1)
-    mean_rhat, mean_ess, _ = _diag(mean_arr)
+    # The random intercepts' parts sampled with the fixed effects (GroupCells), per cell.
+    mean_arr = []
+    for g in data.group_codes:
+        arr = np.asarray(post[f"mean_{g}"].values)
+        pick = np.unique(np.linspace(0, arr.shape[-1] - 1, DIAG_LEVELS).astype(int))
+        mean_arr.append(arr[..., pick])
+    mean_rhat, mean_ess, _ = _diag(np.concatenate(mean_arr, axis=-1))
     stats = trace.sample_stats
     diverging = np.asarray(stats["diverging"].values)
     contrasts = compute_contrasts(post, data, max_draws=contrast_draws)
     ppc = posterior_predictive_check(post, data, n_draws=ppc_draws, seed=seed)
     keep = ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions),
-            *sd_names, *(f"mean_{g}" for g in data.group_codes)]
+            *sd_names]
     small = trace.copy()
     small["posterior"] = xr.DataTree(post.to_dataset()[keep])
     t_end = time.perf_counter()
@@ -984,7 +1077,7 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         "min_ess_tail_fixed": float(np.nanmin(effects["ess_tail"])),
         "min_ess_bulk": float(min(np.nanmin(effects["ess_bulk"]), np.nanmin(sds["ess_bulk"]),
                                   *re_ess, np.nanmin(mean_ess))),
-        "max_r_hat_block_means": float(np.nanmax(mean_rhat)),
+        "max_r_hat_group_means": float(np.nanmax(mean_rhat)),
         "max_r_hat_random": {g: float(r) for g, r in zip(data.group_codes, re_rhat,
                                                          strict=True)},
         "mean_tree_depth": float(np.nanmean(depth)),

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -28,14 +30,18 @@
 # level". The interactions are those the paper's claims rest on: convention ×
 # terminology, visual prompt × terminology, ablation × terminology and arm × model.
 # Crossed random intercepts absorb what is particular to a question, to the pair of
-# structures it names and to the volume; they sum to zero, so their mean cannot trade off
-# against $\alpha$. The fixed effects are centred (`ZeroSumNormal` with a fixed scale: each
-# level holds hundreds of trials). The random intercepts are non-centred by default: on
-# simulated studies of the paper's shape (`bench/bench_analysis.py`) centring them left
-# their SDs mixing slowly (bulk ESS 17 of 1,000 draws) where the non-centred form reached
-# ~150. A pair or volume intercept whose levels hold fewer than two questions on average
-# cannot be told apart from the question intercept and is dropped (listed below). The
-# sampler is nutpie's NUTS.
+# structures it names and to the volume. A pair or volume intercept whose levels hold fewer
+# than two questions on average cannot be told apart from the question intercept and is
+# dropped (listed below). The sampler is nutpie's NUTS with a diagonal mass matrix, which
+# cannot follow correlated directions; three exact reparameterisations remove them
+# (`mislib.analysis`, module docstring): the fixed effects are sampled in coordinates
+# whitened by a Laplace approximation (unbalanced levels; `dims` is told apart from
+# `family` by plane questions only); the means of the random intercepts that a fixed
+# effect could stand in for (MRI volumes against modality, the single structures of plane
+# questions against `family`, the plane questions' intercepts against `family[plane]`)
+# are sampled with the fixed effects; the rest of each intercept is non-centred. On a
+# simulated study of the paper's size this took the slowest fixed effect from bulk ESS 34
+# to ~300 of 1,000 draws (`bench/bench_analysis.py`).
 #
 # The notebook reads the real scored trials of stage 06 (`data/analysis/scored.parquet`).
 # Set `simulated_questions` to analyse a simulated study with known effects instead; it is

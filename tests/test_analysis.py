@@ -15,6 +15,7 @@ import pytest
 from mislib.analysis import (
     FactorData,
     fixed_design,
+    group_cells,
     load_scored,
     prepare_factor_data,
     resolve_centred,
@@ -152,13 +153,30 @@ def test_fixed_design_reproduces_the_zero_sum_effects_and_block_means(study):
         terms[f"{a}:{b}"][data.levels[a].index(row[a]), data.levels[b].index(row[b])]
         for a, b in data.interactions if pd.notna(row[a]) and pd.notna(row[b]))
     q = data.question_index[0]
-    for g, sl, sizes in design.group_means:
-        block = data.group_blocks[g][data.group_codes[g][q]]
-        expect += theta[sl][block] / np.sqrt(sizes[block])  # x sd_g in the model
+    for g, (cells, sl) in design.group_means.items():
+        # x sd_g in the model
+        expect += cells.basis[cells.cell[data.group_codes[g][q]]] @ theta[sl]
     assert design.matrix[pattern] @ theta == pytest.approx(float(expect))
+    # pair blocks: the basis is the block indicator over sqrt(levels)
+    cells, _ = design.group_means["pair"]
+    assert np.allclose(cells.basis, np.diag(1 / np.sqrt(cells.sizes)))
     # the transform's covariance is the inverse Hessian of the approximation
     cov = design.transform @ design.transform.T
     assert np.all(np.linalg.eigvalsh(cov) > 0)
+
+
+def test_question_cells_span_every_question_level_factor_level_orthonormally(study):
+    data = prepare_factor_data(scored_table(study))
+    cells = group_cells(data, "question")
+    v = cells.basis[cells.cell]  # [n_questions, n_dirs]
+    assert np.allclose(v.T @ v, np.eye(v.shape[1]))
+    # the indicator of a factor level (family=plane) lies in the span, so intercepts with
+    # the projection removed sum to zero over the plane questions
+    first = data.obs.drop_duplicates("question_id").set_index("question_id")
+    plane = (first.loc[data.levels["question"], "family"] == "plane").to_numpy(float)
+    assert np.allclose(v @ (v.T @ plane), plane)
+    z = np.random.default_rng(1).normal(size=len(plane))
+    assert abs(plane @ (z - v @ (v.T @ z))) < 1e-9
 
 
 def test_structure_pair_ignores_order_and_keeps_single_structures():
