@@ -34,6 +34,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -318,6 +319,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         x = picked.to(device=device, dtype=torch.float32)
         return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
+    clock = _PhaseClock(device)
     # int8 copy of the unit content rows on one common scale, so that the integer dot
     # products rank every row and every column alike, and each row's rounding statistics.
     starts = list(range(0, n_content, block_size))
@@ -351,6 +353,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         norm = raw.norm(dim=1)
         inv_norm[s:e] = torch.where(norm > 0, 1.0 / norm, 0.0)
 
+    clock.lap("quantise")
     # The candidate pass, in integer units of scale**2 (exact int32 sums).
     best_val = torch.full((n_content, width), _INT_MIN, dtype=torch.int32, device=device)
     best_idx = torch.zeros((n_content, width), dtype=torch.long, device=device)
@@ -377,6 +380,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     bar.close()
     del low
 
+    clock.lap("candidates")
     # Exact fp32 re-rank of the candidates, then the acceptance test. The candidates' dot
     # products are one sampled product (sparse pattern x dense rows), which streams each
     # candidate row once instead of gathering [rows, width, d] copies.
@@ -406,9 +410,11 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
         accepted[s:e] = kth.double() >= discarded + tolerance
     del best_val, best_idx, content_rows
 
+    clock.lap("rerank")
     redo = (~accepted).nonzero().squeeze(1)
     if redo.numel():
         _exact_rows(redo, unit_rows, n_content, k, block_size, ids_c, sims_c, device)
+    clock.lap("exact_fallback")
 
     ids = torch.arange(n_rows, device=device)[:, None].repeat(1, k)
     sims = torch.zeros((n_rows, k), device=device)
@@ -416,7 +422,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     sims[content_dev] = sims_c
     meta = {"k": k, "margin": width - k, "block_size": block_size, "dim": dim,
             "n_content": n_content, "exact_fallback_rows": int(redo.numel()),
-            "device": str(device)}
+            "device": str(device), "seconds": clock.laps}
     return NeighborTable(ids.cpu(), sims.cpu(), content_mask, key, meta)
 
 
@@ -477,6 +483,21 @@ def _append(best_val: torch.Tensor, best_idx: torch.Tensor, rows: torch.Tensor,
     merged, pick = torch.cat([best_val[lines], new_val], 1).topk(best_val.shape[1], dim=1)
     best_idx[lines] = torch.cat([best_idx[lines], new_idx], 1).gather(1, pick)
     best_val[lines] = merged
+
+
+class _PhaseClock:
+    """Wall seconds of consecutive phases (synchronising a CUDA device at each lap)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.laps = device, {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _sampled_dots(query: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -798,7 +819,6 @@ def time_decode_step(batches: Sequence[int] = (1, 8, 64), vocab: int = 151_936,
         One row per (batch, method): ``batch, method, median_ms, min_ms, rounds``.
     """
     import statistics
-    import time
 
     from transformers import (
         LogitsProcessorList,
