@@ -43,7 +43,8 @@ kinds of them; each is removed by an exact reparameterisation:
    can name groups to centre, and ``"auto"`` centres a group with >= 250 trials per level.
 
 Paper-scale simulation (``bench/bench_analysis.py``: 33,864 questions x 5 trials x 2 arms,
-500 + 500 draws, 2 chains, on a shared 2-core machine under load): before these changes the
+500 + 500 draws, 2 chains, seed 7, on a shared 2-core machine under load): before these
+changes the
 smallest bulk ESS of a fixed effect was 34 of 1,000 draws (``Intercept``, ``family``), max
 R-hat 1.056; after them 311 (``plane``; on 10,000 questions the median is 1,290), max
 fixed-effect R-hat 1.008, SDs <= 1.009, 0
@@ -51,9 +52,15 @@ divergences, 42/42 true effects inside their 95 % intervals; 253 CPU s (sampling
 115 s of wall time on two free cores, the same cost per draw as before). The random
 intercepts (500 checked per group) reach max R-hat 1.016 (volume), 1.019 (question), 1.031
 (pair): above the 1.01 target, whose own noise floor at this length is about 1.01 (the
-largest of 1,500 R-hats of independent draws, 2 x 500, is 1.009-1.013). Centring pairs
-and volumes was worse (bulk ESS 94, fixed R-hat 1.018); nutpie's low-rank adaptation was
-3.5x slower per draw than the diagonal one (before these changes).
+largest of 1,500 R-hats of independent draws, 2 x 500, is 1.009-1.013). With seed 8 on a
+quieter machine: 135 s wall (sampling 116 s), 250 CPU s, max fixed-effect R-hat 1.0098,
+``sd[volume]`` 1.016, random intercepts up to 1.021, 0 divergences, 42/42 covered.
+Centring pairs and volumes was worse (bulk ESS 94, fixed R-hat 1.018); so were two further
+exact reparameterisations tried on 10,000 questions and not kept (a pair's or volume's
+intercept shifted by its questions' mean, which questions are nested in; the SDs sampled
+as the intercepts' own spread): neither raised the SDs' bulk ESS (~350 of 1,000) nor
+lowered the random intercepts' largest R-hat. nutpie's low-rank adaptation was 3.5x
+slower per draw than the diagonal one (before these changes).
 
 A factor or interaction with fewer than two observed levels (``model`` in a one-model run,
 ``convention`` when only one was rendered) is dropped and listed in the diagnostics, and so
