@@ -5,7 +5,9 @@ Decode step (V = 151,936, B in {1, 8, 64}, T = 0.7, top-k 20, top-p 0.8, fp32 lo
 logits (Temperature -> TopK -> TopP warpers, softmax, multinomial) and against a bare
 softmax + argmax. Targets: ratio <= 0.25 to the chain and <= 2 to softmax + argmax. The
 methods are timed round-robin (one call of each per round, medians over rounds) so that
-load from other processes on a shared machine hits them alike.
+load from other processes on a shared machine hits them alike; each turn makes an untimed
+call before the timed one, so that no method is charged with the slowdown the chain leaves
+behind for the next call.
 
 Table build (151,936 x 4096 random unit vectors, k = 32, every row a content token):
 ``build_neighbor_table`` in a fresh process (its peak resident memory, input matrix
