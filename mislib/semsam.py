@@ -323,10 +323,14 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     # int8 copy of the unit content rows on one common scale, so that the integer dot
     # products rank every row and every column alike, and each row's rounding statistics.
     starts = list(range(0, n_content, block_size))
-    peak = torch.zeros((), device=device)
+    inv_norm = torch.empty(n_content, device=device)  # 1 / ||row|| (0 for a zero row)
+    peak = torch.zeros((), device=device)  # the largest |coordinate| of a unit row
     for s in starts:
-        peak = torch.maximum(peak, unit_rows(torch.arange(s, min(s + block_size, n_content),
-                                                          device=device)).abs().max())
+        e = min(s + block_size, n_content)
+        raw = emb[content_src[s:e]].to(device=device, dtype=torch.float32)
+        norm = raw.norm(dim=1)
+        inv_norm[s:e] = torch.where(norm > 0, 1.0 / norm, 0.0)
+        peak = torch.maximum(peak, (raw.abs().amax(1) * inv_norm[s:e]).max())
     scale = float(peak) / 127.0 if float(peak) > 0 else 1.0
     dim_pad = -(-dim // 8) * 8  # CUDA's int8 matmul wants a multiple of 8; zeros change nothing
     low = torch.zeros(n_content, dim_pad, dtype=torch.int8, device=device)
@@ -346,12 +350,6 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     # dot products with any other row, and a strict bound on the second-order term.
     spread = (err4 * val4.max()).sqrt() + (err4.max() * val4).sqrt()  # [n_content]
     second = err2 * err2.max()
-    inv_norm = torch.empty(n_content, device=device)  # 1 / ||row|| (0 for a zero row)
-    for s in starts:
-        e = min(s + block_size, n_content)
-        raw = emb[content_src[s:e]].to(device=device, dtype=torch.float32)
-        norm = raw.norm(dim=1)
-        inv_norm[s:e] = torch.where(norm > 0, 1.0 / norm, 0.0)
 
     clock.lap("quantise")
     # The candidate pass, in integer units of scale**2 (exact int32 sums).
