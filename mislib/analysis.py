@@ -431,16 +431,6 @@ def _linked_levels(group_codes: np.ndarray, factor_codes: np.ndarray,
 # ------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------
-def _pad(vec, pt):
-    """Append a zero so that code -1 (factor does not apply) picks 0."""
-    return pt.concatenate([vec, pt.zeros((1,))])
-
-
-def _pad2(mat, pt):
-    mat = pt.concatenate([mat, pt.zeros((1, mat.shape[1]))], axis=0)
-    return pt.concatenate([mat, pt.zeros((mat.shape[0], 1))], axis=1)
-
-
 def _dim(name: str, data: FactorData) -> str:
     return name if name in data.group_codes or name == "question" else f"{name}_level"
 
