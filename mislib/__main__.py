@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mislib.inference.protocol import ARMS
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="demo", help="profile name or path to a TOML file")
@@ -31,11 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export questions as a HF parquet dataset and a TSV")
     _add_common(p)
 
-    p = sub.add_parser("infer", help="stage 04: run a model on the benchmark")
+    p = sub.add_parser("infer", help="stage 04: run the profile's models on the benchmark")
     _add_common(p)
-    p.add_argument("--arm", choices=["baseline", "semsam"], required=True)
-    p.add_argument("--model", default=None, help="model id (default: the profile's first)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    p.add_argument("--arm", action="append", choices=ARMS, default=None,
+                   help="an arm to run (repeatable; default: the profile's arms)")
+    p.add_argument("--model", action="append", default=None,
+                   help="a model id to run (repeatable; default: the profile's models)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most this many questions (adds to the run, never shrinks it)")
+    p.add_argument("--out", default=None, help="results folder (default data/results)")
+    p.add_argument("--worker", type=int, default=0,
+                   help="this process's share of the (question, trial) keys: 0..workers-1")
+    p.add_argument("--workers", type=int, default=1,
+                   help="number of workers sharing the run; with more than one, run "
+                        "`python -m mislib compact` after all have finished")
+
+    p = sub.add_parser("compact", help="stage 04: join the shards of runs into responses.parquet")
+    p.add_argument("runs", nargs="*", help="run folders or ids (default: every run with "
+                                           "records not yet compacted)")
     p.add_argument("--out", default=None, help="results folder (default data/results)")
     return parser
 
@@ -63,10 +78,26 @@ def main(argv: list[str] | None = None) -> int:
 
         export(profile=args.profile)
     elif args.command == "infer":
-        from mislib.inference import run_inference
+        from mislib.inference import run_profile
 
-        run_inference(profile=args.profile, arm=args.arm, model=args.model, limit=args.limit,
-                      out=args.out, force=args.force)
+        run_profile(args.profile, models=args.model, arms=args.arm, limit=args.limit,
+                    out=args.out, force=args.force, worker=args.worker, workers=args.workers)
+    elif args.command == "compact":
+        return _compact(args)
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mislib.inference.store import compact_run, pending_runs
+    from mislib.paths import project_paths
+
+    results = Path(args.out) if args.out else project_paths().results
+    runs = [Path(r) if Path(r).is_dir() else results / r for r in args.runs]
+    for run_dir in runs or pending_runs(results):
+        frame = compact_run(run_dir)
+        print(f"{run_dir.name}: {len(frame)} records in responses.parquet")
     return 0
 
 

@@ -20,15 +20,16 @@
 # processor and chat template: a 2D question with its rendered picture, a 3D question with
 # its frame stack passed as a **video** (every frame we rendered, in order, none
 # re-sampled), a text-only question with no picture. Each question is asked `n_trials`
-# times in two **arms** that differ only in how the next token is chosen:
+# times in **arms** that differ only in how the next token is chosen:
 #
 # - **baseline**: the default rule, a draw from the top-k / top-p candidates;
+# - **greedy**: the most probable candidate (the control: deterministic, no re-scoring);
 # - **semsam**: MIS-SemSam re-scores the candidates by the probability mass of their
 #   neighbourhoods in the input-embedding space (notebook 05 explains the rule).
 #
-# Both arms run the same code (`mislib.semsam.SemSamLogitsProcessor`, with re-scoring off
-# in the baseline) with the same seed for each (question, trial), so every difference
-# between the arms is the selection rule's, draw for draw.
+# Every arm runs the same code (the SemSam rule, with re-scoring off outside the semsam
+# arm) with the same seed for each (question, trial), so every difference between the arms
+# is the selection rule's, draw for draw.
 #
 # Every finished (question, trial) is appended to a JSONL shard as soon as its batch ends,
 # so a run that is interrupted resumes where it stopped. Inputs:
@@ -52,15 +53,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from mislib.config import stage_params
-from mislib.inference import run_inference, summarise_runs
+from mislib.inference import run_profile, summarise_runs
 from mislib.paths import figure_path
 
-params = stage_params(profile, "inference", limit=limit, n_trials=n_trials,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens)
-runs = [run_inference(profile, arm=arm, model=model, limit=limit, force=force,
-                      n_trials=n_trials, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        for model in (models or params["models"]) for arm in (arms or params["arms"])]
+runs = run_profile(profile, models=models, arms=arms, limit=limit, force=force,
+                   n_trials=n_trials, batch_size=batch_size, max_new_tokens=max_new_tokens)
 summary = summarise_runs(run.run_dir for run in runs)
 summary
 
@@ -83,8 +80,9 @@ pd.Series({"model": record["model"], "revision": record["revision"],
            "stack frames passed as": record["processor"]["video_as"],
            "decode": {k: record["decode"][k] for k in ("temperature", "top_k", "top_p", "mode",
                                                        "max_new_tokens")},
-           "SemSam table": record["semsam_table"],
-           "git commit": record["sessions"][-1]["git_commit"]}, name="run.json").to_frame()
+           "SemSam table": record.get("semsam_table"),
+           "git commit": (record.get("sessions") or [{}])[-1].get("git_commit")},
+          name="run.json").to_frame()
 
 # %% [markdown]
 # What `run.json` records for the first run: the model's revision, the pixel budgets of its
@@ -93,10 +91,10 @@ pd.Series({"model": record["model"], "revision": record["revision"],
 #
 # ## Outputs side by side
 #
-# The same questions and trials in both arms (same seeds):
+# The same questions and trials in every arm (same seeds):
 
 # %%
-responses = pd.concat([pd.read_parquet(run.responses) for run in runs], ignore_index=True)
+responses = pd.concat([run.selected() for run in runs], ignore_index=True)
 side = (responses.pivot_table(index=["model", "question_id", "trial"], columns="arm",
                               values="raw_text", aggfunc="first")
         .head(8))
@@ -108,7 +106,8 @@ side.apply(lambda col: col.astype(str).str.slice(0, 60))
 # %%
 fig, (ax_rate, ax_parse) = plt.subplots(1, 2, figsize=(10, 3.6))
 labels = summary["model"].str.rsplit("/", n=1).str[-1] + "\n" + summary["arm"]
-ax_rate.bar(labels, summary["questions_per_s"], color=["#4c72b0", "#dd8452"] * len(summary))
+arm_colours = {"baseline": "#4c72b0", "greedy": "#55a868", "semsam": "#dd8452"}
+ax_rate.bar(labels, summary["questions_per_s"], color=summary["arm"].map(arm_colours))
 ax_rate.set_ylabel("(question, trial) per second")
 ax_rate.set_title(f"throughput ({summary['device'].iloc[0]})")
 counts = (responses.assign(outcome=responses["parse_status"].fillna(responses["status"]))

@@ -1,4 +1,4 @@
-"""mislib.inference: the stage-04 harness on the tiny Qwen3-VL, on CPU."""
+"""mislib.inference.runner: the stage-04 harness on the tiny Qwen3-VL, on CPU."""
 
 from __future__ import annotations
 
@@ -13,21 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from mislib.config import load_profile
 from mislib.inference import (
     RESPONSE_COLUMNS,
-    ShardWriter,
-    compact,
     current_runs,
-    input_kind,
-    load_media,
-    question_prompt,
     read_shards,
     run_inference,
+    run_profile,
     select_questions,
     trial_seed,
 )
@@ -92,9 +87,9 @@ def seeded_table(smoke_root):
 def both_arms(smoke_root, tmp_path_factory):
     """Both arms run once on a small benchmark (module-scoped: the expensive part)."""
     root = _new_root(tmp_path_factory.mktemp("arms"), smoke_root)
-    runs = {arm: run_inference(_profile(), arm=arm, root=root, progress=False)
-            for arm in ("baseline", "semsam")}
-    return root, runs
+    runs = run_profile(_profile(), arms=["baseline", "semsam"], root=root, progress=False)
+    assert [(run.run_id.split("-")[-2]) for run in runs] == ["baseline", "semsam"]
+    return root, {run.run_id.split("-")[-2]: run for run in runs}
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -121,81 +116,6 @@ def test_select_questions_rejects_repeated_ids():
     table = pd.DataFrame({"question_id": ["a", "b", "a"]})
     with pytest.raises(ValueError, match="repeats question_id 'a'"):
         select_questions(table, None, seed=0)
-
-
-def test_load_media_gives_a_picture_a_frame_stack_or_nothing(tmp_path):
-    path = write_smoke_benchmark(tmp_path, n_questions=30, seed=2, image_size=40, n_frames=4)
-    questions = pd.read_parquet(path).to_dict("records")
-    kinds = {input_kind(q): q for q in questions}
-    assert set(kinds) == {"text", "image", "video"}
-    assert load_media(kinds["text"], path.parent) is None
-    image = load_media(kinds["image"], path.parent)
-    assert image.mode == "RGB" and image.size == (40, 40)
-    stack = load_media(kinds["video"], path.parent)
-    assert stack.shape == (4, 40, 40, 3) and stack.dtype == np.uint8
-
-
-def test_load_media_names_the_missing_file(tmp_path):
-    question = {"question_id": "q9", "image_path": "images/none.png", "dims": "2d"}
-    with pytest.raises(FileNotFoundError, match=r"q9.*images/none\.png"):
-        load_media(question, tmp_path)
-    stack = {"question_id": "q8", "image_path": "stacks/r1", "dims": "3d"}
-    (tmp_path / "stacks" / "r1").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no frame_"):
-        load_media(stack, tmp_path)
-
-
-def test_question_prompt_appends_the_instruction_with_the_options():
-    question = {"text": "Is A superior to B? ", "choices": np.array(["True", "False"])}
-    assert question_prompt(question) == "Is A superior to B?"
-    assert question_prompt(question, "Answer with one of: {options}.") == \
-        "Is A superior to B?\nAnswer with one of: True, False."
-
-
-def test_a_no_prompt_question_reaches_the_model_with_its_scan_and_names_only(tmp_path):
-    from test_questions import make_inputs
-
-    from mislib.questions import generate
-
-    make_inputs(tmp_path, conventions=("standard",), prompts=("none", "mask"))
-    questions = generate("demo", root=tmp_path, force=True)
-    bench = tmp_path / "data" / "benchmark"
-    bare = questions[(questions.prompt == "none") & (questions.family != "plane")]
-    for dims, kind in (("2d", "image"), ("3d", "video")):
-        q = bare[bare.dims == dims].iloc[0].to_dict()
-        assert input_kind(q) == kind and load_media(q, bench) is not None
-        text = question_prompt(q, "Answer with one of: {options}.")
-        assert f"the {q['name_a']}" in text.lower() and f"the {q['name_b']}" in text.lower()
-        assert not re.search(r"\([A-F]\)|[Ss]tructure [A-F]\b|labelled", text)
-
-
-def _rec(qid, trial, **kw):
-    base = dict.fromkeys(RESPONSE_COLUMNS)
-    base.update(question_id=qid, trial=trial, seed=1, batch_size=1, status="ok", **kw)
-    return base
-
-
-def test_read_shards_skips_a_torn_last_line_and_repeated_keys(tmp_path):
-    shards = tmp_path / "shards"
-    writer = ShardWriter(shards)
-    writer.write([_rec("q1", 0), _rec("q1", 1, raw_text="first")])
-    writer.close()
-    with writer.path.open("a") as fh:  # a writer killed in the middle of a line
-        fh.write(json.dumps(_rec("q2", 0))[:25])
-    (shards / "part-later.jsonl").write_text(json.dumps(_rec("q1", 1, raw_text="again")) + "\n")
-    records = read_shards(shards)
-    keys = sorted((r["question_id"], r["trial"]) for r in records)
-    assert keys == [("q1", 0), ("q1", 1)]
-    assert next(r for r in records if r["trial"] == 1)["raw_text"] == "first"
-
-
-def test_compact_keeps_the_selected_keys_in_order(tmp_path):
-    writer = ShardWriter(tmp_path / "shards")
-    writer.write([_rec("q2", 0), _rec("q1", 0), _rec("q3", 0)])
-    writer.close()
-    frame = compact(tmp_path, keys=[("q1", 0), ("q2", 0)])
-    assert frame["question_id"].tolist() == ["q1", "q2"]
-    assert pd.read_parquet(tmp_path / "responses.parquet")["question_id"].tolist() == ["q1", "q2"]
 
 
 # ------------------------------------------------------------------ the stage, end to end
@@ -233,7 +153,8 @@ def test_run_json_records_model_processor_decode_table_and_versions(both_arms, s
     assert record["processor"]["image_processor"]["size"]
     assert record["processor"]["video_processor"]["size"]
     assert record["processor"]["do_sample_frames"] is False
-    assert record["decode"]["max_new_tokens"] == 4 and record["decode"]["do_sample"] is False
+    assert record["decode"]["max_new_tokens"] == 4 and record["decode"]["arm"] == "semsam"
+    assert record["decode"]["table_key"] == seeded_table
     assert record["semsam_table"]["hash"] == seeded_table
     assert record["semsam_table"]["k"] == 32
     session = record["sessions"][-1]
@@ -315,11 +236,11 @@ def _oom_above(limit):
     sizes = []
 
     def hook(generate):
-        def wrapped(prompts, processor, max_new_tokens):
-            sizes.append(len(prompts))
-            if len(prompts) > limit:
+        def wrapped(requests, decode):
+            sizes.append(len(requests))
+            if len(requests) > limit:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return generate(prompts, processor, max_new_tokens)
+            return generate(requests, decode)
         return wrapped
     return hook, sizes
 
@@ -371,8 +292,69 @@ def test_missing_questions_file_names_the_stage_to_run(tmp_path):
 
 
 def test_unknown_arm_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown arm 'greedy'"):
-        run_inference(_profile(), arm="greedy", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown arm 'nucleus'"):
+        run_inference(_profile(), arm="nucleus", root=tmp_path)
+
+
+def test_n_trials_below_one_is_an_error_naming_the_profile_key(smoke_root, tmp_path):
+    root = _new_root(tmp_path / "root", smoke_root, n_questions=2)
+    first = run_inference(_profile(), arm="baseline", root=root, progress=False)
+    for bad in (0, -1, "two"):
+        with pytest.raises(ValueError, match=r"\[inference\].*n_trials must be an integer >= 1"):
+            run_inference(_profile(n_trials=bad), arm="baseline", root=root, progress=False)
+    assert len(pd.read_parquet(first.responses)) == 4
+
+
+def test_a_limited_run_adds_to_the_run_and_never_shrinks_its_responses(smoke_root, tmp_path):
+    root = _new_root(tmp_path / "root", smoke_root, n_questions=5)
+    full = run_inference(_profile(), arm="baseline", root=root, progress=False)
+    limited = run_inference(_profile(), arm="baseline", root=root, progress=False, limit=2)
+    assert limited.run_id == full.run_id and limited.n_generated == 0
+    assert len(pd.read_parquet(full.responses)) == 10 == limited.n_records
+    assert len(limited.selected()) == 4 == limited.n_selected
+    assert current_runs(root / "data" / "results") == [full.run_dir]
+    fewer = run_inference(_profile(n_trials=1), arm="baseline", root=root, progress=False)
+    assert len(pd.read_parquet(fewer.responses)) == 10 and len(fewer.selected()) == 5
+
+
+def test_force_with_a_limit_refuses_to_drop_the_records_outside_it(smoke_root, tmp_path):
+    root = _new_root(tmp_path / "root", smoke_root, n_questions=3)
+    full = run_inference(_profile(), arm="baseline", root=root, progress=False)
+    with pytest.raises(RuntimeError, match="force would remove them"):
+        run_inference(_profile(), arm="baseline", root=root, progress=False, limit=1,
+                      force=True)
+    assert len(pd.read_parquet(full.responses)) == 6
+
+
+def test_greedy_arm_takes_the_most_probable_token_at_every_step(smoke_root, tmp_path):
+    import torch
+
+    from mislib.inference import load_backend
+    from mislib.inference.protocol import DecodeSettings, Request
+
+    root = _new_root(tmp_path / "root", smoke_root, n_questions=4)
+    run = run_inference(_profile(max_new_tokens=6), arm="greedy", root=root, progress=False)
+    frame = pd.read_parquet(run.responses)
+    assert set(frame["arm"]) == {"greedy"} and len(frame) == 8
+    # deterministic: both trials of a question give the same text, whatever their seeds
+    assert (frame.groupby("question_id")["raw_text"].nunique() == 1).all()
+    record = json.loads((run.run_dir / "run.json").read_text())
+    assert "table_key" not in record["decode"]
+
+    backend = load_backend("hf", "smoke:tiny-qwen3-vl", root=root, device="cpu")
+    requests = [Request(f"q{i}", 0, seed, text) for i, (seed, text) in
+                enumerate([(1, "Is the liver above the spleen?"), (2, "Name the plane.")])]
+    table_path = next((smoke_root / ".cache" / "semsam").glob("*.safetensors"))
+    decode = DecodeSettings("greedy", 0.7, 20, 0.8, 6, table_path=str(table_path))
+    got = backend.generate(requests, decode)
+    inputs = backend.prepare(requests)
+    with torch.inference_mode():
+        plain = backend.model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                       temperature=None, top_k=None, top_p=None,
+                                       pad_token_id=backend.tokenizer.pad_token_id)
+    for generation, row in zip(got, plain[:, inputs["input_ids"].shape[1]:].tolist(),
+                               strict=True):
+        assert list(generation.token_ids) == row[:generation.n_tokens]
 
 
 # ------------------------------------------------------------------ SIGKILL and resume

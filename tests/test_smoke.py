@@ -118,7 +118,7 @@ def test_write_smoke_benchmark_writes_every_picture_it_names(tmp_path):
 
 @pytest.mark.parametrize("bad", ["smoke:other"])
 def test_unknown_smoke_model_id_is_rejected(bad, tmp_path):
-    from mislib.inference import resolve_model
+    from mislib.inference.registry import resolve_model
 
     with pytest.raises(ValueError, match="unknown smoke model"):
         resolve_model(bad, tmp_path)

@@ -1,0 +1,214 @@
+"""The ``hf`` backend: a transformers image-text-to-text model, decoded by the SemSam rule.
+
+Every arm goes through :class:`mislib.semsam.SemSamLogitsProcessor` with
+``generate(do_sample=False)``: the processor makes every choice (re-scoring on in the
+``semsam`` arm, off in ``baseline``, one candidate in ``greedy``), seeded per request, so
+the arms differ only in the selection rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
+
+
+class HFBackend:
+    """A transformers image-text-to-text model with its own processor and chat template.
+
+    Loads Qwen3-VL checkpoints as ``Qwen3VLForConditionalGeneration`` and any other VLM
+    through ``AutoModelForImageTextToText``; safetensors only, ``trust_remote_code=False``.
+    On CUDA it runs in bf16 with sdpa attention, on CPU in fp32. 2D questions pass a
+    picture; 3D stacks pass their frames as a video (``do_sample_frames=False`` and
+    metadata ``fps``, so every frame given is used and time stamps are frame numbers);
+    models without a video processor get the frames as a sequence of pictures.
+
+    Parameters
+    ----------
+    source : a local folder or hub id (from :func:`mislib.inference.registry.resolve_model`).
+    model_id : the id the profile names (recorded, and used in error messages).
+    revision : the source's revision when the loaded config carries no commit hash.
+    device : ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    video_fps : frames per second declared for stacks (Qwen3-VL writes time stamps).
+
+    Examples
+    --------
+    >>> from mislib.inference.registry import load_backend
+    >>> backend = load_backend("hf", "smoke:tiny-qwen3-vl", device="cpu")  # doctest: +SKIP
+    >>> backend.generate([Request("q1", 0, 7, "Is A above B?")], decode)  # doctest: +SKIP
+    [Generation(text='...', n_tokens=16, token_ids=(...))]
+    """
+
+    def __init__(self, source: str, model_id: str | None = None, revision: str = "main",
+                 device: str = "auto", video_fps: float = 1.0):
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        self.model_id = model_id or source
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.video_fps = float(video_fps)
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"model {self.model_id!r} cannot be loaded: not a local folder, not in the "
+                f"Hugging Face cache, or not a transformers model ({error})") from error
+        self.family = config.model_type
+        kwargs = {"dtype": self.dtype, "trust_remote_code": False, "use_safetensors": True}
+        if self.device.type == "cuda":
+            kwargs["attn_implementation"] = "sdpa"
+        if self.family == "qwen3_vl":
+            from transformers import Qwen3VLForConditionalGeneration as model_class
+        else:
+            model_class = AutoModelForImageTextToText
+        try:
+            self.model = model_class.from_pretrained(source, **kwargs).to(self.device).eval()
+        except ValueError as error:
+            if "Unrecognized configuration class" in str(error):
+                raise ValueError(f"model {self.model_id!r} (model_type {self.family!r}) is not "
+                                 "an image-text-to-text model transformers knows") from error
+            raise
+        self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation continues on the right
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.revision = getattr(config, "_commit_hash", None) or revision
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})
+        self.has_video = getattr(self.processor, "video_processor", None) is not None
+        self.capabilities = Capabilities(arms=ARMS, embeddings=True, max_batch=None,
+                                         max_concurrency=1)
+        self._tables: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """What changes the pixels or tokens the model sees: model and processor classes,
+        pixel budgets, frame handling, chat template hash, device, dtype, generation config."""
+        def sizes(proc: Any) -> dict[str, Any]:
+            if proc is None:
+                return {}
+            keys = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
+                    "merge_size", "do_resize", "image_mean", "image_std")
+            out = {k: getattr(proc, k) for k in keys if getattr(proc, k, None) is not None}
+            if dataclasses.is_dataclass(out.get("size")):  # transformers' SizeDict
+                out["size"] = {k: v for k, v in dataclasses.asdict(out["size"]).items()
+                               if v is not None}
+            out["class"] = type(proc).__name__
+            return json.loads(json.dumps(out, default=str))
+
+        return {"family": self.family, "model_class": type(self.model).__name__,
+                "processor_class": type(self.processor).__name__,
+                "image_processor": sizes(getattr(self.processor, "image_processor", None)),
+                "video_processor": sizes(getattr(self.processor, "video_processor", None)),
+                "video_as": "video" if self.has_video else "images",
+                "video_fps": self.video_fps, "do_sample_frames": False,
+                "chat_template_sha": hashlib.sha256(
+                    str(self.processor.chat_template or "").encode()).hexdigest()[:16],
+                "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+                # without transformers_version, so an upgrade alone does not start a new run
+                "generation_config": {k: v for k, v in
+                                      self.model.generation_config.to_diff_dict().items()
+                                      if k != "transformers_version"}}
+
+    def input_embeddings(self):
+        """The input-embedding matrix ``[V, d]`` (SemSam's neighbourhood space)."""
+        return self.model.get_input_embeddings().weight
+
+    def _conversation(self, text: str, media: Any) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = []
+        if isinstance(media, np.ndarray):
+            if self.has_video:
+                content.append({"type": "video"})
+            else:
+                content += [{"type": "image"} for _ in range(len(media))]
+        elif media is not None:
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": text})
+        return [{"role": "user", "content": content}]
+
+    def prepare(self, requests: Sequence[Request]):
+        """Tokenised, padded model inputs for the requests, on the device."""
+        from PIL import Image
+
+        texts, images, videos, metadata = [], [], [], []
+        for request in requests:
+            media = request.media
+            texts.append(self.processor.apply_chat_template(
+                self._conversation(request.text, media), tokenize=False,
+                add_generation_prompt=True))
+            if isinstance(media, np.ndarray):
+                if self.has_video:
+                    videos.append(media)
+                    metadata.append({"fps": self.video_fps, "total_num_frames": len(media),
+                                     "frames_indices": list(range(len(media)))})
+                else:
+                    images += [Image.fromarray(frame) for frame in media]
+            elif media is not None:
+                images.append(media)
+        kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs.update(videos=videos, do_sample_frames=False, video_metadata=metadata)
+        return self.processor(**kwargs).to(self.device)
+
+    def _table(self, path: str | None):
+        from mislib.semsam import NeighborTable
+
+        if path is None:
+            raise ValueError("the hf backend decodes through the SemSam rule, which needs the "
+                             "neighbour table: DecodeSettings.table_path is None")
+        if path not in self._tables:
+            self._tables.clear()
+            self._tables[path] = NeighborTable.load(path).to(self.device)
+        return self._tables[path]
+
+    def logits_processor(self, requests: Sequence[Request], decode: DecodeSettings):
+        """The decision rule of one batch, one seed per request."""
+        from transformers import LogitsProcessorList
+
+        from mislib.semsam import SemSamLogitsProcessor
+
+        return LogitsProcessorList([SemSamLogitsProcessor(
+            self._table(decode.table_path), **decode.rule_params(),
+            seed=[r.seed for r in requests])])
+
+    def generate(self, requests: Sequence[Request],
+                 decode: DecodeSettings) -> list[Generation]:
+        """Decode each request; the token count includes the end-of-turn token and
+        excludes padding after it.
+
+        ``do_sample=False`` and no warpers: the logits processor makes every choice.
+        """
+        import torch
+
+        if not requests:
+            return []
+        inputs = self.prepare(requests)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=int(decode.max_new_tokens), do_sample=False,
+                temperature=None, top_k=None, top_p=None, num_beams=1,
+                logits_processor=self.logits_processor(requests, decode),
+                pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        results = []
+        for row in new.tolist():
+            n = len(row)
+            for i, token in enumerate(row):
+                if token in self.eos_ids:
+                    n = i + 1
+                    break
+            results.append(Generation(self.tokenizer.decode(row[:n], skip_special_tokens=True),
+                                      n, tuple(row[:n])))
+        return results

@@ -1,0 +1,180 @@
+"""The contract between stage 04 and a model backend.
+
+A backend turns a batch of :class:`Request` objects into one :class:`Generation` each, under
+one :class:`DecodeSettings`; the stage does everything else (questions, seeds, worker shares,
+the result store). Backends are found by name through :mod:`mislib.inference.registry`, so a
+new one (vLLM, an OpenAI-compatible endpoint) is one module implementing :class:`Backend`;
+nothing else in mislib changes. The decode rule, arms and seeding are described in
+``docs/design.md`` (MIS-SemSam and Inference sections).
+
+>>> decode = DecodeSettings(arm="greedy", temperature=0.7, top_k=20, top_p=0.8,
+...                         max_new_tokens=16)
+>>> decode.rescore, decode.identity()["arm"]
+(False, 'greedy')
+>>> decode.rule_params()["top_k"]
+1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+#: The decode arms. ``baseline``: a draw from the top-k/top-p candidates (the default rule);
+#: ``greedy``: the most probable candidate (the control that separates determinism from
+#: re-scoring); ``semsam``: the candidate with the largest neighbourhood score.
+ARMS = ("baseline", "greedy", "semsam")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (question, trial) to answer.
+
+    Attributes
+    ----------
+    question_id, trial : the record's key in the result store.
+    seed : the per-(question, trial) seed, the same in every arm (random draws are keyed by
+        it and by the number of tokens generated so far).
+    text : the user turn (question plus any instruction), without chat template.
+    media : None (text only), a ``PIL.Image`` (2D question) or a uint8 array
+        ``[n_frames, height, width, 3]`` (3D stack, passed to the model as a video).
+    """
+
+    question_id: str
+    trial: int
+    seed: int
+    text: str
+    media: Any = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.question_id, self.trial)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How the next token is chosen, identical for every request of a run.
+
+    Attributes
+    ----------
+    arm : one of :data:`ARMS`.
+    temperature, top_k, top_p : the candidate set, ``p = softmax(z / T)`` then top-k then
+        top-p (all arms share it).
+    max_new_tokens : generation budget per request, end-of-turn token included.
+    mode : SemSam's selection, ``"argmax"`` or ``"sample"`` (ignored by other arms).
+    k : neighbours per token in the SemSam table.
+    table_path : the SemSam neighbour table on disk (safetensors), or None when the
+        backend cannot expose embeddings; passed by path so that worker processes of a
+        backend load it themselves.
+    table_key : the table's content hash (recorded in the run identity).
+    """
+
+    arm: str
+    temperature: float
+    top_k: int
+    top_p: float
+    max_new_tokens: int
+    mode: str = "argmax"
+    k: int = 32
+    table_path: str | None = None
+    table_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.arm not in ARMS:
+            raise ValueError(f"unknown arm {self.arm!r}; arms: {ARMS}")
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+
+    @property
+    def rescore(self) -> bool:
+        """Whether candidates are re-scored by their neighbourhoods (the ``semsam`` arm)."""
+        return self.arm == "semsam"
+
+    def rule_params(self) -> dict[str, Any]:
+        """Keyword arguments of the pure decode rule (``mislib.semsam.select_next_token``)
+        for this arm, so every backend's adapter decides the same way.
+
+        ``greedy`` is the default rule restricted to its most probable candidate
+        (``top_k = 1``): the candidate set has one member, so no draw can change it.
+        """
+        return {"temperature": float(self.temperature),
+                "top_k": 1 if self.arm == "greedy" else int(self.top_k),
+                "top_p": float(self.top_p), "mode": self.mode, "rescore": self.rescore}
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change answers (for ``run.json`` and the run id); the table's
+        location is not one of them, its hash is."""
+        out = dataclasses.asdict(self)
+        out.pop("table_path")
+        if not self.rescore:  # the table only changes the semsam arm's answers
+            out.pop("table_key")
+        return out
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a backend returns for one request.
+
+    Attributes
+    ----------
+    text : decoded answer (special tokens removed).
+    n_tokens : generated tokens up to and including the end-of-turn token.
+    token_ids : those tokens (for cross-backend identity checks).
+    """
+
+    text: str
+    n_tokens: int
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the stage checks a run against it before generating.
+
+    Attributes
+    ----------
+    arms : arms it can decode.
+    embeddings : whether it exposes the model's input embeddings and tokenizer
+        (``input_embeddings()``, ``tokenizer``), which the SemSam table is built from.
+    max_batch : requests per :meth:`Backend.generate` call it wants at most (None: the
+        profile's ``batch_size`` decides).
+    max_concurrency : requests it runs at once (1 for a local model; an endpoint's limit).
+    """
+
+    arms: tuple[str, ...] = ARMS
+    embeddings: bool = True
+    max_batch: int | None = None
+    max_concurrency: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model that answers requests.
+
+    Construction: ``Backend(source, model_id=..., revision=..., device=..., **options)``
+    where ``source`` is what :func:`mislib.inference.registry.resolve_model` returned (a
+    folder or a hub id). The registry constructs backends; the stage only uses the
+    members below.
+    """
+
+    model_id: str
+    revision: str
+    capabilities: Capabilities
+
+    def settings(self) -> dict[str, Any]:
+        """The run identity's backend part: JSON-serialisable facts that change the pixels
+        or tokens the model sees or produces (model class, dtype, device, processor pixel
+        budgets and frame handling, chat template hash, generation config)."""
+        ...
+
+    def generate(self, requests: Sequence[Request],
+                 decode: DecodeSettings) -> list[Generation]:
+        """One :class:`Generation` per request, in order.
+
+        Out-of-memory errors propagate (the stage halves the batch and retries); any other
+        error stops the run.
+        """
+        ...
