@@ -1,10 +1,11 @@
-"""Stage 02: render the chosen slices and 3D stacks with visual prompts (DESIGN.md §4–5).
+"""Stage 02: render the chosen slices and 3D stacks with visual prompts (docs/design.md).
 
 Inputs are stage 01's files under ``data/prepared/`` (canonical RAS+ volumes, ``volumes``,
 ``components`` and ``slices`` tables); outputs go to ``data/benchmark/``: PNG images
 ``images/<render_id>.png``, 3D stacks ``stacks/<render_id>/frame_000.png …``,
-``renders.parquet`` (one row per (render, label)) and ``skipped.parquet`` (what was skipped
-or trimmed, and why). See ``data/README.md`` for the columns.
+``renders.parquet`` (one row per (render, label)), ``letters.parquet`` (one row per letter
+drawn on each frame) and ``skipped.parquet`` (what was skipped or trimmed, and why). See
+``data/README.md`` for the columns.
 
 Everything about orientation comes from :func:`mislib.geometry.screen_mapping`: a canonical
 volume is turned into a *display volume* whose axes are (frame, row, column), growing toward
@@ -13,9 +14,13 @@ columns are then resampled to square pixels on a ``image_size`` square canvas
 (:func:`square_grid`), so that the picture, the pixel centroids in ``renders.parquet`` and the
 question ground truth all share one mapping.
 
-Per (slice or frame, convention) the *layout* — which structures are visible, where each
-one's point and letter go — is computed once and drawn in every (prompt, background) variant,
-so factor cells differ only in the factor. The prompt level ``none`` is the no-prompt
+Per (slice or frame, convention) the *marks* — which structures are visible, where each
+one's dot and box go — are computed once and drawn in every (prompt, background) variant,
+so factor cells differ only in the factor. Letters sit next to their own mark, which differs
+by prompt (beside the dot, at the box's corner, at the mask's edge), so they are laid out per
+prompt (:func:`layout_letters`) and shared by both backgrounds; every letter is nearer its
+own mark's anchor than any other mark, and one that had to move away is joined to its anchor
+by a leader line. ``letters.parquet`` records every letter on every frame. The prompt level ``none`` is the no-prompt
 baseline: the windowed scan alone, no marks and no letters, one image (or stack) per slice
 and convention; its rows in ``renders.parquet`` still list the structures (centroids for the
 ground truth) but with null ``letter`` and ``color``. A blank background without prompts
@@ -38,13 +43,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from mislib.config import config_hash, file_digest, is_fresh, stage_params, write_stamp
@@ -82,7 +88,13 @@ RENDER_COLUMNS = [
     "prompt", "background", "image_path", "n_frames", "width", "height", "pixel_mm", "window",
     "letter", "component", "label", "color", "centroid_col", "centroid_row", "frame_first",
     "frame_last", "visible_x", "visible_y", "visible_z", "visible_area_mm2", "visible_frames",
+    "centroid_frame", "letter_col", "letter_row", "anchor_col", "anchor_row", "leader",
+    "letter_frame",
 ]
+#: letters.parquet: every letter as drawn, one row per (render, frame, letter); 2D renders
+#: have frame 0. Pixel coordinates as in renders.parquet.
+LETTER_COLUMNS = ["render_id", "frame", "letter", "component", "letter_col", "letter_row",
+                  "anchor_col", "anchor_row", "leader"]
 SKIPPED_COLUMNS = ["slice_id", "volume_id", "plane", "dims", "convention", "component", "action",
                    "reason"]
 INPUT_FILES = ("volumes.parquet", "components.parquet", "slices.parquet")
@@ -334,7 +346,11 @@ def _summed(mask: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Mark:
-    """One structure on one displayed frame: where it is and where its prompt/letter go."""
+    """One structure on one displayed frame: where it is and where its prompt goes.
+
+    Where its *letter* goes depends on the prompt (beside the dot, at the box's corner, at
+    the mask's edge) and is computed by :func:`layout_letters`.
+    """
 
     component: str
     label: int
@@ -346,71 +362,236 @@ class Mark:
     centroid: tuple[float, float]   # (col, row), pixel centres at integer coordinates
     bbox: tuple[int, int, int, int]  # (col0, row0, col1, row1), inclusive
     point: tuple[int, int]    # (col, row) deepest pixel inside the structure
-    text_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # (x0, y0, x1, y1) of the letter
+    _mask_table: np.ndarray | None = field(default=None, repr=False)
+
+    def mask_table(self) -> np.ndarray:
+        """Summed-area table of ``mask`` (cached: every prompt's layout reads it)."""
+        if self._mask_table is None:
+            self._mask_table = _summed(self.mask)
+        return self._mask_table
 
 
-def _coarse_distance(mask: np.ndarray, factor: int = 4) -> np.ndarray:
-    """Distance (pixels) to the nearest ``mask`` pixel, on a grid ``factor`` times coarser.
+@dataclass(frozen=True)
+class LetterPlacement:
+    """Where one letter is drawn and which point of its mark it labels.
 
-    Letter placement only needs "how far from the structure", and the exact transform of
-    every mask on every frame would dominate the rendering time.
+    ``text_box`` (x0, y0, x1, y1) is the glyph's box in pixels (x1, y1 exclusive);
+    ``centre`` (col, row) its centre; ``anchor`` (col, row) the point of the mark the letter
+    belongs to (the dot's centre, the box corner, the mask pixel nearest the letter);
+    ``leader`` whether a line joins the letter to its anchor (drawn when the letter had to
+    move away from its mark to avoid overlap).
     """
-    n = mask.shape[0]
-    m = -(-n // factor) * factor
-    padded = np.zeros((m, m), bool)
-    padded[:n, :n] = mask
-    coarse = padded.reshape(m // factor, factor, m // factor, factor).any(axis=(1, 3))
-    return ndimage.distance_transform_edt(~coarse) * factor
+
+    text_box: tuple[int, int, int, int]
+    centre: tuple[float, float]
+    anchor: tuple[float, float]
+    leader: bool
 
 
-def place_letters(marks: list[Mark], size: int) -> None:
-    """Give every mark a letter box next to its structure (sets ``Mark.text_box``).
+#: A letter's distance to its own anchor must not exceed this fraction of its distance to
+#: any other mark, so that the letter reads as belonging to its own mark.
+OWN_MARK_RATIO = 0.8
 
-    Hard constraints: inside the image, not overlapping a letter placed before, not covering
-    a pixel of its own structure. Among the positions that pass, the one nearest the
-    structure wins, with a penalty per covered pixel of another structure (weighted by that
-    structure's size, so a small neighbour is never hidden). A structure too crowded for any
-    free spot gets the least-bad position that still avoids other letters.
+
+def _dot_radius(size: int) -> int:
+    return max(3, size // 90)
+
+
+def _line_width(size: int) -> int:
+    return max(1, size // 200)
+
+
+def _box_outline(m: Mark, size: int) -> tuple[int, int, int, int]:
+    """The box prompt's rectangle (x0, y0, x1, y1), inclusive, as :func:`draw` draws it."""
+    c0, r0, c1, r1 = m.bbox
+    w = _line_width(size)
+    return max(c0 - w, 0), max(r0 - w, 0), min(c1 + w, size - 1), min(r1 + w, size - 1)
+
+
+class MarkShape(NamedTuple):
+    """What a reader sees of one mark under one prompt (pixel (col, row) coordinates).
+
+    ``anchors`` (n, 2): the points a letter may attach to (the dot's centre; the box's four
+    corners; the mask's edge pixels). ``body`` (k, 2): the points of the drawn mark another
+    letter must stay clear of (the dot's centre, the box's outline, the mask's edge).
+    ``kind`` and ``extent`` say which pixels the mark covers, which its own letter must not
+    hide: ``"point"`` a disk (col, row, radius), ``"box"`` an outline band (x0, y0, x1, y1,
+    width), ``"mask"`` the structure's mask.
     """
+
+    kind: str
+    anchors: np.ndarray
+    body: np.ndarray
+    extent: tuple
+
+
+def mark_geometry(m: Mark, prompt: str, size: int) -> MarkShape:
+    """The :class:`MarkShape` of ``m`` as :func:`draw` draws it under ``prompt``.
+
+    The scan without a prompt has no marks; its structures are measured like masks.
+    """
+    if prompt == "point":
+        c, r = m.point
+        anchors = np.array([[c, r]], float)
+        return MarkShape("point", anchors, anchors, (c, r, _dot_radius(size) + 1))
+    if prompt == "box":
+        x0, y0, x1, y1 = _box_outline(m, size)
+        xs, ys = np.arange(x0, x1 + 1), np.arange(y0, y1 + 1)
+        body = np.concatenate([np.c_[xs, np.full_like(xs, y0)], np.c_[xs, np.full_like(xs, y1)],
+                               np.c_[np.full_like(ys, x0), ys], np.c_[np.full_like(ys, x1), ys]])
+        anchors = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], float)
+        return MarkShape("box", anchors, body.astype(float),
+                         (x0, y0, x1, y1, _line_width(size) + 1))
+    rows, cols = np.nonzero(m.mask & ~ndimage.binary_erosion(m.mask))
+    edge = np.c_[cols, rows].astype(float)
+    return MarkShape("mask", edge, edge, ())
+
+
+def _covers(shape: MarkShape, m: Mark, xs: np.ndarray, ys: np.ndarray, w: int,
+            h: int) -> np.ndarray:
+    """Pixels of the mark hidden by a w × h letter box at each top-left (ys[i], xs[j]).
+
+    Returns (len(ys), len(xs)) float: the mask pixels covered (mask), or 1 where the box
+    touches the dot or the outline band (point, box).
+    """
+    if shape.kind == "mask":
+        return _rect_sums(m.mask_table(), ys, xs, h, w).astype(float)
+    y0, x0 = ys[:, None].astype(float), xs[None, :].astype(float)
+    y1, x1 = y0 + h - 1, x0 + w - 1  # inclusive
+    if shape.kind == "point":
+        c, r, radius = shape.extent
+        dx = np.maximum(np.maximum(x0 - c, c - x1), 0.0)
+        dy = np.maximum(np.maximum(y0 - r, r - y1), 0.0)
+        return (np.hypot(dx, dy) <= radius).astype(float)
+    bx0, by0, bx1, by1, band = shape.extent
+    touches = (x0 <= bx1) & (x1 >= bx0) & (y0 <= by1) & (y1 >= by0)
+    inside = (x0 >= bx0 + band) & (x1 <= bx1 - band) & (y0 >= by0 + band) & (y1 <= by1 - band)
+    return (touches & ~inside).astype(float)
+
+
+def _box_gap(centres: np.ndarray, half: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Distance (px) from each point to the box of half-size ``half`` around each centre."""
+    d = np.maximum(np.abs(points - centres) - half, 0.0)
+    return np.hypot(d[:, 0], d[:, 1])
+
+
+def layout_letters(marks: list[Mark], prompt: str, size: int) -> list[LetterPlacement]:
+    """Place every mark's letter next to its own mark under ``prompt``; one per mark, in order.
+
+    Each letter goes where it is nearest its anchor (beside the dot, at a box corner, at the
+    mask's edge), subject to hard constraints: inside the image, clear of the letters placed
+    before, not hiding its own mark (nor any dot), and nearer its own anchor than
+    :data:`OWN_MARK_RATIO` times the distance to any other mark — the rule that makes a
+    letter read as its own mark's. Among those positions the cost is the gap to the anchor
+    plus a penalty for hiding other structures (weighted by their size, so a small
+    neighbour is never covered) and other marks. A letter that ends up more than half its
+    height from its anchor gets a leader line. When a crowded frame leaves no position that
+    keeps the ratio, the letter still goes nearer its own anchor than any other mark
+    (ratio 1); where marks overlap (nested boxes), nearer its own anchor than any other
+    mark's anchor (the rule :func:`mislib.validity.check_letters_on_marks` checks); as a
+    last resort, to the position with the best ratio.
+    """
+    if prompt not in PROMPTS:
+        raise ValueError(f"unknown prompt {prompt!r}; expected one of {PROMPTS}")
     font, stroke, pad = _letter_style(size)
-    tables = [_summed(m.mask) for m in marks]
+    kind = "mask" if prompt == NO_PROMPT else prompt
+    shapes = [mark_geometry(m, kind, size) for m in marks]
+    clearance = {"point": _dot_radius(size) + 1, "box": _line_width(size) + 1, "mask": 1}[kind]
+    step = 2 if size < 256 else 4
     placed: list[tuple[int, int, int, int]] = []
-    step, margin = (2 if size < 256 else 4), 2  # candidate grid; letters are ~size/20 tall
+    out: list[LetterPlacement] = []
     for k, m in enumerate(marks):
         x0, y0, x1, y1 = font.getbbox(m.letter, stroke_width=stroke)
         w, h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
-        ys = np.arange(0, size - h + 1, step)
-        xs = np.arange(0, size - w + 1, step)
-        own = _rect_sums(tables[k], ys, xs, h, w)
-        other_cost = np.zeros(own.shape)
-        for j, o in enumerate(marks):
-            if j != k:
-                other_cost += _rect_sums(tables[j], ys, xs, h, w) * (100.0 / max(o.area_px, 1))
-        coarse = _coarse_distance(m.mask)
-        near = coarse[np.ix_((ys + h // 2) // 4, (xs + w // 2) // 4)]
-        clash = np.zeros(own.shape, bool)
-        for px0, py0, px1, py1 in placed:
-            clash |= ((ys[:, None] < py1 + margin) & (ys[:, None] + h > py0 - margin)
-                      & (xs[None, :] < px1 + margin) & (xs[None, :] + w > px0 - margin))
-        cost = near + 20.0 * other_cost
-        free = ~clash & (own == 0)
-        if free.any():
-            cost = np.where(free, cost, np.inf)
-        else:
-            cost = np.where(clash, np.inf, cost + 50.0 * own)
-        iy, ix = np.unravel_index(int(np.argmin(cost)), cost.shape)
-        box = (int(xs[ix]), int(ys[iy]), int(xs[ix]) + w, int(ys[iy]) + h)
-        m.text_box = box
+        anchors = shapes[k].anchors
+        reach = 3 * max(w, h) + clearance
+        near = (np.maximum(anchors.min(axis=0) - reach, 0).astype(int),
+                np.minimum(anchors.max(axis=0) + reach, size).astype(int))
+        best = None
+        for lo, hi in (near, (np.array([0, 0]), np.array([size, size]))):
+            xs = np.arange(max(lo[0] - w // 2, 0), min(hi[0], size - w) + 1, step)
+            ys = np.arange(max(lo[1] - h // 2, 0), min(hi[1], size - h) + 1, step)
+            if len(xs) and len(ys):
+                best = _best_position(k, marks, shapes, placed, xs, ys, w, h)
+            if best is not None:
+                break
+        if best is None:
+            raise RuntimeError(f"no room for letter {m.letter} of {m.component} on a "
+                               f"{size} px image")
+        bx, by, anchor = best
+        box = (bx, by, bx + w, by + h)
+        centre = (bx + (w - 1) / 2.0, by + (h - 1) / 2.0)
+        gap = float(_box_gap(np.array([centre]), np.array([w / 2.0, h / 2.0]),
+                             np.array([anchor]))[0])
         placed.append(box)
+        out.append(LetterPlacement(box, centre, (float(anchor[0]), float(anchor[1])),
+                                   gap > clearance + h / 2.0))
+    return out
+
+
+def _best_position(k: int, marks: list[Mark], shapes: list[MarkShape],
+                   placed: list[tuple[int, int, int, int]], xs: np.ndarray, ys: np.ndarray,
+                   w: int, h: int, margin: int = 2) -> tuple[int, int, np.ndarray] | None:
+    """The cheapest top-left (x, y) of letter ``k`` on the candidate grid, and its anchor.
+
+    Returns ``(x, y, anchor (2,))`` or None when every candidate clashes with a letter
+    placed before. See :func:`layout_letters` for the constraints and the cost.
+    """
+    gx, gy = np.meshgrid(xs, ys)
+    centres = np.c_[gx.ravel() + (w - 1) / 2.0, gy.ravel() + (h - 1) / 2.0]
+    half = np.array([w / 2.0, h / 2.0])
+    d_own, idx = cKDTree(shapes[k].anchors).query(centres)
+    own_anchor = shapes[k].anchors[idx]
+    others = [j for j in range(len(marks)) if j != k]
+    d_other = np.full(len(centres), np.inf)  # to the nearest other mark
+    d_anchor = np.full(len(centres), np.inf)  # to the nearest anchor of another mark
+    if others:
+        d_other = cKDTree(np.concatenate([shapes[j].body for j in others])).query(centres)[0]
+        d_anchor = cKDTree(np.concatenate([shapes[j].anchors for j in others])).query(centres)[0]
+    covers_own = _covers(shapes[k], marks[k], xs, ys, w, h).ravel() > 0
+    covers_dot = np.zeros(len(centres), bool)
+    hidden = np.zeros(len(centres))
+    for j in others:
+        o = marks[j]
+        if shapes[j].kind != "mask":
+            touched = _covers(shapes[j], o, xs, ys, w, h).ravel()
+            hidden += 5.0 * touched
+            if shapes[j].kind == "point":
+                covers_dot |= touched > 0
+        hidden += _rect_sums(o.mask_table(), ys, xs, h, w).ravel() * (100.0 / max(o.area_px, 1))
+    clash = np.zeros(len(centres), bool)
+    for px0, py0, px1, py1 in placed:
+        clash |= ((gy.ravel() < py1 + margin) & (gy.ravel() + h > py0 - margin)
+                  & (gx.ravel() < px1 + margin) & (gx.ravel() + w > px0 - margin))
+    cost = _box_gap(centres, half, own_anchor) + 20.0 * hidden
+    ratio = d_own / np.maximum(d_other, 1e-9)
+    ratio_anchor = d_own / np.maximum(d_anchor, 1e-9)
+    free = ~clash & ~covers_dot
+    tiers = (free & ~covers_own & (ratio <= OWN_MARK_RATIO),
+             free & (ratio < 1.0),
+             free & ~covers_own & (ratio_anchor <= OWN_MARK_RATIO),
+             free & (ratio_anchor < 1.0),
+             ~clash & (ratio_anchor < 1.0))
+    for ok in tiers:
+        if ok.any():
+            i = int(np.argmin(np.where(ok, cost, np.inf)))
+            break
+    else:
+        if clash.all():
+            return None
+        i = int(np.argmin(np.where(~clash, ratio_anchor, np.inf)))
+    iy, ix = divmod(i, len(xs))
+    return int(xs[ix]), int(ys[iy]), own_anchor[i]
 
 
 def frame_marks(label_frame: np.ndarray, structures: dict[str, tuple[str, str]],
                 name_to_label: dict[str, int], min_area_px: float) -> list[Mark]:
     """Marks of the chosen structures visible on one displayed frame (size, size).
 
-    A structure counts as visible when it covers at least ``min_area_px`` pixels. Letters are
-    placed by :func:`place_letters`; the point prompt sits at the pixel deepest inside the
-    structure (largest distance to its border), which lies inside even for a C-shaped one.
+    A structure counts as visible when it covers at least ``min_area_px`` pixels. The point
+    prompt sits at the pixel deepest inside the structure (largest distance to its border),
+    which lies inside even for a C-shaped one. Letters are placed per prompt by
+    :func:`layout_letters`.
     """
     size = label_frame.shape[0]
     thickness = max(1, size // 300)
@@ -435,7 +616,6 @@ def frame_marks(label_frame: np.ndarray, structures: dict[str, tuple[str, str]],
                           (float(cc.mean() - 1 + c0), float(rr.mean() - 1 + r0)),
                           (int(c0), int(r0), int(c1), int(r1)),
                           (int(pc - 1 + c0), int(pr - 1 + r0))))
-    place_letters(marks, size)
     return marks
 
 
@@ -444,11 +624,14 @@ def _rgb(color: str) -> np.ndarray:
 
 
 def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
+         placements: Sequence[LetterPlacement] | None = None,
          alpha: float = 0.35) -> Image.Image:
     """Draw one frame: the scan (``grey`` (size, size) uint8) or a blank canvas, the prompts
-    of ``prompt`` kind and the letters. Returns an RGB image.
+    of ``prompt`` kind, the letters and their leader lines. Returns an RGB image.
 
-    ``prompt="none"`` draws the scan alone: no prompt and no letter (the no-prompt baseline).
+    ``placements`` (one per mark, from :func:`layout_letters` for this prompt) are computed
+    when not given. ``prompt="none"`` draws the scan alone: no prompt and no letter (the
+    no-prompt baseline).
     """
     if prompt not in PROMPTS:
         raise ValueError(f"unknown prompt {prompt!r}; expected one of {PROMPTS}")
@@ -457,6 +640,10 @@ def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
         base[:] = grey[..., None]
     if prompt == NO_PROMPT:
         return Image.fromarray(base, "RGB")
+    if placements is None:
+        placements = layout_letters(marks, prompt, size)
+    if len(placements) != len(marks):
+        raise ValueError(f"{len(placements)} letter placements for {len(marks)} marks")
     if prompt == "mask":
         for m in marks:
             c0, r0, c1, r1 = m.bbox
@@ -467,23 +654,27 @@ def draw(grey: np.ndarray | None, marks: list[Mark], prompt: str, size: int,
             box[m.edge[r0:r1 + 1, c0:c1 + 1]] = _rgb(m.color).astype(np.uint8)
     img = Image.fromarray(base, "RGB")
     canvas = ImageDraw.Draw(img)
-    width = max(1, size // 200)
+    width = _line_width(size)
     if prompt == "box":
         for m in marks:
-            c0, r0, c1, r1 = m.bbox
-            canvas.rectangle((max(c0 - width, 0), max(r0 - width, 0),
-                              min(c1 + width, size - 1), min(r1 + width, size - 1)),
-                             outline=m.color, width=width)
+            canvas.rectangle(_box_outline(m, size), outline=m.color, width=width)
     elif prompt == "point":
-        radius = max(3, size // 90)
+        radius = _dot_radius(size)
         for m in marks:
             c, r = m.point
             canvas.ellipse((c - radius, r - radius, c + radius, r + radius), fill=m.color,
                            outline="#000000", width=1)
+    for m, p in zip(marks, placements, strict=True):
+        if p.leader:  # a thin line from the anchor to the nearest point of the letter's box
+            x0, y0, x1, y1 = p.text_box
+            ax, ay = p.anchor
+            end = (min(max(ax, x0), x1 - 1), min(max(ay, y0), y1 - 1))
+            canvas.line((ax, ay, *end), fill="#000000", width=width + 2)
+            canvas.line((ax, ay, *end), fill=m.color, width=width)
     font, stroke, pad = _letter_style(size)
-    for m in marks:
+    for m, p in zip(marks, placements, strict=True):
         x0, y0, _, _ = font.getbbox(m.letter, stroke_width=stroke)
-        bx, by, _, _ = m.text_box
+        bx, by, _, _ = p.text_box
         canvas.text((bx + pad - x0, by + pad - y0), m.letter, font=font, fill=m.color,
                     stroke_width=stroke, stroke_fill="#000000")
     return img
@@ -501,11 +692,13 @@ def png_bytes(img: Image.Image) -> bytes:
 
 @dataclass
 class Render:
-    """One rendered image or stack: ``frames`` (PIL images) and one row per label."""
+    """One rendered image or stack: ``frames`` (PIL images), one row per label and one
+    ``letters`` record per letter drawn on each frame (see :data:`LETTER_COLUMNS`)."""
 
     render_id: str
     frames: list[Image.Image]
     rows: list[dict[str, Any]]
+    letters: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -672,9 +865,13 @@ def render_slice(volume: Volume, spec: SliceSpec, opts: RenderOptions) -> list[R
                 grey = apply_window(resample_image(disp_img[f], grid), window)
                 by_label = _visible_world(volume, spec, [m.label for m in marks])
                 world = {m.component: by_label[m.label] for m in marks}
+                layouts = {p: layout_letters(marks, p, size) for p in opts.prompts
+                           if p != NO_PROMPT}
                 for prompt, background in factor_cells(opts.prompts, opts.backgrounds):
                     rid = render_id(spec.slice_id, "2d", convention, prompt, background)
-                    img = draw(grey if background == "scan" else None, marks, prompt, size)
+                    placed = layouts.get(prompt)
+                    img = draw(grey if background == "scan" else None, marks, prompt, size,
+                               placed)
                     shown = prompt != NO_PROMPT  # no letter or colour without a prompt
                     rows = [{**base, "render_id": rid, "convention": convention,
                              "dims": "2d", "prompt": prompt, "background": background,
@@ -683,13 +880,19 @@ def render_slice(volume: Volume, spec: SliceSpec, opts: RenderOptions) -> list[R
                              "component": m.component, "label": m.label,
                              "color": m.color if shown else None,
                              "centroid_col": m.centroid[0], "centroid_row": m.centroid[1],
+                             "centroid_frame": None,
                              "frame_first": None, "frame_last": None,
                              "visible_x": world[m.component][0],
                              "visible_y": world[m.component][1],
                              "visible_z": world[m.component][2],
                              "visible_area_mm2": chosen[m.component],
-                             "visible_frames": None} for m in marks]
-                    renders.append(Render(rid, [img], rows))
+                             "visible_frames": None,
+                             **_letter_columns(placed[i] if shown else None, None)}
+                            for i, m in enumerate(marks)]
+                    letters_drawn = ([] if placed is None else
+                                     [_letter_record(rid, 0, m, p)
+                                      for m, p in zip(marks, placed, strict=True)])
+                    renders.append(Render(rid, [img], rows, letters_drawn))
         if "3d" in opts.dims and n_frames >= 2:
             renders += _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid,
                                      letters, name_to_label, window, n_frames, base,
@@ -717,15 +920,32 @@ def _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid, lett
         return []
     greys = [apply_window(resample_image(disp_img[f], grid), window) for f in frames]
     centroid3d = {c: volume.centroid(name_to_label[c]) for c in seen}
+    # The frame where each structure shows largest: its renders.parquet row records the
+    # letter there (letters.parquet has every frame).
+    ref_frame = {c: max(hits, key=lambda h: (h[1].area_px, -h[0]))[0] for c, hits in seen.items()}
+    layouts = {p: [layout_letters(marks, p, size) for marks in per_frame]
+               for p in opts.prompts if p != NO_PROMPT}
     renders = []
     for prompt, background in factor_cells(opts.prompts, opts.backgrounds):
         rid = render_id(spec.slice_id, "3d", convention, prompt, background)
-        images = [draw(g if background == "scan" else None, marks, prompt, size)
-                  for g, marks in zip(greys, per_frame, strict=True)]
+        placed = layouts.get(prompt)
+        images = [draw(g if background == "scan" else None, marks, prompt, size,
+                       None if placed is None else placed[i])
+                  for i, (g, marks) in enumerate(zip(greys, per_frame, strict=True))]
         shown = prompt != NO_PROMPT  # no letter or colour without a prompt
+        letters_drawn = [] if placed is None else [
+            _letter_record(rid, i, m, p) for i, marks in enumerate(per_frame)
+            for m, p in zip(marks, placed[i], strict=True)]
         rows = []
         for comp, hits in sorted(seen.items(), key=lambda kv: kv[1][0][1].letter):
             m0 = hits[0][1]
+            f_ref = ref_frame[comp]
+            at_ref = None
+            if shown:
+                marks = per_frame[f_ref]
+                at_ref = placed[f_ref][next(i for i, m in enumerate(marks)
+                                            if m.component == comp)]
+            areas = np.array([m.area_px for _, m in hits], float)
             rows.append({**base, "render_id": rid, "convention": convention, "dims": "3d",
                          "prompt": prompt, "background": background,
                          "image_path": f"stacks/{rid}/", "n_frames": len(frames),
@@ -734,12 +954,31 @@ def _render_stack(volume, spec, opts, convention, disp_img, disp_lab, grid, lett
                          "color": m0.color if shown else None,
                          "centroid_col": float(np.mean([m.centroid[0] for _, m in hits])),
                          "centroid_row": float(np.mean([m.centroid[1] for _, m in hits])),
+                         "centroid_frame": float(np.average([f for f, _ in hits],
+                                                            weights=areas)),
                          "frame_first": hits[0][0], "frame_last": hits[-1][0],
                          "visible_x": centroid3d[comp][0], "visible_y": centroid3d[comp][1],
                          "visible_z": centroid3d[comp][2], "visible_area_mm2": None,
-                         "visible_frames": len(hits)})
-        renders.append(Render(rid, images, rows))
+                         "visible_frames": len(hits),
+                         **_letter_columns(at_ref, f_ref if shown else None)})
+        renders.append(Render(rid, images, rows, letters_drawn))
     return renders
+
+
+def _letter_columns(p: LetterPlacement | None, frame: int | None) -> dict[str, Any]:
+    """The letter columns of a renders.parquet row (null without a prompt)."""
+    if p is None:
+        return {"letter_col": None, "letter_row": None, "anchor_col": None,
+                "anchor_row": None, "leader": None, "letter_frame": None}
+    return {"letter_col": p.centre[0], "letter_row": p.centre[1], "anchor_col": p.anchor[0],
+            "anchor_row": p.anchor[1], "leader": p.leader, "letter_frame": frame}
+
+
+def _letter_record(rid: str, frame: int, m: Mark, p: LetterPlacement) -> dict[str, Any]:
+    """One letters.parquet row: a letter as drawn on one frame."""
+    return {"render_id": rid, "frame": frame, "letter": m.letter, "component": m.component,
+            "letter_col": p.centre[0], "letter_row": p.centre[1], "anchor_col": p.anchor[0],
+            "anchor_row": p.anchor[1], "leader": p.leader}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -767,12 +1006,12 @@ def save_render(render: Render, benchmark: Path) -> None:
             (path / f"frame_{i:03d}.png").write_bytes(png_bytes(frame))
 
 
-def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict], list[dict]]:
     """Worker: render every slice of one volume and save the images.
 
     ``task`` holds ``prepared``, ``benchmark`` (folders), ``volume`` (a volumes.parquet row
     as a dict), ``components`` (that volume's rows), ``slices`` (list of dicts) and
-    ``params``. Returns (renders rows, skipped rows); a bad file or slice is recorded as
+    ``params``. Returns (renders rows, skipped rows, letters rows); a bad file or slice is recorded as
     skipped, never raised, so one broken input does not lose the run.
     """
     params = task["params"]
@@ -789,7 +1028,8 @@ def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
                             "plane": s["plane"], "dims": None, "convention": None,
                             "component": None, "action": "skipped",
                             "reason": f"cannot load volume: {err}"})
-        return rows, skipped
+        return rows, skipped, []
+    letters: list[dict] = []
     benchmark = Path(task["benchmark"])
     for s in task["slices"]:
         comps = s.get("components")
@@ -799,9 +1039,10 @@ def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
             for render in render_slice(volume, spec, opts):
                 save_render(render, benchmark)
                 rows.extend(render.rows)
+                letters.extend(render.letters)
         except Exception as err:  # noqa: BLE001 - record and go on with the next slice
             _note(opts, spec, volume, f"render failed: {type(err).__name__}: {err}")
-    return rows, skipped
+    return rows, skipped, letters
 
 
 def _input_digest(prepared: Path) -> str:
@@ -853,7 +1094,7 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     stamp_params = {**params, "inputs": _input_digest(paths.prepared)}
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
     out = paths.benchmark
-    outputs = ["renders.parquet", "skipped.parquet"]
+    outputs = ["renders.parquet", "skipped.parquet", "letters.parquet"]
     if not force and is_fresh(out, "render", stamp_params, outputs):
         return pd.read_parquet(out / "renders.parquet")
     _options(params)  # validate before deleting anything
@@ -874,27 +1115,38 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
                       "volume": vrow.iloc[0].to_dict(), "slices": slice_rows,
                       "components": components[components["volume_id"] == vid]
                       .to_dict("list"), "params": params})
-    rows, skipped = _run_tasks(tasks, int(params.get("workers", 1)))
+    rows, skipped, letters = _run_tasks(tasks, int(params.get("workers", 1)))
     renders = pd.DataFrame(rows, columns=RENDER_COLUMNS)
     renders = renders.sort_values(["render_id", "letter"], kind="stable").reset_index(drop=True)
-    for col in ("frame_first", "frame_last", "visible_frames", "n_frames", "label"):
+    for col in ("frame_first", "frame_last", "visible_frames", "n_frames", "label",
+                "letter_frame"):
         renders[col] = renders[col].astype("Int64")
+    renders["leader"] = renders["leader"].astype("boolean")
+    for col in ("centroid_frame", "letter_col", "letter_row", "anchor_col", "anchor_row"):
+        renders[col] = renders[col].astype(float)
+    letters_df = (pd.DataFrame(letters, columns=LETTER_COLUMNS)
+                  .astype({"frame": "int64", "leader": bool})
+                  .sort_values(["render_id", "frame", "letter"], kind="stable")
+                  .reset_index(drop=True))
     skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     renders.to_parquet(out / "renders.parquet", index=False)
     skipped_df.to_parquet(out / "skipped.parquet", index=False)
+    letters_df.to_parquet(out / "letters.parquet", index=False)
     write_stamp(out, "render", stamp_params, outputs)
     return renders
 
 
-def _run_tasks(tasks: list[dict], workers: int) -> tuple[list[dict], list[dict]]:
+def _run_tasks(tasks: list[dict], workers: int) -> tuple[list[dict], list[dict], list[dict]]:
     rows: list[dict] = []
     skipped: list[dict] = []
+    letters: list[dict] = []
     bar = tqdm(total=len(tasks), desc="render volumes", unit="vol")
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
-            r, s = render_volume(task)
+            r, s, lt = render_volume(task)
             rows += r
             skipped += s
+            letters += lt
             bar.update()
     else:
         # spawn: safe inside Jupyter kernels and with threaded BLAS, unlike fork
@@ -904,9 +1156,9 @@ def _run_tasks(tasks: list[dict], workers: int) -> tuple[list[dict], list[dict]]
             for fut in as_completed(futures):
                 task = futures[fut]
                 try:
-                    r, s = fut.result()
+                    r, s, lt = fut.result()
                 except Exception as err:  # noqa: BLE001 - a crashed worker loses one volume
-                    r = []
+                    r, lt = [], []
                     s = [{"slice_id": sl["slice_id"], "volume_id": task["volume"]["volume_id"],
                           "plane": sl["plane"], "dims": None, "convention": None,
                           "component": None, "action": "skipped",
@@ -914,9 +1166,10 @@ def _run_tasks(tasks: list[dict], workers: int) -> tuple[list[dict], list[dict]]
                          for sl in task["slices"]]
                 rows += r
                 skipped += s
+                letters += lt
                 bar.update()
     bar.close()
-    return rows, skipped
+    return rows, skipped, letters
 
 
 # --------------------------------------------------------------------------- figures

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mislib import render
 from mislib.geometry import CONVENTIONS, PLANES, screen_mapping, screen_offset
+from mislib.validity import check_letters_on_marks
 
 SIZE = 128
 FRAMES = 6
@@ -306,30 +307,170 @@ def test_letters_are_shuffled_deterministically():
     assert len(firsts) >= 3
 
 
-def test_letter_boxes_stay_inside_apart_and_off_their_structure(rendered, synth_root):
-    renders, _ = rendered
-    crowded = renders[(renders.slice_id == "synth-crowded-axial") & (renders.dims == "2d")]
-    assert crowded.render_id.nunique() > 0
+def _crowded_marks(synth_root, convention):
+    """The six marks of the crowded MRI slice (eight touching cubes) as rendered."""
     opts = render.RenderOptions(image_size=SIZE)
     prepared = synth_root / "data" / "prepared"
     vols = pd.read_parquet(prepared / "volumes.parquet")
     volume = render.load_volume(prepared, vols[vols.volume_id == "synth-crowded"].iloc[0],
                                 pd.read_parquet(prepared / "components.parquet"))
+    disp, sp = render.display_volume(volume.labels, volume.spacing, "axial", convention)
+    grid = render.square_grid(disp.shape[1:], sp[1:], SIZE)
+    lab = render.resample_labels(disp[render.frame_index(5, disp.shape[0], "axial",
+                                                         convention)], grid)
+    chosen = render.choose_structures(volume, render.SliceSpec("x", "axial", 5), opts)
+    letters = render.assign_letters(sorted(chosen), 0, "x")
+    return render.frame_marks(lab, letters, {v: k for k, v in volume.names.items()}, 1)
+
+
+@pytest.mark.parametrize("prompt", ["mask", "box", "point"])
+def test_letter_boxes_stay_inside_apart_and_off_their_own_mark(synth_root, prompt):
     for convention in CONVENTIONS:
-        disp, sp = render.display_volume(volume.labels, volume.spacing, "axial", convention)
-        grid = render.square_grid(disp.shape[1:], sp[1:], SIZE)
-        lab = render.resample_labels(disp[render.frame_index(5, disp.shape[0], "axial",
-                                                             convention)], grid)
-        chosen = render.choose_structures(volume, render.SliceSpec("x", "axial", 5), opts)
-        letters = render.assign_letters(sorted(chosen), 0, "x")
-        marks = render.frame_marks(lab, letters, {v: k for k, v in volume.names.items()}, 1)
+        marks = _crowded_marks(synth_root, convention)
         assert len(marks) == 6
-        boxes = [m.text_box for m in marks]
+        placements = render.layout_letters(marks, prompt, SIZE)
+        boxes = [p.text_box for p in placements]
         for i, (x0, y0, x1, y1) in enumerate(boxes):
             assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
-            assert not marks[i].mask[y0:y1, x0:x1].any()
+            if prompt == "mask":
+                assert not marks[i].mask[y0:y1, x0:x1].any()
+            if prompt == "point":  # no letter hides a dot
+                for m in marks:
+                    c, r = m.point
+                    assert not (x0 <= c < x1 and y0 <= r < y1)
             for bx0, by0, bx1, by1 in boxes[i + 1:]:
                 assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0
+
+
+def _two_dots(gap):
+    """Two small squares ``gap`` pixels apart on a 128-pixel frame: (marks, frame)."""
+    frame = np.zeros((SIZE, SIZE), int)
+    frame[60:66, 40:46] = 1
+    frame[60:66, 40 + gap:46 + gap] = 2
+    marks = render.frame_marks(frame, {"a": ("A", "#E69F00"), "b": ("B", "#56B4E9")},
+                               {"a": 1, "b": 2}, 1)
+    return marks, frame
+
+
+def test_point_letter_sits_beside_its_dot_with_the_dot_centre_as_anchor():
+    marks, _ = _two_dots(50)
+    for m, p in zip(marks, render.layout_letters(marks, "point", SIZE), strict=True):
+        assert p.anchor == tuple(float(v) for v in m.point)
+        assert not p.leader
+        x0, y0, x1, y1 = p.text_box
+        gap = np.hypot(max(x0 - m.point[0], m.point[0] - (x1 - 1), 0),
+                       max(y0 - m.point[1], m.point[1] - (y1 - 1), 0))
+        assert gap <= render._dot_radius(SIZE) + 3
+
+
+def test_box_letter_is_anchored_on_a_corner_of_its_box():
+    marks, _ = _two_dots(50)
+    for m, p in zip(marks, render.layout_letters(marks, "box", SIZE), strict=True):
+        x0, y0, x1, y1 = render._box_outline(m, SIZE)
+        assert p.anchor in {(x0, y0), (x1, y0), (x0, y1), (x1, y1)}
+        assert not p.leader
+
+
+def test_mask_letter_is_anchored_on_an_edge_pixel_of_its_mask():
+    marks, frame = _two_dots(50)
+    for m, p in zip(marks, render.layout_letters(marks, "mask", SIZE), strict=True):
+        c, r = (int(v) for v in p.anchor)
+        assert m.mask[r, c]
+        assert not m.mask[r - 1:r + 2, c - 1:c + 2].all()  # on the edge, not inside
+
+
+def test_letters_of_nearby_dots_stay_nearer_their_own_dot():
+    # dots 12 px apart: each letter must sit on its own dot's far side
+    marks, _ = _two_dots(12)
+    placements = render.layout_letters(marks, "point", SIZE)
+    for k, p in enumerate(placements):
+        own = np.hypot(*np.subtract(p.centre, marks[k].point))
+        other = np.hypot(*np.subtract(p.centre, marks[1 - k].point))
+        assert own <= render.OWN_MARK_RATIO * other
+
+
+def test_a_letter_moved_away_from_its_dot_is_joined_to_it_by_a_leader_line():
+    # a small structure in the hole of a large one: beside its dot the letter would hide
+    # the large structure, so it moves out of it and a leader joins it to the dot
+    frame = np.zeros((SIZE, SIZE), int)
+    frame[30:98, 30:98] = 2
+    frame[62:66, 62:66] = 1
+    marks = render.frame_marks(frame, {"small": ("A", render.PALETTE[0]),
+                                       "large": ("B", render.PALETTE[1])},
+                               {"small": 1, "large": 2}, 1)
+    placements = render.layout_letters(marks, "point", SIZE)
+    centre = placements[0]
+    assert centre.leader and not placements[1].leader
+    assert centre.anchor == (63.0, 63.0)
+    img = np.asarray(render.draw(None, marks, "point", SIZE, placements)).astype(int)
+    colour = np.array([int(render.PALETTE[0][i:i + 2], 16) for i in (1, 3, 5)])
+    x0, y0, x1, y1 = centre.text_box
+    ax, ay = centre.anchor
+    end = (min(max(ax, x0), x1 - 1), min(max(ay, y0), y1 - 1))
+    mid = (round((ax + end[0]) / 2), round((ay + end[1]) / 2))
+    patch = img[mid[1] - 1:mid[1] + 2, mid[0] - 1:mid[0] + 2].reshape(-1, 3)
+    assert (np.abs(patch - colour).max(axis=1) <= 1).any()  # the leader passes there
+
+
+def test_letter_centre_column_is_where_the_glyph_is_drawn(ct_volume):
+    opts = render.RenderOptions(image_size=SIZE, dims=["2d"], conventions=["standard"],
+                                prompts=["point"], backgrounds=["blank"])
+    (rend,) = render.render_slice(ct_volume, render.SliceSpec("t", "axial", 12), opts)
+    px = np.asarray(rend.frames[0]).astype(int)
+    for row in rend.rows:
+        colour = np.array([int(row["color"][i:i + 2], 16) for i in (1, 3, 5)])
+        hits = np.argwhere(np.abs(px - colour).max(axis=2) <= 1)
+        # the glyph's coloured pixels: those farther from the dot than its radius
+        far = hits[np.hypot(hits[:, 1] - row["anchor_col"], hits[:, 0] - row["anchor_row"])
+                   > render._dot_radius(SIZE) + 1]
+        assert len(far) > 0
+        assert far[:, 1].mean() == pytest.approx(row["letter_col"], abs=3)
+        assert far[:, 0].mean() == pytest.approx(row["letter_row"], abs=3)
+
+
+def test_every_letter_is_nearer_its_own_anchor_in_every_render_and_frame(rendered,
+                                                                        synth_root):
+    letters = pd.read_parquet(synth_root / "data" / "benchmark" / "letters.parquet")
+    renders, _ = rendered
+    prompted = renders[renders.prompt != "none"]
+    assert set(letters.render_id) == set(prompted.render_id)
+    assert (letters[letters.render_id.str.contains("_3d_")].frame > 0).any()
+    checked, bad = check_letters_on_marks(letters)
+    assert checked == len(letters) > 0
+    assert bad.empty, bad.head().to_string()
+
+
+def test_letter_checker_flags_a_letter_nearer_another_structures_anchor():
+    letters = pd.DataFrame({
+        "render_id": ["r", "r", "r"], "frame": [0, 0, 0], "letter": ["A", "B", "C"],
+        "component": ["a", "b", "c"],
+        "letter_col": [10.0, 52.0, 90.0], "letter_row": [10.0, 10.0, 10.0],
+        "anchor_col": [14.0, 80.0, 120.0], "anchor_row": [10.0, 10.0, 10.0],
+        "leader": [False, True, False]})
+    checked, bad = check_letters_on_marks(letters)
+    # B's letter (col 52) is 28 px from its anchor, 38 px from A's: fine.
+    # C's letter (col 90) is 30 px from its own anchor and 10 px from B's: flagged.
+    assert checked == 3
+    assert bad.letter.tolist() == ["C"] and bad.nearer.tolist() == ["B"]
+
+
+def test_renders_rows_record_the_letter_and_its_anchor_on_the_reference_frame(rendered,
+                                                                              synth_root):
+    renders, _ = rendered
+    letters = pd.read_parquet(synth_root / "data" / "benchmark" / "letters.parquet")
+    prompted = renders[renders.prompt != "none"]
+    cols = ["letter_col", "letter_row", "anchor_col", "anchor_row", "leader"]
+    assert prompted[cols].notna().all(axis=None)
+    assert renders[renders.prompt == "none"][cols + ["letter_frame"]].isna().all(axis=None)
+    two = prompted[prompted.dims == "2d"]
+    assert two.letter_frame.isna().all()
+    stacks = prompted[prompted.dims == "3d"]
+    assert stacks.letter_frame.between(stacks.frame_first, stacks.frame_last).all()
+    merged = stacks.merge(letters, left_on=["render_id", "letter_frame", "letter"],
+                          right_on=["render_id", "frame", "letter"], suffixes=("", "_f"))
+    assert len(merged) == len(stacks)
+    for c in cols:
+        assert (merged[c].astype(float) == merged[c + "_f"].astype(float)).all(), c
 
 
 def test_mask_prompt_tints_the_structure_in_its_colour(ct_volume):
