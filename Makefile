@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml environment.yml
 	    [ -x $(PY) ] || $$PYBIN -m venv $(VENV); \
 	    $(PY) -m pip install -q --upgrade pip && \
 	    $(PY) -m pip install -q -e '.[dev]' && \
-	    $(PY) -m pip install -q --no-deps 'totalsegmentator>=2.2'; \
+	    $(PY) -m pip install -q --no-deps 'totalsegmentator==2.18.0'; \
 	fi
 	@touch $@
 

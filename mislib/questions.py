@@ -80,6 +80,7 @@ from mislib.geometry import (
     screen_offset,
 )
 from mislib.paths import project_paths
+from mislib.structures import readable_name as display_name  # the one readable-name map
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ TERM_PAIRS = (("superior", "inferior"), ("anterior", "posterior"), ("left", "rig
               ("medial", "lateral"), ("above", "below"), ("earlier", "later"))
 #: Prompt wording of a scan, by the start of its source name (phantoms included).
 SOURCE_DESCRIPTIONS = {"brain": "brain MRI", "totalsegmentator": "torso CT",
-                       "torso": "torso CT", "knee": "knee MRI"}
+                       "torso_mr": "torso MRI", "torso": "torso CT", "knee": "knee MRI"}
 
 
 class GroundTruthMismatch(ValueError):
@@ -163,20 +164,6 @@ def colloquial_term(code: str, mapping: ScreenMapping) -> str:
     """
     axis, sign = screen_axis(code, mapping)
     return (("left", "right"), ("above", "below"), ("earlier", "later"))[axis][sign > 0]
-
-
-def display_name(component: str) -> str:
-    """A readable structure name: ``kidney_left`` → ``left kidney``, ``Left_Hippocampus`` →
-    ``left hippocampus``; tokens with digits or several capitals (``L1``, ``CSF``) are kept."""
-    words = [w for w in str(component).replace("_", " ").split() if w]
-    if len(words) > 1 and words[-1].lower() in ("left", "right"):
-        words = [words[-1]] + words[:-1]
-
-    def norm(w: str) -> str:
-        keep = any(c.isdigit() for c in w) or sum(c.isupper() for c in w) > 1
-        return w if keep else w.lower()
-
-    return " ".join(norm(w) for w in words)
 
 
 def stable_hash(*parts: Any) -> int:

@@ -278,18 +278,12 @@ def apply_window(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def ct_window_name(components: Iterable[str]) -> str:
-    """The CT preset for a structure set: the most common category; ties go to soft tissue."""
-    counts = {"soft_tissue": 0, "lung": 0, "bone": 0}
-    for name in components:
-        low = name.lower()
-        if low.startswith(LUNG_PREFIXES):
-            counts["lung"] += 1
-        elif low.startswith(BONE_PREFIXES):
-            counts["bone"] += 1
-        else:
-            counts["soft_tissue"] += 1
-    best = max(counts.values())
-    return "soft_tissue" if counts["soft_tissue"] == best else max(counts, key=counts.get)
+    """The CT preset for a structure set: the lung or bone window only when every structure
+    is of that tissue class (:func:`mislib.structures.common_tissue_class`), soft tissue when
+    they mix, so that no labelled structure is washed out by another class's window."""
+    from mislib.structures import common_tissue_class
+
+    return {"air": "lung", "bone": "bone"}.get(common_tissue_class(components), "soft_tissue")
 
 
 def window_for(volume: Volume, components: Iterable[str]) -> tuple[str, tuple[float, float]]:

@@ -192,7 +192,7 @@ def test_colloquial_terms_follow_the_screen_mapping(plane, convention, expected)
 def test_display_names_read_naturally():
     assert display_name("kidney_left") == "left kidney"
     assert display_name("Left_Hippocampus") == "left hippocampus"
-    assert display_name("vertebrae_L1") == "vertebrae L1"
+    assert display_name("vertebrae_L1") == "L1 vertebra"
 
 
 # ---- the question table ----------------------------------------------------------------

@@ -211,11 +211,30 @@ def test_square_grid_centres_the_slice_and_pads_the_short_side():
 # ----------------------------------------------------------------- windowing
 
 
-def test_ct_window_follows_the_structure_set():
-    assert render.ct_window_name(["lung_upper_lobe_left", "lung_lower_lobe_right", "heart"]) \
-        == "lung"
-    assert render.ct_window_name(["vertebrae_L1", "rib_left_3", "liver"]) == "bone"
-    assert render.ct_window_name(["lung_upper_lobe_left", "liver"]) == "soft_tissue"
+LUNGS = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
+         "lung_lower_lobe_right", "lung_middle_lobe_right"]
+
+
+def test_ct_window_is_the_tissue_class_every_structure_shares():
+    assert render.ct_window_name(LUNGS + ["trachea"]) == "lung"
+    assert render.ct_window_name(["vertebrae_L1", "rib_left_3", "sacrum"]) == "bone"
+    assert render.ct_window_name(["liver", "aorta", "kidney_left"]) == "soft_tissue"
+
+
+def test_ct_window_is_soft_tissue_when_tissue_classes_mix_whatever_the_majority():
+    # four lung lobes must not out-vote the one abdominal structure (the IVC would wash out)
+    assert render.ct_window_name(LUNGS[:4] + ["inferior_vena_cava"]) == "soft_tissue"
+    assert render.ct_window_name(["vertebrae_L1", "vertebrae_L2", "rib_left_3", "aorta"]) \
+        == "soft_tissue"
+    assert render.ct_window_name(["lung_upper_lobe_left", "vertebrae_T5"]) == "soft_tissue"
+    assert render.ct_window_name([]) == "soft_tissue"
+
+
+def test_window_for_gives_the_preset_of_the_chosen_class(ct_volume):
+    name, (low, high) = render.window_for(ct_volume, LUNGS[:2])
+    width, level = render.CT_WINDOWS["lung"]
+    assert name == "lung" and (low, high) == pytest.approx((level - width / 2, level + width / 2))
+    assert render.window_for(ct_volume, LUNGS[:2] + ["liver"])[0] == "soft_tissue"
 
 
 def test_mri_window_uses_foreground_percentiles():
@@ -682,12 +701,14 @@ def test_unknown_factor_level_is_rejected_before_rendering(synth_root):
 
 @pytest.fixture(scope="session")
 def atlas_rendered(tmp_path_factory):
-    """Stage 01 on the real MNI152 + neuromorphometrics atlas (two slices per plane), then
-    stage 02 in 2D with the mask prompt on the scan."""
+    """Stage 01 on the real MNI152 + neuromorphometrics atlas (two slices per plane; every
+    label, not the curated list, so that many twins are checked), then stage 02 in 2D with the
+    mask prompt on the scan."""
     from mislib import volumes
 
     root = tmp_path_factory.mktemp("atlas_render")
-    volumes.prepare("demo", root=root, sources=["brain_atlas"], slices_per_volume=6, workers=1)
+    volumes.prepare("demo", root=root, sources=["brain_atlas"], slices_per_volume=6, workers=1,
+                    structure_lists={}, max_slice_components=0)
     renders = render.render_benchmark("demo", root=root, dims=["2d"], prompts=["mask"],
                                       backgrounds=["scan"], workers=1)
     prepared = root / "data" / "prepared"

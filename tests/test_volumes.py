@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from mislib import geometry, phantoms, volumes
+from mislib import demo_cases, geometry, phantoms, structures, volumes
 
 # ---- fixtures -----------------------------------------------------------------------------
 
@@ -28,12 +29,29 @@ def atlas_names(atlas_case):
     return volumes.read_label_names(atlas_case / "labels.csv")
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """Stage 01 run once on all three demo sources (phantoms written to data/raw/demo/)."""
+DEMO_SOURCES = ["brain_atlas", "torso_ct", "torso_mr", "torso_ct_dicom", "knee_mri_phantom"]
+
+
+@pytest.fixture(scope="module")
+def sdist():
+    """The pinned totalsegmentator sdist (downloaded once into the repository's .cache/)."""
+    return demo_cases.fetch_sdist()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory, sdist):
+    """Stage 01 run once on the demo profile's sources plus the torso phantom (kept for tests),
+    all written to data/raw/demo/ in their real layouts."""
     root = tmp_path_factory.mktemp("demo")
-    volumes.prepare("demo", root=root, workers=1)
+    volumes.prepare("demo", root=root, workers=1, sources=DEMO_SOURCES + ["torso_ct_phantom"])
     return root
+
+
+def _components(root, volume_id):
+    comps = pd.read_parquet(root / "data" / "prepared" / "components.parquet")
+    table = comps[comps["volume_id"] == volume_id].set_index("component")
+    assert len(table), volume_id
+    return table
 
 
 def _restore(src, dst, axcodes):
@@ -131,12 +149,21 @@ def test_atlas_component_table_is_the_same_in_every_storage(atlas_case, atlas_na
 # ---- the demo run ------------------------------------------------------------------------
 
 
-def test_demo_prepares_all_three_sources(demo_root):
+def test_demo_profile_lists_the_real_ct_and_mr_sources_beside_atlas_and_knee():
+    from mislib.config import stage_params
+
+    assert stage_params("demo", "volumes")["sources"] == DEMO_SOURCES
+
+
+def test_demo_prepares_every_source(demo_root):
     prepared = demo_root / "data" / "prepared"
     vols = pd.read_parquet(prepared / "volumes.parquet")
-    assert set(vols["source"]) == {"brain_atlas", "torso_ct_phantom", "knee_mri_phantom"}
+    assert set(vols["source"]) == set(DEMO_SOURCES) | {"torso_ct_phantom"}
     assert set(vols["storage_axcodes"]) >= {"LAS", "LPS", "RAS"}
-    assert pd.read_parquet(prepared / "rejected.parquet").empty
+    # TotalSegmentator writes a file per class, present or not: empty ones are the only notes
+    rejected = pd.read_parquet(prepared / "rejected.parquet")
+    assert rejected["reason"].str.endswith(": empty mask").all(), rejected["reason"].tolist()
+    assert set(rejected["source"]) <= {"torso_ct"}
     for row in vols.itertuples():
         img = nib.load(prepared / row.canonical_image)
         lab = nib.load(prepared / row.canonical_labels)
@@ -190,7 +217,9 @@ def test_chosen_slices_show_at_least_two_structures_and_match_the_labels(demo_ro
             assert (plane == value[name]).any(), (s.slice_id, name)
         position = np.zeros(3)
         position[fixed] = s.index
-        assert nib.affines.apply_affine(lab.affine, position)[fixed] == pytest.approx(s.position_mm)
+        # the saved affine is float32: agree to a micrometre
+        assert nib.affines.apply_affine(lab.affine, position)[fixed] == pytest.approx(
+            s.position_mm, abs=1e-3)
 
 
 def test_slice_selection_is_deterministic_from_the_seed():
@@ -199,6 +228,53 @@ def test_slice_selection_is_deterministic_from_the_seed():
     a = volumes.select_slices(labels, np.eye(4), {1: "a", 2: "b", 3: "c"}, 3, 1.0, seed=7)
     b = volumes.select_slices(labels, np.eye(4), {1: "a", 2: "b", 3: "c"}, 3, 1.0, seed=7)
     assert a == b and len(a) == 3
+
+
+def test_balanced_components_take_small_medium_and_large_and_new_before_shown():
+    values = np.arange(1, 10)
+    sizes = np.array([10, 20, 30, 400, 500, 600, 7000, 8000, 9000], float)
+    rng = np.random.default_rng(0)
+    picked = volumes.balanced_components(values, sizes, np.zeros(9, bool), 3, rng)
+    assert len(picked) == 3
+    assert [int(np.digitize(sizes[v - 1], [100, 1000])) for v in picked] == [0, 1, 2]
+    used = np.array([True, True, False, True, False, True, True, True, False])
+    picked = volumes.balanced_components(values, sizes, used, 3, rng)
+    assert list(picked) == [3, 5, 9]  # the one structure of each stratum not shown yet
+    assert list(volumes.balanced_components(values[:2], sizes[:2], used[:2], 3, rng)) == [1, 2]
+
+
+def test_slices_list_small_structures_when_more_are_visible_than_the_cap():
+    labels = np.zeros((40, 40, 40), np.int16)
+    labels[2:38, 2:38, 10:30] = 1                       # a large organ
+    for value, (x, y, r) in enumerate([(5, 5, 1), (12, 5, 2), (20, 5, 3), (28, 8, 4),
+                                       (8, 20, 5), (22, 24, 6)], start=2):
+        labels[x - r:x + r + 1, y - r:y + r + 1, 12:28] = value  # smaller ones inside it
+    names = {v: f"s{v}" for v in range(1, 8)}
+    chosen = volumes.select_slices(labels, np.eye(4), names, 3, 1.0, seed=3, max_components=3)
+    assert chosen and all(c["n_components"] <= 3 for c in chosen)
+    shown = {c for s in chosen for c in s["components"]}
+    assert "s2" in shown           # the smallest structure, 3 x 3 voxels across
+    first = chosen[0]["components"]
+    assert len(set(first)) == 3 and "s1" in first  # one per size stratum, the organ included
+    # without a cap every visible structure stays listed, as before
+    uncapped = volumes.select_slices(labels, np.eye(4), names, 3, 1.0, seed=3)
+    assert max(c["n_components"] for c in uncapped) == 7  # the axial slice shows them all
+
+
+def test_label_map_stored_in_another_orientation_of_the_same_grid_is_accepted(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS storage
+    folder = _labelmap_case(tmp_path / "raw" / "case", image, labels, affine, {1: "a", 2: "b"})
+    reference = volumes.prepare("demo", root=tmp_path / "ref", sources=["generic"], workers=1,
+                                generic_root=str(tmp_path / "raw"))
+    ref = pd.read_parquet(tmp_path / "ref" / "data" / "prepared" / "components.parquet")
+    _restore(folder / "labels.nii.gz", folder / "labels.nii.gz", "LAS")
+    assert nib.aff2axcodes(nib.load(folder / "labels.nii.gz").affine) == ("L", "A", "S")
+    volumes.prepare("demo", root=tmp_path / "las", sources=["generic"], workers=1,
+                    generic_root=str(tmp_path / "raw"))
+    las = pd.read_parquet(tmp_path / "las" / "data" / "prepared" / "components.parquet")
+    assert len(reference) == 1
+    pd.testing.assert_frame_equal(ref, las)
 
 
 def test_second_run_with_same_config_skips_and_force_or_new_config_redoes(tmp_path):
@@ -321,6 +397,156 @@ def test_label_table_errors_name_the_file(tmp_path):
 def test_demo_marker_makes_phantoms_reusable(demo_root):
     marker = demo_root / "data" / "raw" / "demo" / "totalsegmentator" / ".demo.json"
     assert json.loads(marker.read_text())["spec"]["source"] == "torso_ct_phantom"
+
+
+# ---- the real CT and MR cases of the totalsegmentator sdist -------------------------------
+
+
+def test_sdist_is_the_pinned_version_and_hash(sdist):
+    assert sdist.name == f"totalsegmentator-{demo_cases.TOTALSEGMENTATOR_VERSION}.tar.gz"
+    assert demo_cases.sha256(sdist) == demo_cases.TOTALSEGMENTATOR_SDIST_SHA256
+    assert "data" not in sdist.relative_to(demo_cases.REPO_ROOT).parts  # cached outside data/
+
+
+def test_a_cached_sdist_with_another_hash_is_refused(tmp_path):
+    (tmp_path / demo_cases.TOTALSEGMENTATOR_SDIST).write_bytes(b"not the sdist")
+    with pytest.raises(demo_cases.DemoDataError, match="SHA-256 .* is not the pinned"):
+        demo_cases.fetch_sdist(tmp_path)
+
+
+def test_unreachable_registry_gives_an_error_naming_the_pip_command(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        return demo_cases.subprocess.CompletedProcess(
+            args[0], 1, "", "ERROR: Could not find a version that satisfies the requirement")
+
+    monkeypatch.setattr(demo_cases.subprocess, "run", offline)
+    with pytest.raises(demo_cases.DemoDataError) as err:
+        demo_cases.fetch_sdist(tmp_path)
+    message = str(err.value)
+    assert "python -m pip download --no-deps --no-binary :all: totalsegmentator==2.18.0" \
+        in message
+    assert str(tmp_path) in message and "Could not find a version" in message
+    assert not (tmp_path / demo_cases.TOTALSEGMENTATOR_SDIST).exists()
+
+
+def test_real_cases_are_read_by_the_data_set_readers(demo_root):
+    raw = demo_root / "data" / "raw" / "demo"
+    vols = pd.read_parquet(demo_root / "data" / "prepared" / "volumes.parquet")
+    layout = dict(zip(vols["volume_id"], vols["layout"], strict=True))
+    assert layout["torso_ct-abdomen_3mm"] == layout["torso_ct-aorta_1p5mm"] == "totalsegmentator"
+    assert layout["torso_mr-abdomen"] == layout["torso_ct_dicom-abdomen"] == "labelmap"
+    assert (raw / "torso_ct" / "abdomen_3mm" / "segmentations" / "liver.nii.gz").is_file()
+    assert (raw / "torso_ct" / "aorta_1p5mm" / "ct.nii.gz").is_file()
+    assert (raw / "torso_mr" / "abdomen" / "labels.csv").is_file()
+    assert len(list((raw / "torso_ct_dicom" / "abdomen" / "image").iterdir())) == 20
+    spacing = vols.set_index("volume_id")[["spacing_x", "spacing_y", "spacing_z"]]
+    np.testing.assert_allclose(spacing.loc["torso_ct-abdomen_3mm"], 3.0)
+    np.testing.assert_allclose(spacing.loc["torso_ct-aorta_1p5mm"], 1.5)
+    np.testing.assert_allclose(spacing.loc["torso_ct_dicom-abdomen"], [0.9765625, 0.9765625, 2])
+    modality = dict(zip(vols["volume_id"], vols["modality"], strict=True))
+    assert modality["torso_mr-abdomen"] == "MRI" and modality["torso_ct_dicom-abdomen"] == "CT"
+
+
+def test_mr_labels_are_named_by_totalsegmentators_mr_class_map(demo_root):
+    from totalsegmentator.map_to_binary import class_map
+
+    table = _components(demo_root, "torso_mr-abdomen")
+    mr = {name: value for value, name in class_map["total_mr"].items()}
+    assert len(table) >= 15
+    for name, row in table.iterrows():
+        assert mr[name] == row["label"], name
+    assert set(table.index) <= set(structures.curated("torso_mr"))
+
+
+def test_sources_keep_only_their_curated_structures_in_every_output(demo_root):
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id")
+    lists = {"brain_atlas": "brain", "torso_ct": "torso_ct", "torso_ct_dicom": "torso_ct",
+             "torso_mr": "torso_mr", "knee_mri_phantom": "knee"}
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    for vid, row in vols.iterrows():
+        keep = set(structures.curated(lists.get(row["source"], "torso_ct")))
+        table = _components(demo_root, vid)
+        assert set(table.index) <= keep, vid
+        labels = np.asarray(nib.load(prepared / row["canonical_labels"]).dataobj)
+        assert set(np.unique(labels)) - {0} == set(table["label"]), vid
+        for comps in slices.loc[slices["volume_id"] == vid, "components"]:
+            assert set(comps) <= keep
+    brain = _components(demo_root, "brain_atlas-mni152")
+    assert set(brain.index) == set(structures.curated("brain"))
+
+
+def test_real_ct_reproduces_textbook_anatomy(demo_root):
+    """Facts every anatomy textbook states, re-derived from components.parquet (RAS+ mm)."""
+    ct = _components(demo_root, "torso_ct-abdomen_3mm")
+    x, y, z = (ct[f"centroid_{a}"] for a in "xyz")
+    assert x["liver"] > x["spleen"]                      # liver on the patient's right
+    assert x["inferior_vena_cava"] > x["aorta"]          # aorta left of the IVC
+    assert x["gallbladder"] > x["stomach"]
+    assert z["vertebrae_T12"] > z["vertebrae_L1"] > z["vertebrae_L2"]  # spine counts downward
+    assert z["liver"] > z["kidney_right"] and z["liver"] > z["kidney_left"]
+    assert y["aorta"] > y["vertebrae_L1"] and y["aorta"] > y["spinal_cord"]  # aorta anterior
+    assert y["gallbladder"] > y["kidney_right"]          # kidneys are retroperitoneal
+    arch = _components(demo_root, "torso_ct-aorta_1p5mm")
+    ax, az = arch["centroid_x"], arch["centroid_z"]
+    # the arch's branches from the patient's right: brachiocephalic trunk, left carotid, left
+    # subclavian; all far above T12
+    assert ax["brachiocephalic_trunk"] > ax["common_carotid_artery_left"] \
+        > ax["subclavian_artery_left"]
+    assert az["brachiocephalic_trunk"] > az["vertebrae_T12"] + 100
+    dicom = _components(demo_root, "torso_ct_dicom-abdomen")
+    assert dicom.loc["liver", "centroid_x"] > dicom.loc["spleen", "centroid_x"]
+    assert dicom.loc["inferior_vena_cava", "centroid_x"] > dicom.loc["aorta", "centroid_x"]
+    assert dicom.loc["vertebrae_T11", "centroid_z"] > dicom.loc["vertebrae_T12", "centroid_z"]
+    mr = _components(demo_root, "torso_mr-abdomen")
+    assert mr.loc["liver", "centroid_x"] > mr.loc["spleen", "centroid_x"]
+    assert mr.loc["aorta", "centroid_y"] > mr.loc["spinal_cord", "centroid_y"]
+
+
+def test_dicom_series_and_its_las_label_map_land_on_the_same_voxels(demo_root):
+    """The series is stored LPS and its label map LAS; were the map not re-stored like the
+    image, bone would fall on soft tissue."""
+    prepared = demo_root / "data" / "prepared"
+    row = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id").loc[
+        "torso_ct_dicom-abdomen"]
+    assert row["storage_axcodes"] == "LPS"
+    assert nib.aff2axcodes(nib.load(row["labels_path"]).affine) == ("L", "A", "S")
+    hu = np.asarray(nib.load(prepared / row["canonical_image"]).dataobj)
+    labels = np.asarray(nib.load(prepared / row["canonical_labels"]).dataobj)
+    table = _components(demo_root, "torso_ct_dicom-abdomen")["label"]
+    assert np.median(hu[labels == table["vertebrae_T12"]]) > 150       # bone
+    assert 20 < np.median(hu[labels == table["liver"]]) < 200           # parenchyma
+    assert np.median(hu[labels == table["aorta"]]) > 20
+
+
+def test_dicom_reader_matches_the_series_geometry(demo_root):
+    folder = demo_root / "data" / "raw" / "demo" / "torso_ct_dicom" / "abdomen" / "image"
+    img = volumes.read_dicom_series(folder)
+    assert img.shape == (512, 512, 20)
+    assert np.asanyarray(img.dataobj).min() == -1024                    # rescaled to HU
+    np.testing.assert_allclose(geometry.voxel_spacing(img.affine), [0.9765625, 0.9765625, 2.0])
+    # DICOM's LPS origin (-249.51, -437.51, -804.5) is RAS (249.51, 437.51, -804.5)
+    np.testing.assert_allclose(img.affine[:3, 3], [249.51171875, 437.51171875, -804.5])
+
+
+def test_dicom_series_with_a_missing_slice_or_no_series_is_rejected_naming_the_folder(
+        demo_root, tmp_path):
+    import SimpleITK as sitk
+
+    source = demo_root / "data" / "raw" / "demo" / "torso_ct_dicom" / "abdomen" / "image"
+    ordered = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source))  # by position
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for i, f in enumerate(ordered):
+        if i != 10:
+            (gap / Path(f).name).write_bytes(Path(f).read_bytes())
+    with pytest.raises(volumes.VolumeError, match="gap: slices are not evenly spaced"):
+        volumes.read_dicom_series(gap)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no dicom here")
+    with pytest.raises(volumes.VolumeError, match="empty: no DICOM series found"):
+        volumes.read_dicom_series(empty)
 
 
 def test_visible_areas_equal_a_full_histogram_of_every_slice():
