@@ -1,29 +1,17 @@
-"""MIS-SemSam: re-score next-token candidates by the probability mass of their neighbourhood.
+"""MIS-SemSam's neighbour tables: which tokens are content, and each one's nearest neighbours.
 
 Once per embedding space, :func:`build_neighbor_table` stores every content token's cosine
 ``k`` nearest neighbours among the content tokens (itself first): ids ``S_tid[V, k]`` and
-cosines ``S_val[V, k]``. At each decode step and for each row, :func:`select_next_token`
-
-1. takes ``p = softmax(z / T)`` over the whole vocabulary and the candidates ``I`` = top-k
-   of ``p``, then top-p on the renormalised top-k (a token is kept while the mass ranked
-   above it is below ``top_p``; the most probable token is always kept);
-2. if every candidate is a content token, scores ``score(c) = sum_k max(0, S_val[c, k]) *
-   p[S_tid[c, k]]`` (neighbours outside ``I`` count) and returns ``argmax score`` (ties go to
-   the more probable candidate), or in ``mode="sample"`` draws proportionally to the scores;
-3. otherwise falls back to the default rule: a draw from ``p`` restricted to ``I``.
-
-With ``rescore=False`` the same code is the **baseline arm** (always the default rule). Both
-arms draw exactly one uniform number per row and step from the same generator, whichever
-branch decides, so with equal seeds the two arms consume identical random streams and differ
-only in the selection rule.
-
-:class:`SemSamLogitsProcessor` wraps the rule for ``transformers``' ``generate``.
+cosines ``S_val[V, k]``, as a :class:`NeighborTable`. :func:`cached_neighbor_table` keeps
+one file per (embeddings, mask, k) under ``.cache/semsam/``; the decode rule
+(:mod:`mislib.semsam.rule`) and its adapters read it, and the vLLM adapters load it by path
+in the engine's worker processes.
 
 >>> import torch
->>> table = build_neighbor_table(torch.randn(50, 8), torch.ones(50, dtype=torch.bool), k=4)
->>> logits = torch.randn(2, 50)
->>> select_next_token(logits, table, temperature=0.7, top_k=5, top_p=0.9).shape
-torch.Size([2])
+>>> table = build_neighbor_table(torch.randn(50, 8), torch.ones(50, dtype=torch.bool), k=4,
+...                              progress=False)
+>>> table.ids.shape
+torch.Size([50, 4])
 """
 
 from __future__ import annotations
@@ -36,7 +24,6 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor
 
 #: Bumped whenever the table build changes in a way that changes its output, so cached
 #: tables built by older code are not reused.
 TABLE_FORMAT = "mislib.semsam.neighbor_table/1"
-MODES = ("argmax", "sample")
 
 # Tokens that look like control markers (``<|image_pad|>``, ``<|vision_start|>``...). Such
 # strings are added tokens in every tokenizer we know; this is a second line of defence for
@@ -535,233 +520,6 @@ def _exact_rows(redo: torch.Tensor, unit_rows, n_content: int, k: int, block_siz
 
 
 # --------------------------------------------------------------------------------------
-# The decode rule
-# --------------------------------------------------------------------------------------
-
-def semantic_scores(probs: torch.Tensor, candidates: torch.Tensor,
-                    table: NeighborTable) -> torch.Tensor:
-    """Neighbourhood mass of each candidate: ``sum_k max(0, S_val[c, k]) * p[S_tid[c, k]]``.
-
-    Parameters
-    ----------
-    probs
-        ``[B, V]`` next-token probabilities (or any non-negative per-token values; the
-        decode rule passes unnormalised ones, which leaves the argmax unchanged).
-    candidates
-        ``[B, M]`` token ids.
-    table
-        Neighbour table on the same device.
-
-    Returns
-    -------
-    torch.FloatTensor
-        ``[B, M]`` scores (fp32).
-    """
-    ids, weights = _neighbours(candidates, table)
-    values = probs.gather(1, ids.flatten(1)).view_as(ids).float()
-    return (weights * values).sum(-1)
-
-
-def _neighbours(candidates: torch.Tensor, table: NeighborTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbour ids ``[B, M, K]`` and clamped cosines ``[B, M, K]`` of ``candidates``."""
-    return table.ids[candidates], table.weights[candidates]
-
-
-def select_next_token(logits: torch.Tensor, table: NeighborTable, *, temperature: float,
-                      top_k: int, top_p: float, mode: str = "argmax", rescore: bool = True,
-                      generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                      ) -> torch.Tensor:
-    """The MIS-SemSam decision for one decode step of a batch.
-
-    Parameters
-    ----------
-    logits
-        ``[B, V]`` next-token logits (fp32, bf16 or fp16; the maths runs in fp32).
-    table
-        :class:`NeighborTable` with ``V`` rows, on the logits' device.
-    temperature, top_k, top_p
-        ``p = softmax(logits / temperature)``; candidates are the ``top_k`` most probable
-        tokens, then those whose higher-ranked mass (within the renormalised top-k) is
-        below ``top_p``. Zero-probability tokens (``-inf`` logits) are never candidates.
-    mode
-        ``"argmax"`` (highest score; ties to the more probable candidate) or ``"sample"``
-        (a draw proportional to the scores).
-    rescore
-        False gives the baseline arm: always the default rule.
-    generator
-        Source of the one uniform number drawn per row: ``None`` (torch's global RNG), one
-        ``torch.Generator`` (``B`` numbers from it, on its device), or a sequence of ``B``
-        generators, row ``b`` drawing from ``generator[b]`` (for pairing arms per
-        (question, trial); this draw is the only per-row Python step).
-
-    Returns
-    -------
-    torch.LongTensor
-        ``[B]`` chosen token ids.
-    """
-    _check_rule(temperature, top_k, top_p, mode)
-    if logits.ndim != 2:
-        raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
-    batch, vocab = logits.shape
-    if table.num_embeddings != vocab:
-        raise ValueError(f"logits have {vocab} columns but the table has {table.num_embeddings} rows")
-    n_cand = min(top_k, vocab)
-    top_logits, cand = _topk(logits, n_cand)
-    inv_t = 1.0 / temperature
-    top_z = top_logits.float()
-    z_max = top_z[:, :1]
-    # p up to the common factor exp(z_max / T) / sum exp(z / T), which no decision needs.
-    q = torch.exp((top_z - z_max) * inv_t)
-    keep = q > 0
-    if top_p < 1.0:
-        p_top = q / q.sum(-1, keepdim=True)
-        keep &= (p_top.cumsum(-1) - p_top) < top_p
-    keep[:, 0] = True
-    u = _uniforms(batch, generator, logits.device)
-    default = _inverse_cdf(q.masked_fill(~keep, 0.0), u)
-    if not rescore:
-        return cand.gather(1, default[:, None]).squeeze(1)
-    ids, weights = _neighbours(cand, table)
-    nb_z = logits.gather(1, ids.flatten(1)).view_as(ids).float()
-    scores = (weights * torch.exp((nb_z - z_max[..., None]) * inv_t)).sum(-1)
-    if mode == "argmax":
-        # Candidates are sorted by p, and argmax returns the first maximum: ties -> higher p.
-        pick = scores.masked_fill(~keep, -1.0).argmax(-1)
-    else:
-        pick = _inverse_cdf(scores.masked_fill(~keep, 0.0), u)
-    all_content = (table.content_mask[cand] | ~keep).all(-1)
-    chosen = torch.where(all_content, pick, default)
-    return cand.gather(1, chosen[:, None]).squeeze(1)
-
-
-def _check_rule(temperature: float, top_k: int, top_p: float, mode: str) -> None:
-    if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-_TOPK_BLOCK = 128
-
-
-def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk`` (sorted, descending), through block maxima when ``V`` is large.
-
-    The ``k`` largest entries lie in the ``k`` blocks with the largest maxima (plus the
-    ragged tail), so one vectorised max pass over ``V`` (``amax`` over contiguous blocks,
-    about 7x faster than ``max_pool1d`` at B = 1 on an AVX-512 CPU) and a ``topk`` over
-    ``k * block`` entries replace a selection over the whole row.
-    """
-    batch, vocab = logits.shape
-    n_blocks = vocab // _TOPK_BLOCK
-    if n_blocks < 8 * k:
-        return logits.topk(k, dim=-1)
-    body = n_blocks * _TOPK_BLOCK
-    blocks = logits[:, :body].view(batch, n_blocks, _TOPK_BLOCK)
-    maxima = blocks.amax(-1)
-    which = maxima.topk(k, dim=-1).indices  # [B, k]
-    pool = blocks.gather(1, which[..., None].expand(-1, -1, _TOPK_BLOCK)).flatten(1)
-    pool_ids = (which[..., None] * _TOPK_BLOCK
-                + torch.arange(_TOPK_BLOCK, device=logits.device)).flatten(1)
-    if body < vocab:
-        pool = torch.cat([pool, logits[:, body:]], 1)
-        tail = torch.arange(body, vocab, device=logits.device).expand(batch, -1)
-        pool_ids = torch.cat([pool_ids, tail], 1)
-    vals, pos = pool.topk(k, dim=-1)
-    return vals, pool_ids.gather(1, pos)
-
-
-def _uniforms(batch: int, generator: torch.Generator | Sequence[torch.Generator] | None,
-              device: torch.device) -> torch.Tensor:
-    """One U[0, 1) number per row, drawn as :func:`select_next_token` documents."""
-    if generator is None:
-        return torch.rand(batch, device=device)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(batch, generator=generator, device=generator.device).to(device)
-    if len(generator) != batch:
-        raise ValueError(f"{len(generator)} generators for a batch of {batch} rows")
-    return torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator]).to(device)
-
-
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Column drawn from each row of non-negative ``weights`` ``[B, M]`` with uniforms ``u``.
-
-    Picks the first column whose cumulative weight exceeds ``u * total``, so a
-    zero-weight column is never chosen (rounding at the top end falls back to the last
-    positive one).
-    """
-    cdf = weights.cumsum(-1)
-    idx = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
-    positions = torch.arange(weights.shape[1], device=weights.device)
-    last_positive = (positions * (weights > 0)).amax(-1)
-    return torch.minimum(idx, last_positive)
-
-
-class SemSamLogitsProcessor(LogitsProcessor):
-    """MIS-SemSam as a ``transformers`` logits processor that decides the token itself.
-
-    It returns a row in which only the chosen token is finite, so generate with
-    ``do_sample=False`` (greedy picks it) and with ``temperature=None, top_k=None,
-    top_p=None`` so that no warper from the model's generation config runs. Build one
-    processor per ``generate`` call: its generators advance with every step.
-
-    Parameters
-    ----------
-    table : NeighborTable
-        Neighbour table of the model's input embeddings (moved to the logits' device).
-    temperature, top_k, top_p, mode, rescore
-        As in :func:`select_next_token`; ``rescore=False`` is the baseline arm.
-    seed : int, sequence of int, or None
-        A sequence gives every batch row its own CPU generator (one per (question, trial),
-        so both arms draw the same numbers per row, on CPU and CUDA alike); an int seeds
-        one generator for the batch; None uses torch's global RNG.
-
-    Examples
-    --------
-    >>> proc = SemSamLogitsProcessor(table, 0.7, 20, 0.8, "argmax", True, seed=[11, 12])  # doctest: +SKIP
-    >>> model.generate(**inputs, logits_processor=LogitsProcessorList([proc]),
-    ...                do_sample=False, temperature=None, top_k=None, top_p=None)  # doctest: +SKIP
-    """
-
-    def __init__(self, table: NeighborTable, temperature: float, top_k: int, top_p: float,
-                 mode: str = "argmax", rescore: bool = True,
-                 seed: int | Sequence[int] | None = None) -> None:
-        _check_rule(temperature, top_k, top_p, mode)
-        if not isinstance(table, NeighborTable):
-            raise TypeError(f"table must be a NeighborTable, got {type(table).__name__}")
-        if seed is not None and not isinstance(seed, int):
-            seed = [int(s) for s in seed]
-        self.table, self.temperature, self.top_k, self.top_p = table, temperature, top_k, top_p
-        self.mode, self.rescore, self.seed = mode, rescore, seed
-        self.reset()
-
-    def reset(self) -> None:
-        """Re-seed the generators (to reuse the processor for a fresh ``generate`` call)."""
-        if self.seed is None:
-            self._generator = None
-        elif isinstance(self.seed, int):
-            self._generator = torch.Generator().manual_seed(self.seed)
-        else:
-            self._generator = [torch.Generator().manual_seed(s) for s in self.seed]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if isinstance(self._generator, list) and len(self._generator) != scores.shape[0]:
-            raise ValueError(f"SemSamLogitsProcessor has {len(self._generator)} seeds but the "
-                             f"batch has {scores.shape[0]} rows (num_return_sequences and "
-                             "beams multiply rows)")
-        self.table = self.table.to(scores.device)
-        token = select_next_token(scores, self.table, temperature=self.temperature,
-                                  top_k=self.top_k, top_p=self.top_p, mode=self.mode,
-                                  rescore=self.rescore, generator=self._generator)
-        out = torch.full_like(scores, -math.inf)
-        return out.scatter_(1, token[:, None], 0.0)
-
-
-# --------------------------------------------------------------------------------------
 # Real embeddings for the notebook, and the decode-step timing used by notebook and bench
 # --------------------------------------------------------------------------------------
 
@@ -798,67 +556,3 @@ def load_wordllama() -> tuple[torch.Tensor, Any]:
     if "embedding.weight" not in tensors:
         raise ValueError(f"{weights}: no tensor 'embedding.weight' (has {sorted(tensors)})")
     return tensors["embedding.weight"].float(), Tokenizer.from_file(str(vocab))
-
-
-def time_decode_step(batches: Sequence[int] = (1, 8, 64), vocab: int = 151_936,
-                     rounds: int = 30, temperature: float = 0.7, top_k: int = 20,
-                     top_p: float = 0.8, k: int = 32, seed: int = 0) -> list[dict[str, Any]]:
-    """Median seconds of one decode step: SemSam against transformers' chain and a floor.
-
-    Methods, on the same fp32 logits ``[B, vocab]``: ``transformers_chain`` (Temperature ->
-    TopK -> TopP warpers, softmax, multinomial), ``softmax_argmax`` (the floor every rule
-    pays), ``semsam_argmax`` and ``semsam_sample`` (:func:`select_next_token` with a random
-    ``k``-neighbour table). They are timed round-robin, one call each per round, so load
-    from other processes hits them alike. Each turn makes one untimed call before the timed
-    one: the first calls after the chain run up to 2.7x slower (0.8 against 0.3 ms for
-    the same SemSam call at B = 1, whichever method comes next), which would measure the
-    chain's aftermath instead of the method.
-
-    Returns
-    -------
-    list of dict
-        One row per (batch, method): ``batch, method, median_ms, min_ms, rounds``.
-    """
-    import statistics
-
-    from transformers import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    g = torch.Generator().manual_seed(seed)
-    table = NeighborTable(torch.randint(0, vocab, (vocab, k), generator=g),
-                          torch.rand(vocab, k, generator=g), torch.ones(vocab, dtype=torch.bool))
-    chain = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
-                                 TopPLogitsWarper(top_p)])
-    rule = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    rows = []
-    for batch in batches:
-        # LLM-like logits: a few strong tokens over a broad floor
-        logits = torch.randn(batch, vocab, generator=g) * 2.0
-        logits[:, torch.randint(0, vocab, (30,), generator=g)] += 8.0
-        gen = torch.Generator().manual_seed(seed + 1)
-        methods = {
-            "transformers_chain": lambda x=logits, r=gen: torch.multinomial(
-                torch.softmax(chain(None, x), dim=-1), 1, generator=r),
-            "softmax_argmax": lambda x=logits: torch.softmax(x, dim=-1).argmax(-1),
-            "semsam_argmax": lambda x=logits, r=gen: select_next_token(
-                x, table, mode="argmax", generator=r, **rule),
-            "semsam_sample": lambda x=logits, r=gen: select_next_token(
-                x, table, mode="sample", generator=r, **rule),
-        }
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        with torch.no_grad():
-            for fn in methods.values():  # warm-up
-                fn()
-            for _ in range(rounds):
-                for name, fn in methods.items():
-                    fn()  # untimed: takes the aftermath of the previous method's call
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
-        rows += [{"batch": batch, "method": name, "median_ms": statistics.median(v) * 1e3,
-                  "min_ms": min(v) * 1e3, "rounds": rounds} for name, v in times.items()]
-    return rows
