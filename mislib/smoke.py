@@ -34,7 +34,8 @@ VOCAB_SIZE = 151_936
 
 # Tiny towers: the text model's width sets the embedding matrix (151,936 x 32 floats, tied
 # with the LM head, about 19 MB in fp32), everything else is a few hundred kB. Head
-# dimension 16 gives 8 rotary frequencies, split 4/2/2 over (time, height, width) as
+# dimension 32 (vLLM's CPU attention accepts no smaller one, so the vllm backend loads the
+# same model) gives 16 rotary frequencies, split 6/5/5 over (time, height, width) as
 # Qwen3-VL's interleaved multimodal RoPE expects (its real split is 24/20/20 of 64).
 TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
@@ -43,10 +44,10 @@ TEXT_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
-    "head_dim": 16,
+    "head_dim": 32,
     "max_position_embeddings": 4096,
     "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
-                        "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+                        "mrope_section": [6, 5, 5], "mrope_interleaved": True},
     "tie_word_embeddings": True,
     "pad_token_id": 151643,
     "bos_token_id": 151643,
