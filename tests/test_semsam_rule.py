@@ -306,3 +306,9 @@ def test_semsam_arm_without_a_table_is_an_error():
 def test_one_hot_logits_leave_one_finite_entry_per_row():
     out = one_hot_logits(torch.randn(3, 8), torch.tensor([5, 0, 7]))
     assert (torch.isfinite(out).sum(1) == 1).all() and out.argmax(1).tolist() == [5, 0, 7]
+
+
+def test_the_rule_and_the_inference_protocol_name_the_same_arms():
+    from mislib.inference.protocol import ARMS as PROTOCOL_ARMS
+
+    assert ARMS == PROTOCOL_ARMS

@@ -11,8 +11,8 @@ nothing else in mislib changes. The decode rule, arms and seeding are described 
 ...                         max_new_tokens=16)
 >>> decode.rescore, decode.identity()["arm"]
 (False, 'greedy')
->>> decode.rule_params()["top_k"]
-1
+>>> decode.rule_params()["arm"]
+'greedy'
 """
 
 from __future__ import annotations
@@ -94,14 +94,9 @@ class DecodeSettings:
 
     def rule_params(self) -> dict[str, Any]:
         """Keyword arguments of the pure decode rule (``mislib.semsam.select_next_token``)
-        for this arm, so every backend's adapter decides the same way.
-
-        ``greedy`` is the default rule restricted to its most probable candidate
-        (``top_k = 1``): the candidate set has one member, so no draw can change it.
-        """
-        return {"temperature": float(self.temperature),
-                "top_k": 1 if self.arm == "greedy" else int(self.top_k),
-                "top_p": float(self.top_p), "mode": self.mode, "rescore": self.rescore}
+        for this arm, so every backend's adapter decides the same way."""
+        return {"temperature": float(self.temperature), "top_k": int(self.top_k),
+                "top_p": float(self.top_p), "mode": self.mode, "arm": self.arm}
 
     def identity(self) -> dict[str, Any]:
         """The settings that change answers (for ``run.json`` and the run id); the table's

@@ -2,7 +2,7 @@
 
 Every arm goes through :class:`mislib.semsam.SemSamLogitsProcessor` with
 ``generate(do_sample=False)``: the processor makes every choice (re-scoring on in the
-``semsam`` arm, off in ``baseline``, one candidate in ``greedy``), seeded per request, so
+``semsam`` arm, off in ``baseline``, the most probable candidate in ``greedy``), seeded per request, so
 the arms differ only in the selection rule.
 """
 
