@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mislib-installed
 # so that kernels papermill starts (argv 'python -m ipykernel_launcher') use the project env
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help env reproduce test lint bench export notebooks-sync clean-build
+.PHONY: help env reproduce test lint bench export notebooks-sync clean-build lab report
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,7 @@ env: $(STAMP)  ## build the Python environment (done automatically by the other 
 
 reproduce: $(STAMP)  ## run every notebook (or NB=01) headless with papermill: PROFILE=demo|paper FORCE=1
 	$(PY) -m mislib reproduce --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(filter 1,$(FORCE)),--force)
+	$(PY) -m mislib report --profile $(PROFILE)
 
 test: $(STAMP)  ## the test suite (what CI runs)
 	$(PY) -m pytest -q
@@ -50,6 +51,14 @@ bench: $(STAMP)  ## benchmarks, one JSON line per figure
 
 export: $(STAMP)  ## export the benchmark as a HF parquet dataset and a VLMEvalKit TSV
 	$(PY) -m mislib export --profile $(PROFILE)
+
+# Reading: JupyterLab on this checkout (kernel "MIS-Ground (mislib)", jupytext pairing on save),
+# and the executed notebooks of the last run as a static site (nbconvert, works offline).
+lab: $(STAMP)  ## JupyterLab on the repository with the project's kernel (ARGS= passed on)
+	$(PY) -m mislib lab $(ARGS)
+
+report: $(STAMP)  ## static HTML site of the last `make reproduce`: build/site/index.html
+	$(PY) -m mislib report --profile $(PROFILE)
 
 notebooks-sync:  ## after editing notebooks/*.py (jupytext percent), refresh the paired .ipynb
 	$(PY) -m jupytext --sync notebooks/[0-9]*.py

@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--nb", default=None, help="run one notebook, e.g. 01")
 
+    p = sub.add_parser("report", help="static HTML site of the last run: build/site/index.html")
+    p.add_argument("--profile", default="demo", help="profile whose executed notebooks to show")
+
+    sub.add_parser("lab", help="JupyterLab on the repository with the project's kernel "
+                               "(other arguments go to `jupyter lab`)")
+
     p = sub.add_parser("prepare", help="stage 01: prepare volumes")
     _add_common(p)
     p = sub.add_parser("render", help="stage 02: render slices and stacks")
@@ -56,11 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "reproduce":
         from mislib.notebooks import main_reproduce
 
         return main_reproduce(args)
+    if args.command == "report":
+        from mislib.report import main_report
+
+        return main_report(args)
+    if args.command == "lab":
+        from mislib.lab import main_lab
+
+        return main_lab(unknown)
     if args.command == "prepare":
         from mislib.volumes import prepare
 
