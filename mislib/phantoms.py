@@ -15,8 +15,12 @@ uses (:mod:`mislib.volumes`):
 
 Phantoms are built on a RAS+ grid in world millimetres and then **stored in another
 orientation** (e.g. LPS, as DICOM-derived CT usually is) so that the loaders' reorientation is
-exercised. Each structure is an ellipsoid or an axis-parallel tube; later structures paint
-over earlier ones, as an organ embedded in another would.
+exercised. Each structure is an ellipsoid, an axis-parallel tube or (the menisci) a C-shaped
+wedge at the rim of the tibial plateau; later structures paint over earlier ones, as an organ
+embedded in another would. Tissues carry their typical values: in the CT, subcutaneous and
+visceral fat, a muscular body wall and back muscles, bones with a dense cortex around
+cancellous bone; in the MRI (T1-like), bright fat and marrow, grey muscle, a dark cortex and
+dark menisci.
 """
 
 from __future__ import annotations
@@ -111,6 +115,30 @@ def _tube(axes, centre_xy, radius, z_range):
     return disc & ((z[None, None, :] >= z_range[0]) & (z[None, None, :] <= z_range[1]))
 
 
+def _shell(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """The outer ``thickness`` voxels of a mask (a bone's cortex around its marrow)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, iterations=thickness)
+
+
+def _meniscus(axes, centre, outer, height, towards_midline):
+    """A C-shaped meniscus on the tibial plateau: an elliptical ring (outer radii ``outer``,
+    inner radii 55 % of them) whose height grows from 0 at the inner edge to ``height`` at the
+    rim (a wedge in cross-section), open toward the intercondylar notch (``towards_midline``:
+    the sign of x pointing at the knee's midline)."""
+    x, y, z = axes
+    dx = (x[:, None, None] - centre[0]) / outer[0]
+    dy = (y[None, :, None] - centre[1]) / outer[1]
+    r = np.sqrt(dx ** 2 + dy ** 2)
+    inner = 0.55
+    rim = np.clip((r - inner) / (1 - inner), 0, 1)  # 0 at the inner edge, 1 at the rim
+    ring = (r <= 1) & (r >= inner)
+    wedge = np.abs(z[None, None, :] - centre[2]) <= height * rim
+    opening = (dx * towards_midline > 0) & (np.abs(dy) < 0.45)
+    return ring & wedge & ~opening
+
+
 def _store(data: np.ndarray, affine: np.ndarray, axcodes: str, dtype, path: Path):
     """Save a RAS+ array re-stored in orientation ``axcodes`` (e.g. ``"LPS"``)."""
     import nibabel as nib
@@ -124,10 +152,21 @@ def _store(data: np.ndarray, affine: np.ndarray, axcodes: str, dtype, path: Path
 
 # ---- torso CT --------------------------------------------------------------------------
 
+#: Bone in HU: cancellous bone inside, a cortex of about one voxel around it.
+BONE_HU = 250
+CORTEX_HU = 1000
+#: Body wall from outside in: subcutaneous fat, then muscle, then visceral fat (HU, and the
+#: inner radii (x, y) in mm of each layer's outer ellipse; the body is 170 x 120 mm).
+FAT_HU, MUSCLE_HU = -100, 50
+BODY_RADII, WALL_RADII, VISCERA_RADII = (170, 120), (158, 108), (146, 96)
 #: (name, shape, centre (x, y, z) mm, size, HU). Ellipsoid size = radii (mm); tube size =
 #: (radius, z_min, z_max). +x is the patient's right, +y anterior, +z superior; z = 0 is
 #: about the level of L3.
 TORSO_STRUCTURES: tuple[tuple, ...] = (
+    ("autochthon_right", "tube", (40, -98, 0), (17, -120, 240), 50),
+    ("autochthon_left", "tube", (-40, -98, 0), (17, -120, 240), 50),
+    ("iliopsoas_right", "tube", (45, -62, 0), (15, -150, 60), 50),
+    ("iliopsoas_left", "tube", (-45, -62, 0), (15, -150, 60), 50),
     ("lung_upper_lobe_right", "ellipsoid", (95, -5, 235), (60, 75, 55), -850),
     ("lung_middle_lobe_right", "ellipsoid", (100, 45, 180), (45, 35, 30), -850),
     ("lung_lower_lobe_right", "ellipsoid", (95, -35, 160), (60, 70, 45), -850),
@@ -149,17 +188,17 @@ TORSO_STRUCTURES: tuple[tuple, ...] = (
     ("inferior_vena_cava", "tube", (22, -45, 0), (12, -110, 120), 40),
     ("esophagus", "tube", (-5, -35, 0), (8, 110, 260), 30),
     ("trachea", "tube", (0, 0, 0), (10, 225, 260), -950),
-    ("vertebrae_L1", "ellipsoid", (0, -85, 85), (22, 18, 13), 650),
-    ("vertebrae_L2", "ellipsoid", (0, -85, 50), (23, 18, 13), 650),
-    ("vertebrae_L3", "ellipsoid", (0, -85, 15), (24, 18, 13), 650),
-    ("vertebrae_L4", "ellipsoid", (0, -85, -20), (24, 18, 13), 650),
-    ("vertebrae_L5", "ellipsoid", (0, -85, -55), (25, 18, 13), 650),
-    ("sacrum", "ellipsoid", (0, -95, -115), (40, 22, 40), 600),
+    ("vertebrae_L1", "ellipsoid", (0, -85, 85), (22, 18, 13), BONE_HU),
+    ("vertebrae_L2", "ellipsoid", (0, -85, 50), (23, 18, 13), BONE_HU),
+    ("vertebrae_L3", "ellipsoid", (0, -85, 15), (24, 18, 13), BONE_HU),
+    ("vertebrae_L4", "ellipsoid", (0, -85, -20), (24, 18, 13), BONE_HU),
+    ("vertebrae_L5", "ellipsoid", (0, -85, -55), (25, 18, 13), BONE_HU),
+    ("sacrum", "ellipsoid", (0, -95, -115), (40, 22, 40), BONE_HU),
     ("spinal_cord", "tube", (0, -115, 0), (6, -40, 260), 35),
-    ("hip_right", "ellipsoid", (110, -25, -145), (30, 45, 55), 650),
-    ("hip_left", "ellipsoid", (-110, -25, -145), (30, 45, 55), 650),
-    ("femur_right", "ellipsoid", (100, 0, -225), (24, 24, 35), 700),
-    ("femur_left", "ellipsoid", (-100, 0, -225), (24, 24, 35), 700),
+    ("hip_right", "ellipsoid", (110, -25, -145), (30, 45, 55), BONE_HU),
+    ("hip_left", "ellipsoid", (-110, -25, -145), (30, 45, 55), BONE_HU),
+    ("femur_right", "ellipsoid", (100, 0, -225), (24, 24, 35), BONE_HU),
+    ("femur_left", "ellipsoid", (-100, 0, -225), (24, 24, 35), BONE_HU),
 )
 TORSO_SPACING = (1.6, 1.6, 3.2)       # mm: anisotropic, like a clinical CT series
 TORSO_EXTENT = ((-176, 176), (-128, 128), (-270, 275))  # mm, RAS
@@ -177,8 +216,10 @@ def write_torso_ct_phantom(case_dir: str | os.PathLike, seed: int,
     shape, axes, affine = _grid(TORSO_EXTENT, TORSO_SPACING)
 
     hu = np.full(shape, -1000.0, dtype=np.float32)
-    body = _ellipsoid(axes, (0, 0, 0), (170, 120, 1e6))
-    hu[body] = -90.0  # subcutaneous and visceral fat
+    body = _ellipsoid(axes, (0, 0, 0), (*BODY_RADII, 1e6))
+    hu[body] = FAT_HU  # subcutaneous fat
+    hu[_ellipsoid(axes, (0, 0, 0), (*WALL_RADII, 1e6))] = MUSCLE_HU  # abdominal/back wall
+    hu[_ellipsoid(axes, (0, 0, 0), (*VISCERA_RADII, 1e6))] = FAT_HU + 10  # visceral fat
     labels = np.zeros(shape, dtype=np.uint8)
     order = []
     for index, (name, kind, centre, size, value) in enumerate(TORSO_STRUCTURES, start=1):
@@ -191,6 +232,8 @@ def write_torso_ct_phantom(case_dir: str | os.PathLike, seed: int,
         mask &= body
         labels[mask] = index
         hu[mask] = value
+        if value == BONE_HU:
+            hu[_shell(mask)] = CORTEX_HU
         order.append(name)
     hu += rng.normal(0, 12, shape).astype(np.float32)
 
@@ -206,21 +249,24 @@ def write_torso_ct_phantom(case_dir: str | os.PathLike, seed: int,
 # ---- knee MRI --------------------------------------------------------------------------
 
 KNEE_SPACING = (0.9, 0.9, 1.8)
+#: T1-like signal: fatty marrow is bright, the cortex around it dark.
+MARROW, CORTEX = 550, 40
 KNEE_EXTENT = ((-70, 70), (-65, 65), (-95, 95))
 #: (name, shape, centre, size, signal) for a RIGHT knee (lateral = +x); mirrored for a left.
+#: Meniscus size = (outer radius x, outer radius y, height at the rim) in mm.
 KNEE_STRUCTURES: tuple[tuple, ...] = (
     ("femoral_cartilage", "ellipsoid", (0, -3, 8), (44, 32, 26), 520),
-    ("femur", "ellipsoid", (0, -3, 10), (41, 29, 23), 300),
-    ("femur", "tube", (0, 0, 0), (15, 15, 95), 300),
+    ("femur", "ellipsoid", (0, -3, 10), (41, 29, 23), MARROW),
+    ("femur", "tube", (0, 0, 0), (15, 15, 95), MARROW),
     ("tibial_cartilage", "ellipsoid", (0, -3, -16), (36, 25, 3.5), 520),
-    ("tibia", "ellipsoid", (0, -3, -27), (38, 28, 9), 300),
-    ("tibia", "tube", (0, -5, 0), (15, -95, -25), 300),
-    ("medial_meniscus", "ellipsoid", (-25, -4, -12), (12, 20, 3.5), 60),
-    ("lateral_meniscus", "ellipsoid", (25, -4, -12), (11, 18, 3.5), 60),
+    ("tibia", "ellipsoid", (0, -3, -27), (38, 28, 9), MARROW),
+    ("tibia", "tube", (0, -5, 0), (15, -95, -25), MARROW),
+    ("medial_meniscus", "meniscus", (-20, -4, -12), (17, 22, 4.0), 60),
+    ("lateral_meniscus", "meniscus", (20, -4, -12), (15, 19, 4.0), 60),
     ("patellar_cartilage", "ellipsoid", (0, 33, 18), (17, 3.5, 19), 520),
-    ("patella", "ellipsoid", (0, 42, 18), (20, 8, 22), 300),
-    ("fibula", "ellipsoid", (33, -18, -38), (9, 9, 8), 300),
-    ("fibula", "tube", (34, -18, 0), (7, -95, -40), 300),
+    ("patella", "ellipsoid", (0, 42, 18), (20, 8, 22), MARROW),
+    ("fibula", "ellipsoid", (33, -18, -38), (9, 9, 8), MARROW),
+    ("fibula", "tube", (34, -18, 0), (7, -95, -40), MARROW),
 )
 KNEE_NAMES = ("femur", "tibia", "patella", "fibula", "femoral_cartilage", "tibial_cartilage",
               "patellar_cartilage", "medial_meniscus", "lateral_meniscus")
@@ -251,10 +297,15 @@ def write_knee_mri_phantom(case_dir: str | os.PathLike, seed: int, laterality: s
         c = np.array([mirror * centre[0], centre[1], centre[2]]) + shift
         if kind == "ellipsoid":
             mask = _ellipsoid(axes, c, size)
+        elif kind == "meniscus":
+            mask = _meniscus(axes, c, size[:2], size[2], towards_midline=-np.sign(c[0] - shift[0]))
         else:
             mask = _tube(axes, c[:2], size[0], size[1:])
         labels[mask] = index_of[name]
         signal[mask] = value
+    for name in ("femur", "tibia", "patella", "fibula"):  # the cortex, after all painting
+        bone = labels == index_of[name]
+        signal[_shell(bone)] = CORTEX
     # a smooth coil-sensitivity bias along y, and noise
     bias = 1.0 + 0.25 * (axes[1] - axes[1][0]) / (axes[1][-1] - axes[1][0])
     signal = signal * bias[None, :, None] + rng.normal(0, 20, shape).astype(np.float32)

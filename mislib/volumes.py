@@ -69,7 +69,7 @@ MODALITY = {"brain_atlas": "MRI", "torso_ct": "CT", "torso_mr": "MRI", "torso_ct
             "torso_ct_phantom": "CT", "knee_mri_phantom": "MRI", "totalsegmentator": "CT",
             "knee_mri": "MRI"}
 # Bump when the phantoms or the atlas copy change, so cached demo inputs are rewritten.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 TORSO_STORAGE = ("LPS", "RAS")
 KNEE_STORAGE = ("PIR", "LAS")
 KNEE_SIDES = ("right", "left")

@@ -187,6 +187,65 @@ def test_torso_phantom_anatomy_survives_lps_storage(demo_root):
         assert set(t.index) <= set(volumes.totalsegmentator_classes().values())
 
 
+def test_torso_phantom_has_fat_muscle_and_corticated_bone(tmp_path):
+    from scipy import ndimage
+
+    case = phantoms.write_torso_ct_phantom(tmp_path / "s", seed=5, storage_axcodes="LPS")
+    ct = nib.as_closest_canonical(nib.load(case / "ct.nii.gz"))
+    hu = np.asarray(ct.dataobj).astype(float)
+
+    def mask(name):
+        img = nib.as_closest_canonical(nib.load(case / "segmentations" / f"{name}.nii.gz"))
+        return np.asarray(img.dataobj) > 0
+
+    vertebra = mask("vertebrae_L3")
+    core = ndimage.binary_erosion(vertebra, iterations=2)
+    assert np.median(hu[vertebra & ~ndimage.binary_erosion(vertebra)]) > 700   # cortex
+    assert 150 < np.median(hu[core]) < 400                                     # cancellous
+    assert 20 < np.median(hu[mask("autochthon_left")]) < 80                    # muscle
+    # from the skin inward along the patient's left-right axis at the L3 level:
+    # subcutaneous fat, the muscular wall, then visceral fat
+    i, j, k = np.round(nib.affines.apply_affine(np.linalg.inv(ct.affine), [0, 0, 15])).astype(int)
+    profile = ndimage.median_filter(hu[:, j, k], size=3)
+    x = nib.affines.apply_affine(ct.affine, np.c_[np.arange(hu.shape[0]), np.full(hu.shape[0], j),
+                                                  np.full(hu.shape[0], k)])[:, 0]
+    at = {mm: profile[np.argmin(np.abs(x - mm))] for mm in (165, 152, 141)}
+    assert at[165] < -50 and 20 < at[152] < 80 and at[141] < -50, at
+
+
+def test_knee_phantom_menisci_are_c_shaped_wedges_at_the_rim(tmp_path):
+    for side in ("right", "left"):
+        case = phantoms.write_knee_mri_phantom(tmp_path / side, seed=2, laterality=side,
+                                               storage_axcodes="PIR")
+        img = nib.as_closest_canonical(nib.load(case / "labels.nii.gz"))
+        labels = np.asarray(img.dataobj)
+        names = volumes.read_label_names(case / "labels.csv")
+        value = {n: v for v, n in names.items()}
+        tibia_x = np.argwhere(labels == value["tibia"])[:, 0].mean()
+        lateral = 1 if side == "right" else -1  # +x is the patient's right
+        for name, sign in (("medial_meniscus", -lateral), ("lateral_meniscus", lateral)):
+            ijk = np.argwhere(labels == value[name])
+            assert len(ijk) > 300
+            assert (np.sign(ijk[:, 0] - tibia_x) == sign).all(), (side, name)  # its own side
+            ci, cj = ijk[:, 0].mean(), ijk[:, 1].mean()
+            r = np.hypot((ijk[:, 0] - ci) / np.ptp(ijk[:, 0]), (ijk[:, 1] - cj) / np.ptp(ijk[:, 1]))
+            # a ring, not a disc: nothing at the centre of its footprint
+            assert r.min() > 0.15, (side, name)
+            # a wedge: taller at the rim than at the inner edge
+            column = {}
+            for i, j, k in ijk:
+                column.setdefault((i, j), []).append(k)
+            height = {key: len(ks) for key, ks in column.items()}
+            rim = [h for (i, j), h in height.items()
+                   if np.hypot((i - ci) / np.ptp(ijk[:, 0]), (j - cj) / np.ptp(ijk[:, 1])) > 0.42]
+            inner = [h for (i, j), h in height.items()
+                     if np.hypot((i - ci) / np.ptp(ijk[:, 0]), (j - cj) / np.ptp(ijk[:, 1])) < 0.35]
+            assert np.mean(rim) > np.mean(inner), (side, name)
+            # open toward the intercondylar notch: the footprint's midline side has a gap
+            notch_side = ijk[np.sign(ijk[:, 0] - ci) == -sign]
+            assert np.abs(notch_side[:, 1] - cj).min() > 2, (side, name)
+
+
 def test_knee_phantoms_record_side_and_put_the_fibula_laterally(demo_root):
     prepared = demo_root / "data" / "prepared"
     vols = pd.read_parquet(prepared / "volumes.parquet").set_index("volume_id")
