@@ -1220,6 +1220,23 @@ def contact_sheet(volume: Volume, ijk: Sequence[int], opts: RenderOptions | None
     return fig
 
 
+def contact_sheet_for(volume_id: str, params: dict[str, Any],
+                      root: str | os.PathLike | None = None):
+    """:func:`contact_sheet` of one prepared volume through the centre of its labelled voxels,
+    with the ``[render]`` parameters ``params`` (image size, labels, areas, seed, MRI
+    percentiles) — the figure notebook 02 shows per source. Returns a matplotlib Figure."""
+    volume = load_prepared_volume(volume_id, root=root,
+                                  percentiles=params.get("mri_window_percentiles", (1.0, 99.0)))
+    centre = np.round(np.argwhere(volume.labels > 0).mean(axis=0)).astype(int)
+    opts = RenderOptions(image_size=params["image_size"], max_labels=params["max_labels"],
+                         min_visible_area_mm2=params["min_visible_area_mm2"],
+                         seed=params["seed"])
+    fig = contact_sheet(volume, centre, opts)
+    fig.suptitle(f"{volume_id} ({volume.modality})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def stack_strip(benchmark: str | os.PathLike, renders: pd.DataFrame, render_id: str,
                 n_show: int = 8):
     """Every k-th frame of a stored 3D stack in a row, frame numbers and letters' span.

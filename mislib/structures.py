@@ -224,3 +224,29 @@ def common_tissue_class(components: Iterable[str]) -> str:
     there are none): a lung window for lung lobes alone, never for lungs beside the liver."""
     classes = {tissue_class(c) for c in components}
     return classes.pop() if len(classes) == 1 else "soft_tissue"
+
+
+# ---- textbook facts ------------------------------------------------------------------------
+
+#: (a, direction, b): structure ``a`` lies in the patient direction (R, L, A, P, S, I) from
+#: ``b``, as every anatomy text states it; notebook 01 checks those a volume has.
+TEXTBOOK_FACTS: tuple[tuple[str, str, str], ...] = (
+    ("liver", "R", "spleen"),
+    ("inferior_vena_cava", "R", "aorta"),
+    ("gallbladder", "R", "stomach"),
+    ("liver", "S", "kidney_right"),
+    ("liver", "S", "urinary_bladder"),
+    ("heart", "S", "liver"),
+    ("aorta", "A", "spinal_cord"),
+    ("gallbladder", "A", "kidney_right"),
+    ("vertebrae_T11", "S", "vertebrae_T12"),
+    ("vertebrae_T12", "S", "vertebrae_L1"),
+    ("vertebrae_L1", "S", "vertebrae_L2"),
+    ("vertebrae_L1", "S", "vertebrae_L5"),
+    ("brachiocephalic_trunk", "R", "common_carotid_artery_left"),
+    ("common_carotid_artery_left", "R", "subclavian_artery_left"),
+    ("Left_Thalamus_Proper", "S", "Brain_Stem"),
+    ("Left_Thalamus_Proper", "A", "Left_Cerebellum_Exterior"),
+    ("Left_Putamen", "L", "Left_Thalamus_Proper"),
+    ("patella", "A", "femur"),
+)

@@ -548,7 +548,8 @@ def visible_areas(labels: np.ndarray, spacing: np.ndarray, n_labels: int,
 
 def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str], n: int,
                   min_area_mm2: float, seed: int, boxes: list | None = None,
-                  max_components: int | None = None) -> list[dict[str, Any]]:
+                  max_components: int | None = None,
+                  min_plane_aspect: float = 0.0) -> list[dict[str, Any]]:
     """Choose ``n`` slices across the three planes that together show the most distinct
     structures, small ones as much as large ones.
 
@@ -562,7 +563,9 @@ def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
 
     When a slice shows more than ``max_components`` structures, its list keeps a size-balanced
     subset (:func:`balanced_components`), so that later stages label small structures too
-    instead of the largest few.
+    instead of the largest few. A plane whose field of view is a thin strip (shorter in-plane
+    extent below ``min_plane_aspect`` of the longer, e.g. a sagittal slice of a 40 mm slab) is
+    not chosen: the rendered image would be mostly padding.
 
     Returns a list of dicts with ``plane, index, position_mm, components, n_components``.
     """
@@ -578,12 +581,16 @@ def select_slices(labels: np.ndarray, affine: np.ndarray, names: dict[int, str],
     weight = np.where(named, 1.0 + _smallness(sizes, named), 0.0)
     cap = max_components or n_labels
     used = np.zeros(n_labels, bool)
+    extent = np.asarray(labels.shape) * spacing
     order = [geometry.PLANES[i] for i in rng.permutation(3)]
+    order = [p for p in order
+             if min(extent[list(geometry.plane_axes(p)[1])]) >= min_plane_aspect
+             * max(extent[list(geometry.plane_axes(p)[1])])]
     chosen: list[dict[str, Any]] = []
-    for attempt in range(3 * n):
+    for attempt in range(3 * n if order else 0):
         if len(chosen) == n:
             break
-        plane = order[attempt % 3]
+        plane = order[attempt % len(order)]
         fixed, _ = geometry.plane_axes(plane)
         shown = visible[plane]
         counts = shown.sum(axis=1)
@@ -694,7 +701,8 @@ def prepare_case(case: Case, out_dir: str | os.PathLike, params: dict[str, Any])
     seed = int(params["seed"]) + zlib.crc32(vid.encode())
     slices = select_slices(label_data, labels.affine, names, int(params["slices_per_volume"]),
                            float(params["min_component_area_mm2"]), seed, boxes,
-                           params.get("max_slice_components"))
+                           params.get("max_slice_components"),
+                           float(params.get("min_plane_aspect", 0.0)))
     out.slices = pd.DataFrame(
         [{"slice_id": f"{vid}-{s['plane']}-{s['index']:04d}", "volume_id": vid, **s}
          for s in slices], columns=list(SLICE_COLUMNS))
@@ -778,3 +786,111 @@ def _concat(frames, columns, sort_by) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=list(columns))
     return pd.concat(frames, ignore_index=True).sort_values(list(sort_by), ignore_index=True)
+
+
+# ---- figures and checks for notebook 01 -------------------------------------------------
+
+def _stored_array(path: str | os.PathLike) -> np.ndarray:
+    """The voxels as the file (or DICOM series) stores them, before any reorientation."""
+    import nibabel as nib
+
+    path = Path(path)
+    img = read_dicom_series(path) if path.is_dir() else nib.load(path)
+    return np.asanyarray(img.dataobj)
+
+
+def orientation_figure(volumes: pd.DataFrame, prepared: str | os.PathLike):
+    """Per volume (rows of ``volumes.parquet``): the middle slice of the stored array's first
+    axis beside the canonical (RAS+) axial middle slice, titled with the storage orientation.
+
+    Returns a matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    n = len(volumes)
+    fig, axes = plt.subplots(n, 2, figsize=(6, 2.6 * max(n, 1)), squeeze=False)
+    for row, ax in zip(volumes.itertuples(), axes, strict=True):
+        stored = _stored_array(row.image_path)
+        canonical = np.asanyarray(nib.load(Path(prepared) / row.canonical_image).dataobj)
+        ax[0].imshow(stored[stored.shape[0] // 2].T, cmap="gray", origin="lower")
+        ax[0].set_title(f"{row.volume_id}\nstored {row.storage_axcodes}, axis 0 middle",
+                        fontsize=8)
+        ax[1].imshow(canonical[:, :, canonical.shape[2] // 2].T, cmap="gray", origin="lower")
+        ax[1].set_title("canonical RAS+, axial middle", fontsize=8)
+        for a in ax:
+            a.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def slices_figure(volumes: pd.DataFrame, slices: pd.DataFrame, prepared: str | os.PathLike,
+                  columns: int = 4):
+    """Every chosen slice (``slices.parquet``) of the canonical volumes with its labelled
+    structures overlaid, ``columns`` panels a row. CT is shown in a soft-tissue window
+    (W 400, L 40 HU), MRI between its 1st and 99th percentiles.
+
+    Returns a matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    vols = volumes.set_index("volume_id")
+    rows = max(1, -(-len(slices) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for s, ax in zip(slices.itertuples(), axes.ravel(), strict=False):
+        row = vols.loc[s.volume_id]
+        if s.volume_id not in cache:
+            cache[s.volume_id] = (
+                np.asanyarray(nib.load(Path(prepared) / row.canonical_image).dataobj),
+                np.asanyarray(nib.load(Path(prepared) / row.canonical_labels).dataobj))
+        image, labels = cache[s.volume_id]
+        fixed, _ = geometry.plane_axes(s.plane)
+        img2d, lab2d = image.take(s.index, axis=fixed), labels.take(s.index, axis=fixed)
+        low, high = ((-160, 240) if row.modality == "CT"
+                     else np.percentile(image[image > image.min()], [1, 99]))
+        ax.imshow(img2d.T, cmap="gray", origin="lower", vmin=low, vmax=high,
+                  aspect=_aspect(row, s.plane))
+        ax.imshow(np.ma.masked_equal(lab2d, 0).T % 20, cmap="tab20", alpha=0.45,
+                  origin="lower", interpolation="nearest", aspect=_aspect(row, s.plane))
+        ax.set_title(f"{s.volume_id}\n{s.plane} {s.index}: {s.n_components} structures",
+                     fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _aspect(row, plane: str) -> float:
+    """Display aspect (row pixel height / column pixel width) of a canonical slice shown
+    transposed, so anisotropic voxels (3 mm slices beside 0.98 mm pixels) keep their shape."""
+    spacing = (row.spacing_x, row.spacing_y, row.spacing_z)
+    _, (a, b) = geometry.plane_axes(plane)
+    return float(spacing[b] / spacing[a])
+
+
+def anatomy_checks(components: pd.DataFrame) -> pd.DataFrame:
+    """Every fact of :data:`mislib.structures.TEXTBOOK_FACTS` whose two structures a volume
+    has, and every left structure against its right twin (``Left_X``/``Right_X``,
+    ``x_left``/``x_right``), checked on the world centroids: one row per (volume, fact) with
+    ``volume_id, fact, separation_mm`` (how far the first lies in the stated direction beyond
+    the second) and ``holds``."""
+    rows = []
+    axis_of = {"R": ("centroid_x", 1), "L": ("centroid_x", -1), "A": ("centroid_y", 1),
+               "P": ("centroid_y", -1), "S": ("centroid_z", 1), "I": ("centroid_z", -1)}
+    words = {"R": "right of", "L": "left of", "A": "anterior to", "P": "posterior to",
+             "S": "superior to", "I": "inferior to"}
+    for vid, table in components.groupby("volume_id", sort=True):
+        table = table.set_index("component")
+        twins = [(n, "L", "Right_" + n[5:]) for n in table.index if n.startswith("Left_")]
+        twins += [(n, "L", n[:-5] + "_right") for n in table.index if n.endswith("_left")]
+        for a, direction, b in (*structures.TEXTBOOK_FACTS, *twins):
+            if a in table.index and b in table.index:
+                column, sign = axis_of[direction]
+                gap = sign * float(table.loc[a, column] - table.loc[b, column])
+                rows.append({"volume_id": vid,
+                             "fact": f"{structures.readable_name(a)} {words[direction]} "
+                                     f"the {structures.readable_name(b)}",
+                             "separation_mm": round(gap, 1), "holds": gap > 0})
+    return pd.DataFrame(rows, columns=["volume_id", "fact", "separation_mm", "holds"])

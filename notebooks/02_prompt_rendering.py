@@ -35,7 +35,6 @@
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from mislib import render
@@ -93,32 +92,33 @@ per_render.groupby(["dims", "convention", "prompt", "background"]).size().unstac
 skipped.groupby(["action", "reason"]).size().rename("count").to_frame()
 
 # %% [markdown]
-# ## Contact sheet: one brain, three planes, two conventions, every prompt
+# ## Contact sheets: a brain MRI, a torso CT and a torso MR, every factor cell
 #
-# The three planes through the centre of the brain atlas's labels, rendered by the same
-# function the stage uses. Rows: plane × convention (the row label names the world
-# directions at the top and on the left). Columns: the scan without a prompt, the three
-# visual prompts on the scan, and the mask prompt on a blank background.
+# The three planes through the centre of each volume's labels, rendered by the same function
+# the stage uses: the brain atlas, the real abdominal CT and the real abdominal MR. Rows:
+# plane × convention (the row label names the world directions at the top and on the left).
+# Columns: the scan without a prompt, the three visual prompts on the scan, and the mask prompt
+# on a blank background.
 
 # %%
 volumes = pd.read_parquet(paths.prepared / "volumes.parquet")
-brain = volumes[volumes.source == "brain_atlas"]
-volume_id = (brain if len(brain) else volumes).volume_id.iloc[0]
-volume = render.load_prepared_volume(volume_id, percentiles=params["mri_window_percentiles"])
-centre = np.round(np.argwhere(volume.labels > 0).mean(axis=0)).astype(int)
-opts = render.RenderOptions(image_size=params["image_size"], max_labels=params["max_labels"],
-                            min_visible_area_mm2=params["min_visible_area_mm2"],
-                            seed=params["seed"])
-fig = render.contact_sheet(volume, centre, opts)
-for suffix in (".png", ".pdf"):
-    fig.savefig(figure_path("02_prompt_rendering", "contact_sheet", suffix=suffix), dpi=150)
-plt.show()
+sheets = {source: volumes[volumes.source == source].volume_id.iloc[0]
+          for source in ("brain_atlas", "torso_ct", "torso_mr")
+          if (volumes.source == source).any()} or {"first": volumes.volume_id.iloc[0]}
+for source, volume_id in sheets.items():
+    fig = render.contact_sheet_for(volume_id, params)
+    for suffix in (".png", ".pdf"):
+        fig.savefig(figure_path("02_prompt_rendering", f"contact_sheet_{source}",
+                                suffix=suffix), dpi=150)
+    plt.show()
 
 # %% [markdown]
-# In the standard axial view (first row) the patient's right hemisphere is on the image
-# left and anterior is up; the storage axial view (second row) puts the patient's right at
-# the top and anterior on the left. Letters are the same per structure across a row pair,
-# because they are shuffled per slice, not per cell.
+# In the standard axial view (first row) the patient's right is on the image left and
+# anterior is up — the liver on the image left in the CT and the MR; the storage axial view
+# (second row) puts the patient's right at the top and anterior on the left. Letters are the
+# same per structure across a row pair, because they are shuffled per slice, not per cell.
+# The CT is shown in the soft-tissue window whenever its labelled structures mix tissue
+# classes; the MR between percentiles of its foreground.
 #
 # ## A 3D stack
 #
@@ -140,6 +140,8 @@ if len(stacks):
 #
 # For every left/right twin of the brain atlas labelled on the same standard axial image,
 # the `Left_*` structure's pixel centroid lies to the right of its `Right_*` twin's.
+# (Structure names in questions are readable ones, `mislib.structures.readable_name`: "left
+# thalamus" for `Left_Thalamus_Proper`.)
 
 # %%
 axial = renders[(renders.plane == "axial") & (renders.convention == "standard")

@@ -320,6 +320,18 @@ def test_slices_list_small_structures_when_more_are_visible_than_the_cap():
     assert max(c["n_components"] for c in uncapped) == 7  # the axial slice shows them all
 
 
+def test_thin_slabs_are_sliced_only_across_their_thin_axis():
+    labels = np.zeros((60, 60, 6), np.int16)  # a 60 x 60 x 6 mm slab
+    for value, x in enumerate((10, 25, 40, 52), start=1):
+        labels[x - 4:x + 4, 10:50, :] = value
+    names = {v: f"s{v}" for v in range(1, 5)}
+    allowed = volumes.select_slices(labels, np.eye(4), names, 4, 1.0, seed=1)
+    assert {c["plane"] for c in allowed} - {"axial"}  # without the rule, strips are chosen
+    chosen = volumes.select_slices(labels, np.eye(4), names, 4, 1.0, seed=1,
+                                   min_plane_aspect=0.25)
+    assert chosen and {c["plane"] for c in chosen} == {"axial"}
+
+
 def test_label_map_stored_in_another_orientation_of_the_same_grid_is_accepted(tmp_path):
     image, labels = _two_blobs()
     affine = np.diag([-2.0, -2.0, 3.0, 1.0])  # LPS storage
