@@ -59,10 +59,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -93,16 +94,18 @@ PROMPTS = ("none", "mask", "box", "point")
 NO_PROMPT = "none"
 
 QUESTIONS_FILE = "questions.parquet"
+VALIDITY_FILE = "validity.parquet"
+LETTERS_FILE = "letters.parquet"  # stage 02's, read by the letters rule
 RENDER_COLUMNS = ("render_id", "volume_id", "slice_id", "plane", "convention", "dims",
                   "prompt", "background", "image_path", "n_frames", "letter", "component",
                   "centroid_col", "centroid_row", "frame_first", "frame_last",
-                  "visible_x", "visible_y", "visible_z")
+                  "centroid_frame", "visible_x", "visible_y", "visible_z")
 QUESTION_COLUMNS = (
     "question_id", "render_id", "volume_id", "slice_id", "source", "modality", "plane", "dims",
     "convention", "prompt", "background", "terminology", "form", "family", "ablation",
     "component_a", "component_b", "name_a", "name_b", "letter_a", "letter_b", "axis",
     "direction", "separation_mm", "text", "answer", "choices", "image_path", "n_frames",
-    "relation_id")
+    "answer_in_name", "relation_id")
 
 #: The positive world code of each world axis (0=x, 1=y, 2=z) and the axis' pair name.
 AXIS_CODES = ("R", "A", "S")
@@ -248,21 +251,61 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def display_statement(plane: str, convention: str, dims: str,
+                      laterality: str | None = None) -> str:
+    """The clause that states a view's display convention in patient terms.
+
+    With it a reader can turn screen positions into anatomical directions without seeing
+    the anatomy (the blank background), and anatomy into screen positions without seeing an
+    image (text-only colloquial questions). Terms follow :func:`anatomical_term`
+    (medial/lateral on a limb); the frame order is stated for a 3D stack. Callers put the
+    plane before it ("an axial slice ... shown in ...").
+
+    >>> display_statement("axial", "standard", "2d")
+    "in the standard display convention: up in the image is anterior, left in the image is the patient's right"
+    """
+    m = screen_mapping(plane, convention)
+
+    def patient(code: str) -> str:
+        term = anatomical_term(code, laterality)
+        return f"the patient's {term}" if term in ("left", "right") else term
+
+    text = (f"in the {convention} display convention: up in the image is {patient(m.up)}, "
+            f"left in the image is {patient(m.left)}")
+    if dims == "3d":
+        text += f", and frames run from {patient(OPPOSITE[m.frame])} to {patient(m.frame)}"
+    return text
+
+
 def _context(ablation: str, dims: str, desc: str, plane: str, terminology: str | None,
-             prompt: str | None = None) -> str:
+             prompt: str | None = None, convention: str | None = None,
+             laterality: str | None = None) -> str:
+    """The opening sentences of a question: what the input shows.
+
+    On the blank background nothing shows the anatomy, so anatomical questions there state
+    the plane and the display convention (:func:`display_statement`); text-only colloquial
+    questions state the standard convention they follow.
+    """
     if ablation == "text_only":
-        view = ""
-        if terminology == "colloquial":
-            view = (" shown as a video in the standard radiological frame order" if dims == "3d"
-                    else " shown in the standard radiological display")
         shape = "series of slices" if dims == "3d" else "slice"
-        return f"Consider {_article(plane)} {plane} {shape} of {_article(desc)} {desc}{view}."
+        text = f"Consider {_article(plane)} {plane} {shape} of {_article(desc)} {desc}"
+        if terminology == "colloquial":
+            view = "a video" if dims == "3d" else "an image"
+            text += (f", shown as {view} "
+                     + display_statement(plane, "standard", dims, laterality))
+        return text + "."
     if ablation == "blank":
         if dims == "3d":
-            return ("The video shows labelled structures, slice by slice, from "
+            text = ("The video shows labelled structures, slice by slice, from "
                     f"{_article(desc)} {desc} on an empty background.")
-        return (f"The image shows labelled structures from {_article(desc)} {desc} on an "
-                "empty background.")
+        else:
+            text = (f"The image shows labelled structures from {_article(desc)} {desc} on an "
+                    "empty background.")
+        if terminology == "anatomical":
+            shape = "series of slices" if dims == "3d" else "slice"
+            text += (f" It is {_article(plane)} {plane} {shape} shown "
+                     + display_statement(plane, convention, dims, laterality) + ".")
+        return text
     if prompt == NO_PROMPT:  # nothing is marked: the scan alone
         if dims == "3d":
             return f"The video shows consecutive slices of {_article(desc)} {desc}."
@@ -290,21 +333,160 @@ def _check_values(df: pd.DataFrame, column: str, allowed: Sequence[str], name: s
                          f"expected {list(allowed)}")
 
 
+class Label(NamedTuple):
+    """One structure on one render, as stage 02 drew it (a ``renders.parquet`` row).
+
+    ``col, row``: pixel centroid; ``frame_first, frame_last, centroid_frame``: its frames in
+    a 3D stack (None in 2D); ``xyz`` (3,): world centroid (mm) of what is visible.
+    """
+
+    letter: str | None
+    col: float
+    row: float
+    frame_first: float | None
+    frame_last: float | None
+    centroid_frame: float | None
+    xyz: np.ndarray
+
+
+class UnitKey(NamedTuple):
+    """A slice (``dims="2d"``) or stack (``"3d"``) of a volume: the renders that differ only
+    by convention, prompt and background."""
+
+    volume_id: str
+    dims: str
+    plane: str
+    slice_id: str
+
+
 @dataclass(frozen=True)
-class _Render:
+class View:
+    """One render as the generator sees it: its factor levels and its labelled structures."""
+
     render_id: str
-    unit: tuple
+    unit: UnitKey
     plane: str
     convention: str
     dims: str
     prompt: str
-    ablation: str
+    ablation: str  # "none" on the scan, "blank" on the empty background
     image_path: str
     n_frames: int
-    labels: dict  # component -> (letter, col, row, frame_first, frame_last, xyz)
+    labels: dict[str, Label]
 
 
-def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
+class Cell(NamedTuple):
+    """A factor cell a relation is asked in; text-only cells have no convention or prompt."""
+
+    ablation: str
+    convention: str | None
+    prompt: str | None
+
+
+class Relation(NamedTuple):
+    """Two structures of a unit and the world axis (0=x, 1=y, 2=z) they are compared on."""
+
+    unit: UnitKey
+    c1: str
+    c2: str
+    axis: int
+
+    def key(self) -> tuple:
+        """Plain tuples, whose repr (and so :func:`stable_hash`) is the same in every run."""
+        return (tuple(self.unit), self.c1, self.c2, self.axis)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit's renders and what the wording needs about its volume."""
+
+    key: UnitKey
+    source: str
+    modality: str
+    laterality: str | None
+    views: tuple[View, ...]
+
+    @property
+    def family(self) -> str:
+        return "relation_3d" if self.key.dims == "3d" else "relation_2d"
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """World axes asked: the through-plane axis of a stack, the in-plane ones of a slice."""
+        fixed, inplane = plane_axes(self.key.plane)
+        return (fixed,) if self.key.dims == "3d" else inplane
+
+    @property
+    def description(self) -> str:
+        return _volume_description(self.source, self.modality, self.laterality)
+
+    @property
+    def reference(self) -> View:
+        """The standard view on the scan: its visible areas are the intended ones."""
+        return min(self.views, key=lambda r: (r.convention != "standard", r.ablation != "none",
+                                              r.render_id))
+
+    def base(self) -> dict[str, Any]:
+        """The question columns every question of this unit shares."""
+        return {"volume_id": self.key.volume_id, "slice_id": self.key.slice_id or None,
+                "source": self.source, "modality": self.modality, "plane": self.key.plane,
+                "dims": self.key.dims}
+
+
+@dataclass(frozen=True)
+class QuestionParams:
+    """The ``[questions]`` stage parameters, validated (see ``mislib/profiles/demo.toml``)."""
+
+    margin: float
+    seed: Any
+    families: tuple[str, ...]
+    forms: tuple[str, ...]
+    terminologies: tuple[str, ...]
+    ablations: tuple[str, ...]
+    max_pairs: int | None
+    n_cells: int | None
+    n_terms: int | None
+    n_plane_cells: int | None
+    exclude_answer_in_name: bool
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> QuestionParams:
+        for key, allowed in (("families", FAMILIES), ("forms", FORMS),
+                             ("terminologies", TERMINOLOGIES), ("ablations", ABLATIONS)):
+            bad = sorted(set(params[key]) - set(allowed))
+            if bad:
+                raise ValueError(f"[questions] {key}: unknown values {bad}; "
+                                 f"expected {list(allowed)}")
+        exclude = params.get("exclude_answer_in_name", True)
+        if not isinstance(exclude, bool):
+            raise ValueError(f"[questions] exclude_answer_in_name must be true or false, "
+                             f"got {exclude!r}")
+        return cls(
+            margin=float(params["margin_mm"]), seed=params.get("seed", 0),
+            families=tuple(params["families"]), forms=tuple(params["forms"]),
+            terminologies=tuple(params["terminologies"]), ablations=tuple(params["ablations"]),
+            max_pairs=_option_spec(params["max_pairs_per_unit"], "max_pairs_per_unit"),
+            n_cells=_option_spec(params["cells_per_relation"], "cells_per_relation"),
+            n_terms=_option_spec(params["terminologies_per_relation"],
+                                 "terminologies_per_relation"),
+            n_plane_cells=_option_spec(params["plane_cells_per_unit"], "plane_cells_per_unit"),
+            exclude_answer_in_name=exclude)
+
+
+@dataclass
+class Usage:
+    """What has been asked so far, for least-used-first balancing across the benchmark."""
+
+    components: Counter = field(default_factory=Counter)
+    cells: Counter = field(default_factory=Counter)
+    terms: Counter = field(default_factory=Counter)
+    answers: Counter = field(default_factory=Counter)
+    false_planes: Counter = field(default_factory=Counter)
+    text_only_done: set = field(default_factory=set)
+
+
+def _index_renders(renders: pd.DataFrame) -> dict[str, View]:
+    """``renders.parquet`` as views by render id, after checking its columns and values."""
     _require(renders, RENDER_COLUMNS, "renders.parquet")
     _check_values(renders, "plane", PLANES, "renders.parquet")
     _check_values(renders, "convention", CONVENTIONS, "renders.parquet")
@@ -322,7 +504,7 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     if xyz.isna().any(axis=None):
         bad = renders.loc[xyz.isna().any(axis=1), "render_id"].astype(str).unique()[:5]
         raise ValueError(f"renders.parquet: missing visible_x/y/z in renders {list(bad)}")
-    out: dict[str, _Render] = {}
+    out: dict[str, View] = {}
     r = renders.sort_values(["render_id", "component"], kind="stable")
     # Plain Python lists: iterating Arrow-backed columns row by row is several times slower.
     c = {k: r[k].to_numpy(dtype=object).tolist() for k in RENDER_COLUMNS if k not in
@@ -330,24 +512,27 @@ def _index_renders(renders: pd.DataFrame) -> dict[str, _Render]:
     xyz = r[["visible_x", "visible_y", "visible_z"]].to_numpy(float)
     col = r["centroid_col"].to_numpy(float)
     row_px = r["centroid_row"].to_numpy(float)
+
+    def opt(value, kind):
+        return None if value is None or pd.isna(value) else kind(value)
+
     for i, rid in enumerate(c["render_id"]):
         rid = str(rid)
-        rend = out.get(rid)
-        if rend is None:
-            slice_id = c["slice_id"][i]
-            unit = (str(c["volume_id"][i]), str(c["dims"][i]), str(c["plane"][i]),
-                    "" if pd.isna(slice_id) else str(slice_id))
-            rend = _Render(rid, unit, str(c["plane"][i]), str(c["convention"][i]),
-                           str(c["dims"][i]), str(c["prompt"][i]),
-                           "blank" if c["background"][i] == "blank" else "none",
-                           str(c["image_path"][i]), int(c["n_frames"][i]), {})
-            out[rid] = rend
+        view = out.get(rid)
+        if view is None:
+            unit = UnitKey(str(c["volume_id"][i]), str(c["dims"][i]), str(c["plane"][i]),
+                           opt(c["slice_id"][i], str) or "")
+            view = View(rid, unit, str(c["plane"][i]), str(c["convention"][i]),
+                        str(c["dims"][i]), str(c["prompt"][i]),
+                        "blank" if c["background"][i] == "blank" else "none",
+                        str(c["image_path"][i]), int(c["n_frames"][i]), {})
+            out[rid] = view
         comp = str(c["component"][i])
-        if comp in rend.labels:
+        if comp in view.labels:
             raise ValueError(f"renders.parquet: render {rid} labels {comp!r} twice")
-        letter = c["letter"][i]  # null on a render without a visual prompt
-        rend.labels[comp] = (None if pd.isna(letter) else str(letter), col[i], row_px[i],
-                             c["frame_first"][i], c["frame_last"][i], xyz[i])
+        view.labels[comp] = Label(opt(c["letter"][i], str), col[i], row_px[i],
+                                  opt(c["frame_first"][i], float), opt(c["frame_last"][i], float),
+                                  opt(c["centroid_frame"][i], float), xyz[i])
     return out
 
 
@@ -381,6 +566,49 @@ def _pick_least_used(options: Sequence, usage: Mapping, k: int | None, seed: Any
 
 
 # ----------------------------------------------------------------------------------------
+# Names that give the answer away
+# ----------------------------------------------------------------------------------------
+
+#: Words of a structure's name that point along a world axis (0=x, 1=y, 2=z), as
+#: (words toward the positive code, words toward the negative one). On a limb the x axis is
+#: asked as medial/lateral, so those words count there instead of left/right.
+NAME_DIRECTION_WORDS = {
+    0: ({"right"}, {"left"}),
+    1: ({"anterior", "front", "ventral"}, {"posterior", "back", "dorsal"}),
+    2: ({"superior", "upper", "cranial"}, {"inferior", "lower", "caudal"}),
+}
+LIMB_DIRECTION_WORDS = ({"medial"}, {"lateral"})
+
+
+def names_decide(name_a: str, name_b: str, axis: int, laterality: str | None = None) -> bool:
+    """Whether two readable names alone settle where A lies from B along ``axis``.
+
+    True when the names carry opposite direction words for that axis ("left kidney" and
+    "right kidney" on x; "upper lobe" and "lower lobe" on z; "medial meniscus" and "lateral
+    meniscus" on a limb's x): a reader can answer from the names, whatever the image shows,
+    and under a known display convention in screen terms too.
+
+    >>> names_decide("left kidney", "right kidney", 0)
+    True
+    >>> names_decide("left kidney", "liver", 0)
+    False
+    """
+    words = NAME_DIRECTION_WORDS[axis]
+    if axis == 0 and laterality in ("left", "right"):
+        words = LIMB_DIRECTION_WORDS
+    a = set(re.findall(r"[a-z]+", str(name_a).lower()))
+    b = set(re.findall(r"[a-z]+", str(name_b).lower()))
+    pos, neg = words
+    return bool((a & pos and b & neg and not a & neg and not b & pos)
+                or (a & neg and b & pos and not a & pos and not b & neg))
+
+
+def names_shown(ablation: str) -> bool:
+    """Whether a question's text names its structures (the blank background uses letters)."""
+    return ablation != "blank"
+
+
+# ----------------------------------------------------------------------------------------
 # The generator
 # ----------------------------------------------------------------------------------------
 
@@ -405,207 +633,252 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
     DataFrame with the columns of :data:`QUESTION_COLUMNS`, sorted by volume, render and
     question id; the same inputs and parameters give the same table.
     """
-    margin = float(params["margin_mm"])
-    seed = params.get("seed", 0)
-    families = list(params["families"])
-    forms = list(params["forms"])
-    terminologies = list(params["terminologies"])
-    ablations = list(params["ablations"])
-    for key, allowed in (("families", FAMILIES), ("forms", FORMS),
-                         ("terminologies", TERMINOLOGIES), ("ablations", ABLATIONS)):
-        bad = sorted(set(params[key]) - set(allowed))
-        if bad:
-            raise ValueError(f"[questions] {key}: unknown values {bad}; expected {list(allowed)}")
-    max_pairs = _option_spec(params["max_pairs_per_unit"], "max_pairs_per_unit")
-    n_cells = _option_spec(params["cells_per_relation"], "cells_per_relation")
-    n_terms = _option_spec(params["terminologies_per_relation"], "terminologies_per_relation")
-    n_plane_cells = _option_spec(params["plane_cells_per_unit"], "plane_cells_per_unit")
-
+    p = QuestionParams.from_mapping(params)
     _require(volumes, ("volume_id", "source", "modality", "laterality"), "volumes.parquet")
     _require(components, ("volume_id", "component", "centroid_x", "centroid_y", "centroid_z"),
              "components.parquet")
-    vol_info = {str(v.volume_id): (str(v.source), str(v.modality),
-                                   None if pd.isna(v.laterality) else str(v.laterality))
-                for v in volumes.itertuples(index=False)}
     centroid3d = {(str(c.volume_id), str(c.component)):
                   np.array([c.centroid_x, c.centroid_y, c.centroid_z], float)
                   for c in components.itertuples(index=False)}
-
-    index = _index_renders(renders)
-    unknown = sorted({r.unit[0] for r in index.values()} - set(vol_info))
-    if unknown:
-        raise ValueError(f"renders.parquet: volumes {unknown[:5]} are not in volumes.parquet")
-    units: dict[tuple, list[_Render]] = defaultdict(list)
-    for rend in index.values():
-        units[rend.unit].append(rend)
-
+    units = _units(_index_renders(renders), volumes)
+    usage = Usage()
     rows: list[dict] = []
     mismatches: list[str] = []
-    comp_usage: Counter = Counter()
-    cell_usage: Counter = Counter()
-    term_usage: Counter = Counter()
-    answer_usage: Counter = Counter()
-    false_plane_usage: Counter = Counter()
-    text_only_done: set = set()
-
-    def emit(base: dict, family: str, form_rows: list[tuple]) -> None:
-        for form, direction, answer, choices, text in form_rows:
-            if form in forms:
-                rows.append({**base, "family": family, "form": form, "direction": direction,
-                             "answer": answer, "choices": choices, "text": text})
-
-    for ukey in tqdm(sorted(units), desc="questions", unit="unit", disable=not progress):
-        volume_id, dims, plane, slice_id = ukey
-        source, modality, laterality = vol_info[volume_id]
-        desc = _volume_description(source, modality, laterality)
-        rends = sorted(units[ukey], key=lambda r: r.render_id)
-        # The reference render gives the unit's centroids for choosing pairs: the standard
-        # view on the scan, where the renderer's visible areas are the intended ones.
-        ref = min(rends, key=lambda r: (r.convention != "standard", r.ablation != "none",
-                                        r.render_id))
-        fixed, inplane = plane_axes(plane)
-        family = "relation_3d" if dims == "3d" else "relation_2d"
-        axes = (fixed,) if dims == "3d" else inplane
-        unit_base = {"volume_id": volume_id, "slice_id": slice_id or None, "source": source,
-                     "modality": modality, "plane": plane, "dims": dims}
-
-        # ---- relations --------------------------------------------------------------------
-        if family in families:
-            comps = sorted({c for r in rends for c in r.labels})
-            labelled_with = defaultdict(set)
-            for r in rends:
-                for c in r.labels:
-                    labelled_with[c].update(r.labels)
-            candidates = []
-            for i, c1 in enumerate(comps):
-                for c2 in comps[i + 1:]:
-                    if c2 not in labelled_with[c1]:
-                        continue
-                    p1 = ref.labels[c1][5] if c1 in ref.labels else None
-                    p2 = ref.labels[c2][5] if c2 in ref.labels else None
-                    if p1 is None or p2 is None:
-                        src = next(r for r in rends if c1 in r.labels and c2 in r.labels)
-                        p1, p2 = src.labels[c1][5], src.labels[c2][5]
-                    ok = [a for a in axes if abs(p1[a] - p2[a]) >= margin]
-                    if ok:
-                        candidates.append(((c1, c2), ok))
-            chosen = []
-            remaining = list(candidates)
-            while remaining and (max_pairs is None or len(chosen) < max_pairs):
-                usage = {pc[0]: (comp_usage[pc[0][0]] + comp_usage[pc[0][1]],
-                                 max(comp_usage[pc[0][0]], comp_usage[pc[0][1]]))
-                         for pc in remaining}
-                pick = _pick_least_used([pc[0] for pc in remaining], usage, 1, (seed, ukey))[0]
-                best = next(pc for pc in remaining if pc[0] == pick)
-                remaining.remove(best)
-                chosen.append(best)
-                comp_usage.update(best[0])
-
-            for (c1, c2), rel_axes in chosen:
-                for axis in rel_axes:
-                    relation_key = (ukey, c1, c2, axis)
-                    cells: dict[tuple, _Render | None] = {}
-                    for r in rends:
-                        if r.ablation in ablations and c1 in r.labels and c2 in r.labels:
-                            cells.setdefault((r.ablation, r.convention, r.prompt), r)
-                    if "text_only" in ablations:
-                        tkey = (volume_id, family, plane, c1, c2, axis)
-                        g1 = centroid3d.get((volume_id, c1))
-                        g2 = centroid3d.get((volume_id, c2))
-                        if (tkey not in text_only_done and g1 is not None and g2 is not None
-                                and abs(g1[axis] - g2[axis]) >= margin):
-                            cells[("text_only", None, None)] = None
-                    cell_keys = sorted(cells, key=lambda k: tuple(str(x) for x in k))
-                    picked = _pick_least_used(
-                        cell_keys, Counter({k: cell_usage[(family, k)] for k in cell_keys}),
-                        n_cells, (seed, relation_key))
-                    for cell in picked:
-                        cell_usage[(family, cell)] += 1
-                        rend = cells[cell]
-                        ablation, convention, prompt = cell
-                        if rend is None:
-                            text_only_done.add((volume_id, family, plane, c1, c2, axis))
-                            g = {c1: centroid3d[(volume_id, c1)], c2: centroid3d[(volume_id, c2)]}
-                            mapping = screen_mapping(plane, "standard")
-                        else:
-                            g = {c: rend.labels[c][5] for c in (c1, c2)}
-                            mapping = screen_mapping(plane, convention)
-                        delta = g[c1][axis] - g[c2][axis]
-                        separation = abs(float(delta))
-                        if separation < margin:
-                            continue  # this render's visible parts are closer than the margin
-                        code = AXIS_CODES[axis] if delta > 0 else OPPOSITE[AXIS_CODES[axis]]
-                        # least used in this cell, then overall, so both stay balanced
-                        terms_here = _pick_least_used(
-                            [t for t in TERMINOLOGIES if t in terminologies],
-                            {t: (term_usage[(family, cell, t)], term_usage[(family, t)])
-                             for t in TERMINOLOGIES},
-                            n_terms, (seed, relation_key, cell))
-                        for terminology in terms_here:
-                            term_usage[(family, cell, terminology)] += 1
-                            term_usage[(family, terminology)] += 1
-                            if terminology == "anatomical":
-                                t1 = anatomical_term(code, laterality)  # c1 relative to c2
-                            else:
-                                t1 = colloquial_term(code, mapping)
-                                if rend is not None:
-                                    err = _check_screen(rend, c1, c2, code, mapping, t1)
-                                    if err:
-                                        mismatches.append(err)
-                                        continue
-                            pair = next(p for p in TERM_PAIRS if t1 in p)
-                            bal_key = (family, terminology, ablation, convention, pair)
-                            t2 = OPPOSITE_TERM[t1]
-                            # Choose A so that this cell's open answers stay balanced.
-                            if answer_usage[(bal_key, t1)] != answer_usage[(bal_key, t2)]:
-                                a_first = answer_usage[(bal_key, t1)] < answer_usage[(bal_key, t2)]
-                            else:
-                                a_first = stable_hash(seed, relation_key, cell,
-                                                      terminology) % 2 == 0
-                            a, b, truth = (c1, c2, t1) if a_first else (c2, c1, t2)
-                            answer_usage[(bal_key, truth)] += 1
-                            rows_base = _relation_base(
-                                unit_base, rend, ablation, convention, prompt, terminology,
-                                a, b, axis, separation, relation_key)
-                            emit(rows_base, family, _relation_forms(
-                                rows_base, family, terminology, truth, pair, desc, seed))
-
-        # ---- plane questions --------------------------------------------------------------
-        if "plane" in families and n_plane_cells != 0:
-            options = [r for r in rends if r.ablation in ablations]
-            keys = [(r.ablation, r.convention, r.prompt, r.render_id) for r in options]
-            usage = Counter({k: cell_usage[("plane", k[:3])] for k in keys})
-            for key in _pick_least_used(keys, usage, n_plane_cells, (seed, ukey, "plane")):
-                cell_usage[("plane", key[:3])] += 1
-                rend = index[key[3]]
-                others = [p for p in PLANES if p != plane]
-                wrong = min(others, key=lambda p: (false_plane_usage[(plane, p)],
-                                                   stable_hash(seed, rend.render_id, p)))
-                false_plane_usage[(plane, wrong)] += 1
-                base = {**unit_base, "render_id": rend.render_id, "convention": rend.convention,
-                        "prompt": rend.prompt,
-                        "background": "blank" if rend.ablation == "blank" else "scan",
-                        "ablation": rend.ablation, "terminology": None, "component_a": None,
-                        "component_b": None, "name_a": None, "name_b": None,
-                        "letter_a": None, "letter_b": None, "axis": None,
-                        "separation_mm": float("nan"), "image_path": rend.image_path,
-                        "n_frames": rend.n_frames,
-                        "relation_id": _short_id("p", rend.render_id)}
-                emit(base, "plane", _plane_forms(base, plane, wrong, desc, seed))
-
+    for unit in tqdm(units, desc="questions", unit="unit", disable=not progress):
+        if unit.family in p.families:
+            for (c1, c2), axes in _choose_pairs(unit, p, usage):
+                for axis in axes:
+                    rows += _ask_relation(Relation(unit.key, c1, c2, axis), unit, p, usage,
+                                          centroid3d, mismatches)
+        if "plane" in p.families and p.n_plane_cells != 0:
+            rows += _ask_plane(unit, p, usage)
     if mismatches:
         shown = "\n  ".join(mismatches[:8])
         raise GroundTruthMismatch(
             f"renders.parquet: {len(mismatches)} colloquial truths from the renderer's "
             f"centroids disagree with the screen mapping, e.g.\n  {shown}")
-    return _finish(rows)
+    return _finish([r for r in rows if r["form"] in p.forms])
+
+
+def _units(index: Mapping[str, View], volumes: pd.DataFrame) -> list[Unit]:
+    """The views grouped by unit (slice or stack), sorted, with their volume's description."""
+    info = {str(v.volume_id): (str(v.source), str(v.modality),
+                               None if pd.isna(v.laterality) else str(v.laterality))
+            for v in volumes.itertuples(index=False)}
+    unknown = sorted({v.unit.volume_id for v in index.values()} - set(info))
+    if unknown:
+        raise ValueError(f"renders.parquet: volumes {unknown[:5]} are not in volumes.parquet")
+    grouped: dict[UnitKey, list[View]] = defaultdict(list)
+    for view in index.values():
+        grouped[view.unit].append(view)
+    return [Unit(key, *info[key.volume_id],
+                 tuple(sorted(grouped[key], key=lambda v: v.render_id)))
+            for key in sorted(grouped)]
+
+
+def _choose_pairs(unit: Unit, p: QuestionParams, usage: Usage) -> list[tuple[tuple[str, str],
+                                                                             list[int]]]:
+    """Up to ``max_pairs`` structure pairs of a unit with the axes each can be asked on.
+
+    A pair qualifies when both structures are labelled together on some view and their
+    centroids (on the reference view, else on a view showing both) are at least the margin
+    apart along an axis. Pairs of the least-used structures go first (ties by a stable
+    hash), so structures are balanced across the benchmark.
+    """
+    comps = sorted({c for v in unit.views for c in v.labels})
+    together = defaultdict(set)
+    for v in unit.views:
+        for c in v.labels:
+            together[c].update(v.labels)
+    ref = unit.reference
+    candidates: list[tuple[tuple[str, str], list[int]]] = []
+    for i, c1 in enumerate(comps):
+        for c2 in comps[i + 1:]:
+            if c2 not in together[c1]:
+                continue
+            view = ref if c1 in ref.labels and c2 in ref.labels else next(
+                v for v in unit.views if c1 in v.labels and c2 in v.labels)
+            p1, p2 = view.labels[c1].xyz, view.labels[c2].xyz
+            ok = [a for a in unit.axes if abs(p1[a] - p2[a]) >= p.margin]
+            if ok:
+                candidates.append(((c1, c2), ok))
+    chosen = []
+    remaining = dict(candidates)
+    while remaining and (p.max_pairs is None or len(chosen) < p.max_pairs):
+        load = {pair: (usage.components[pair[0]] + usage.components[pair[1]],
+                       max(usage.components[pair[0]], usage.components[pair[1]]))
+                for pair in remaining}
+        pair = _pick_least_used(list(remaining), load, 1, (p.seed, tuple(unit.key)))[0]
+        chosen.append((pair, remaining.pop(pair)))
+        usage.components.update(pair)
+    return chosen
+
+
+def _relation_cells(rel: Relation, unit: Unit, p: QuestionParams, usage: Usage,
+                    centroid3d: Mapping) -> dict[Cell, View | None]:
+    """The factor cells a relation can be asked in: the first view of each (ablation,
+    convention, prompt) labelling both structures, plus a text-only cell (value None) when
+    the 3D centroids clear the margin and the relation was not asked text-only before.
+
+    With ``exclude_answer_in_name``, a pair whose names settle the answer keeps only the
+    cells whose text does not name them (the blank background).
+    """
+    decided = names_decide(display_name(rel.c1), display_name(rel.c2), rel.axis,
+                           unit.laterality)
+    cells: dict[Cell, View | None] = {}
+    for v in unit.views:
+        if v.ablation in p.ablations and rel.c1 in v.labels and rel.c2 in v.labels:
+            cells.setdefault(Cell(v.ablation, v.convention, v.prompt), v)
+    if "text_only" in p.ablations:
+        key = (unit.key.volume_id, unit.family, unit.key.plane, rel.c1, rel.c2, rel.axis)
+        g1 = centroid3d.get((unit.key.volume_id, rel.c1))
+        g2 = centroid3d.get((unit.key.volume_id, rel.c2))
+        if (key not in usage.text_only_done and g1 is not None and g2 is not None
+                and abs(g1[rel.axis] - g2[rel.axis]) >= p.margin):
+            cells[Cell("text_only", None, None)] = None
+    if decided and p.exclude_answer_in_name:
+        cells = {c: v for c, v in cells.items() if not names_shown(c.ablation)}
+    return cells
+
+
+def frame_order_agrees(view: View, c1: str, c2: str, code: str, mapping: ScreenMapping) -> bool:
+    """Whether a stack's frames show ``c1`` toward world direction ``code`` from ``c2``.
+
+    Both the structures' area-weighted mean frames and the midpoints of their frame ranges
+    must lie in the frame direction that ``code`` maps to; a curved or oblique structure
+    whose 3D centroid says one thing while its frames say another is not asked about.
+    """
+    axis, sign = screen_axis(code, mapping)
+    if axis != 2:
+        return False
+    l1, l2 = view.labels[c1], view.labels[c2]
+    if None in (l1.centroid_frame, l2.centroid_frame, l1.frame_first, l2.frame_first):
+        return False
+    mid1 = (l1.frame_first + l1.frame_last) / 2.0
+    mid2 = (l2.frame_first + l2.frame_last) / 2.0
+    return (np.sign(l1.centroid_frame - l2.centroid_frame) == sign
+            and np.sign(mid1 - mid2) == sign)
+
+
+def _ask_relation(rel: Relation, unit: Unit, p: QuestionParams, usage: Usage,
+                  centroid3d: Mapping, mismatches: list[str]) -> list[dict]:
+    """The questions of one relation: in each picked cell and terminology, three forms."""
+    family = unit.family
+    cells = _relation_cells(rel, unit, p, usage, centroid3d)
+    # plain tuples: the tie-breaking hash reads their repr
+    keys = sorted((tuple(k) for k in cells), key=lambda k: tuple(str(x) for x in k))
+    picked = _pick_least_used(keys, Counter({k: usage.cells[(family, k)] for k in keys}),
+                              p.n_cells, (p.seed, rel.key()))
+    rows: list[dict] = []
+    for cell in map(Cell._make, picked):
+        usage.cells[(family, cell)] += 1
+        view = cells[cell]
+        if view is None:
+            usage.text_only_done.add((unit.key.volume_id, family, unit.key.plane, rel.c1,
+                                      rel.c2, rel.axis))
+            g1 = centroid3d[(unit.key.volume_id, rel.c1)]
+            g2 = centroid3d[(unit.key.volume_id, rel.c2)]
+            mapping = screen_mapping(unit.key.plane, "standard")
+        else:
+            g1, g2 = view.labels[rel.c1].xyz, view.labels[rel.c2].xyz
+            mapping = screen_mapping(unit.key.plane, cell.convention)
+        delta = float(g1[rel.axis] - g2[rel.axis])
+        if abs(delta) < p.margin:
+            continue  # this view's visible parts are closer than the margin
+        code = AXIS_CODES[rel.axis] if delta > 0 else OPPOSITE[AXIS_CODES[rel.axis]]
+        if (view is not None and unit.key.dims == "3d"
+                and not frame_order_agrees(view, rel.c1, rel.c2, code, mapping)):
+            continue
+        terms = _pick_least_used(
+            [t for t in TERMINOLOGIES if t in p.terminologies],
+            {t: (usage.terms[(family, cell, t)], usage.terms[(family, t)])
+             for t in TERMINOLOGIES},
+            p.n_terms, (p.seed, rel.key(), tuple(cell)))
+        for terminology in terms:
+            usage.terms[(family, cell, terminology)] += 1
+            usage.terms[(family, terminology)] += 1
+            if terminology == "anatomical":
+                t1 = anatomical_term(code, unit.laterality)  # c1 relative to c2
+            else:
+                t1 = colloquial_term(code, mapping)
+                if view is not None:
+                    err = _check_screen(view, rel.c1, rel.c2, code, mapping, t1)
+                    if err:
+                        mismatches.append(err)
+                        continue
+            a, b, truth = _orient(rel, cell, terminology, t1, family, p.seed, usage)
+            base = _relation_base(unit, view, cell, terminology, a, b, rel.axis, abs(delta),
+                                  rel.key())
+            rows += _rows(base, family, _relation_forms(base, terminology, truth,
+                                                        _term_pair(truth), unit, p.seed))
+    return rows
+
+
+def _term_pair(term: str) -> tuple[str, str]:
+    return next(pair for pair in TERM_PAIRS if term in pair)
+
+
+def _orient(rel: Relation, cell: Cell, terminology: str, t1: str, family: str, seed: Any,
+            usage: Usage) -> tuple[str, str, str]:
+    """(A, B, truth): which structure is called A, so that the open answers of each factor
+    cell stay balanced across the two direction terms (ties by a stable hash)."""
+    key = (family, terminology, cell.ablation, cell.convention, _term_pair(t1))
+    t2 = OPPOSITE_TERM[t1]
+    if usage.answers[(key, t1)] != usage.answers[(key, t2)]:
+        a_first = usage.answers[(key, t1)] < usage.answers[(key, t2)]
+    else:
+        a_first = stable_hash(seed, rel.key(), tuple(cell), terminology) % 2 == 0
+    a, b, truth = (rel.c1, rel.c2, t1) if a_first else (rel.c2, rel.c1, t2)
+    usage.answers[(key, truth)] += 1
+    return a, b, truth
+
+
+def _ask_plane(unit: Unit, p: QuestionParams, usage: Usage) -> list[dict]:
+    """``plane`` questions on ``n_plane_cells`` renders of a unit, least-used cells first.
+
+    Never on the blank background: a box or a dot on an empty canvas cannot show the plane.
+    """
+    options = [v for v in unit.views if v.ablation in p.ablations and v.ablation != "blank"]
+    keys = [(v.ablation, v.convention, v.prompt, v.render_id) for v in options]
+    load = Counter({k: usage.cells[("plane", k[:3])] for k in keys})
+    by_id = {v.render_id: v for v in options}
+    plane = unit.key.plane
+    rows: list[dict] = []
+    for key in _pick_least_used(keys, load, p.n_plane_cells, (p.seed, tuple(unit.key),
+                                                               "plane")):
+        usage.cells[("plane", key[:3])] += 1
+        view = by_id[key[3]]
+        others = [q for q in PLANES if q != plane]
+        wrong = min(others, key=lambda q: (usage.false_planes[(plane, q)],
+                                                   stable_hash(p.seed, view.render_id, q)))
+        usage.false_planes[(plane, wrong)] += 1
+        base = {**unit.base(), "render_id": view.render_id, "convention": view.convention,
+                "prompt": view.prompt, "background": _background(view.ablation),
+                "ablation": view.ablation, "terminology": None, "component_a": None,
+                "component_b": None, "name_a": None, "name_b": None, "letter_a": None,
+                "letter_b": None, "axis": None, "separation_mm": float("nan"),
+                "image_path": view.image_path, "n_frames": view.n_frames,
+                "answer_in_name": False, "relation_id": _short_id("p", view.render_id)}
+        rows += _rows(base, "plane", _plane_forms(base, plane, wrong, unit.description,
+                                                  p.seed))
+    return rows
+
+
+def _background(ablation: str) -> str:
+    return "blank" if ablation == "blank" else "scan"
+
+
+def _rows(base: dict, family: str, forms: list[tuple]) -> list[dict]:
+    return [{**base, "family": family, "form": form, "direction": direction, "answer": answer,
+             "choices": choices, "text": text}
+            for form, direction, answer, choices, text in forms]
 
 
 def _short_id(prefix: str, *parts: Any) -> str:
     return f"{prefix}{stable_hash(*parts):016x}"
 
 
-def _check_screen(rend: _Render, c1: str, c2: str, code: str, mapping: ScreenMapping,
+def _check_screen(view: View, c1: str, c2: str, code: str, mapping: ScreenMapping,
                   expected: str) -> str | None:
     """Check the renderer's pixel centroids (2D) or frame ranges (3D) against the mapping.
 
@@ -614,43 +887,45 @@ def _check_screen(rend: _Render, c1: str, c2: str, code: str, mapping: ScreenMap
     not overlap can contradict the order.
     """
     axis, sign = screen_axis(code, mapping)
-    l1, l2 = rend.labels[c1], rend.labels[c2]
-    if rend.dims == "2d":
+    l1, l2 = view.labels[c1], view.labels[c2]
+    if view.dims == "2d":
         if axis == 2:
-            return f"{rend.render_id}: in-plane axis maps to the frame order"
-        d = (l1[1] - l2[1]) if axis == 0 else (l1[2] - l2[2])
+            return f"{view.render_id}: in-plane axis maps to the frame order"
+        d = (l1.col - l2.col) if axis == 0 else (l1.row - l2.row)
         if np.sign(d) != sign:
             what = ("centroid_col", "centroid_row")[axis]
-            return (f"{rend.render_id}: {c1} vs {c2}: {what} difference {d:+.1f} px, "
+            return (f"{view.render_id}: {c1} vs {c2}: {what} difference {d:+.1f} px, "
                     f"mapping says {expected}")
         return None
-    f1, l1_last, f2, l2_last = l1[3], l1[4], l2[3], l2[4]
-    if any(pd.isna(v) for v in (f1, l1_last, f2, l2_last)):
+    if None in (l1.frame_first, l1.frame_last, l2.frame_first, l2.frame_last):
         return None
-    if sign > 0 and l1_last < f2 or sign < 0 and f1 > l2_last:
-        return (f"{rend.render_id}: {c1} frames {f1}-{l1_last}, {c2} frames {f2}-{l2_last}, "
-                f"mapping says {expected}")
+    if (sign > 0 and l1.frame_last < l2.frame_first
+            or sign < 0 and l1.frame_first > l2.frame_last):
+        return (f"{view.render_id}: {c1} frames {l1.frame_first}-{l1.frame_last}, {c2} frames "
+                f"{l2.frame_first}-{l2.frame_last}, mapping says {expected}")
     return None
 
 
-def _relation_base(unit_base: dict, rend: _Render | None, ablation: str, convention,
-                   prompt, terminology: str, a: str, b: str, axis: int, separation: float,
-                   relation_key: tuple) -> dict:
-    text_only = rend is None
+def _relation_base(unit: Unit, view: View | None, cell: Cell, terminology: str, a: str, b: str,
+                   axis: int, separation: float, relation_key: tuple) -> dict:
+    text_only = view is None
+    lettered = not text_only and view.prompt != NO_PROMPT
+    name_a, name_b = display_name(a), display_name(b)
     return {
-        **unit_base,
-        "render_id": None if text_only else rend.render_id,
-        "convention": None if text_only else convention,
-        "prompt": None if text_only else prompt,
-        "background": None if text_only else ("blank" if ablation == "blank" else "scan"),
-        "ablation": ablation, "terminology": terminology,
-        "component_a": a, "component_b": b, "name_a": display_name(a), "name_b": display_name(b),
-        "letter_a": None if text_only or prompt == NO_PROMPT else rend.labels[a][0],
-        "letter_b": None if text_only or prompt == NO_PROMPT else rend.labels[b][0],
+        **unit.base(),
+        "render_id": None if text_only else view.render_id,
+        "convention": cell.convention, "prompt": cell.prompt,
+        "background": None if text_only else _background(cell.ablation),
+        "ablation": cell.ablation, "terminology": terminology,
+        "component_a": a, "component_b": b, "name_a": name_a, "name_b": name_b,
+        "letter_a": view.labels[a].letter if lettered else None,
+        "letter_b": view.labels[b].letter if lettered else None,
         "axis": AXIS_NAMES[axis], "separation_mm": round(separation, 3),
-        "image_path": None if text_only else rend.image_path,
-        "n_frames": 0 if text_only else rend.n_frames,
-        "relation_id": _short_id("r", relation_key, rend.render_id if rend else None,
+        "image_path": None if text_only else view.image_path,
+        "n_frames": 0 if text_only else view.n_frames,
+        "answer_in_name": bool(names_shown(cell.ablation)
+                               and names_decide(name_a, name_b, axis, unit.laterality)),
+        "relation_id": _short_id("r", relation_key, None if text_only else view.render_id,
                                  terminology, sorted((a, b))),
     }
 
@@ -664,11 +939,12 @@ def _reference(base: dict, side: str) -> str:
     return f"the {name} ({letter})"
 
 
-def _relation_forms(base: dict, family: str, terminology: str, truth: str,
-                    pair: tuple[str, str], desc: str, seed: Any) -> list[tuple]:
+def _relation_forms(base: dict, terminology: str, truth: str, pair: tuple[str, str],
+                    unit: Unit, seed: Any) -> list[tuple]:
+    """(form, direction, answer, choices, text) of the three forms of one relation."""
     a, b = _reference(base, "a"), _reference(base, "b")
-    context = _context(base["ablation"], base["dims"], desc, base["plane"], terminology,
-                       base["prompt"])
+    context = _context(base["ablation"], base["dims"], unit.description, base["plane"],
+                       terminology, base["prompt"], base["convention"], unit.laterality)
     frame = _frame_hint(terminology, base["dims"])
     key = (seed, base["relation_id"])
     order = list(pair) if stable_hash(key, "order") % 2 == 0 else list(pair)[::-1]
@@ -709,7 +985,7 @@ def _finish(rows: list[dict]) -> pd.DataFrame:
     """The question table: ids from content, fixed column order and dtypes, sorted."""
     if not rows:
         df = pd.DataFrame({c: pd.Series(dtype=object) for c in QUESTION_COLUMNS})
-        return df.astype({"separation_mm": float, "n_frames": "int64"})
+        return df.astype({"separation_mm": float, "n_frames": "int64", "answer_in_name": bool})
     content = ("render_id", "volume_id", "slice_id", "family", "form", "terminology",
                "ablation", "component_a", "component_b", "letter_a", "letter_b", "axis",
                "direction", "answer", "choices", "text")
@@ -725,6 +1001,7 @@ def _finish(rows: list[dict]) -> pd.DataFrame:
             df[col] = df[col].astype(object).where(df[col].notna(), None)
     df["separation_mm"] = df["separation_mm"].astype(float)
     df["n_frames"] = df["n_frames"].astype("int64")
+    df["answer_in_name"] = df["answer_in_name"].astype(bool)
     df = df.sort_values(["volume_id", "render_id", "relation_id", "question_id"],
                         na_position="last", kind="stable").reset_index(drop=True)
     return df
@@ -749,30 +1026,48 @@ def load_inputs(root: str | os.PathLike | None = None
 
 def generate(profile: str = "demo", root: str | os.PathLike | None = None, force: bool = False,
              **overrides: Any) -> pd.DataFrame:
-    """Write ``benchmark/questions.parquet`` for a profile; return the question table.
+    """Write ``benchmark/questions.parquet`` and ``validity.parquet``; return the questions.
 
-    Skips the work (and reads the file back) when the stage stamp matches the parameters
-    and the input files, unless ``force``. ``overrides`` replace single ``[questions]``
-    keys (``None`` keeps the profile's value).
+    ``validity.parquet`` is :func:`mislib.validity.validity_report` of the new questions
+    (with stage 02's ``letters.parquet`` when present): one row per validity rule with the
+    questions (or letters) checked and the violations found. Skips the work (and reads the
+    questions back) when the stage stamp matches the parameters and the input files, unless
+    ``force``. ``overrides`` replace single ``[questions]`` keys (``None`` keeps the
+    profile's value).
     """
+    from mislib.validity import validity_report
+
     paths = project_paths(root)
     params = stage_params(profile, "questions", **overrides)
     out_dir = paths.benchmark
     renders, volumes, components = load_inputs(root)
+    letters_path = out_dir / LETTERS_FILE
     stamp_params = {**params, "inputs": {
         "renders": file_digest(out_dir / "renders.parquet"),
+        "letters": file_digest(letters_path) if letters_path.is_file() else None,
         "volumes": file_digest(paths.prepared / "volumes.parquet"),
         "components": file_digest(paths.prepared / "components.parquet")}}
     target = out_dir / QUESTIONS_FILE
-    if not force and is_fresh(out_dir, "questions", stamp_params, [QUESTIONS_FILE]):
+    outputs = [QUESTIONS_FILE, VALIDITY_FILE]
+    if not force and is_fresh(out_dir, "questions", stamp_params, outputs):
         log.info("questions: fresh for this configuration, reading %s", target)
         return pd.read_parquet(target)
     questions = build_questions(renders, volumes, components, params)
+    report = validity_report(
+        questions, renders, components, volumes,
+        letters=pd.read_parquet(letters_path) if letters_path.is_file() else None,
+        margin_mm=float(params["margin_mm"]),
+        exclude_answer_in_name=bool(params.get("exclude_answer_in_name", True)))
+    broken = report[report["violations"] > 0]
+    if len(broken):
+        log.warning("questions: validity rules violated: %s",
+                    dict(zip(broken["rule"], broken["violations"], strict=True)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".parquet.tmp")
-    questions.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
-    os.replace(tmp, target)
-    write_stamp(out_dir, "questions", stamp_params, [QUESTIONS_FILE])
+    for frame, name in ((questions, QUESTIONS_FILE), (report, VALIDITY_FILE)):
+        tmp = (out_dir / name).with_suffix(".parquet.tmp")
+        frame.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
+        os.replace(tmp, out_dir / name)
+    write_stamp(out_dir, "questions", stamp_params, outputs)
     return questions
 
 

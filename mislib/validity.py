@@ -13,8 +13,14 @@ looked at and a DataFrame of the offending rows (empty when the rule holds).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
+
+from mislib.geometry import AXIS_VECTORS, OPPOSITE, screen_mapping
 
 
 def check_letters_on_marks(letters: pd.DataFrame) -> tuple[int, pd.DataFrame]:
@@ -50,3 +56,344 @@ def check_letters_on_marks(letters: pd.DataFrame) -> tuple[int, pd.DataFrame]:
             bad.append({**row, "own_px": float(own[i]), "other_px": float(other[i]),
                         "nearer": group["letter"].iloc[nearest[i]]})
     return len(letters), pd.DataFrame(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# Questions: answerable from their input
+# ---------------------------------------------------------------------------------------
+
+#: The checker's own vocabulary (written apart from mislib.questions on purpose).
+_ANATOMICAL_ONLY = {"superior", "inferior", "anterior", "posterior", "medial", "lateral"}
+_SCREEN_ONLY = {"above", "below", "earlier", "later"}
+_PATIENT_TERM = {"R": "right", "L": "left", "A": "anterior", "P": "posterior",
+                 "S": "superior", "I": "inferior"}
+_STATEMENT = re.compile(
+    r"\b(axial|coronal|sagittal) (?:slice|series of slices)\b[^.]*?\bin the (standard|storage) "
+    r"display convention: up in the image is (?:the patient's )?(\w+), left in the image is "
+    r"(?:the patient's )?(\w+)(?:, and frames run from (?:the patient's )?(\w+) to "
+    r"(?:the patient's )?(\w+))?\.")
+
+
+def _patient_term(code: str, laterality: str | None) -> str:
+    if code in ("R", "L") and laterality in ("left", "right"):
+        return "lateral" if code == laterality[0].upper() else "medial"
+    return _PATIENT_TERM[code]
+
+
+def asks_anatomical(row: Mapping[str, Any]) -> bool:
+    """Whether a relation question asks patient-relative directions, read from its wording.
+
+    Superior/inferior, anterior/posterior and medial/lateral are anatomical; above/below and
+    earlier/later are screen terms; left/right are anatomical when the text asks for the
+    patient's directions.
+    """
+    words = {str(row["direction"]), *map(str, row["choices"])}
+    if words & _ANATOMICAL_ONLY:
+        return True
+    if words & _SCREEN_ONLY:
+        return False
+    return "anatomical directions" in str(row["text"])
+
+
+def states_display(row: Mapping[str, Any], convention: str,
+                   laterality: str | None = None) -> bool:
+    """Whether the text states the view's plane and ``convention`` correctly.
+
+    The statement must name the question's plane and the convention and give, in patient
+    terms, what lies up and to the left in the image (and the frame order of a stack) as
+    :func:`mislib.geometry.screen_mapping` defines them.
+    """
+    found = _STATEMENT.search(str(row["text"]))
+    if found is None:
+        return False
+    plane, conv, up, left, back, front = found.groups()
+    if plane != row["plane"] or conv != convention:
+        return False
+    m = screen_mapping(plane, conv)
+    if (up, left) != (_patient_term(OPPOSITE[m.down], laterality),
+                      _patient_term(OPPOSITE[m.right], laterality)):
+        return False
+    if row["dims"] == "3d":
+        return (back, front) == (_patient_term(OPPOSITE[m.frame], laterality),
+                                 _patient_term(m.frame, laterality))
+    return True
+
+
+def _laterality(volumes: pd.DataFrame | None) -> dict[str, str | None]:
+    if volumes is None or "laterality" not in volumes.columns:
+        return {}
+    return {str(v): (None if pd.isna(s) else str(s))
+            for v, s in zip(volumes["volume_id"], volumes["laterality"], strict=True)}
+
+
+def _render_background(renders: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(renders["render_id"].astype(str), renders["background"].astype(str),
+                    strict=False))
+
+
+def check_blank_terms(questions: pd.DataFrame, renders: pd.DataFrame,
+                      volumes: pd.DataFrame | None = None) -> tuple[int, pd.DataFrame]:
+    """On the blank background, anatomical terms only when the text states plane and
+    convention: nothing else in the input says which way is anterior.
+
+    The background is read from ``renders.parquet`` (what the image shows), not from the
+    question's own column.
+    """
+    background = _render_background(renders)
+    side = _laterality(volumes)
+    rel = questions[(questions["family"] != "plane") & questions["render_id"].notna()]
+    blank = rel[rel["render_id"].map(background) == "blank"]
+    bad = [i for i, row in blank.iterrows()
+           if asks_anatomical(row)
+           and not states_display(row, row["convention"], side.get(row["volume_id"]))]
+    return len(blank), blank.loc[bad]
+
+
+def check_no_plane_on_blank(questions: pd.DataFrame,
+                            renders: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """No plane-naming question on the blank background, where a box or a dot cannot show
+    the plane."""
+    background = _render_background(renders)
+    plane = questions[questions["family"] == "plane"]
+    return len(plane), plane[plane["render_id"].map(background) == "blank"]
+
+
+def check_text_only(questions: pd.DataFrame,
+                    volumes: pd.DataFrame | None = None) -> tuple[int, pd.DataFrame]:
+    """Text-only questions have no image, and ask anatomical directions (answerable from
+    anatomical knowledge) or screen terms under a stated standard display convention."""
+    side = _laterality(volumes)
+    text = questions[questions["render_id"].isna() & (questions["family"] != "plane")]
+    bad = []
+    for i, row in text.iterrows():
+        has_image = not pd.isna(row["image_path"]) or int(row["n_frames"]) != 0
+        if has_image or (not asks_anatomical(row)
+                         and not states_display(row, "standard", side.get(row["volume_id"]))):
+            bad.append(i)
+    return len(text), text.loc[bad]
+
+
+# ---------------------------------------------------------------------------------------
+# Questions: names that give the answer away
+# ---------------------------------------------------------------------------------------
+
+_NAME_PAIRS = {"R/L": [("left", "right")],
+               "A/P": [("anterior", "posterior"), ("front", "back"), ("ventral", "dorsal")],
+               "S/I": [("superior", "inferior"), ("upper", "lower"), ("cranial", "caudal")]}
+
+
+def names_give_answer(row: Mapping[str, Any], laterality: str | None = None) -> bool:
+    """Whether the question's text names both structures and their names carry opposite
+    words along the asked axis (left/right twins; medial/lateral on a limb; upper/lower,
+    superior/inferior, anterior/posterior), so the names alone settle the answer."""
+    if row["family"] == "plane" or pd.isna(row["name_a"]) or pd.isna(row["name_b"]):
+        return False
+    text = str(row["text"])
+    if str(row["name_a"]) not in text or str(row["name_b"]) not in text:
+        return False
+    a = set(re.findall(r"[a-z]+", str(row["name_a"]).lower()))
+    b = set(re.findall(r"[a-z]+", str(row["name_b"]).lower()))
+    pairs = _NAME_PAIRS[str(row["axis"])]
+    if row["axis"] == "R/L" and laterality in ("left", "right"):
+        pairs = [("medial", "lateral")]
+    for one, other in pairs:
+        if (one in a and other in b and other not in a and one not in b) or \
+                (other in a and one in b and one not in a and other not in b):
+            return True
+    return False
+
+
+def check_answer_in_name(questions: pd.DataFrame, volumes: pd.DataFrame | None = None,
+                         excluded: bool = True) -> dict[str, tuple[int, pd.DataFrame]]:
+    """Two rules on answer-in-name questions, derived from the text and names.
+
+    ``answer_in_name_flag``: the ``answer_in_name`` column agrees with
+    :func:`names_give_answer`. ``answer_in_name_excluded`` (with ``excluded``, the
+    profiles' default): no question whose names give the answer is left.
+    """
+    side = _laterality(volumes)
+    derived = pd.Series([names_give_answer(row, side.get(row["volume_id"]))
+                         for _, row in questions.iterrows()], index=questions.index, dtype=bool)
+    flag = questions["answer_in_name"].astype(bool) if "answer_in_name" in questions else \
+        pd.Series(False, index=questions.index)
+    out = {"answer_in_name_flag": (len(questions), questions[derived != flag])}
+    if excluded:
+        out["answer_in_name_excluded"] = (len(questions), questions[derived])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Questions: ground truth re-derived from the geometry
+# ---------------------------------------------------------------------------------------
+
+def _labels(renders: pd.DataFrame) -> dict[tuple[str, str], dict[str, Any]]:
+    cols = ["render_id", "component", "centroid_col", "centroid_row", "frame_first",
+            "frame_last", "centroid_frame", "visible_x", "visible_y", "visible_z"]
+    have = [c for c in cols if c in renders.columns]
+    return {(str(r["render_id"]), str(r["component"])): r
+            for r in renders[have].to_dict("records")}
+
+
+def check_frame_order(questions: pd.DataFrame, renders: pd.DataFrame) -> tuple[int, pd.DataFrame]:
+    """3D relations are asked only when the frame order agrees with the 3D centroids.
+
+    For each stack question, both the area-weighted mean frames and the midpoints of the
+    frame ranges of A and B must order the two as the 3D centroids do along the frame
+    direction of the stack's (plane, convention).
+    """
+    labels = _labels(renders)
+    stack = questions[(questions["family"] == "relation_3d") & questions["render_id"].notna()]
+    bad = []
+    for i, row in stack.iterrows():
+        la = labels.get((row["render_id"], row["component_a"]))
+        lb = labels.get((row["render_id"], row["component_b"]))
+        if la is None or lb is None:
+            bad.append(i)
+            continue
+        frame = AXIS_VECTORS[screen_mapping(row["plane"], row["convention"]).frame]
+        xyz = np.array([la[f"visible_{k}"] - lb[f"visible_{k}"] for k in "xyz"], float)
+        want = np.sign(xyz @ frame)
+        by_mean = np.sign(float(la["centroid_frame"]) - float(lb["centroid_frame"]))
+        by_mid = np.sign((la["frame_first"] + la["frame_last"])
+                         - (lb["frame_first"] + lb["frame_last"]))
+        if want == 0 or by_mean != want or by_mid != want:
+            bad.append(i)
+    return len(stack), stack.loc[bad]
+
+
+_AXIS_OF = {"R/L": 0, "A/P": 1, "S/I": 2}
+_CODES = ("R", "A", "S")
+
+
+def _truth(row: Mapping[str, Any], labels, centroids, laterality) -> tuple[str, float] | None:
+    """(term for A relative to B, separation mm) re-derived from the tables, or None."""
+    axis = _AXIS_OF[str(row["axis"])]
+    anatomical = asks_anatomical(row)
+    if pd.isna(row["render_id"]):
+        ga = centroids.get((row["volume_id"], row["component_a"]))
+        gb = centroids.get((row["volume_id"], row["component_b"]))
+        if ga is None or gb is None:
+            return None
+        delta = ga - gb
+        convention = "standard"
+        la = lb = None
+    else:
+        la = labels.get((row["render_id"], row["component_a"]))
+        lb = labels.get((row["render_id"], row["component_b"]))
+        if la is None or lb is None:
+            return None
+        delta = np.array([la[f"visible_{k}"] - lb[f"visible_{k}"] for k in "xyz"], float)
+        convention = row["convention"]
+    code = _CODES[axis] if delta[axis] > 0 else OPPOSITE[_CODES[axis]]
+    separation = abs(float(delta[axis]))
+    if anatomical:
+        return _patient_term(code, laterality), separation
+    m = screen_mapping(row["plane"], convention)
+    if code in (m.right, OPPOSITE[m.right]):
+        if la is not None:  # where the renderer drew them
+            return ("right" if la["centroid_col"] > lb["centroid_col"] else "left"), separation
+        return ("right" if code == m.right else "left"), separation
+    if code in (m.down, OPPOSITE[m.down]):
+        if la is not None:
+            return ("below" if la["centroid_row"] > lb["centroid_row"] else "above"), separation
+        return ("below" if code == m.down else "above"), separation
+    if la is not None:
+        return ("later" if la["centroid_frame"] > lb["centroid_frame"] else "earlier"), \
+            separation
+    return ("later" if code == m.frame else "earlier"), separation
+
+
+_OPPOSITE_TERM = {"superior": "inferior", "anterior": "posterior", "left": "right",
+                  "medial": "lateral", "above": "below", "earlier": "later"}
+_OPPOSITE_TERM.update({v: k for k, v in list(_OPPOSITE_TERM.items())})
+
+
+def check_ground_truth(questions: pd.DataFrame, renders: pd.DataFrame,
+                       components: pd.DataFrame, volumes: pd.DataFrame | None = None,
+                       margin_mm: float = 0.0) -> dict[str, tuple[int, pd.DataFrame]]:
+    """Every answer re-derived from the geometry, and every relation clear of the margin.
+
+    Relations: anatomical terms from the world centroids (visible ones on a render, 3D ones
+    text-only), screen terms from the renderer's pixel centroids and mean frames (text-only:
+    the standard mapping); the open answer must be that term, ``closed_true`` must state it
+    and ``closed_false`` its opposite. Plane questions: the open answer is the render's plane.
+    Returns ``{"ground_truth": ..., "margin": ...}``.
+    """
+    labels = _labels(renders)
+    centroids = {(str(c["volume_id"]), str(c["component"])):
+                 np.array([c["centroid_x"], c["centroid_y"], c["centroid_z"]], float)
+                 for c in components.to_dict("records")}
+    plane_of = dict(zip(renders["render_id"].astype(str), renders["plane"].astype(str),
+                        strict=False))
+    side = _laterality(volumes)
+    wrong, close = [], []
+    rel_count = 0
+    for i, row in questions.iterrows():
+        if row["family"] == "plane":
+            truth = plane_of.get(str(row["render_id"]))
+            sep = None
+        else:
+            rel_count += 1
+            got = _truth(row, labels, centroids, side.get(row["volume_id"]))
+            truth, sep = (None, None) if got is None else got
+            if sep is not None and sep < margin_mm:
+                close.append(i)
+        if truth is None:
+            wrong.append(i)
+            continue
+        form, answer, direction = row["form"], str(row["answer"]), str(row["direction"])
+        ok = ((form == "open" and answer == truth and direction == truth)
+              or (form == "closed_true" and answer == "True" and direction == truth)
+              or (form == "closed_false" and answer == "False" and direction != truth
+                  and (row["family"] == "plane" or direction == _OPPOSITE_TERM.get(truth))))
+        if not ok:
+            wrong.append(i)
+    return {"ground_truth": (len(questions), questions.loc[wrong]),
+            "margin": (rel_count, questions.loc[close])}
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------
+
+RULES = {
+    "letters_on_marks": "every letter is nearer its own mark's anchor than any other "
+                        "structure's, on every frame of every render",
+    "blank_terms": "on the blank background, anatomical terms only when the text states the "
+                   "plane and the display convention",
+    "no_plane_on_blank": "no plane-naming question on the blank background",
+    "text_only": "text-only questions: no image; anatomical terms, or screen terms under the "
+                 "stated standard convention",
+    "answer_in_name_flag": "answer_in_name marks exactly the questions whose names settle "
+                           "the answer",
+    "answer_in_name_excluded": "no question whose names settle the answer (the profile "
+                               "excludes them)",
+    "frame_order_3d": "3D relations only where frame order and 3D centroids agree",
+    "ground_truth": "every answer re-derived from the geometry",
+    "margin": "every relation at least margin_mm apart along its axis",
+}
+VALIDITY_COLUMNS = ["rule", "checked", "violations", "description"]
+
+
+def validity_report(questions: pd.DataFrame, renders: pd.DataFrame,
+                    components: pd.DataFrame, volumes: pd.DataFrame | None = None,
+                    letters: pd.DataFrame | None = None, margin_mm: float = 0.0,
+                    exclude_answer_in_name: bool = True) -> pd.DataFrame:
+    """All validity rules as one table: ``rule, checked, violations, description``.
+
+    ``letters`` is stage 02's ``letters.parquet`` (None: the letters rule reports 0 checked).
+    The report of the demo benchmark has 0 violations; a nonzero count names a defect of the
+    generator, to be fixed rather than filtered.
+    """
+    results: dict[str, tuple[int, pd.DataFrame]] = {}
+    results["letters_on_marks"] = (check_letters_on_marks(letters) if letters is not None
+                                   else (0, pd.DataFrame()))
+    results["blank_terms"] = check_blank_terms(questions, renders, volumes)
+    results["no_plane_on_blank"] = check_no_plane_on_blank(questions, renders)
+    results["text_only"] = check_text_only(questions, volumes)
+    results.update(check_answer_in_name(questions, volumes, exclude_answer_in_name))
+    results["frame_order_3d"] = check_frame_order(questions, renders)
+    results.update(check_ground_truth(questions, renders, components, volumes, margin_mm))
+    return pd.DataFrame([{"rule": rule, "checked": int(results[rule][0]),
+                          "violations": int(len(results[rule][1])), "description": RULES[rule]}
+                         for rule in RULES if rule in results], columns=VALIDITY_COLUMNS)
