@@ -38,7 +38,8 @@ def synthetic_inputs(n_volumes: int, seed: int = 0, labels: int = 6, ct_share: f
     cols: dict[str, list] = {k: [] for k in (
         "render_id", "volume_id", "slice_id", "plane", "convention", "dims", "prompt",
         "background", "image_path", "n_frames", "letter", "component", "centroid_col",
-        "centroid_row", "frame_first", "frame_last", "visible_x", "visible_y", "visible_z")}
+        "centroid_row", "frame_first", "frame_last", "centroid_frame", "visible_x",
+        "visible_y", "visible_z")}
     letters = list("ABCDEF"[:labels])
     for vid in vids:
         comps = [str(c) for c in rng.choice(names, labels, replace=False)]
@@ -74,6 +75,7 @@ def synthetic_inputs(n_volumes: int, seed: int = 0, labels: int = 6, ct_share: f
                             nan = [np.nan] * labels
                             cols["frame_first"] += nan if dims == "2d" else list(mid - 2)
                             cols["frame_last"] += nan if dims == "2d" else list(mid + 2)
+                            cols["centroid_frame"] += nan if dims == "2d" else list(mid)
                             for a, k in enumerate(("visible_x", "visible_y", "visible_z")):
                                 cols[k] += list(world[:, a])
     components = pd.DataFrame(comp_rows, columns=["volume_id", "component", "centroid_x",

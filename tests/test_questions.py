@@ -22,13 +22,20 @@ from mislib.questions import (
     FORMS,
     QUESTION_COLUMNS,
     GroundTruthMismatch,
+    Label,
+    UnitKey,
+    View,
     anatomical_term,
     build_questions,
     colloquial_term,
     display_name,
+    display_statement,
+    frame_order_agrees,
     generate,
+    names_decide,
 )
 from mislib.scoring import is_correct, parse_answer
+from mislib.validity import validity_report
 
 MARGIN = 10.0
 # volume -> (source, modality, laterality, {component: 3D centroid (mm)})
@@ -461,8 +468,10 @@ def test_real_atlas_left_right_twins_follow_the_patient_and_the_mapping(brain):
     from mislib.questions import load_inputs
 
     renders, volumes, components = load_inputs(brain)
+    # twins asked left/right give the answer in their names: kept here to check the geometry
     q = build_questions(renders, volumes, components,
-                        _params(max_pairs_per_unit="all", cells_per_relation="all"), progress=False)
+                        _params(max_pairs_per_unit="all", cells_per_relation="all",
+                                exclude_answer_in_name=False), progress=False)
     side = {"Left": "left", "Right": "right"}
     a_side = q["component_a"].str.split("_").str[0].map(side)
     b_side = q["component_b"].str.split("_").str[0].map(side)
@@ -545,3 +554,144 @@ def test_zero_knobs_switch_a_family_off_and_all_crosses_every_level(inputs):
                             progress=False)
     n_renders = renders[renders.background == "scan"].render_id.nunique()
     assert len(every) == 3 * n_renders  # every render on the scan asked, in three forms
+
+
+# ---- answerable by construction ------------------------------------------------------------
+
+def test_blank_anatomical_questions_state_the_plane_and_convention_of_the_view(inputs, full):
+    _, _, volumes, _ = inputs
+    side = {v: (None if pd.isna(s) else s) for v, s in zip(volumes.volume_id,
+                                                             volumes.laterality, strict=True)}
+    blank = full[(full.background == "blank") & (full.family != "plane")]
+    anatomical = blank[blank.terminology == "anatomical"]
+    assert len(anatomical) and (blank.terminology == "colloquial").any()
+    for q in anatomical.to_dict("records"):
+        statement = display_statement(q["plane"], q["convention"], q["dims"],
+                                      side[q["volume_id"]])
+        assert f"{q['plane']} {'series of slices' if q['dims'] == '3d' else 'slice'} shown " \
+               f"{statement}." in q["text"], q["text"]
+    assert not blank[blank.terminology == "colloquial"].text.str.contains(
+        "display convention").any()
+
+
+def test_display_statement_says_where_the_patient_directions_appear():
+    assert display_statement("coronal", "storage", "2d") == (
+        "in the storage display convention: up in the image is the patient's right, "
+        "left in the image is superior")
+    assert display_statement("axial", "standard", "3d", "right").endswith(
+        "left in the image is lateral, and frames run from inferior to superior")
+
+
+def test_no_plane_question_is_asked_on_the_blank_background(full):
+    plane = full[full.family == "plane"]
+    assert len(plane) and set(plane.background) == {"scan"}
+
+
+def test_text_only_colloquial_questions_state_the_standard_convention(inputs, full):
+    _, _, volumes, _ = inputs
+    side = {v: (None if pd.isna(s) else s) for v, s in zip(volumes.volume_id,
+                                                             volumes.laterality, strict=True)}
+    text = full[(full.ablation == "text_only") & (full.terminology == "colloquial")]
+    assert len(text)
+    for q in text.to_dict("records"):
+        assert display_statement(q["plane"], "standard", q["dims"],
+                                 side[q["volume_id"]]) in q["text"]
+    anatomical = full[(full.ablation == "text_only") & (full.terminology == "anatomical")]
+    assert len(anatomical) and not anatomical.text.str.contains("display convention").any()
+
+
+@pytest.mark.parametrize(("a", "b", "axis", "laterality", "decided"), [
+    ("left kidney", "right kidney", 0, None, True),
+    ("right hippocampus", "left putamen", 0, None, True),
+    ("left kidney", "left adrenal gland", 0, None, False),
+    ("left kidney", "liver", 0, None, False),
+    ("left kidney", "right kidney", 2, None, False),        # twins asked along z
+    ("left upper lobe of lung", "left lower lobe of lung", 2, None, True),
+    ("medial meniscus", "lateral meniscus", 0, "right", True),
+    ("medial meniscus", "lateral meniscus", 0, None, False),  # no limb: x is left/right
+    ("medial meniscus", "tibia", 0, "left", False),
+    ("anterior cruciate ligament", "posterior cruciate ligament", 1, "left", True),
+])
+def test_names_decide_when_they_carry_opposite_words_for_the_asked_axis(a, b, axis, laterality,
+                                                                        decided):
+    assert names_decide(a, b, axis, laterality) is decided
+
+
+def test_questions_whose_names_give_the_answer_are_excluded_by_default(inputs):
+    _, renders, volumes, components = inputs
+    twins = {"Left_Hippocampus", "Right_Hippocampus"}
+    knobs = dict(cells_per_relation="all", terminologies_per_relation="all",
+                 max_pairs_per_unit="all")
+    default = build_questions(renders, volumes, components, _params(**knobs), progress=False)
+    kept = build_questions(renders, volumes, components,
+                           _params(exclude_answer_in_name=False, **knobs), progress=False)
+
+    def twin_rl(q):
+        return q[q.component_a.isin(twins) & q.component_b.isin(twins) & (q.axis == "R/L")]
+
+    assert not default.answer_in_name.any()
+    assert set(twin_rl(default).background.dropna()) == {"blank"}  # letters only: still asked
+    flagged = twin_rl(kept)
+    assert flagged.answer_in_name.any()
+    assert (flagged.answer_in_name == (flagged.background != "blank")).all()
+    assert not kept[kept.answer_in_name].question_id.isin(default.question_id).any()
+
+
+def test_stack_relations_are_asked_only_where_frame_order_agrees_with_the_centroids(inputs):
+    _, renders, volumes, components = inputs
+    knobs = _params(cells_per_relation="all", terminologies_per_relation="all",
+                    max_pairs_per_unit="all", families=["relation_3d"],
+                    ablations=["none", "blank"])
+    before = build_questions(renders, volumes, components, knobs, progress=False)
+    # the femur's mean frame mirrored about the tibia's: the frames now order the two
+    # against their 3D centroids (in either convention's frame direction)
+    bent = renders.copy()
+    stacks = (bent.volume_id == "knee-1") & (bent.dims == "3d") & (bent.plane == "axial")
+    tibia = bent[stacks & (bent.component == "tibia")].set_index("render_id").centroid_frame
+    femur = stacks & (bent.component == "femur")
+    bent.loc[femur, "centroid_frame"] = (2 * bent.loc[femur, "render_id"].map(tibia)
+                                         - bent.loc[femur, "centroid_frame"])
+    after = build_questions(bent, volumes, components, knobs, progress=False)
+
+    def femur_tibia(q):
+        return q[(q.volume_id == "knee-1") & (q.plane == "axial")
+                 & q.component_a.isin(["femur", "tibia"]) & q.component_b.isin(["femur", "tibia"])]
+
+    assert len(femur_tibia(before)) > 0 and len(femur_tibia(after)) == 0
+    assert len(after) < len(before)
+
+
+def test_frame_order_agreement_needs_both_the_mean_frames_and_the_range_midpoints():
+    m = screen_mapping("axial", "standard")  # frames run I -> S
+    xyz = np.zeros(3)
+
+    def view(mean_a, span_a, mean_b, span_b):
+        labels = {"a": Label("A", 0, 0, *span_a, mean_a, xyz),
+                  "b": Label("B", 0, 0, *span_b, mean_b, xyz)}
+        return View("r", UnitKey("v", "3d", "axial", "s"), "axial", "standard", "3d", "box",
+                    "none", "stacks/r/", 8, labels)
+
+    assert frame_order_agrees(view(6.0, (5, 7), 2.0, (1, 3)), "a", "b", "S", m)
+    assert not frame_order_agrees(view(6.0, (5, 7), 2.0, (1, 3)), "a", "b", "I", m)
+    assert not frame_order_agrees(view(3.5, (0, 7), 4.0, (3, 5)), "a", "b", "S", m)  # means
+    assert not frame_order_agrees(view(6.0, (0, 7), 2.0, (1, 7)), "a", "b", "S", m)  # ranges
+
+
+def test_generated_questions_break_no_validity_rule(inputs, full):
+    _, renders, volumes, components = inputs
+    report = validity_report(full, renders, components, volumes, margin_mm=MARGIN)
+    assert set(report.rule) >= {"blank_terms", "no_plane_on_blank", "text_only",
+                                "answer_in_name_flag", "answer_in_name_excluded",
+                                "frame_order_3d", "ground_truth", "margin"}
+    counted = report[report.rule != "letters_on_marks"]  # no letters.parquet here
+    assert (counted.checked > 0).all(), report.to_string()
+    assert report.violations.sum() == 0, report.to_string()
+
+
+def test_generate_writes_the_validity_report_beside_the_questions(inputs):
+    root, _, _, _ = inputs
+    generate("demo", root=root, force=True)
+    report = pd.read_parquet(root / "data" / "benchmark" / "validity.parquet")
+    assert list(report.columns) == ["rule", "checked", "violations", "description"]
+    assert report.set_index("rule").loc["ground_truth", "checked"] > 0
+    assert report.violations.sum() == 0, report.to_string()
