@@ -146,35 +146,63 @@ def read_executed(folder: Path) -> list[dict[str, Any]]:
     return books
 
 
-def read_runs(root: str | os.PathLike | None, profile: str) -> list[dict[str, Any]]:
-    """The inference runs of ``profile`` (their ``data/results/<run_id>/run.json``).
+def read_runs(root: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], str]:
+    """The inference runs behind this run's results, with where that list comes from.
 
-    A ``run.json`` that cannot be parsed is listed with its error instead of its fields, so
-    one broken file does not hide the others.
+    The runs notebook 06 scored (``run_id`` of ``data/analysis/scored.parquet``: the answers
+    the claims and figures are computed from); before stage 06 has run, the current run of
+    each (model, arm) (stage 04's stamps); failing both, every folder in ``data/results``.
+    Each run's ``run.json`` supplies the model, arm and sessions; one that is missing or
+    cannot be parsed is listed with that note instead, so one broken file hides nothing else.
+
+    Returns
+    -------
+    (rows, source) : one dict per run (``run id, model, arm, records, trials, started,
+    commit, note``), and a sentence naming the source of the list.
     """
+    import pandas as pd
+
+    paths = project_paths(root)
+    scored = paths.analysis / "scored.parquet"
+    run_ids: list[str] = []
+    problem = ""
+    source = "the runs notebook 06 scored (`data/analysis/scored.parquet`)"
+    if scored.is_file():
+        try:
+            run_ids = sorted(pd.read_parquet(scored, columns=["run_id"])["run_id"]
+                             .astype(str).unique())
+        except (OSError, ValueError, KeyError) as err:
+            problem = f"`data/analysis/scored.parquet` is unreadable ({err}), so "
+    if not run_ids:
+        from mislib.inference.store import current_runs
+
+        run_ids = [p.name for p in current_runs(paths.results)]
+        source = problem + "the current run of each (model, arm) (stage 04's stamps)"
+    if not run_ids:
+        run_ids = sorted(p.parent.name for p in paths.results.glob("*/run.json"))
+        source = problem + "every run folder in `data/results/`"
     rows = []
-    for path in sorted(project_paths(root).results.glob("*/run.json")):
+    for run_id in run_ids:
+        path = paths.results / run_id / "run.json"
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            rows.append({"run id": path.parent.name, "model": "", "arm": "",
-                         "note": f"unreadable run.json: {err}"})
+            rows.append({"run id": run_id, "note": f"run.json missing or unreadable: {err}"})
             continue
-        if Path(str(record.get("profile", ""))).stem != profile:
-            continue
-        sessions = record.get("sessions") or [{}]
-        last = sessions[-1] if isinstance(sessions[-1], dict) else {}
+        sessions = [s for s in record.get("sessions") or [] if isinstance(s, dict)]
+        first, last = (sessions[0], sessions[-1]) if sessions else ({}, {})
+        request = last.get("request") or {}
         rows.append({
-            "run id": record.get("run_id", path.parent.name),
+            "run id": run_id,
             "model": record.get("model") or record.get("model_id") or "",
             "arm": record.get("arm", ""),
-            "questions": last.get("n_questions", ""),
-            "trials": last.get("n_trials", ""),
-            "started": last.get("started", ""),
-            "commit": str(last.get("git_commit") or "")[:10],
+            "records": record.get("n_records", ""),
+            "trials": request.get("n_trials", last.get("n_trials", "")),
+            "started": str(first.get("started", "")),
+            "commit": str(last.get("git_commit") or "")[:12],
             "note": "simulated responses" if record.get("simulated") else "",
         })
-    return rows
+    return rows, source
 
 
 def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -201,7 +229,7 @@ def _demote_headings(markdown: str) -> str:
     return "\n".join(out)
 
 
-def _landing_notebook(profile: str, books, runs, claims_md: str | None,
+def _landing_notebook(profile: str, books, runs, runs_source: str, claims_md: str | None,
                       figures: Sequence[str], built: str):
     """The landing page as a notebook of Markdown cells (rendered like the others)."""
     import nbformat.v4 as v4
@@ -227,10 +255,10 @@ def _landing_notebook(profile: str, books, runs, claims_md: str | None,
         + _html_table(nb_rows, ["notebook", "title", "finished (UTC)", "duration", "status"])))
 
     cells.append(v4.new_markdown_cell(
-        "## Inference runs\n\n" + (_html_table(runs, ["run id", "model", "arm", "questions",
-                                                     "trials", "started", "commit", "note"])
-                                   if runs else f"No `data/results/*/run.json` of profile "
-                                                f"`{profile}`.")))
+        f"## Inference runs\n\nListed: {runs_source}.\n\n"
+        + (_html_table(runs, ["run id", "model", "arm", "records", "trials", "started",
+                              "commit", "note"])
+           if runs else "No inference run in `data/results/` yet (notebook 04 makes them).")))
 
     if claims_md is None:
         cells.append(v4.new_markdown_cell(
@@ -321,7 +349,8 @@ def build_report(profile: str = "demo", root: str | os.PathLike | None = None,
 
     claims = paths.paper / "claims.md"
     built = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    landing = _landing_notebook(name, books, read_runs(root, name),
+    runs, runs_source = read_runs(root)
+    landing = _landing_notebook(name, books, runs, runs_source,
                                 claims.read_text() if claims.is_file() else None, figures,
                                 built)
     body, _ = _exporter(None, embed_images=False).from_notebook_node(

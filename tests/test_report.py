@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from browser import Chromium, chromium_binary
 from conftest import require
@@ -18,6 +19,8 @@ from mislib.report import ReportError, build_report, read_runs
 
 CLAIM_TITLE = "Standard view: anatomical beats colloquial"
 CLAIM_ROW = "standard view, anatomical terms"
+SCORED_RUN = "smoke-tiny-baseline-0123456789"
+OLD_RUN = "smoke-tiny-baseline-9876543210"
 
 
 def _notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
@@ -69,14 +72,19 @@ def _write_project(root: Path) -> None:
         |---|---|---|---|
         | {CLAIM_ROW} | 69.4 | 25.0 | not reproduced |
         """))
-    for run_id, profile in (("smoke-tiny-baseline-0123456789", "demo"),
-                            ("big-model-baseline-9876543210", "paper")):
+    # the run notebook 06 scored, and an older run of another configuration that it did not
+    for run_id in (SCORED_RUN, OLD_RUN):
         run = root / "data" / "results" / run_id
         run.mkdir(parents=True)
         (run / "run.json").write_text(json.dumps({
-            "run_id": run_id, "model": f"model-of-{profile}", "arm": "baseline",
-            "profile": profile, "sessions": [{"started": "2026-01-01T00:00:00Z",
-                                              "n_questions": 12, "n_trials": 2}]}))
+            "run_id": run_id, "model": f"model-of-{run_id}", "arm": "baseline",
+            "n_records": 24, "sessions": [{"started": "2026-01-01T00:00:00Z",
+                                           "git_commit": "0123456789abcdef",
+                                           "request": {"n_trials": 2}}]}))
+    analysis = root / "data" / "analysis"
+    analysis.mkdir(parents=True)
+    pd.DataFrame({"run_id": [SCORED_RUN, SCORED_RUN], "trial": [0, 1]}).to_parquet(
+        analysis / "scored.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +99,12 @@ def demo_site(tmp_path_factory):
     return root, index
 
 
-def test_report_lists_notebooks_runs_of_the_profile_claims_and_key_figures(demo_site):
+def test_report_lists_notebooks_scored_runs_claims_and_key_figures(demo_site):
     root, index = demo_site
     page = index.read_text()
     assert "01_tiny_stage.html" in page and "08_tiny_assets.html" in page
-    assert "smoke-tiny-baseline-0123456789" in page and "model-of-demo" in page
-    assert "big-model-baseline-9876543210" not in page, "a run of another profile is listed"
+    assert SCORED_RUN in page and f"model-of-{SCORED_RUN}" in page
+    assert OLD_RUN not in page, "a run that notebook 06 did not score is listed"
     assert CLAIM_TITLE in page and CLAIM_ROW in page
     assert 'src="figures/08_headline.png"' in page
     assert (index.parent / "figures" / "08_headline.png").is_file()
@@ -127,17 +135,19 @@ def test_report_without_executed_notebooks_names_the_folder_and_the_command(tmp_
     assert not (tmp_path / "build" / "site").exists()
 
 
-def test_a_broken_run_json_is_listed_with_its_error_not_fatal(tmp_path):
+def test_runs_fall_back_to_every_run_folder_and_list_a_broken_run_json(tmp_path):
     good = tmp_path / "data" / "results" / "good"
     good.mkdir(parents=True)
     (good / "run.json").write_text(json.dumps({"run_id": "good", "model": "m", "arm": "semsam",
-                                               "profile": "demo"}))
+                                               "sessions": [{"request": {"n_trials": 3}}]}))
     bad = tmp_path / "data" / "results" / "bad"
     bad.mkdir()
     (bad / "run.json").write_text("{not json")
-    rows = {r["run id"]: r for r in read_runs(tmp_path, "demo")}
-    assert rows["good"]["arm"] == "semsam"
-    assert "unreadable run.json" in rows["bad"]["note"]
+    rows, source = read_runs(tmp_path)
+    rows = {r["run id"]: r for r in rows}
+    assert "every run folder" in source
+    assert rows["good"]["arm"] == "semsam" and rows["good"]["trials"] == 3
+    assert "unreadable" in rows["bad"]["note"]
 
 
 def test_a_failed_notebook_is_marked_failed_on_the_landing_page(tmp_path):
