@@ -21,6 +21,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import Chromium, chromium_binary
+from conftest import require
 
 from mislib.lab import (
     KERNEL_DISPLAY_NAME,
@@ -196,3 +198,31 @@ def test_saving_from_the_lab_keeps_the_jupytext_pair_in_step(server):
         assert "x = 2" in sources, sources
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_lab_ui_opens_a_numbered_notebook_on_the_projects_kernel(server, tmp_path):
+    """What a reader does after ``make lab``: open notebook 01 in the Lab front end."""
+    require(chromium_binary() is not None, "Chromium (Debian package `chromium`)",
+            "apt-get install -y chromium")
+    first = list_notebooks(REPO_ROOT)[0].relative_to(REPO_ROOT).as_posix()
+    with Chromium(tmp_path / "chromium-profile", timeout=TIMEOUT) as browser:
+        browser.open(f"{server.base}/lab/tree/{first}?token={server.token}", settle=0)
+        shown, deadline = None, time.monotonic() + TIMEOUT
+        while shown != KERNEL_DISPLAY_NAME and time.monotonic() < deadline:
+            time.sleep(1)
+            shown = browser.evaluate(
+                "document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
+                ".jp-KernelName')?.innerText ?? null")
+        assert shown == KERNEL_DISPLAY_NAME
+        _, sessions = server.request("GET", "/api/sessions")
+        opened = [s for s in sessions if s["path"] == first]
+        assert opened and opened[0]["kernel"]["name"] == KERNEL_NAME
+        # let the kernel finish starting before the page goes, so it shuts down cleanly
+        state, deadline = None, time.monotonic() + TIMEOUT
+        while state != "idle" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = server.request("GET", f"/api/kernels/{opened[0]['kernel']['id']}")[1][
+                "execution_state"]
+    for session in opened:
+        assert server.request("DELETE", f"/api/sessions/{session['id']}")[0] == 204
