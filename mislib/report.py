@@ -59,7 +59,7 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {{ super() }}
 {%- endif -%}
 {%- endblock html_head_js_mathjax -%}
-{%- block extra_css -%}
+{%- block html_head_css -%}
 <style type="text/css">
   nav.mislib-report { padding: 8px 24px; border-bottom: 1px solid #ddd;
                       font-family: var(--jp-ui-font-family); font-size: 14px; }
@@ -70,7 +70,7 @@ _TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
   .jp-MarkdownOutput table { margin-left: 0; margin-right: auto; }
   .jp-MarkdownOutput td, .jp-MarkdownOutput th { text-align: left; }
 </style>
-{%- endblock extra_css -%}
+{%- endblock html_head_css -%}
 {%- block body_header -%}
 {{ super() }}
 {%- if resources.mislib_back -%}
@@ -124,8 +124,9 @@ def read_executed(folder: Path) -> list[dict[str, Any]]:
     -------
     One dict per numbered notebook, in order: ``path``, ``nb`` (the nbformat node),
     ``title``, ``profile`` (papermill's parameter), ``end_time`` (ISO string), ``duration``
-    (seconds), ``status`` (``"ok"`` or ``"failed"``). A notebook that cannot be read raises
-    :class:`ReportError` naming the file.
+    (seconds), ``status`` (``"ok"`` or ``"failed"``) and, for a notebook that finished before
+    one numbered below it (left over from an earlier run), ``note``. A notebook that cannot
+    be read raises :class:`ReportError` naming the file.
     """
     import nbformat
 
@@ -143,6 +144,14 @@ def read_executed(folder: Path) -> list[dict[str, Any]]:
             "duration": pm.get("duration"),
             "status": "failed" if pm.get("exception") else "ok",
         })
+    # In one run the notebooks finish in order: one that finished before a notebook numbered
+    # below it is left over from an earlier run (a later run stopped or ran NB= only).
+    newest = ("", "")
+    for book in books:
+        if book["end_time"] and book["end_time"] < newest[0]:
+            book["note"] = f"from an earlier run than {newest[1]}"
+        elif book["end_time"]:
+            newest = (book["end_time"], book["path"].stem)
     return books
 
 
@@ -249,10 +258,14 @@ def _landing_notebook(profile: str, books, runs, runs_source: str, claims_md: st
                              f'{html.escape(b["path"].stem)}</a>'),
         "title": b["title"], "finished (UTC)": b["end_time"][:19].replace("T", " "),
         "duration": "" if b["duration"] is None else f'{float(b["duration"]):.1f} s',
-        "status": b["status"]} for b in books]
+        "status": b["status"], "note": b.get("note", "")} for b in books]
+    problems = [b["path"].stem for b in books if b["status"] != "ok" or b.get("note")]
+    warning = (f"\n\n> **Not one complete run**: {', '.join(problems)} failed or are older "
+               "than a notebook before them; rerun `make reproduce`." if problems else "")
     cells.append(v4.new_markdown_cell(
-        "## Notebooks\n\nEach page is the executed notebook with its outputs.\n\n"
-        + _html_table(nb_rows, ["notebook", "title", "finished (UTC)", "duration", "status"])))
+        "## Notebooks\n\nEach page is the executed notebook with its outputs." + warning
+        + "\n\n" + _html_table(nb_rows, ["notebook", "title", "finished (UTC)", "duration",
+                                          "status", "note"])))
 
     cells.append(v4.new_markdown_cell(
         f"## Inference runs\n\nListed: {runs_source}.\n\n"

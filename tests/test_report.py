@@ -150,15 +150,20 @@ def test_runs_fall_back_to_every_run_folder_and_list_a_broken_run_json(tmp_path)
     assert "unreadable" in rows["bad"]["note"]
 
 
-def test_a_failed_notebook_is_marked_failed_on_the_landing_page(tmp_path):
+def test_failed_and_left_over_notebooks_are_flagged_on_the_landing_page(tmp_path):
     folder = tmp_path / "build" / "notebooks" / "demo"
     folder.mkdir(parents=True)
-    nb = _notebook([("md", "# 04 · Broken"), ("code", "profile = 'demo'")])
-    nb.metadata["papermill"] = {"exception": True, "parameters": {"profile": "demo"},
-                                "end_time": "2026-01-01T00:00:00", "duration": 1.0}
-    nbformat.write(nb, folder / "04_broken.ipynb")
-    index = build_report("demo", root=tmp_path, progress=False)
-    assert re.search(r"04 · Broken</td><td>[^<]*</td><td>[^<]*</td><td>failed", index.read_text())
+    for name, title, failed, end in (("04_broken", "04 · Broken", True, "2026-01-02T00:00:00"),
+                                     ("05_older", "05 · Older", False, "2026-01-01T00:00:00")):
+        nb = _notebook([("md", f"# {title}"), ("code", "profile = 'demo'")])
+        nb.metadata["papermill"] = {"exception": failed, "parameters": {"profile": "demo"},
+                                    "end_time": end, "duration": 1.0}
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    page = build_report("demo", root=tmp_path, progress=False).read_text()
+    assert re.search(r"04 · Broken</td>(<td>[^<]*</td>){2}<td>failed</td><td></td>", page)
+    assert re.search(r"05 · Older</td>(<td>[^<]*</td>){2}<td>ok</td>"
+                     r"<td>from an earlier run than 04_broken</td>", page)
+    assert "Not one complete run" in page
 
 
 @pytest.mark.timeout(240)
