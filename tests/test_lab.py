@@ -208,15 +208,16 @@ def test_lab_ui_opens_a_numbered_notebook_on_the_projects_kernel(server, tmp_pat
     first = list_notebooks(REPO_ROOT)[0].relative_to(REPO_ROOT).as_posix()
     with Chromium(tmp_path / "chromium-profile", timeout=TIMEOUT) as browser:
         browser.open(f"{server.base}/lab/tree/{first}?token={server.token}", settle=0)
-        shown, deadline = None, time.monotonic() + TIMEOUT
-        while shown != KERNEL_DISPLAY_NAME and time.monotonic() < deadline:
+        # the toolbar may name the kernel before the session exists: wait for both
+        shown, opened, deadline = None, [], time.monotonic() + TIMEOUT
+        while not (shown == KERNEL_DISPLAY_NAME and opened) and time.monotonic() < deadline:
             time.sleep(1)
             shown = browser.evaluate(
                 "document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) "
                 ".jp-KernelName')?.innerText ?? null")
+            opened = [s for s in server.request("GET", "/api/sessions")[1]
+                      if s["path"] == first]
         assert shown == KERNEL_DISPLAY_NAME
-        _, sessions = server.request("GET", "/api/sessions")
-        opened = [s for s in sessions if s["path"] == first]
         assert opened and opened[0]["kernel"]["name"] == KERNEL_NAME
         # let the kernel finish starting before the page goes, so it shuts down cleanly
         state, deadline = None, time.monotonic() + TIMEOUT
