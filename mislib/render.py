@@ -78,10 +78,6 @@ PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#D55E00", "#CC79A7")
 
 #: CT windows as (width, level) in HU.
 CT_WINDOWS = {"soft_tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0)}
-#: Name prefixes (TotalSegmentator / knee names) that pick the lung or bone CT window.
-LUNG_PREFIXES = ("lung", "trachea", "bronch")
-BONE_PREFIXES = ("vertebra", "rib_", "sternum", "costal_cartilage", "hip_", "sacrum", "femur",
-                 "humerus", "scapula", "clavicula", "skull", "tibia", "fibula", "patella")
 
 RENDER_COLUMNS = [
     "render_id", "volume_id", "slice_id", "source", "modality", "plane", "convention", "dims",
