@@ -54,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of workers sharing the run; with more than one, run "
                         "`python -m mislib compact` after all have finished")
 
+    p = sub.add_parser("launch", help="stage 04 on every GPU of this node (or a Ray cluster)")
+    p.add_argument("--profile", default="demo", help="profile name or path to a TOML file")
+    p.add_argument("--arm", action="append", choices=ARMS, default=None,
+                   help="an arm to run (repeatable; default: the profile's arms)")
+    p.add_argument("--model", action="append", default=None,
+                   help="a model id to run (repeatable; default: the profile's models)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    p.add_argument("--out", default=None, help="results folder (default data/results)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per visible GPU, 1 without GPUs)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run the workers as Ray actors on this cluster (default address: "
+                        "auto, the cluster this node belongs to)")
+
     p = sub.add_parser("compact", help="stage 04: join the shards of runs into responses.parquet")
     p.add_argument("runs", nargs="*", help="run folders or ids (default: every run with "
                                            "records not yet compacted)")
@@ -99,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
         run_profile(args.profile, models=args.model, arms=args.arm, limit=args.limit,
                     out=args.out, force=args.force, worker=args.worker, workers=args.workers)
+    elif args.command == "launch":
+        from mislib.inference import workers
+
+        kwargs = {"workers": args.workers, "models": args.model, "arms": args.arm,
+                  "limit": args.limit, "out": args.out}
+        if args.ray:
+            runs = workers.launch_ray(args.profile, address=args.ray, **kwargs)
+        else:
+            runs = workers.launch_local(args.profile, **kwargs)
+        for run_dir in runs:
+            print(f"compacted {run_dir}")
     elif args.command == "compact":
         return _compact(args)
     return 0
