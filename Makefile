@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml environment.yml
 	    echo "== venv at $(VENV) with $$PYBIN"; \
 	    [ -x $(PY) ] || $$PYBIN -m venv $(VENV); \
 	    $(PY) -m pip install -q --upgrade pip && \
-	    $(PY) -m pip install -q -e '.[dev]' && \
+	    $(PY) -m pip install -q -e '.[dev,ray]' && \
 	    $(PY) -m pip install -q --no-deps 'totalsegmentator==2.18.0'; \
 	fi
 	@touch $@

@@ -20,7 +20,9 @@ def _name(requirement: str) -> str:
 
 def _pyproject_packages() -> set[str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = list(meta["dependencies"]) + list(meta["optional-dependencies"]["dev"])
+    # the extras that `make env` installs too
+    reqs = list(meta["dependencies"]) + [r for extra in ("dev", "ray")
+                                         for r in meta["optional-dependencies"][extra]]
     return {_name(r) for r in reqs}
 
 
