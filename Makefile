@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mislib-installed
 # so that kernels papermill starts (argv 'python -m ipykernel_launcher') use the project env
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help env reproduce test lint bench export notebooks-sync clean-build lab report
+.PHONY: help env env-lmms reproduce test lint bench export notebooks-sync clean-build lab report
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,24 @@ $(STAMP): pyproject.toml environment.yml
 
 env: $(STAMP)  ## build the Python environment (done automatically by the other targets)
 
+# lmms-eval in its own venv, layered over the project env: a .pth runs site.addsitedir on the
+# project env's site-packages, so torch, transformers, datasets and mislib (which the exported
+# task's utils.py imports) come from there and only lmms-eval's own packages are installed.
+# filelock<4: lmms-eval 0.7.3 patches filelock._api, which filelock 4 removed.
+LMMS_VENV ?= .venv-lmms
+LMMS_EVAL ?= lmms-eval==0.7.3
+LMMS_STAMP := $(LMMS_VENV)/.lmms-installed
+$(LMMS_STAMP): $(STAMP)
+	@echo "== lmms-eval venv at $(LMMS_VENV) over $(VENV)"
+	$(PY) -m venv --clear $(LMMS_VENV)
+	@base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	own=$$($(LMMS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > $$own/_project_env.pth
+	$(LMMS_VENV)/bin/python -m pip install -q '$(LMMS_EVAL)' 'decord>=0.6' 'filelock<4'
+	@touch $@
+
+env-lmms: $(LMMS_STAMP)  ## lmms-eval in .venv-lmms (for tests/test_export_lmms.py)
+
 reproduce: $(STAMP)  ## run every notebook (or NB=01) headless with papermill: PROFILE=demo|paper FORCE=1
 	$(PY) -m mislib reproduce --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(filter 1,$(FORCE)),--force)
 	$(PY) -m mislib report --profile $(PROFILE)
@@ -49,7 +67,7 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## benchmarks, one JSON line per figure
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
 
-export: $(STAMP)  ## export the benchmark as a HF parquet dataset and a VLMEvalKit TSV
+export: $(STAMP)  ## export the benchmark for HF datasets, lmms-eval and VLMEvalKit
 	$(PY) -m mislib export --profile $(PROFILE)
 
 # Reading: JupyterLab on this checkout (kernel "MIS-Ground (mislib)", jupytext pairing on save),

@@ -1073,10 +1073,10 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
 
 def export(profile: str = "demo", root: str | os.PathLike | None = None,
            check: bool = True) -> dict[str, Any]:
-    """Export ``questions.parquet`` as a HF ``datasets`` parquet dataset and a VLMEvalKit TSV.
+    """Export ``questions.parquet`` for Hugging Face ``datasets``, lmms-eval and VLMEvalKit.
 
     What ``make export`` runs. Writes ``benchmark/export/`` (see :mod:`mislib.export`), then,
-    with ``check``, loads both exports back and compares every row and image with the
+    with ``check``, loads the exports back and compares every row and image with the
     sources (:func:`mislib.export.check_export`; the result is under ``"check"``).
     """
     from mislib.export import check_export, export_benchmark
@@ -1086,7 +1086,7 @@ def export(profile: str = "demo", root: str | os.PathLike | None = None,
         info["check"] = check_export(root)
     # `make export` shows this line; the notebook shows it under its export cell.
     print(f"exported {info['rows']} questions ({info['bytes'] / 1e6:.1f} MB) to "
-          f"{info['tsv'].parent}" + (f"; check passed: {info['check']}" if check else ""))
+          f"{info['dir']}" + (f"; check passed: {info['check']}" if check else ""))
     return info
 
 
