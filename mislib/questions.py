@@ -2,8 +2,10 @@
 
 Inputs (``data/README.md``): ``prepared/volumes.parquet`` (source, modality, laterality),
 ``prepared/components.parquet`` (3D centroids, used by the text-only ablation) and
-``benchmark/renders.parquet`` (one row per labelled structure of every render). Output:
-``benchmark/questions.parquet``, one row per question, and a stage stamp.
+``benchmark/renders.parquet`` (one row per labelled structure of every render). Outputs:
+``benchmark/questions.parquet``, one row per question, ``benchmark/validity.parquet``
+(:func:`mislib.validity.validity_report`: every validity rule re-checked from the written
+tables, with its violations) and a stage stamp. See ``docs/design.md`` (questions).
 
 Design
 ------
@@ -40,6 +42,31 @@ medial/lateral. Colloquial terms (screen-relative) come from the renderer's pixe
 to the world geometry, and a disagreement stops the stage with the renders named
 (:class:`GroundTruthMismatch`), since it means the renderer and the truth drifted apart.
 Text-only colloquial questions follow the ``standard`` convention.
+
+Answerable by construction
+--------------------------
+Every question must be answerable from its input, or a low score would blame a factor for
+the generator's fault:
+
+- On the **blank** background nothing shows the anatomy, so anatomical questions there state
+  the plane and the display convention in patient terms (:func:`display_statement`: "up in
+  the image is anterior, left in the image is the patient's right"); screen terms need no
+  statement. No ``plane`` question is asked on the blank background.
+- **Text-only** questions ask anatomical directions (anatomical knowledge), or screen terms
+  under the standard convention, which the text states the same way.
+- Questions whose text names two structures whose **names settle the answer** (left/right
+  twins asked left/right, upper/lower lobes asked superior/inferior, medial/lateral menisci
+  on a limb: :func:`names_decide`) carry ``answer_in_name = True``; with
+  ``exclude_answer_in_name`` (the profiles' default) such a pair is asked only on the blank
+  background, where letters replace the names.
+- A **stack** relation is asked only when the frame order — both the structures' mean frames
+  and the midpoints of their frame ranges — agrees with the 3D centroids
+  (:func:`frame_order_agrees`).
+
+The generator is cut at its seams: :func:`_units` groups the renders (:class:`View`) into
+units, :func:`_choose_pairs` picks pairs, :func:`_relation_cells` the factor cells of each
+:class:`Relation`, :func:`_ask_relation` asks it in each picked cell, :func:`_ask_plane` the
+plane questions; :class:`Usage` holds the counts that balance them.
 
 References
 ----------
@@ -1110,3 +1137,36 @@ def answer_balance(questions: pd.DataFrame) -> pd.DataFrame:
     q = questions.fillna({"terminology": "—"})
     return (q.groupby(["family", "terminology", "form", "answer"]).size()
             .rename("questions").reset_index())
+
+
+def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FACTORS):
+    """Questions per level of each factor, one bar panel per factor (``—``: the factor does
+    not apply, e.g. terminology of a plane question). Returns a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(factors), figsize=(2.1 * len(factors), 2.8), sharey=True,
+                             squeeze=False)
+    for ax, factor in zip(axes[0], factors, strict=True):
+        counts = questions[factor].fillna("—").value_counts().sort_index()
+        ax.bar(range(len(counts)), counts.to_numpy(), color="#4477AA")
+        ax.set_xticks(range(len(counts)), counts.index, rotation=60, ha="right", fontsize=7)
+        ax.set_title(factor, fontsize=9)
+    axes[0, 0].set_ylabel("questions")
+    fig.tight_layout()
+    return fig
+
+
+def separation_figure(questions: pd.DataFrame, margin_mm: float):
+    """Histogram of the separation along the asked axis of every relation question, with
+    the margin below which no relation is asked. Returns a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    rel = questions[questions["family"] != "plane"]
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.hist(rel["separation_mm"], bins=40, color="#228833")
+    ax.axvline(margin_mm, color="k", ls="--", label=f"margin {margin_mm:g} mm")
+    ax.set_xlabel("separation along the asked axis (mm)")
+    ax.set_ylabel("questions")
+    ax.legend()
+    fig.tight_layout()
+    return fig

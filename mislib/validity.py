@@ -13,14 +13,17 @@ looked at and a DataFrame of the offending rows (empty when the rule holds).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mislib.geometry import AXIS_VECTORS, OPPOSITE, screen_mapping
+from mislib.paths import project_paths
 
 
 def check_letters_on_marks(letters: pd.DataFrame) -> tuple[int, pd.DataFrame]:
@@ -397,3 +400,109 @@ def validity_report(questions: pd.DataFrame, renders: pd.DataFrame,
     return pd.DataFrame([{"rule": rule, "checked": int(results[rule][0]),
                           "violations": int(len(results[rule][1])), "description": RULES[rule]}
                          for rule in RULES if rule in results], columns=VALIDITY_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------
+# What a reader checks by eye
+# ---------------------------------------------------------------------------------------
+
+def read_report(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Stage 03's ``benchmark/validity.parquet``, with a clear error when it is missing."""
+    path = project_paths(root).benchmark / "validity.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}; run stage 03 (python -m mislib questions)")
+    return pd.read_parquet(path)
+
+
+def pick_examples(questions: pd.DataFrame, per_source: int = 3) -> pd.DataFrame:
+    """A few open questions per source for the gallery, one of each kind where it exists:
+    a 2D relation on the scan, a 3D relation, a blank-background relation, a plane question
+    (in that order), first by question id so the choice is the same every run."""
+    kinds = [("relation_2d", "none"), ("relation_3d", "none"), ("relation_2d", "blank"),
+             ("relation_3d", "blank"), ("plane", "none")]
+    shown = questions[(questions["form"] == "open") & questions["render_id"].notna()]
+    picks = []
+    for _, group in shown.sort_values("question_id").groupby("source", sort=True):
+        chosen = []
+        for family, ablation in kinds:
+            hit = group[(group["family"] == family) & (group["ablation"] == ablation)]
+            if len(hit) and len(chosen) < per_source:
+                chosen.append(hit.iloc[0])
+        picks += chosen
+    return pd.DataFrame(picks).reset_index(drop=True)
+
+
+def example_image(row: Mapping[str, Any], renders: pd.DataFrame,
+                  benchmark: str | os.PathLike) -> tuple[np.ndarray, str]:
+    """The picture a question refers to, as an (H, W, 3) uint8 array, and a caption.
+
+    2D: the rendered image. 3D: the stack's frame where both structures show (the middle of
+    the overlap of their frame ranges); when their ranges do not overlap, the frame of each
+    side by side. Plane questions of a stack: its middle frame.
+    """
+    from PIL import Image
+
+    path = Path(benchmark) / str(row["image_path"])
+    if row["dims"] == "2d":
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")), ""
+    frames: list[int]
+    if row["family"] == "plane" or pd.isna(row["component_a"]):
+        frames = [int(row["n_frames"]) // 2]
+    else:
+        mine = renders[renders["render_id"] == row["render_id"]].set_index("component")
+        a, b = mine.loc[row["component_a"]], mine.loc[row["component_b"]]
+        lo, hi = max(a["frame_first"], b["frame_first"]), min(a["frame_last"], b["frame_last"])
+        frames = [int((lo + hi) // 2)] if lo <= hi else [int(a["letter_frame"]
+                                                              if pd.notna(a.get("letter_frame"))
+                                                              else a["frame_first"]),
+                                                          int(b["letter_frame"]
+                                                              if pd.notna(b.get("letter_frame"))
+                                                              else b["frame_first"])]
+    images = []
+    for f in frames:
+        with Image.open(path / f"frame_{f:03d}.png") as img:
+            images.append(np.asarray(img.convert("RGB")))
+    caption = " | ".join(f"frame {f}" for f in frames)
+    return np.concatenate(images, axis=1), caption
+
+
+def example_gallery(questions: pd.DataFrame, renders: pd.DataFrame,
+                    benchmark: str | os.PathLike, per_source: int = 3, wrap: int = 58):
+    """Per source, a few questions as a reader meets them: image, question text, answer.
+
+    Rows are sources, columns the examples of :func:`pick_examples`; each panel shows the
+    image (:func:`example_image`: for a stack the frame where both structures show) above
+    the full question text and the answer. Returns a matplotlib Figure.
+    """
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    examples = pick_examples(questions, per_source)
+    if examples.empty:
+        raise ValueError("no question with an image to show")
+    sources = list(dict.fromkeys(examples["source"]))
+    fig, axes = plt.subplots(2 * len(sources), per_source,
+                             figsize=(3.4 * per_source, 5.4 * len(sources)),
+                             gridspec_kw={"height_ratios": [1.0, 0.62] * len(sources)},
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, source in enumerate(sources):
+        mine = examples[examples["source"] == source]
+        for c, row in enumerate(mine.to_dict("records")):
+            image, caption = example_image(row, renders, benchmark)
+            top, bottom = axes[2 * r, c], axes[2 * r + 1, c]
+            top.imshow(image)
+            what = f"{row['family']}, {row['dims']}, {row['convention']}, {row['prompt']}"
+            if row["ablation"] == "blank":
+                what += ", blank"
+            top.set_title(f"{source}\n{what}" + (f"\n{caption}" if caption else ""),
+                          fontsize=7)
+            body = "\n".join(textwrap.fill(line, wrap) for line in
+                             str(row["text"]).splitlines())
+            bottom.text(0.0, 1.0, f"{body}\n\nAnswer: {row['answer']}", va="top", ha="left",
+                        fontsize=6, family="monospace", transform=bottom.transAxes)
+    fig.tight_layout()
+    return fig

@@ -17,36 +17,35 @@
 # # 03 · Question generation: the factorial MIS-Ground benchmark
 #
 # Stage 02 rendered every chosen slice as images and 3D stacks in each cell of the rendering
-# factors. This stage asks questions about them whose answers are known from geometry:
+# factors. This stage asks questions about them whose answers are known from geometry, and
+# **every question must be answerable from its input** — otherwise a low score would point at
+# the generator, not at a factor:
 #
-# * **families** — `relation_2d` (where does structure A lie relative to B on this slice,
-#   along an in-plane axis), `relation_3d` (along the through-plane axis of a stack, across
-#   frames) and `plane` (which slice direction is shown);
-# * **forms** — `open` (answer with a direction term or a plane name), `closed_true` (a true
-#   statement) and `closed_false` (the same statement with the relation inverted);
+# * **families** — `relation_2d` (where structure A lies relative to B on this slice, along
+#   an in-plane axis), `relation_3d` (along the through-plane axis of a stack, across frames)
+#   and `plane` (which slice direction is shown);
+# * **forms** — `open`, `closed_true` and `closed_false` (the same statement inverted);
 # * **terminology** — `anatomical` (patient-relative: superior/inferior, anterior/posterior,
 #   the patient's left/right, medial/lateral on a knee) or `colloquial` (screen-relative:
 #   above/below, left/right as seen, earlier/later frame);
 # * **ablations** — `none` (structures named with their letter, "the liver (A)"), `blank`
-#   (the prompts on an empty background, letters only) and `text_only` (no image, names only;
-#   colloquial answers then follow the standard display). On the scan without a visual
-#   prompt (prompt `none`) no letters are drawn, so structures are named only, "the liver".
+#   (the prompts on an empty background, letters only) and `text_only` (no image, names
+#   only). On the scan without a visual prompt (prompt `none`) structures are named only.
 #
-# Anatomical truth comes from world (RAS+) geometry: the centroids of what is visible on the
-# slice for 2D questions, the 3D centroids for stacks and text-only questions. Colloquial
-# truth comes from where the renderer drew the structures (pixel centroids) and, for stacks,
-# from the frame order — both taken from the one `mislib.geometry.screen_mapping` the
-# renderer used, and checked against it. A relation is asked only when the two centroids are
-# at least `margin_mm` apart along its axis.
+# The validity rules: on the blank background nothing shows which way is anterior, so
+# anatomical questions there state the plane and the display convention ("up in the image is
+# anterior, left in the image is the patient's right"), and no plane is asked there; text-only
+# questions ask anatomy, or screen terms under the stated standard convention; questions whose
+# names give the answer away ("left kidney" vs "right kidney" asked left/right) are marked
+# `answer_in_name` and left out unless the profile keeps them; a stack relation is asked only
+# when its frame order agrees with the 3D centroids; every relation clears `margin_mm`.
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
-from PIL import Image
 
 from mislib import questions as qgen
+from mislib import validity
 from mislib.config import stage_params
-from mislib.geometry import CONVENTIONS, PLANES, screen_mapping
 from mislib.paths import figure_path, project_paths
 
 # %% tags=["parameters"]
@@ -62,6 +61,8 @@ max_pairs_per_unit = None
 cells_per_relation = None
 terminologies_per_relation = None
 plane_cells_per_unit = None
+exclude_answer_in_name = None
+examples_per_source = 3
 run_export = True  # write the HF parquet dataset and the VLMEvalKit TSV, and check them
 
 # %%
@@ -69,163 +70,101 @@ overrides = dict(margin_mm=margin_mm, families=families, forms=forms,
                  terminologies=terminologies, ablations=ablations,
                  max_pairs_per_unit=max_pairs_per_unit, cells_per_relation=cells_per_relation,
                  terminologies_per_relation=terminologies_per_relation,
-                 plane_cells_per_unit=plane_cells_per_unit)
+                 plane_cells_per_unit=plane_cells_per_unit,
+                 exclude_answer_in_name=exclude_answer_in_name)
 params = stage_params(profile, "questions", **overrides)
 paths = project_paths()
 paths.figures.mkdir(parents=True, exist_ok=True)
 {k: v for k, v in params.items() if k != "profile"}
 
 # %% [markdown]
-# ## Screen terms come from the display mapping
-#
-# The colloquial word for each patient direction, per plane and convention: where a
-# structure lying toward the patient's right, anterior or superior side appears on screen.
-# In-plane directions become left/right or above/below; the through-plane direction of a
-# stack becomes a later or earlier frame. This table is computed from the same mapping the
-# renderer draws with.
-
-# %%
-pd.DataFrame([{"plane": p, "convention": c,
-               **{f"toward {code}": qgen.colloquial_term(code, screen_mapping(p, c))
-                  for code in ("R", "A", "S")}}
-              for p in PLANES for c in CONVENTIONS]).set_index(["plane", "convention"])
-
-# %% [markdown]
 # ## Generate
 #
-# One call builds every question (skipped when `questions.parquet` exists for the same
-# parameters and inputs). Per slice or stack the generator picks `max_pairs_per_unit`
-# structure pairs (least-used structures first), asks each pair along every axis that
-# clears the margin, in `cells_per_relation` (convention × prompt × ablation) cells and
-# `terminologies_per_relation` terminologies, each in all three forms; `plane` questions are
-# asked on `plane_cells_per_unit` renders per slice or stack.
+# One call builds every question and checks it (skipped when `questions.parquet` and
+# `validity.parquet` exist for the same parameters and inputs). Per slice or stack the
+# generator picks `max_pairs_per_unit` structure pairs (least-used structures first), asks
+# each pair along every axis that clears the margin, in `cells_per_relation` (convention ×
+# prompt × ablation) cells and `terminologies_per_relation` terminologies, each in all three
+# forms; `plane` questions are asked on `plane_cells_per_unit` renders on the scan.
 
 # %%
 questions = qgen.generate(profile, force=force, **overrides)
-components = pd.read_parquet(paths.prepared / "components.parquet")
-print(f"{len(questions)} questions on {questions.render_id.nunique()} renders of "
-      f"{questions.volume_id.nunique()} volumes; "
-      f"{pd.concat([questions.component_a, questions.component_b]).nunique()} structures")
-questions.groupby(["source", "modality", "family"]).size().unstack("family", fill_value=0)
+qgen.factor_counts(questions, rows=("source", "family"), columns=("ablation",))
 
 # %% [markdown]
-# ## Counts per factor cell
+# Questions per source, family and ablation (`—`: the factor does not apply).
 #
-# Rows: family, ablation and display convention (`—` where the factor does not apply:
-# text-only questions have no display, plane questions no terminology). Columns:
-# terminology. Every relation is asked in all three forms, so each count is a multiple of 3.
+# ## Validity report
+#
+# Each rule is checked by `mislib.validity`, which re-derives it from the written tables —
+# the letters as drawn (`letters.parquet`), the renders, the question texts and the
+# geometry — never from a flag the generator set.
 
 # %%
-qgen.factor_counts(questions, rows=("family", "ablation", "convention"),
-                   columns=("terminology",))
-
-# %%
-qgen.factor_counts(questions, rows=("family", "dims", "prompt"), columns=("modality",))
+validity.read_report()
 
 # %% [markdown]
-# ## Balance of the answers
+# `checked` counts the questions (letters, for `letters_on_marks`) each rule looked at;
+# `violations` must be 0 — a nonzero count is a generator defect to fix, not to filter.
 #
-# True and False are exactly balanced (each true statement has its inverted twin). For open
+# ## Examples as a model sees them
+#
+# Per source, a few questions drawn with the image they refer to (for a stack, the frame
+# where both structures show), the full question text and the answer.
+
+# %%
+renders = pd.read_parquet(paths.benchmark / "renders.parquet")
+fig = validity.example_gallery(questions, renders, paths.benchmark,
+                               per_source=examples_per_source)
+fig.savefig(figure_path("03_question_generation", "examples"), dpi=110, bbox_inches="tight")
+
+# %% [markdown]
+# Each letter sits on its own mark; blank-background questions in anatomical terms carry
+# the sentence that states the plane and the display convention.
+#
+# ## Balance
+#
+# True and False are exactly balanced (each true statement has its inverted twin); for open
 # questions, which structure is called A is chosen so that the two direction terms of each
 # axis are equally often correct within each factor cell.
 
 # %%
-balance = qgen.answer_balance(questions)
-closed = questions[questions.form != "open"]
-print("closed questions:", closed.answer.value_counts().to_dict())
-(balance[balance.form == "open"]
- .pivot_table(index=["family", "terminology"], columns="answer", values="questions",
-              fill_value=0))
+qgen.answer_balance(questions).pivot_table(
+    index=["family", "terminology", "form"], columns="answer", values="questions",
+    fill_value=0)
 
 # %%
-factors = ["family", "modality", "plane", "dims", "convention", "prompt", "ablation",
-           "terminology", "form"]
-fig, axes = plt.subplots(1, len(factors), figsize=(2.1 * len(factors), 2.8), sharey=True)
-for ax, factor in zip(axes, factors, strict=True):
-    counts = questions[factor].fillna("—").value_counts().sort_index()
-    ax.bar(range(len(counts)), counts.to_numpy(), color="#4477AA")
-    ax.set_xticks(range(len(counts)), counts.index, rotation=60, ha="right", fontsize=7)
-    ax.set_title(factor, fontsize=9)
-axes[0].set_ylabel("questions")
-fig.tight_layout()
-for suffix in (".png", ".pdf"):
-    fig.savefig(figure_path("03_question_generation", "factor_counts", suffix=suffix), dpi=150)
-plt.show()
+fig = qgen.factor_figure(questions)
+fig.savefig(figure_path("03_question_generation", "factor_counts"), dpi=150)
 
 # %% [markdown]
-# Each panel counts questions per level of one factor; `—` marks questions to which the
-# factor does not apply.
+# Questions per level of each factor.
 #
 # ## No relation below the margin
-#
-# The separation along the asked axis, for every relation question, against the margin.
 
 # %%
-rel = questions[questions.family != "plane"]
-fig, ax = plt.subplots(figsize=(5, 2.6))
-ax.hist(rel.separation_mm, bins=40, color="#228833")
-ax.axvline(params["margin_mm"], color="k", ls="--", label=f"margin {params['margin_mm']:g} mm")
-ax.set_xlabel("separation along the asked axis (mm)")
-ax.set_ylabel("questions")
-ax.legend()
-fig.tight_layout()
+fig = qgen.separation_figure(questions, params["margin_mm"])
 fig.savefig(figure_path("03_question_generation", "separation"), dpi=150)
-plt.show()
-print(f"smallest separation asked: {rel.separation_mm.min():.1f} mm")
 
 # %% [markdown]
-# ## Example questions
+# The separation along the asked axis of every relation question; none lies left of the
+# dashed margin.
 #
-# One question per family and form, with the rendered image it refers to.
-
-# %%
-with_image = questions[questions.ablation != "text_only"]
-scan = with_image[with_image.ablation == "none"]
-examples = ((scan if len(scan) else with_image)
-            .groupby(["family", "form"], sort=True).head(1).reset_index(drop=True))
-fig, axes = plt.subplots(1, min(3, len(examples)), figsize=(12, 4.2))
-for ax, row in zip(axes, examples[examples.form == "open"].itertuples(), strict=False):
-    path = paths.benchmark / row.image_path
-    frame = path / f"frame_{row.n_frames // 2:03d}.png" if path.is_dir() else path
-    ax.imshow(Image.open(frame))
-    terms = "plane name" if pd.isna(row.terminology) else row.terminology
-    asked = "" if pd.isna(row.letter_a) else f"{row.letter_a} relative to {row.letter_b}: "
-    ax.set_title(f"{row.family}, {terms}, {row.convention}, {row.prompt}\n"
-                 f"{asked}{row.answer}", fontsize=9)
-    ax.axis("off")
-fig.tight_layout()
-fig.savefig(figure_path("03_question_generation", "examples"), dpi=120, bbox_inches="tight")
-plt.show()
-for row in examples.itertuples():
-    print(f"--- {row.family} / {row.form} / {row.terminology} / {row.ablation}: "
-          f"answer {row.answer}\n{row.text}\n")
-
-# %%
-text_only = questions[questions.ablation == "text_only"].head(3)
-for row in text_only.itertuples():
-    print(f"--- text-only {row.family} / {row.form} / {row.terminology}: answer {row.answer}"
-          f"\n{row.text}\n")
-
-# %% [markdown]
 # ## Exports
 #
 # `make export` (or this cell) writes the benchmark as a Hugging Face `datasets` parquet
 # dataset, images and stack frames embedded, and as a VLMEvalKit-style TSV with base64
-# images; the check loads the parquet back with `datasets.load_dataset("parquet", …)` and
-# compares every row and image byte with `questions.parquet` and the rendered files.
+# images; the check loads both back and compares every row and image with the sources.
 
 # %%
 if run_export:
     info = qgen.export(profile)
-    print("files:", [p.name for p in info["hf_files"]], info["tsv"].name, info["tsv_text"].name)
 
 # %% [markdown]
 # ## Paper scale
 #
 # The count per slice or stack is pairs × axes × cells × terminologies × 3 forms for the
 # relations, plus plane cells × 3. The `paper` profile asks one pair per slice or stack in
-# one cell and one terminology (`max_pairs_per_unit = cells_per_relation =
-# terminologies_per_relation = plane_cells_per_unit = 1`), which on inputs shaped like the
-# paper's (1,160 volumes, two slices each, a 2D image and a 3D stack per slice) gives about
-# 34,000 questions (`make bench ONLY=questions` measures it on synthetic inputs of that
-# shape); `"all"` in any of those knobs crosses every level instead.
+# one cell and one terminology, which on inputs shaped like the paper's (1,160 volumes, two
+# slices each, a 2D image and a 3D stack per slice) gives about 34,000 questions
+# (`make bench ONLY=questions` measures it on synthetic inputs of that shape).
