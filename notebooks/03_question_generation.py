@@ -63,7 +63,7 @@ terminologies_per_relation = None
 plane_cells_per_unit = None
 exclude_answer_in_name = None
 examples_per_source = 3
-run_export = True  # write the HF parquet dataset and the VLMEvalKit TSV, and check them
+run_export = True  # write the HF dataset, the lmms-eval task and the VLMEvalKit TSVs; check them
 
 # %%
 overrides = dict(margin_mm=margin_mm, families=families, forms=forms,
@@ -152,9 +152,11 @@ fig.savefig(figure_path("03_question_generation", "separation"), dpi=150)
 #
 # ## Exports
 #
-# `make export` (or this cell) writes the benchmark as a Hugging Face `datasets` parquet
-# dataset, images and stack frames embedded, and as a VLMEvalKit-style TSV with base64
-# images; the check loads both back and compares every row and image with the sources.
+# `make export` (or this cell) writes the benchmark for the evaluation harnesses: a Hugging Face
+# `datasets` folder with one config per ablation × dims (images and stack frames embedded), an
+# lmms-eval task group `mis_ground` scored with mislib's parser, and VLMEvalKit TSVs in its
+# stock multiple-choice and yes/no formats (data/README.md says what each needs); the check
+# loads them back and compares every row and image with the sources.
 
 # %%
 if run_export:
