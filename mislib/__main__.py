@@ -76,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mislib.config import ProfileError, load_profile
+
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "lab":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:  # a bad profile value stops here, before any stage runs, naming table and key
+        if getattr(args, "profile", None) is not None:
+            load_profile(args.profile)
+    except ProfileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.command == "reproduce":
         from mislib.notebooks import main_reproduce
 

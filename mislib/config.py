@@ -1,13 +1,21 @@
-"""Profiles and stage configuration hashes.
+"""Profiles, their schema, and stage configuration hashes and stamps.
 
 A *profile* is a named parameter set (``mislib/profiles/<name>.toml``), one TOML table per
 stage (``[volumes]``, ``[render]``, ``[questions]``, ``[semsam]``, ``[inference]``,
 ``[scoring]``, ``[analysis]``, ``[paper]``) plus a top-level ``seed``. Notebooks pass the
-profile name through papermill; a notebook cell may override single keys.
+profile name (or a path to a TOML file) through papermill; a notebook cell may override
+single keys.
+
+Every profile is checked against :data:`SCHEMA` when it is loaded, before any stage runs:
+types, ranges, allowed levels, unknown keys (a misspelt key is an error, with the nearest
+known key suggested). Each error names the profile, the table, the key and the value. To
+add a knob to a stage, add one line to that stage's class below (the field's type and
+range; a default makes the key optional in a profile) and the key to both profiles.
 
 Each stage writes a stamp ``.<stage>.stage.json`` beside its outputs holding the hash of
-its parameters; :func:`is_fresh` lets a stage skip work whose outputs exist for the same
-hash, unless ``force=True``.
+its parameters and a manifest of its outputs (sizes); :func:`is_fresh` lets a stage skip
+work whose outputs are all there, unchanged, for the same hash, unless ``force=True``.
+:mod:`mislib.stage` writes outputs atomically on top of these stamps.
 
 >>> params = stage_params("demo", "volumes", slices_per_volume=3)
 >>> params["slices_per_volume"]
@@ -17,34 +25,311 @@ hash, unless ``force=True``.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 STAGES = ("volumes", "render", "questions", "semsam", "inference", "scoring", "analysis", "paper")
+
+
+class ProfileError(ValueError):
+    """A profile value that a stage cannot use; the message names table, key and value."""
+
+
+# ---- the schema ----------------------------------------------------------------------------
+# Levels a profile may name. They mirror the stage modules' own constants (config sits below
+# them in the import order, so it cannot import them); tests/test_config.py checks they agree.
+SOURCES = ("brain_atlas", "torso_ct_phantom", "knee_mri_phantom",
+           "totalsegmentator", "knee_mri", "generic")
+MODALITIES = ("CT", "MRI")
+PLANES = ("axial", "coronal", "sagittal")
+CONVENTIONS = ("standard", "storage")
+PROMPTS = ("none", "mask", "box", "point")
+BACKGROUNDS = ("scan", "blank")
+DIMS = ("2d", "3d")
+TERMINOLOGIES = ("anatomical", "colloquial")
+FORMS = ("open", "closed_true", "closed_false")
+FAMILIES = ("relation_2d", "relation_3d", "plane")
+ABLATIONS = ("none", "text_only", "blank")
+SEMSAM_MODES = ("argmax", "sample")
+BACKENDS = ("hf", "vllm", "openai")
+ARMS = ("baseline", "greedy", "semsam")
+MODEL_FACTORS = ("arm", "model", "modality", "plane", "dims", "convention", "prompt",
+                 "background", "terminology", "form", "family", "ablation")
+GROUPS = ("question", "pair", "volume")
+#: Frames of a 3D stack: even (video models pair frames in time) and at most this many
+#: (each pair of 448-pixel frames costs Qwen3-VL 196 visual tokens).
+MAX_FRAMES_3D = 64
+
+
+def _levels(*allowed: str, min_length: int = 1):
+    """A list of distinct levels out of ``allowed`` (at least ``min_length``)."""
+    return Annotated[list[Literal[*allowed]], Field(min_length=min_length)]
+
+
+Count = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Area = Annotated[float, Field(ge=0)]
+AllOrCount = NonNegative | Literal["all"]
+
+
+class _Table(BaseModel):
+    """One profile table: unknown keys are errors; no silent conversion (``"2"`` is not 2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    seed: int | None = None  # stage_params copies the top-level seed into every table
+    profile: str | None = None  # ... and the profile's name
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _distinct(cls, value):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            dup = sorted({v for v in value if value.count(v) > 1})
+            if dup:
+                raise ValueError(f"lists {dup} more than once")
+        return value
+
+
+class VolumesTable(_Table):
+    sources: _levels(*SOURCES)
+    slices_per_volume: Count
+    min_component_area_mm2: Area
+    n_torso_phantoms: NonNegative
+    n_knee_phantoms: NonNegative
+    structures: list[str]
+    totalsegmentator_root: str
+    knee_mri_root: str
+    generic_root: str
+    generic_modality: Literal[*MODALITIES]
+    workers: Count
+
+
+class RenderTable(_Table):
+    planes: _levels(*PLANES)
+    conventions: _levels(*CONVENTIONS)
+    prompts: _levels(*PROMPTS)
+    backgrounds: _levels(*BACKGROUNDS)
+    dims: _levels(*DIMS)
+    image_size: Annotated[int, Field(ge=64, le=4096)]
+    frames_3d: Annotated[int, Field(ge=2, le=MAX_FRAMES_3D, multiple_of=2)]  # even
+    max_labels: Annotated[int, Field(ge=1, le=6)]  # letters A-F
+    min_visible_area_mm2: Area
+    min_frame_area_mm2: Area
+    mri_window_percentiles: Annotated[list[Annotated[float, Field(ge=0, le=100)]],
+                                      Field(min_length=2, max_length=2)]
+    workers: Count
+
+    @field_validator("mri_window_percentiles")
+    @classmethod
+    def _increasing(cls, value):
+        if not value[0] < value[1]:
+            raise ValueError("needs [low, high] with low < high")
+        return value
+
+
+class QuestionsTable(_Table):
+    margin_mm: Positive
+    terminologies: _levels(*TERMINOLOGIES)
+    forms: _levels(*FORMS)
+    families: _levels(*FAMILIES)
+    ablations: _levels(*ABLATIONS)
+    max_pairs_per_unit: AllOrCount
+    cells_per_relation: AllOrCount
+    terminologies_per_relation: AllOrCount
+    plane_cells_per_unit: AllOrCount
+
+
+class SemsamTable(_Table):
+    k: Count
+    temperature: Positive
+    top_k: Count
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    mode: Literal[*SEMSAM_MODES]
+
+
+class InferenceTable(_Table):
+    backend: Literal[*BACKENDS]
+    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    arms: _levels(*ARMS)
+    n_trials: Count
+    max_new_tokens: Count
+    batch_size: Count
+    limit: NonNegative  # 0: every question
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+    video_fps: Positive
+    instruction: str
+
+
+class ScoringTable(_Table):
+    credible_level: Annotated[float, Field(gt=0, lt=1)]
+    runs: list[str]
+
+
+class AnalysisTable(_Table):
+    factors: _levels(*MODEL_FACTORS)
+    interactions: list[Annotated[str, Field(pattern=r"^[a-z_]+:[a-z_]+$")]]
+    groups: _levels(*GROUPS, min_length=0)
+    centred: _levels(*GROUPS, min_length=0) | Literal["auto"]
+    prior_sd: Positive
+    interaction_sd: Positive
+    draws: Count
+    tune: NonNegative
+    chains: Count
+    contrast_draws: Count
+    ppc_draws: NonNegative
+
+    @field_validator("interactions")
+    @classmethod
+    def _known_factors(cls, value):
+        bad = sorted({f for term in value for f in term.split(":")} - set(MODEL_FACTORS))
+        if bad:
+            raise ValueError(f"names unknown factor(s) {bad}; factors: {list(MODEL_FACTORS)}")
+        return value
+
+
+class PaperTable(_Table):
+    claims_arm: Literal[*ARMS]
+    semsam_claim_model: str
+    prompt_baseline: Literal[*PROMPTS]
+
+
+#: Profile table -> its schema. A new stage table is one more entry here.
+SCHEMA: dict[str, type[_Table]] = {
+    "volumes": VolumesTable, "render": RenderTable, "questions": QuestionsTable,
+    "semsam": SemsamTable, "inference": InferenceTable, "scoring": ScoringTable,
+    "analysis": AnalysisTable, "paper": PaperTable,
+}
+TOP_LEVEL_KEYS = {"seed": int, "name": str}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
+    """Human-readable problems of one table: ``[table] key = value: what is wrong``."""
+    model = SCHEMA[table]
+    # TOML gives lists; a notebook override may pass a tuple for the same thing
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    try:
+        model.model_validate(data)
+    except ValidationError as err:
+        by_key: dict[str, list[str]] = {}
+        for e in err.errors():
+            key = str(e["loc"][0]) if e["loc"] else "?"
+            msg = e["msg"].removeprefix("Value error, ")
+            if msg.startswith("Input should be "):
+                msg = "should be " + msg.removeprefix("Input should be ")
+            elif e["type"] != "value_error":
+                msg = msg[:1].lower() + msg[1:]
+            if e["type"] == "extra_forbidden":
+                near = difflib.get_close_matches(key, model.model_fields, n=1)
+                known = sorted(set(model.model_fields) - {"seed", "profile"})
+                msg = "unknown key" + (f"; did you mean {near[0]!r}?" if near
+                                       else f"; known: {known}")
+            elif e["type"] == "missing":
+                by_key.setdefault(key, []).append("missing (the stage needs this key)")
+                continue
+            elif e["type"] == "multiple_of" and e["ctx"]["multiple_of"] == 2:
+                msg = "should be even"
+            elif any(isinstance(part, int) for part in e["loc"][1:]):
+                msg = f"item {_show(e['input'])}: {msg}"  # one element of a list
+            if msg not in by_key.setdefault(key, []):
+                by_key[key].append(msg)
+        return [f"[{table}] {key}" + (f" = {_show(values[key])}" if key in values else "")
+                + ": " + " or ".join(msgs) for key, msgs in by_key.items()]
+    return []
+
+
+def check_profile(profile: Mapping[str, Any], tables: Iterable[str] | None = None) -> None:
+    """Check a whole profile (or some of its ``tables``) against :data:`SCHEMA`.
+
+    Raises
+    ------
+    ProfileError
+        Listing every problem, each naming the table, the key and the value.
+    """
+    name = profile.get("name", "custom")
+    problems = []
+    if tables is None:
+        for key, value in profile.items():
+            if key in SCHEMA:
+                continue
+            if key in TOP_LEVEL_KEYS:
+                if not isinstance(value, TOP_LEVEL_KEYS[key]) or isinstance(value, bool):
+                    problems.append(f"{key} = {_show(value)}: should be "
+                                    f"{TOP_LEVEL_KEYS[key].__name__}")
+                continue
+            near = difflib.get_close_matches(key, [*SCHEMA, *TOP_LEVEL_KEYS], n=1)
+            problems.append(f"unknown table or key {key!r}"
+                            + (f"; did you mean {near[0]!r}?" if near else
+                               f"; tables: {list(SCHEMA)}"))
+        problems += [f"table [{t}] is missing" for t in SCHEMA if t not in profile]
+        tables = [t for t in SCHEMA if t in profile]
+    for table in tables:
+        values = profile.get(table)
+        if not isinstance(values, Mapping):
+            problems.append(f"[{table}] should be a table, got {_show(values)}")
+            continue
+        problems += _table_errors(table, values)
+    if problems:
+        raise ProfileError(f"profile {name!r}: " + "; ".join(problems))
 
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def resolve_profile(name: str | os.PathLike) -> str:
+    """A profile name as is, or a TOML path made absolute from the current directory.
+
+    ``make reproduce PROFILE=my.toml`` means ``my.toml`` where the user ran ``make``; the
+    notebooks run in ``notebooks/``, so the path is resolved before they start.
+    """
+    text = os.fspath(name)
+    if text.endswith(".toml") or os.sep in text or "/" in text:
+        return str(Path(text).expanduser().resolve())
+    return text
+
+
 def load_profile(name: str | os.PathLike = "demo") -> dict[str, Any]:
-    """The whole profile as a dict. ``name`` is a profile name or a path to a TOML file."""
-    path = Path(name)
-    if path.suffix != ".toml":
+    """The whole profile as a dict, checked against :data:`SCHEMA`.
+
+    ``name`` is a profile name (``mislib/profiles/<name>.toml``) or a path to a TOML file
+    (relative paths from the current directory).
+
+    Raises
+    ------
+    ProfileError
+        The file is missing or not TOML, or a value breaks the schema (every problem named).
+    """
+    path = Path(resolve_profile(name))
+    if not path.is_absolute():
         path = PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
-        raise ValueError(
+        raise ProfileError(
             f"unknown profile {str(name)!r}: no file {path}; available: {available_profiles()}"
         )
-    with path.open("rb") as fh:
-        profile = tomllib.load(fh)
+    try:
+        with path.open("rb") as fh:
+            profile = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ProfileError(f"{path}: not valid TOML ({err})") from err
     profile.setdefault("name", path.stem)
+    try:
+        check_profile(profile)
+    except ProfileError as err:
+        raise ProfileError(f"{path}: {err}") from None
     return profile
 
 
@@ -53,7 +338,13 @@ def stage_params(profile: str | Mapping[str, Any], stage: str, **overrides: Any)
 
     Overrides whose value is ``None`` are ignored, so a notebook's parameters cell can leave
     a knob at ``None`` to mean "the profile's value". Unknown keys are rejected so a typo in
-    a notebook cell does not silently do nothing.
+    a notebook cell does not silently do nothing, and the result is checked against the
+    stage's schema (:data:`SCHEMA`), so an override is held to the profile's rules.
+
+    Raises
+    ------
+    ProfileError
+        An unknown key or a value the stage cannot use (naming table, key and value).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {STAGES}")
@@ -61,15 +352,18 @@ def stage_params(profile: str | Mapping[str, Any], stage: str, **overrides: Any)
     params = copy.deepcopy(dict(prof.get(stage, {})))
     params.setdefault("seed", prof.get("seed", 0))
     params["profile"] = prof.get("name", "custom")
+    known = set(params) | set(SCHEMA[stage].model_fields) if stage in SCHEMA else set(params)
     for key, value in overrides.items():
         if value is None:
             continue
-        if key not in params:
-            raise ValueError(
+        if key not in known:
+            raise ProfileError(
                 f"unknown parameter {key!r} for stage {stage!r} of profile "
-                f"{params['profile']!r}; known: {sorted(params)}"
+                f"{params['profile']!r}; known: {sorted(known)}"
             )
         params[key] = value
+    if stage in SCHEMA:
+        check_profile({"name": params["profile"], stage: params}, tables=[stage])
     return params
 
 
@@ -93,32 +387,76 @@ def _stamp_path(out_dir: Path, stage: str) -> Path:
     return Path(out_dir) / f".{stage}.stage.json"
 
 
+def output_manifest(out_dir: str | os.PathLike,
+                    outputs: Iterable[str | os.PathLike]) -> dict[str, dict[str, int]]:
+    """What each output is on disk: a file's ``bytes``; a folder's ``files`` and ``bytes``.
+
+    The stamp records it, so an output that lost files or bytes after the stamp was written
+    (a kill while a folder was replaced, a file deleted by hand) makes the stage stale.
+    A missing output is ``{"missing": 1}``.
+    """
+    manifest = {}
+    for name in outputs:
+        path = Path(out_dir, name)
+        if path.is_file():
+            manifest[str(name)] = {"bytes": path.stat().st_size}
+        elif path.is_dir():
+            sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()]
+            manifest[str(name)] = {"files": len(sizes), "bytes": sum(sizes)}
+        else:
+            manifest[str(name)] = {"missing": 1}
+    return manifest
+
+
 def is_fresh(out_dir: str | os.PathLike, stage: str, params: Mapping[str, Any],
              outputs: Iterable[str | os.PathLike]) -> bool:
-    """True when ``out_dir`` holds a stamp of ``stage`` for these params and every output exists."""
-    stamp = _stamp_path(Path(out_dir), stage)
-    if not stamp.is_file():
+    """True when ``out_dir`` holds a stamp of ``stage`` for these params and every output
+    exists as the stamp's manifest recorded it (same files, same sizes)."""
+    recorded = read_stamp(out_dir, stage)
+    if recorded is None or recorded.get("hash") != config_hash(params):
         return False
-    try:
-        recorded = json.loads(stamp.read_text())
-    except json.JSONDecodeError:
+    outputs = [str(o) for o in outputs]
+    if not all(Path(out_dir, o).exists() for o in outputs):
         return False
-    if recorded.get("hash") != config_hash(params):
-        return False
-    return all(Path(out_dir, o).exists() for o in outputs)
+    manifest = recorded.get("manifest")
+    if manifest is None:  # a stamp written before manifests: existence is all it can say
+        return True
+    return output_manifest(out_dir, manifest) == manifest and set(outputs) <= set(manifest)
 
 
 def write_stamp(out_dir: str | os.PathLike, stage: str, params: Mapping[str, Any],
-                outputs: Iterable[str | os.PathLike]) -> Path:
-    """Record that ``stage`` produced ``outputs`` (paths relative to ``out_dir``) for ``params``."""
+                outputs: Iterable[str | os.PathLike],
+                extra: Mapping[str, Any] | None = None) -> Path:
+    """Record that ``stage`` produced ``outputs`` (paths relative to ``out_dir``) for ``params``.
+
+    The stamp holds the parameters' hash and the outputs' manifest
+    (:func:`output_manifest`), plus ``extra`` (e.g. the input files' digests). It is written
+    to a temporary file and moved in, so a reader never sees half a stamp. Write it after
+    the outputs, never before (:mod:`mislib.stage` does both in that order).
+    """
     stamp = _stamp_path(Path(out_dir), stage)
     stamp.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [str(o) for o in outputs]
     record = {"stage": stage, "hash": config_hash(params), "params": dict(params),
-              "outputs": [str(o) for o in outputs]}
-    stamp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+              "outputs": outputs, "manifest": output_manifest(out_dir, outputs),
+              **dict(extra or {})}
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, stamp)
     return stamp
 
 
+def remove_stamp(out_dir: str | os.PathLike, stage: str) -> None:
+    """Drop a stage's stamp: done before its old outputs are touched, so a kill in between
+    leaves no stamp vouching for outputs that are half replaced."""
+    _stamp_path(Path(out_dir), stage).unlink(missing_ok=True)
+
+
 def read_stamp(out_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+    """The stamp's record, or None when there is none (or it is unreadable)."""
     stamp = _stamp_path(Path(out_dir), stage)
-    return json.loads(stamp.read_text()) if stamp.is_file() else None
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from mislib.config import ProfileError, load_profile, resolve_profile
 from mislib.paths import project_paths
 
 NOTEBOOK_RE = re.compile(r"^(\d{2})_[a-z0-9_]+\.ipynb$")
@@ -56,9 +57,16 @@ def _failed_cell(nb_path: Path) -> str:
 
 def reproduce(profile: str = "demo", only: str | None = None, force: bool = False,
               root: str | os.PathLike | None = None, log_output: bool = False) -> list[Path]:
-    """Execute the notebooks in numeric order; return the executed copies' paths."""
+    """Execute the notebooks in numeric order; return the executed copies' paths.
+
+    The profile is checked (:func:`mislib.config.load_profile`) before the first notebook
+    starts, and a TOML path is made absolute from the caller's directory (the notebooks run
+    in ``notebooks/``).
+    """
     import papermill as pm
 
+    profile = resolve_profile(profile)
+    load_profile(profile)  # raises ProfileError naming table, key and value
     paths = project_paths(root)
     profile_name = Path(profile).stem if str(profile).endswith(".toml") else profile
     out_dir = paths.build / "notebooks" / profile_name
@@ -87,7 +95,7 @@ def reproduce(profile: str = "demo", only: str | None = None, force: bool = Fals
 def main_reproduce(args) -> int:
     try:
         reproduce(args.profile, args.nb, args.force)
-    except NotebookFailed as err:
+    except (NotebookFailed, ProfileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

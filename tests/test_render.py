@@ -692,7 +692,7 @@ def test_missing_volume_file_is_skipped_naming_it_and_the_rest_renders(rendered)
 
 
 def test_unknown_factor_level_is_rejected_before_rendering(synth_root):
-    with pytest.raises(ValueError, match="prompts: unknown"):
+    with pytest.raises(ValueError, match=r"\[render\] prompts = \[.arrow.\]: item .arrow."):
         render.render_benchmark("demo", root=synth_root, prompts=["arrow"], **FAST)
 
 
