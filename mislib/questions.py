@@ -96,7 +96,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mislib.config import file_digest, is_fresh, stage_params, write_stamp
+from mislib.config import file_digest, stage_params
 from mislib.geometry import (
     AXIS_VECTORS,
     CONVENTIONS,
@@ -108,6 +108,7 @@ from mislib.geometry import (
     screen_offset,
 )
 from mislib.paths import project_paths
+from mislib.stage import StageRun
 from mislib.structures import readable_name as display_name  # the one readable-name map
 
 log = logging.getLogger(__name__)
@@ -1076,7 +1077,8 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
         "components": file_digest(paths.prepared / "components.parquet")}}
     target = out_dir / QUESTIONS_FILE
     outputs = [QUESTIONS_FILE, VALIDITY_FILE]
-    if not force and is_fresh(out_dir, "questions", stamp_params, outputs):
+    run = StageRun(out_dir, "questions", stamp_params, outputs)  # mislib.stage
+    if not force and run.fresh():
         log.info("questions: fresh for this configuration, reading %s", target)
         return pd.read_parquet(target)
     questions = build_questions(renders, volumes, components, params)
@@ -1089,12 +1091,9 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
     if len(broken):
         log.warning("questions: validity rules violated: %s",
                     dict(zip(broken["rule"], broken["violations"], strict=True)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for frame, name in ((questions, QUESTIONS_FILE), (report, VALIDITY_FILE)):
-        tmp = (out_dir / name).with_suffix(".parquet.tmp")
-        frame.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
-        os.replace(tmp, out_dir / name)
-    write_stamp(out_dir, "questions", stamp_params, outputs)
+    with run:
+        for frame, name in ((questions, QUESTIONS_FILE), (report, VALIDITY_FILE)):
+            frame.to_parquet(run.path(name), index=False, engine="pyarrow", compression="zstd")
     return questions
 
 

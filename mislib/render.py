@@ -36,7 +36,6 @@ import io
 import multiprocessing
 import os
 import re
-import shutil
 import zlib
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -53,7 +52,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from mislib.config import config_hash, file_digest, is_fresh, stage_params, write_stamp
+from mislib.config import config_hash, file_digest, is_fresh, stage_params
 from mislib.geometry import (
     CONVENTIONS,
     PLANES,
@@ -64,6 +63,7 @@ from mislib.geometry import (
     voxel_spacing,
 )
 from mislib.paths import project_paths
+from mislib.stage import StageRun
 
 #: The visual-prompt levels; ``none`` (the scan only) is the no-prompt baseline.
 PROMPTS = ("none", "mask", "box", "point")
@@ -1084,14 +1084,22 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     stamp_params = {**params, "inputs": _input_digest(paths.prepared)}
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
     out = paths.benchmark
-    outputs = ["renders.parquet", "skipped.parquet", "letters.parquet"]
+    outputs = ["renders.parquet", "skipped.parquet", "letters.parquet", "images", "stacks"]
     if not force and is_fresh(out, "render", stamp_params, outputs):
         return pd.read_parquet(out / "renders.parquet")
-    _options(params)  # validate before deleting anything
-    for folder in ("images", "stacks"):
-        shutil.rmtree(out / folder, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    _options(params)  # validate before writing anything
+    # images, stacks and tables are written aside and moved in together (mislib.stage)
+    with StageRun(out, "render", stamp_params, outputs) as run:
+        renders = _render_into(run, paths, params, volumes, components, slices)
+    return renders
 
+
+def _render_into(run: StageRun, paths, params: dict[str, Any], volumes: pd.DataFrame,
+                 components: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+    """Render every chosen slice into the run's staging folder; write its tables there."""
+    out = run.staging
+    for folder in ("images", "stacks"):
+        (out / folder).mkdir(exist_ok=True)
     chosen = slices[slices["plane"].isin(params["planes"])]
     tasks = []
     for vid, group in chosen.groupby("volume_id", sort=True):
@@ -1119,10 +1127,9 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
                   .sort_values(["render_id", "frame", "letter"], kind="stable")
                   .reset_index(drop=True))
     skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
-    renders.to_parquet(out / "renders.parquet", index=False)
-    skipped_df.to_parquet(out / "skipped.parquet", index=False)
-    letters_df.to_parquet(out / "letters.parquet", index=False)
-    write_stamp(out, "render", stamp_params, outputs)
+    renders.to_parquet(run.path("renders.parquet"), index=False)
+    skipped_df.to_parquet(run.path("skipped.parquet"), index=False)
+    letters_df.to_parquet(run.path("letters.parquet"), index=False)
     return renders
 
 

@@ -58,11 +58,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mislib import demo_cases, geometry, phantoms, structures
-from mislib.config import config_hash, is_fresh, stage_params, write_stamp
+from mislib.config import config_hash, is_fresh, read_stamp, stage_params
 from mislib.paths import project_paths
+from mislib.stage import StageRun, digests_only, input_digests, replace_path
 
 STAGE = "volumes"
-OUTPUTS = ("volumes.parquet", "components.parquet", "slices.parquet", "rejected.parquet")
+OUTPUTS = ("volumes.parquet", "components.parquet", "slices.parquet", "rejected.parquet",
+           "volumes")
 DEMO_SOURCES = ("brain_atlas", *demo_cases.SOURCES, "torso_ct_phantom", "knee_mri_phantom")
 DATA_SOURCES = ("totalsegmentator", "knee_mri", "generic")
 MODALITY = {"brain_atlas": "MRI", "torso_ct": "CT", "torso_mr": "MRI", "torso_ct_dicom": "CT",
@@ -84,7 +86,35 @@ REJECTED_COLUMNS = ("source", "case", "path", "reason")
 
 
 class VolumeError(ValueError):
-    """An input that cannot be prepared; the message names the file and what is wrong."""
+    """An input that cannot be prepared; the message names the file and what is wrong.
+
+    ``path`` is the file at fault (the label map, ``labels.csv``, ``meta.json``, a mask, or
+    the image): it becomes the ``path`` column of ``rejected.parquet``.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+#: Longest reason written to ``rejected.parquet``; longer ones are cut (with the length said).
+MAX_REASON_CHARS = 400
+LATERALITIES = ("left", "right")
+#: Label values must fit the prepared label map (int16; 0 is background).
+MAX_LABEL = int(np.iinfo(np.int16).max)
+
+
+def brief(values, n: int = 5) -> str:
+    """The first ``n`` of ``values`` and how many there are: what a person reads in a reason.
+
+    >>> brief([3, 1, 2])
+    '[3, 1, 2]'
+    >>> brief(range(40000, 40100))
+    '[40000, 40001, 40002, 40003, 40004, ... (100 values)]'
+    """
+    values = list(values)
+    shown = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in values[:n])
+    return f"[{shown}]" if len(values) <= n else f"[{shown}, ... ({len(values)} values)]"
 
 
 @dataclass(frozen=True)
@@ -98,9 +128,10 @@ class Case:
     image_path: Path
     labels_path: Path  # the label map, or the segmentations folder
     names_path: Path | None = None  # labels.csv of a label-map case
-    laterality: str | None = None
+    laterality: str | None = None  # when no meta.json says it
     structures: tuple[str, ...] = ()  # TotalSegmentator: the masks to read (empty = all)
     keep: tuple[str, ...] = ()  # the profile's structure list for the source (empty = all)
+    meta_path: Path | None = None  # meta.json of a label-map case, read with the case
 
     @property
     def volume_id(self) -> str:
@@ -127,58 +158,174 @@ def totalsegmentator_classes() -> dict[int, str]:
 
 
 def read_label_names(path: str | os.PathLike) -> dict[int, str]:
-    """``index,name`` CSV -> {index: name}; a clear error names the file and the row."""
+    """``index,name`` CSV -> {index: name}.
+
+    Indices must be integers in 0..32767 (the prepared label map is int16; 0, background,
+    may be listed and is ignored), indices and names unique (two rows named ``tibia`` would
+    make one structure replace the other). Every error is a :class:`VolumeError` naming the
+    file and the first offending lines.
+    """
     path = Path(path)
     try:
-        table = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise VolumeError(f"{path}: unreadable label table ({err})") from err
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError as err:
+        raise VolumeError(f"{path}: label table not found", path) from err
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as err:
+        raise VolumeError(f"{path}: unreadable label table ({type(err).__name__}: "
+                          f"{str(err)[:200]})", path) from err
     missing = {"index", "name"} - set(table.columns)
     if missing:
         raise VolumeError(f"{path}: label table lacks column(s) {sorted(missing)}; "
-                          "expected 'index,name'")
-    if table["index"].isna().any() or table["name"].isna().any():
-        row = int(np.flatnonzero(table["index"].isna() | table["name"].isna())[0]) + 2
-        raise VolumeError(f"{path}: empty index or name on line {row}")
-    if table["index"].duplicated().any():
-        dup = table.loc[table["index"].duplicated(), "index"].tolist()
-        raise VolumeError(f"{path}: label index {dup} listed twice")
-    return {int(i): str(n) for i, n in zip(table["index"], table["name"], strict=True)}
+                          "expected 'index,name'", path)
+    index = table["index"].str.strip()
+    names = table["name"].str.strip()
+    line = table.index.to_numpy() + 2  # the header is line 1
+
+    def fail(bad: np.ndarray, what: str) -> None:
+        raise VolumeError(f"{path}: {what} on line(s) {brief(line[bad])}", path)
+
+    empty = (index == "").to_numpy() | (names == "").to_numpy()
+    if empty.any():
+        fail(empty, "empty index or name")
+    number = pd.to_numeric(index, errors="coerce")
+    bad = (number.isna() | (number != np.round(number))).to_numpy()
+    if bad.any():
+        fail(bad, f"label index {brief(index[bad])} is not an integer")
+    bad = ((number < 0) | (number > MAX_LABEL)).to_numpy()
+    if bad.any():
+        fail(bad, f"label index {brief(index[bad])} outside 0..{MAX_LABEL} (the prepared "
+             "label map is int16)")
+    number = number.astype(np.int64)
+    bad = number.duplicated(keep=False).to_numpy()
+    if bad.any():
+        fail(bad, f"label index {brief(sorted(set(number[bad])))} listed twice")
+    bad = names.str.casefold().duplicated(keep=False).to_numpy()
+    if bad.any():
+        fail(bad, f"structure name {brief(sorted(set(names[bad])))} listed twice")
+    return {int(i): str(n) for i, n in zip(number, names, strict=True) if i != 0}
+
+
+def read_meta(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A case's optional ``meta.json``: a JSON object; ``laterality`` is ``left`` or ``right``.
+
+    Returns ``{}`` when ``path`` is None or absent. Other keys are kept as they are.
+
+    Raises
+    ------
+    VolumeError
+        Naming ``meta.json`` (not the image) when it is not a JSON object or a value is
+        not allowed; only that case is rejected.
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VolumeError(f"{path}: not valid JSON ({err})", path) from err
+    if not isinstance(meta, dict):
+        raise VolumeError(f"{path}: expected a JSON object such as "
+                          f'{{"laterality": "left"}}, got a {type(meta).__name__}', path)
+    side = meta.get("laterality")
+    if side is not None and side not in LATERALITIES:
+        raise VolumeError(f"{path}: laterality {str(side)[:40]!r} is not one of "
+                          f"{list(LATERALITIES)}", path)
+    return meta
 
 
 def _load(path: Path):
-    """Load a NIfTI image and its voxels, turning every reader failure into VolumeError."""
+    """Load a 3D volume and its voxels, turning every reader failure into VolumeError.
+
+    Any format nibabel's own loader reads as a volume (NIfTI-1, NIfTI-2, MGH, ...); gzipped
+    NIfTI takes a faster path (:func:`_read_nii_gz`). CIFTI-2 files and surfaces (GIFTI,
+    FreeSurfer) are rejected by name: they hold no voxel grid.
+    """
     import nibabel as nib
 
     try:
         if path.name.endswith(".nii.gz"):
             img, data = _read_nii_gz(path)
         else:
-            img = nib.load(path)
+            img = _nibabel_load(path)
+            _check_volume_image(img, path)
             data = np.asanyarray(img.dataobj)
     except FileNotFoundError as err:
-        raise VolumeError(f"{path}: file not found") from err
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError,
-            nib.filebasedimages.ImageFileError) as err:
-        raise VolumeError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+        raise VolumeError(f"{path}: file not found", path) from err
+    except VolumeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the reader says, this file is at fault
+        raise VolumeError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:200]})",
+                          path) from err
     if data.ndim > 3:
         if any(s != 1 for s in data.shape[3:]):
             raise VolumeError(f"{path}: {data.ndim}D image of shape {data.shape}; "
-                              "expected one 3D volume")
+                              "expected one 3D volume", path)
         data = data.reshape(data.shape[:3])
     if data.ndim != 3:
-        raise VolumeError(f"{path}: {data.ndim}D image of shape {data.shape}; expected 3D")
+        raise VolumeError(f"{path}: {data.ndim}D image of shape {data.shape}; expected 3D",
+                          path)
     return nib.Nifti1Image(data, img.affine)
 
 
+def _nibabel_load(path: Path):
+    """``nibabel.load``, with surfaces it cannot read named instead of 'unknown format'."""
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except nib.filebasedimages.ImageFileError:
+        with path.open("rb") as fh:
+            head = fh.read(1024)
+        if head[:2] == b"\x1f\x8b":
+            head = gzip.GzipFile(fileobj=path.open("rb")).read(1024)
+        kind = _surface_kind(head)
+        if kind:
+            raise VolumeError(f"{path}: {kind}, not a volume", path) from None
+        raise
+
+
+def _surface_kind(head: bytes) -> str | None:
+    """Name the surface format whose first bytes are ``head`` (None: not a surface)."""
+    if head.lstrip().startswith(b"<?xml") or b"<GIFTI" in head:
+        return "GIFTI surface or surface-data file"
+    if head[:3] in (b"\xff\xff\xfe", b"\xff\xff\xff"):
+        return "FreeSurfer surface file"
+    return None
+
+
+def _check_volume_image(img, path: Path) -> None:
+    """Reject what nibabel reads but that is no voxel volume (CIFTI-2, GIFTI, streamlines)."""
+    import nibabel as nib
+
+    if isinstance(img, nib.cifti2.Cifti2Image) or _is_cifti_header(img.header):
+        raise VolumeError(f"{path}: CIFTI, not a volume (a CIFTI-2 matrix over grayordinates "
+                          "has no voxel grid)", path)
+    if isinstance(img, nib.gifti.GiftiImage):
+        raise VolumeError(f"{path}: GIFTI surface or surface-data file, not a volume", path)
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise VolumeError(f"{path}: {type(img).__name__}, not a volume", path)
+
+
+def _is_cifti_header(header) -> bool:
+    """A NIfTI-2 header carrying CIFTI: intent code 3000-3099 or a CIFTI extension (32)."""
+    try:
+        code = int(header["intent_code"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    extensions = getattr(header, "extensions", ())
+    return 3000 <= code < 3100 or any(e.get_code() == 32 for e in extensions)
+
+
 def _read_nii_gz(path: Path):
-    """Read a gzipped NIfTI file: (image, voxel array).
+    """Read a gzipped NIfTI-1 or NIfTI-2 file: (image, voxel array).
 
     The file is inflated in one zlib call (which releases the GIL, so masks read in
     threads inflate in parallel) and the voxels are a view on the inflated bytes, laid out
     as nibabel's header describes them. nibabel's streaming reader spends most of its time
     in Python-level buffering and copies, which dominated stage 01 on 67 masks of 100 MB.
-    Files with several gzip members or scaled voxels take nibabel's own path.
+    Files with several gzip members or scaled voxels take nibabel's own path, and content
+    that is not NIfTI goes to :func:`nibabel.load`, which knows the other formats.
     """
     import nibabel as nib
 
@@ -187,7 +334,18 @@ def _read_nii_gz(path: Path):
     raw = inflater.decompress(blob)
     if inflater.unused_data or not inflater.eof:
         raw = gzip.decompress(blob)  # several members, or truncated: gzip says which
-    img = nib.Nifti1Image.from_bytes(raw)
+    if nib.Nifti2Header.may_contain_header(raw[:540]):
+        img = nib.Nifti2Image.from_bytes(raw)
+    elif nib.Nifti1Header.may_contain_header(raw[:348]):
+        img = nib.Nifti1Image.from_bytes(raw)
+    else:
+        kind = _surface_kind(raw[:1024])
+        if kind:
+            raise VolumeError(f"{path}: {kind}, not a volume", path)
+        img = _nibabel_load(path)  # MGH and the like; nibabel names what it cannot read
+        _check_volume_image(img, path)
+        return img, np.asanyarray(img.dataobj)
+    _check_volume_image(img, path)
     proxy = img.dataobj  # where and how nibabel itself would read the voxels
     if not (proxy.slope == 1.0 and proxy.inter == 0.0):
         return img, np.asanyarray(proxy)
@@ -250,15 +408,27 @@ def _load_image(path: Path):
     if np.issubdtype(data.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
-            raise VolumeError(f"{path}: {bad} non-finite intensities (NaN or inf)")
+            raise VolumeError(f"{path}: {bad} non-finite intensities (NaN or inf)", path)
     return img
 
 
 def _integer_labels(img, path: Path) -> np.ndarray:
+    """The label map as int16, after checking that every value is an integer in 0..32767
+    (a value that does not fit is reported as it is in the file, never wrapped)."""
     data = np.asanyarray(img.dataobj)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+            or data.dtype == np.bool_):
+        raise VolumeError(f"{path}: label map of type {data.dtype}; expected integers", path)
     if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.rint(data)):
-            raise VolumeError(f"{path}: label map holds non-integer values")
+        bad = ~np.isfinite(data) | (data != np.rint(data))
+        if bad.any():
+            raise VolumeError(f"{path}: label map holds {int(bad.sum())} non-integer values, "
+                              f"e.g. {brief(np.unique(data[bad]))}", path)
+    low, high = data.min(), data.max()
+    if low < 0 or high > MAX_LABEL:
+        values = np.unique(data[(data < 0) | (data > MAX_LABEL)])
+        raise VolumeError(f"{path}: label value(s) {brief(values)} outside 0..{MAX_LABEL} "
+                          "(the prepared label map is int16)", path)
     return data.astype(np.int16)
 
 
@@ -284,14 +454,14 @@ def load_case(case: Case) -> tuple[Any, Any, dict[int, str], list[dict[str, str]
         labels, names, notes = _read_totalsegmentator_masks(case, image)
     else:
         labels_img = _reoriented_like(_load(case.labels_path), image)
-        geometry.check_same_grid(image, labels_img, str(case.image_path), str(case.labels_path))
+        _same_grid(image, labels_img, case.image_path, case.labels_path)
         data = _integer_labels(labels_img, case.labels_path)
         all_names = read_label_names(case.names_path)
         present = {int(v) for v in np.unique(data)} - {0}
         unnamed = sorted(present - set(all_names))
         if unnamed:
-            raise VolumeError(f"{case.labels_path}: label value(s) {unnamed} have no name in "
-                              f"{case.names_path}")
+            raise VolumeError(f"{case.labels_path}: label value(s) {brief(unnamed)} have no "
+                              f"name in {case.names_path}", case.labels_path)
         names = {v: all_names[v] for v in sorted(present)}
         if case.keep:
             dropped = [v for v, n in names.items() if n not in set(case.keep)]
@@ -300,10 +470,26 @@ def load_case(case: Case) -> tuple[Any, Any, dict[int, str], list[dict[str, str]
         labels = nib.Nifti1Image(data, image.affine)
     if not names:
         kept = f" among the {len(case.keep)} structures the profile keeps" if case.keep else ""
-        raise VolumeError(f"{case.labels_path}: no labelled voxels{kept} (empty mask)")
-    image = geometry.to_canonical(image, str(case.image_path))
-    labels = geometry.to_canonical(labels, str(case.labels_path))
+        raise VolumeError(f"{case.labels_path}: no labelled voxels{kept} (empty mask)",
+                          case.labels_path)
+    for img, path in ((image, case.image_path), (labels, case.labels_path)):
+        try:
+            canonical = geometry.to_canonical(img, str(path))
+        except geometry.GeometryError as err:
+            raise VolumeError(str(err), path) from err
+        if path == case.image_path:
+            image = canonical
+        else:
+            labels = canonical
     return image, labels, names, notes
+
+
+def _same_grid(image, other, image_path: Path, other_path: Path) -> None:
+    """:func:`mislib.geometry.check_same_grid`, blaming ``other_path`` (the label map or mask)."""
+    try:
+        geometry.check_same_grid(image, other, str(image_path), str(other_path))
+    except geometry.GeometryError as err:
+        raise VolumeError(str(err), other_path) from err
 
 
 def _reoriented_like(img, reference):
@@ -332,11 +518,18 @@ def _read_totalsegmentator_masks(case: Case, image, threads: int = 2):
     value_of = {name: value for value, name in classes.items()}
     folder = case.labels_path
     if not folder.is_dir():
-        raise VolumeError(f"{folder}: segmentations folder not found")
+        raise VolumeError(f"{folder}: segmentations folder not found", folder)
     wanted = case.structures or tuple(sorted(p.name[:-7] for p in folder.glob("*.nii.gz")))
     if case.keep:  # the profile's list filters; a kept class without a file is not asked for
         wanted = tuple(n for n in wanted if n in set(case.keep))
     notes = []
+    if not case.structures:  # every class: say which masks the folder lacks
+        absent = sorted(set(value_of) - set(wanted))
+        if absent:
+            notes.append(_rejection(
+                case, folder, f"{folder}: {len(absent)} of the {len(value_of)} TotalSegmentator "
+                f"classes have no mask file, e.g. {brief(absent, 3)}; prepared from the "
+                f"{len(value_of) - len(absent)} present"))
     readable = []
     for name in wanted:
         path = folder / f"{name}.nii.gz"
@@ -350,7 +543,7 @@ def _read_totalsegmentator_masks(case: Case, image, threads: int = 2):
     def read(item):
         name, path = item
         mask_img = _load(path)
-        geometry.check_same_grid(image, mask_img, str(case.image_path), str(path))
+        _same_grid(image, mask_img, case.image_path, path)
         data = np.asanyarray(mask_img.dataobj)
         box = _bounding_box(data)
         return name, path, box, (data[box] > 0 if box is not None else None)
@@ -393,6 +586,9 @@ def _storage_axcodes(path: Path) -> str:
 
 
 def _rejection(case: Case, path: Path, reason: str) -> dict[str, str]:
+    """A row of ``rejected.parquet``; a reason longer than a person reads is cut."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS - 40]} ... ({len(reason):,} characters)"
     return {"source": case.source, "case": case.case, "path": str(path), "reason": reason}
 
 
@@ -422,16 +618,13 @@ def labelmap_cases(root: str | os.PathLike, source: str, modality: str,
     image may instead be a DICOM series in ``<case>/image/``."""
     cases = []
     for folder in _case_folders(Path(root), source):
-        laterality = None
-        meta = folder / "meta.json"
-        if meta.is_file():
-            laterality = json.loads(meta.read_text()).get("laterality")
         image = folder / "image.nii.gz"
         if not image.exists() and (folder / "image").is_dir():
             image = folder / "image"
+        # meta.json is read with the case (read_meta), so a bad one rejects that case only
         cases.append(Case(source, "labelmap", modality, folder.name, image,
-                          folder / "labels.nii.gz", folder / "labels.csv", laterality,
-                          keep=tuple(keep)))
+                          folder / "labels.nii.gz", folder / "labels.csv", keep=tuple(keep),
+                          meta_path=folder / "meta.json"))
     return cases
 
 
@@ -472,7 +665,10 @@ def ensure_demo_source(source: str, params: dict[str, Any],
                        root: str | os.PathLike | None = None) -> Path:
     """Write a demo source under ``data/raw/demo/`` in its real layout (once; cached).
 
-    Returns the folder holding its cases.
+    Returns the folder holding its cases. A changed specification (e.g. fewer phantoms)
+    rewrites the whole folder, so no case of an earlier specification stays behind; it is
+    written beside the old one and moved in whole (:func:`mislib.stage.replace_path`), so a
+    kill leaves either source, never a mix.
     """
     base = project_paths(root).demo_raw
     counts = {"brain_atlas": 1, "torso_ct_phantom": int(params.get("n_torso_phantoms", 2)),
@@ -486,24 +682,26 @@ def ensure_demo_source(source: str, params: dict[str, Any],
     marker = folder / ".demo.json"
     if marker.is_file() and json.loads(marker.read_text()).get("hash") == config_hash(spec):
         return folder
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
     if source in demo_cases.SOURCES:
-        if folder.is_dir():
-            shutil.rmtree(folder)  # a stale or half-written copy
-        demo_cases.write_cases(source, folder, demo_cases.fetch_sdist())
-        marker.write_text(json.dumps({"hash": config_hash(spec), "spec": spec}))
+        demo_cases.write_cases(source, staging, demo_cases.fetch_sdist())
+        (staging / ".demo.json").write_text(json.dumps({"hash": config_hash(spec), "spec": spec}))
+        replace_path(staging, folder)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True)
     for i in tqdm(range(counts[source]), desc=f"writing demo {source}", leave=False):
         if source == "brain_atlas":
-            phantoms.write_brain_atlas(folder / "mni152")
+            phantoms.write_brain_atlas(staging / "mni152")
         elif source == "torso_ct_phantom":
-            phantoms.write_torso_ct_phantom(folder / f"s{i:04d}", seed=params["seed"] + i,
+            phantoms.write_torso_ct_phantom(staging / f"s{i:04d}", seed=params["seed"] + i,
                                             storage_axcodes=TORSO_STORAGE[i % 2])
         else:
-            phantoms.write_knee_mri_phantom(folder / f"k{i:04d}", seed=params["seed"] + i,
+            phantoms.write_knee_mri_phantom(staging / f"k{i:04d}", seed=params["seed"] + i,
                                             laterality=KNEE_SIDES[i % 2],
                                             storage_axcodes=KNEE_STORAGE[i % 2])
-    marker.write_text(json.dumps({"hash": config_hash(spec), "spec": spec}))
+    (staging / ".demo.json").write_text(json.dumps({"hash": config_hash(spec), "spec": spec}))
+    replace_path(staging, folder)
     return folder
 
 
@@ -675,8 +873,12 @@ def prepare_case(case: Case, out_dir: str | os.PathLike, params: dict[str, Any])
 
     out = Prepared()
     try:
+        laterality = read_meta(case.meta_path).get("laterality", case.laterality)
         image, labels, names, out.rejected = load_case(case)
-    except (VolumeError, geometry.GeometryError) as err:
+    except VolumeError as err:
+        out.rejected.append(_rejection(case, err.path or case.image_path, str(err)))
+        return out
+    except geometry.GeometryError as err:
         out.rejected.append(_rejection(case, case.image_path, str(err)))
         return out
     except Exception as err:  # an unexpected failure must not take the other volumes down
@@ -721,7 +923,7 @@ def prepare_case(case: Case, out_dir: str | os.PathLike, params: dict[str, Any])
         "spacing_x": spacing[0], "spacing_y": spacing[1], "spacing_z": spacing[2],
         "canonical_image": f"volumes/{vid}/image.nii.gz",
         "canonical_labels": f"volumes/{vid}/labels.nii.gz",
-        "laterality": case.laterality, "n_components": len(comps),
+        "laterality": laterality, "n_components": len(comps),
     }
     return out
 
@@ -740,14 +942,47 @@ def prepare(profile: str = "demo", root: str | os.PathLike | None = None, force:
     **overrides : ``[volumes]`` keys, e.g. ``sources=["brain_atlas"]``.
 
     Writes ``data/prepared/{volumes,components,slices,rejected}.parquet`` and the canonical
-    volumes (see ``data/README.md``). Cases are prepared in ``workers`` processes.
+    volumes (see ``data/README.md``). Cases are prepared in ``workers`` processes. The stamp
+    holds the digests of every input file, so changed inputs redo the stage; outputs are
+    moved in only when all are written (:class:`mislib.stage.StageRun`).
     """
     params = stage_params(profile, STAGE, **overrides)
     out_dir = project_paths(root).prepared
-    if not force and is_fresh(out_dir, STAGE, params, OUTPUTS):
-        return pd.read_parquet(out_dir / "volumes.parquet")
     cases = find_cases(params, root)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_stamp(out_dir, STAGE) or {}
+    inputs = input_digests([f for case in cases for f in case_files(case)],
+                           previous.get("input_files"), int(params.get("workers", 1)))
+    stamp_params = {**params, "inputs": config_hash(digests_only(inputs))}
+    stamp_params.pop("workers", None)  # the worker count does not change the outputs
+    if not force and is_fresh(out_dir, STAGE, stamp_params, OUTPUTS):
+        return pd.read_parquet(out_dir / "volumes.parquet")
+    with StageRun(out_dir, STAGE, stamp_params, OUTPUTS, inputs) as run:
+        volumes = _prepare_cases(cases, run, params)
+    return volumes
+
+
+def case_files(case: Case) -> list[Path]:
+    """The input files of a case, as stage 01 reads them (for its stamp's digests)."""
+    # a DICOM series is a folder of files
+    files = sorted(case.image_path.rglob("*")) if case.image_path.is_dir() else [case.image_path]
+    if case.layout == "totalsegmentator":
+        folder = case.labels_path
+        if case.structures:
+            masks = [folder / f"{name}.nii.gz" for name in case.structures]
+        else:
+            masks = sorted(folder.glob("*.nii.gz")) if folder.is_dir() else []
+        files += [m for m in masks if not case.keep or m.name[:-7] in set(case.keep)]
+    else:
+        files += [case.labels_path, case.names_path]
+        if case.meta_path is not None and case.meta_path.is_file():
+            files.append(case.meta_path)
+    return [f for f in files if f is not None and not f.is_dir()]
+
+
+def _prepare_cases(cases: list[Case], run: StageRun, params: dict[str, Any]) -> pd.DataFrame:
+    """Prepare ``cases`` into the run's staging folder; write the four tables there."""
+    out_dir = run.staging
+    (out_dir / "volumes").mkdir(exist_ok=True)
     results: list[Prepared] = []
     workers = max(1, min(int(params.get("workers", 1)), len(cases)))
     progress = tqdm(total=len(cases), desc="preparing volumes", unit="volume")
@@ -773,11 +1008,10 @@ def prepare(profile: str = "demo", root: str | os.PathLike | None = None, force:
     rejected = pd.DataFrame([row for r in results for row in r.rejected],
                             columns=list(REJECTED_COLUMNS)).sort_values(
                                 ["source", "case", "path"], ignore_index=True)
-    volumes.to_parquet(out_dir / "volumes.parquet", index=False)
-    components.to_parquet(out_dir / "components.parquet", index=False)
-    slices.to_parquet(out_dir / "slices.parquet", index=False)
-    rejected.to_parquet(out_dir / "rejected.parquet", index=False)
-    write_stamp(out_dir, STAGE, params, OUTPUTS)
+    volumes.to_parquet(run.path("volumes.parquet"), index=False)
+    components.to_parquet(run.path("components.parquet"), index=False)
+    slices.to_parquet(run.path("slices.parquet"), index=False)
+    rejected.to_parquet(run.path("rejected.parquet"), index=False)
     return volumes
 
 

@@ -160,10 +160,15 @@ def test_demo_prepares_every_source(demo_root):
     vols = pd.read_parquet(prepared / "volumes.parquet")
     assert set(vols["source"]) == set(DEMO_SOURCES) | {"torso_ct_phantom"}
     assert set(vols["storage_axcodes"]) >= {"LAS", "LPS", "RAS"}
-    # TotalSegmentator writes a file per class, present or not: empty ones are the only notes
+    # TotalSegmentator writes a file per class, present or not: empty ones are notes, and a
+    # case whose segmentations/ lacks some classes' files (the phantoms, the sdist's aorta
+    # case) gets one note with the count; no case is lost
     rejected = pd.read_parquet(prepared / "rejected.parquet")
-    assert rejected["reason"].str.endswith(": empty mask").all(), rejected["reason"].tolist()
-    assert set(rejected["source"]) <= {"torso_ct"}
+    missing = rejected["reason"].str.contains("TotalSegmentator classes have no mask file")
+    assert (rejected["reason"].str.endswith(": empty mask") | missing).all(), \
+        rejected["reason"].tolist()
+    assert set(rejected["source"]) <= {"torso_ct", "torso_ct_phantom"}
+    assert set(rejected["case"]) <= set(vols["case"])
     for row in vols.itertuples():
         img = nib.load(prepared / row.canonical_image)
         lab = nib.load(prepared / row.canonical_labels)
@@ -649,3 +654,165 @@ def test_gzip_reader_matches_nibabel_for_plain_scaled_and_multi_member_files(tmp
         reference = nib.load(path)
         np.testing.assert_array_equal(voxels, reference.get_fdata())
         np.testing.assert_allclose(img.affine, reference.affine)
+
+
+# ---- readers: any NIfTI, no surfaces, the file at fault named ------------------------------
+
+NIBABEL_DATA = __import__("pathlib").Path(nib.__file__).parent / "tests" / "data"
+GIFTI_DATA = __import__("pathlib").Path(nib.__file__).parent / "gifti" / "tests" / "data"
+
+
+def _prepare_generic(tmp_path, workers=1, **overrides):
+    """Stage 01 on the generic cases under tmp_path/raw; (volumes, rejected) tables."""
+    vols = volumes.prepare("demo", root=tmp_path, sources=["generic"], workers=workers,
+                           generic_root=str(tmp_path / "raw"), **overrides)
+    rejected = pd.read_parquet(tmp_path / "data" / "prepared" / "rejected.parquet")
+    return vols, rejected.set_index("case")
+
+
+def test_nifti2_volumes_are_prepared_like_nifti1(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    for name, suffix in (("gz", ".nii.gz"), ("plain", ".nii")):
+        case = _labelmap_case(tmp_path / "raw" / name, image, labels, affine, {1: "a", 2: "b"})
+        if suffix == ".nii":  # uncompressed NIfTI-2 goes through nibabel.load
+            nib.save(nib.Nifti2Image(image, affine), tmp_path / "img2.nii")
+            (case / "image.nii.gz").write_bytes(gzip.compress((tmp_path / "img2.nii")
+                                                              .read_bytes()))
+        else:
+            nib.save(nib.Nifti2Image(image, affine), case / "image.nii.gz")
+        nib.save(nib.Nifti2Image(labels, affine), case / "labels.nii.gz")
+    vols, rejected = _prepare_generic(tmp_path)
+    assert rejected.empty, rejected["reason"].tolist()
+    assert sorted(vols["case"]) == ["gz", "plain"]
+    assert (vols["n_components"] == 2).all()
+    # the real NIfTI-2 file nibabel ships (4D) is read, then refused for its shape only
+    with pytest.raises(volumes.VolumeError, match=r"4D image of shape \(32, 20, 12, 2\)"):
+        volumes._load(NIBABEL_DATA / "example_nifti2.nii.gz")
+
+
+def test_cifti_and_surface_files_are_rejected_by_name(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.eye(4)
+    cifti = (NIBABEL_DATA / "row_major.dconn.nii").read_bytes()
+    case = _labelmap_case(tmp_path / "raw" / "cifti", image, labels, affine, {1: "a", 2: "b"})
+    (case / "image.nii.gz").write_bytes(gzip.compress(cifti))
+    case = _labelmap_case(tmp_path / "raw" / "gifti", image, labels, affine, {1: "a", 2: "b"})
+    (case / "labels.nii.gz").write_bytes(gzip.compress((GIFTI_DATA / "ascii.gii").read_bytes()))
+    _labelmap_case(tmp_path / "raw" / "good", image, labels, affine, {1: "a", 2: "b"})
+    vols, rejected = _prepare_generic(tmp_path)
+    assert list(vols["case"]) == ["good"]
+    assert rejected.loc["cifti", "path"].endswith("cifti/image.nii.gz")
+    assert "CIFTI, not a volume" in rejected.loc["cifti", "reason"]
+    assert rejected.loc["gifti", "path"].endswith("gifti/labels.nii.gz")
+    assert "GIFTI surface or surface-data file, not a volume" in rejected.loc["gifti", "reason"]
+    # the uncompressed originals, through nibabel's own loader
+    with pytest.raises(volumes.VolumeError, match="CIFTI, not a volume"):
+        volumes._load(NIBABEL_DATA / "row_major.dconn.nii")
+    with pytest.raises(volumes.VolumeError, match="GIFTI surface or surface-data file"):
+        volumes._load(GIFTI_DATA / "ascii.gii")
+
+
+def test_the_path_column_and_reason_name_the_label_map_or_table_at_fault(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.eye(4)
+    case = _labelmap_case(tmp_path / "raw" / "csv", image, labels, affine, {1: "a", 2: "b"})
+    (case / "labels.csv").write_text("index,name\n1,a\nthree,b\n")
+    _labelmap_case(tmp_path / "raw" / "shape", image, labels[:, :, :8], affine, {1: "a", 2: "b"})
+    vols, rejected = _prepare_generic(tmp_path)
+    assert vols.empty
+    assert rejected.loc["csv", "path"].endswith("csv/labels.csv")
+    assert re.search(r"csv/labels.csv: label index \['three'\] is not an integer on line\(s\) \[3\]",
+                     rejected.loc["csv", "reason"])
+    assert rejected.loc["shape", "path"].endswith("shape/labels.nii.gz")
+
+
+def test_label_table_with_a_name_twice_is_rejected(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("index,name\n1,tibia\n2,femur\n3,tibia\n")
+    with pytest.raises(volumes.VolumeError,
+                       match=r"labels.csv: structure name \['tibia'\] listed twice on line\(s\) \[2, 4\]"):
+        volumes.read_label_names(path)
+    path.write_text("index,name\n1.5,tibia\n")
+    with pytest.raises(volumes.VolumeError, match=r"label index \['1.5'\] is not an integer"):
+        volumes.read_label_names(path)
+    path.write_text("index,name\n40000,tibia\n")
+    with pytest.raises(volumes.VolumeError, match=r"label index \['40000'\] outside 0..32767"):
+        volumes.read_label_names(path)
+
+
+def test_label_value_too_large_for_int16_is_reported_as_written(tmp_path):
+    image, labels = _two_blobs()
+    big = labels.astype(np.uint16)
+    big[big == 2] = 40000
+    _labelmap_case(tmp_path / "raw" / "big", image, big, np.eye(4), {1: "a", 40000: "b"})
+    vols, rejected = _prepare_generic(tmp_path)
+    assert vols.empty
+    reason = rejected.loc["big", "reason"]
+    assert "[40000] outside 0..32767" in reason and "-25536" not in reason
+    assert rejected.loc["big", "path"].endswith("big/labels.nii.gz")
+
+
+def test_a_reason_stays_short_enough_to_read(tmp_path):
+    image, _ = _two_blobs()
+    many = np.arange(image.size, dtype=np.int16).reshape(image.shape) % 7000 + 1
+    _labelmap_case(tmp_path / "raw" / "many", image, many, np.eye(4), {1: "a"})
+    _, rejected = _prepare_generic(tmp_path)
+    reason = rejected.loc["many", "reason"]
+    assert len(reason) <= volumes.MAX_REASON_CHARS
+    assert "[2, 3, 4, 5, 6, ... (6999 values)] have no name" in reason
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ("{not json", "not valid JSON"),
+    ('["left"]', "expected a JSON object"),
+    ('{"laterality": "up"}', r"laterality 'up' is not one of \['left', 'right'\]"),
+])
+def test_a_bad_meta_json_rejects_its_case_only_and_is_named(tmp_path, meta, expected):
+    image, labels = _two_blobs()
+    case = _labelmap_case(tmp_path / "raw" / "bad", image, labels, np.eye(4), {1: "a", 2: "b"})
+    (case / "meta.json").write_text(meta)
+    good = _labelmap_case(tmp_path / "raw" / "good", image, labels, np.eye(4), {1: "a", 2: "b"})
+    (good / "meta.json").write_text('{"laterality": "left", "note": "kept"}')
+    vols, rejected = _prepare_generic(tmp_path)
+    assert list(vols["case"]) == ["good"] and list(vols["laterality"]) == ["left"]
+    assert rejected.loc["bad", "path"].endswith("bad/meta.json")
+    assert re.search(expected, rejected.loc["bad", "reason"])
+
+
+def test_totalsegmentator_case_missing_class_masks_gets_a_note_and_is_prepared(tmp_path):
+    image, labels = _two_blobs()
+    affine = np.eye(4)
+    case = tmp_path / "ts" / "s0001"
+    (case / "segmentations").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.rint(image).astype(np.int16), affine), case / "ct.nii.gz")
+    for value, name in ((1, "liver"), (2, "spleen")):
+        nib.save(nib.Nifti1Image((labels == value).astype(np.uint8), affine),
+                 case / "segmentations" / f"{name}.nii.gz")
+    vols = volumes.prepare("demo", root=tmp_path, sources=["totalsegmentator"], workers=1,
+                           totalsegmentator_root=str(tmp_path / "ts"), structures=[])
+    assert list(vols["case"]) == ["s0001"] and vols["n_components"].item() == 2
+    rejected = pd.read_parquet(tmp_path / "data" / "prepared" / "rejected.parquet")
+    n_classes = len(volumes.totalsegmentator_classes())
+    assert len(rejected) == 1 and rejected["path"].item().endswith("s0001/segmentations")
+    assert (f"{n_classes - 2} of the {n_classes} TotalSegmentator classes have no mask file"
+            in rejected["reason"].item())
+
+
+def test_fewer_phantoms_leave_no_old_phantom_folder(tmp_path):
+    params = {"seed": 3, "n_knee_phantoms": 2}
+    folder = volumes.ensure_demo_source("knee_mri_phantom", params, tmp_path)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["k0000", "k0001"]
+    volumes.ensure_demo_source("knee_mri_phantom", {**params, "n_knee_phantoms": 1}, tmp_path)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["k0000"]
+    assert not list(folder.parent.glob(".*partial*"))
+
+
+def test_changed_input_file_makes_stage_01_redo_without_force(tmp_path):
+    image, labels = _two_blobs()
+    case = _labelmap_case(tmp_path / "raw" / "one", image, labels, np.eye(4), {1: "a", 2: "b"})
+    _prepare_generic(tmp_path)
+    (case / "labels.csv").write_text("index,name\n1,alpha\n2,beta\n")
+    _prepare_generic(tmp_path)
+    comps = pd.read_parquet(tmp_path / "data" / "prepared" / "components.parquet")
+    assert sorted(comps["component"]) == ["alpha", "beta"]
