@@ -47,8 +47,8 @@ class ProfileError(ValueError):
 # ---- the schema ----------------------------------------------------------------------------
 # Levels a profile may name. They mirror the stage modules' own constants (config sits below
 # them in the import order, so it cannot import them); tests/test_config.py checks they agree.
-SOURCES = ("brain_atlas", "torso_ct_phantom", "knee_mri_phantom",
-           "totalsegmentator", "knee_mri", "generic")
+SOURCES = ("brain_atlas", "torso_ct", "torso_mr", "torso_ct_dicom", "torso_ct_phantom",
+           "knee_mri_phantom", "totalsegmentator", "knee_mri", "generic")
 MODALITIES = ("CT", "MRI")
 PLANES = ("axial", "coronal", "sagittal")
 CONVENTIONS = ("standard", "storage")
@@ -111,6 +111,20 @@ class VolumesTable(_Table):
     generic_root: str
     generic_modality: Literal[*MODALITIES]
     workers: Count
+    max_slice_components: NonNegative  # 0: every visible structure
+    # source -> a curated list's name (mislib.structures.CURATED) or label names
+    structure_lists: dict[Literal[*SOURCES], str | list[str]] = {}
+
+    @field_validator("structure_lists")
+    @classmethod
+    def _curated_names(cls, value):
+        from mislib.structures import CURATED
+
+        bad = {src: name for src, name in value.items()
+               if isinstance(name, str) and name not in CURATED}
+        if bad:
+            raise ValueError(f"names unknown curated list(s) {bad}; curated: {sorted(CURATED)}")
+        return value
 
 
 class RenderTable(_Table):
@@ -242,6 +256,8 @@ def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
                 continue
             elif e["type"] == "multiple_of" and e["ctx"]["multiple_of"] == 2:
                 msg = "should be even"
+            elif "[key]" in e["loc"]:  # a key of a sub-table
+                msg = f"key {_show(e['input'])}: {msg}"
             elif any(isinstance(part, int) for part in e["loc"][1:]):
                 msg = f"item {_show(e['input'])}: {msg}"  # one element of a list
             if msg not in by_key.setdefault(key, []):
