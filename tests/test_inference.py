@@ -300,7 +300,7 @@ def test_n_trials_below_one_is_an_error_naming_the_profile_key(smoke_root, tmp_p
     root = _new_root(tmp_path / "root", smoke_root, n_questions=2)
     first = run_inference(_profile(), arm="baseline", root=root, progress=False)
     for bad in (0, -1, "two"):
-        with pytest.raises(ValueError, match=r"\[inference\].*n_trials must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"\[inference\] n_trials = "):
             run_inference(_profile(n_trials=bad), arm="baseline", root=root, progress=False)
     assert len(pd.read_parquet(first.responses)) == 4
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pandas as pd
 import pytest
 
 from mislib import config, stage
@@ -101,3 +112,193 @@ def test_stamp_records_the_manifest_and_input_files(tmp_path):
     assert record["input_files"] == json.loads(json.dumps(inputs))
     os.truncate(tmp_path / "images" / "0.png", 2)
     assert not config.is_fresh(tmp_path, "demo_stage", {"x": 1}, ["images"])
+
+
+# ---- kills at random points of stages 01-03, then a rerun without force -------------------
+
+REPO = Path(stage.__file__).resolve().parents[1]
+#: stages 01-03 on two small label-map cases, cheap enough to run many times
+CHAIN = {
+    "volumes": {"sources": ["generic"], "workers": 1},
+    "render": {"planes": ["axial", "coronal"], "conventions": ["standard"],
+               "prompts": ["mask"], "backgrounds": ["scan"], "dims": ["2d", "3d"],
+               "image_size": 64, "frames_3d": 4, "workers": 1},
+    "questions": {},
+}
+#: what one chain run does; ``k`` (argv[2]) > 0 ends the process like SIGKILL (no cleanup,
+#: no ``finally``) just before the k-th write: a table, a volume, an image, a stamp, a move
+CHAIN_SCRIPT = r"""
+import json, os, sys
+import nibabel, pandas as pd
+from mislib import render, questions, stage, volumes
+root, k, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+writes = [0]
+def deadly(fn):
+    def wrapped(*args, **kwargs):
+        writes[0] += 1
+        if writes[0] == k:
+            os._exit(137)
+        return fn(*args, **kwargs)
+    return wrapped
+for owner, name in ((stage, "replace_path"), (stage, "remove_stamp"), (stage, "write_stamp"),
+                    (pd.DataFrame, "to_parquet"), (nibabel, "save"), (render, "save_render")):
+    setattr(owner, name, deadly(getattr(owner, name)))  # k = 0: count the writes only
+force = config.pop("force", False)
+volumes.prepare("demo", root=root, force=force, **config["volumes"])
+render.render_benchmark("demo", root=root, force=force, **config["render"])
+questions.generate("demo", root=root, force=force, **config["questions"])
+print("writes", writes[0])
+"""
+
+
+def _chain_config(raw: Path, slices: int, force: bool = False) -> dict:
+    config_ = {name: dict(values) for name, values in CHAIN.items()}
+    config_["volumes"].update(generic_root=str(raw), slices_per_volume=slices)
+    config_["force"] = force
+    return config_
+
+
+def _run_chain(root: Path, config_: dict, k: int = 0, kill_after: float | None = None):
+    """Run the chain in a fresh Python process; return (returncode, stdout)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CHAIN_SCRIPT, str(root), str(k),
+                             json.dumps(config_)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode in (0, 137, -signal.SIGKILL), err[-2000:]
+    return proc.returncode, out
+
+
+def _raw_cases(raw: Path) -> None:
+    """Two label-map cases with three box structures each, a few millimetres apart."""
+    rng = np.random.default_rng(5)
+    for case, shift in (("a", 0), ("b", 3)):
+        folder = raw / case
+        folder.mkdir(parents=True)
+        labels = np.zeros((30, 28, 26), np.int16)
+        labels[3 + shift:11 + shift, 4:12, 5:13] = 1
+        labels[16:24, 14:22, 6 + shift:14 + shift] = 2
+        labels[8:18, 18:26, 15:23] = 3
+        image = rng.normal(100, 10, labels.shape).astype(np.float32) + 50 * labels
+        affine = np.diag([-1.0, 1.0, 1.5, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), folder / "image.nii.gz")
+        nib.save(nib.Nifti1Image(labels, affine), folder / "labels.nii.gz")
+        (folder / "labels.csv").write_text("index,name\n1,liver\n2,spleen\n3,stomach\n")
+
+
+def _snapshot(root: Path) -> dict[str, object]:
+    """Every output of stages 01-03, paths made relative to ``root``: tables and file bytes."""
+    data = root / "data"
+    snap: dict[str, object] = {}
+    for path in sorted(data.rglob("*")):
+        rel = str(path.relative_to(data))
+        if path.is_dir() or rel.startswith("raw/") or path.name.startswith("."):
+            continue
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            for col in table.columns:
+                if table[col].dtype == object:
+                    table[col] = table[col].map(
+                        lambda v: v.replace(str(root), "<root>") if isinstance(v, str) else v)
+            snap[rel] = table
+        elif path.name.endswith(".nii.gz"):
+            img = nib.load(path)
+            snap[rel] = hashlib.sha256(np.asarray(img.dataobj).tobytes()
+                                       + img.affine.tobytes()).hexdigest()
+        else:
+            snap[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return snap
+
+
+def _assert_same_outputs(root: Path, reference: dict[str, object], note: str) -> None:
+    snap = _snapshot(root)
+    assert sorted(snap) == sorted(reference), note
+    for rel, value in reference.items():
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(snap[rel], value, obj=f"{rel} ({note})")
+        else:
+            assert snap[rel] == value, f"{rel} differs ({note})"
+    for folder in ("prepared", "benchmark"):
+        leftovers = [p.name for p in (root / "data" / folder).iterdir()
+                     if ".partial" in p.name or p.name.endswith(".old")]
+        assert leftovers == [], note
+
+
+@pytest.fixture(scope="module")
+def chain_reference(tmp_path_factory):
+    """Raw cases, the outputs of two clean chain runs (1 and 2 slices per volume), the number
+    of write points of a run and its duration (s)."""
+    base = tmp_path_factory.mktemp("chain")
+    _raw_cases(base / "raw")
+    refs = {}
+    for slices in (1, 2):
+        root = base / f"ref{slices}"
+        t0 = time.perf_counter()
+        code, out = _run_chain(root, _chain_config(base / "raw", slices))
+        assert code == 0
+        refs[slices] = _snapshot(root)
+    seconds = time.perf_counter() - t0  # a whole run, for the random kill moments
+    writes = int(out.split()[-1])
+    assert any(k.startswith("benchmark/images/") for k in refs[2])
+    assert any(k.startswith("benchmark/stacks/") for k in refs[2])
+    assert any(k.startswith("prepared/volumes/") for k in refs[2])
+    return base, refs, writes, seconds
+
+
+def _rerun_in_process(root: Path, config_: dict) -> None:
+    """The rerun after a kill: the same chain, in this process, without force."""
+    from mislib import questions, render, volumes
+
+    volumes.prepare("demo", root=root, **config_["volumes"])
+    render.render_benchmark("demo", root=root, **config_["render"])
+    questions.generate("demo", root=root, **config_["questions"])
+
+
+@pytest.mark.slow
+def test_a_kill_before_any_write_of_a_forced_rerun_leaves_outputs_a_rerun_completes(
+        chain_reference, tmp_path):
+    """Over complete outputs of one configuration, kill a forced run of another just before
+    its k-th write, for write points spread over all three stages (tables, volumes, images,
+    stamps, moves); rerun without force; the outputs equal a clean run's, no leftovers."""
+    base, refs, writes, _ = chain_reference
+    rng = random.Random(20261201)
+    points = sorted({1, writes, *rng.sample(range(2, writes), 3)})
+    for k in points:
+        root = tmp_path / f"k{k}"
+        shutil.copytree(base / "ref1", root)  # complete outputs, one slice per volume
+        code, _ = _run_chain(root, _chain_config(base / "raw", 2, force=True), k=k)
+        assert code in (137, -signal.SIGKILL), f"write point {k} of {writes} was not reached"
+        _rerun_in_process(root, _chain_config(base / "raw", 2))
+        _assert_same_outputs(root, refs[2], f"killed before write {k} of {writes}")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_a_rerun_gives_complete_outputs(chain_reference,
+                                                                       tmp_path):
+    base, refs, _, seconds = chain_reference
+    rng = random.Random(7)
+    for attempt, delay in enumerate(rng.uniform(0.5, seconds) for _ in range(2)):
+        root = tmp_path / f"attempt{attempt}"
+        shutil.copytree(base / "ref1", root)
+        _run_chain(root, _chain_config(base / "raw", 2, force=True), kill_after=delay)
+        _rerun_in_process(root, _chain_config(base / "raw", 2))
+        _assert_same_outputs(root, refs[2], f"SIGKILL after {delay:.1f} s")
+
+
+def test_a_stage_01_input_changed_after_its_run_is_seen_by_the_next_run(tmp_path):
+    from mislib import volumes
+
+    raw = tmp_path / "raw"
+    _raw_cases(raw)
+    params = _chain_config(raw, 1)["volumes"]
+    volumes.prepare("demo", root=tmp_path, **params)
+    (raw / "b" / "labels.csv").write_text("index,name\n1,liver\n2,spleen\n3,pancreas\n")
+    volumes.prepare("demo", root=tmp_path, **params)
+    comps = pd.read_parquet(tmp_path / "data" / "prepared" / "components.parquet")
+    assert set(comps.loc[comps["volume_id"].str.endswith("-b"), "component"]) == {
+        "liver", "spleen", "pancreas"}
