@@ -52,7 +52,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from mislib.config import config_hash, file_digest, is_fresh, stage_params
+from mislib.config import config_hash, file_digest, stage_params
 from mislib.geometry import (
     CONVENTIONS,
     PLANES,
@@ -1085,11 +1085,12 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
     out = paths.benchmark
     outputs = ["renders.parquet", "skipped.parquet", "letters.parquet", "images", "stacks"]
-    if not force and is_fresh(out, "render", stamp_params, outputs):
+    run = StageRun(out, "render", stamp_params, outputs)
+    if not force and run.fresh():
         return pd.read_parquet(out / "renders.parquet")
     _options(params)  # validate before writing anything
     # images, stacks and tables are written aside and moved in together (mislib.stage)
-    with StageRun(out, "render", stamp_params, outputs) as run:
+    with run:
         renders = _render_into(run, paths, params, volumes, components, slices)
     return renders
 

@@ -21,12 +21,15 @@ dies), so leftover staging folders can only be killed runs' and are removed.
 This guards against a killed process; it does not ``fsync``, so a power cut can still lose
 what the operating system had not yet written.
 
->>> with StageRun(out_dir, "volumes", params, ["volumes.parquet"]) as run:  # doctest: +SKIP
-...     table.to_parquet(run.path("volumes.parquet"))
+>>> run = StageRun(out_dir, "volumes", params, ["volumes.parquet"])  # doctest: +SKIP
+>>> if force or not run.fresh():                                      # doctest: +SKIP
+...     with run:
+...         table.to_parquet(run.path("volumes.parquet"))
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -36,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mislib.config import file_digest, remove_stamp, write_stamp
+from mislib.config import file_digest, is_fresh, remove_stamp, write_stamp
 
 
 class StageBusy(RuntimeError):
@@ -138,6 +141,19 @@ class StageRun:
         self.staging = self.out_dir / f".{stage}.partial"  # the real name is set on entry
         self._lock = None
 
+    def fresh(self) -> bool:
+        """True when the stamp matches ``params`` and the outputs are as it recorded them
+        (:func:`mislib.config.is_fresh`); then a killed run's staging folders are removed
+        (unless a run holds the lock), since no run will come to clear them."""
+        if not is_fresh(self.out_dir, self.stage, self.params, self.outputs):
+            return False
+        try:
+            with self._locked():
+                self._clear_leftovers()
+        except StageBusy:
+            pass
+        return True
+
     def path(self, name: str | os.PathLike) -> Path:
         """Where to write the output ``name`` (a declared output, or a file inside one)."""
         top = Path(name).parts[0]
@@ -148,18 +164,27 @@ class StageRun:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def __enter__(self) -> StageRun:
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the stage's lock in ``out_dir``, or raise :class:`StageBusy`."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out_dir / f".{self.stage}.lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise StageBusy(f"stage {self.stage!r} is already running into {self.out_dir} "
-                            "(another process holds its lock); wait for it to finish") from None
+        with open(self.out_dir / f".{self.stage}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StageBusy(f"stage {self.stage!r} is already running into {self.out_dir} "
+                                "(another process holds its lock); wait for it to finish"
+                                ) from None
+            yield  # closing the file releases the lock (so does the kernel when a process dies)
+
+    def _clear_leftovers(self) -> None:
         for old in self.out_dir.glob(f".{self.stage}.partial*"):
             shutil.rmtree(old, ignore_errors=True)  # only a killed run leaves one
+
+    def __enter__(self) -> StageRun:
+        self._lock = self._locked()
+        self._lock.__enter__()
+        self._clear_leftovers()
         self.staging = Path(tempfile.mkdtemp(prefix=f".{self.stage}.partial-", dir=self.out_dir))
         return self
 
@@ -169,9 +194,8 @@ class StageRun:
                 self.commit()
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
-            if self._lock is not None:
-                self._lock.close()  # releases the flock
-                self._lock = None
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
 
     def commit(self) -> None:
         """Remove the stamp, move every staged output onto its place, write the stamp."""

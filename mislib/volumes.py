@@ -58,7 +58,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mislib import demo_cases, geometry, phantoms, structures
-from mislib.config import config_hash, is_fresh, read_stamp, stage_params
+from mislib.config import config_hash, read_stamp, stage_params
 from mislib.paths import project_paths
 from mislib.stage import StageRun, digests_only, input_digests, replace_path
 
@@ -954,9 +954,10 @@ def prepare(profile: str = "demo", root: str | os.PathLike | None = None, force:
                            previous.get("input_files"), int(params.get("workers", 1)))
     stamp_params = {**params, "inputs": config_hash(digests_only(inputs))}
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
-    if not force and is_fresh(out_dir, STAGE, stamp_params, OUTPUTS):
+    run = StageRun(out_dir, STAGE, stamp_params, OUTPUTS, inputs)
+    if not force and run.fresh():
         return pd.read_parquet(out_dir / "volumes.parquet")
-    with StageRun(out_dir, STAGE, stamp_params, OUTPUTS, inputs) as run:
+    with run:
         volumes = _prepare_cases(cases, run, params)
     return volumes
 

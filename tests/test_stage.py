@@ -75,6 +75,16 @@ def test_a_second_run_of_the_same_stage_and_folder_is_refused(tmp_path):
     assert (tmp_path / "t").is_file() and (tmp_path / "u").is_file()
 
 
+def test_a_fresh_check_clears_a_killed_runs_staging_folder(tmp_path):
+    run = stage.StageRun(tmp_path, "demo_stage", {"x": 1}, ["t"])
+    with run:
+        run.path("t").write_text("t")
+    (tmp_path / ".demo_stage.partial-killed").mkdir()  # what a kill leaves behind
+    assert stage.StageRun(tmp_path, "demo_stage", {"x": 1}, ["t"]).fresh()
+    assert not list(tmp_path.glob(".demo_stage.partial*"))
+    assert not stage.StageRun(tmp_path, "demo_stage", {"x": 2}, ["t"]).fresh()
+
+
 def test_replace_path_swaps_a_folder_whole_and_clears_a_killed_swap(tmp_path):
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "a").write_text("new")
@@ -262,19 +272,21 @@ def _rerun_in_process(root: Path, config_: dict) -> None:
 @pytest.mark.slow
 def test_a_kill_before_any_write_of_a_forced_rerun_leaves_outputs_a_rerun_completes(
         chain_reference, tmp_path):
-    """Over complete outputs of one configuration, kill a forced run of another just before
-    its k-th write, for write points spread over all three stages (tables, volumes, images,
-    stamps, moves); rerun without force; the outputs equal a clean run's, no leftovers."""
+    """Over complete outputs of one configuration, kill a forced run (of the same or another
+    configuration) just before its k-th write, for write points spread over all three
+    stages (tables, volumes, images, stamps, moves); rerun without force; the outputs equal
+    a clean run's, with no leftovers."""
     base, refs, writes, _ = chain_reference
     rng = random.Random(20261201)
-    points = sorted({1, writes, *rng.sample(range(2, writes), 3)})
-    for k in points:
+    points = sorted({1, writes, *rng.sample(range(2, writes), 4)})
+    for i, k in enumerate(points):
+        slices = 1 + i % 2  # the forced run: the same configuration, or a new one
         root = tmp_path / f"k{k}"
         shutil.copytree(base / "ref1", root)  # complete outputs, one slice per volume
-        code, _ = _run_chain(root, _chain_config(base / "raw", 2, force=True), k=k)
+        code, _ = _run_chain(root, _chain_config(base / "raw", slices, force=True), k=k)
         assert code in (137, -signal.SIGKILL), f"write point {k} of {writes} was not reached"
-        _rerun_in_process(root, _chain_config(base / "raw", 2))
-        _assert_same_outputs(root, refs[2], f"killed before write {k} of {writes}")
+        _rerun_in_process(root, _chain_config(base / "raw", slices))
+        _assert_same_outputs(root, refs[slices], f"killed before write {k} of {writes}")
 
 
 @pytest.mark.slow
