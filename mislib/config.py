@@ -112,6 +112,7 @@ class VolumesTable(_Table):
     generic_modality: Literal[*MODALITIES]
     workers: Count
     max_slice_components: NonNegative  # 0: every visible structure
+    min_plane_aspect: Annotated[float, Field(ge=0, le=1)]  # field of view's short/long side
     # source -> a curated list's name (mislib.structures.CURATED) or label names
     structure_lists: dict[Literal[*SOURCES], str | list[str]] = {}
 
@@ -160,6 +161,7 @@ class QuestionsTable(_Table):
     cells_per_relation: AllOrCount
     terminologies_per_relation: AllOrCount
     plane_cells_per_unit: AllOrCount
+    exclude_answer_in_name: bool = True
 
 
 class SemsamTable(_Table):
