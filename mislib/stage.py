@@ -156,9 +156,9 @@ class StageRun:
 
     def path(self, name: str | os.PathLike) -> Path:
         """Where to write the output ``name`` (a declared output, or a file inside one)."""
-        top = Path(name).parts[0]
-        if top not in self.outputs:
-            raise ValueError(f"stage {self.stage!r} did not declare output {top!r}; "
+        name = Path(name).as_posix()
+        if not any(name == o or name.startswith(o.rstrip("/") + "/") for o in self.outputs):
+            raise ValueError(f"stage {self.stage!r} did not declare output {name!r}; "
                              f"outputs: {self.outputs}")
         path = self.staging / name
         path.parent.mkdir(parents=True, exist_ok=True)

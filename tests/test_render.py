@@ -790,3 +790,28 @@ def test_real_atlas_storage_coronal_puts_the_more_superior_structure_further_lef
                     assert marks[a][0] < marks[b][0], (sid, a, b)
                     checked += 1
         assert checked >= 20
+
+
+# ----------------------------------------------------------------- crash safety (mislib.stage)
+
+
+def test_a_forced_render_that_fails_keeps_the_old_images_and_their_stamp(tmp_path, monkeypatch):
+    """An error after rendering started (here: in the worker loop) replaces nothing: the old
+    images, stacks and tables stay, and a rerun without force finds them complete."""
+    root = tmp_path / "root"
+    build_prepared(root)
+    first = render.render_benchmark("demo", root=root, **FAST)
+    bench = root / "data" / "benchmark"
+    before = _tree_digest(bench)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(render, "_run_tasks", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        render.render_benchmark("demo", root=root, force=True, **FAST)
+    monkeypatch.undo()
+    assert _tree_digest(bench) == before
+    again = render.render_benchmark("demo", root=root, **FAST)  # fresh: read back
+    pd.testing.assert_frame_equal(again, first)
+    assert _tree_digest(bench) == before

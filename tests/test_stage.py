@@ -142,22 +142,22 @@ import json, os, sys
 import nibabel, pandas as pd
 from mislib import render, questions, stage, volumes
 root, k, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-writes = [0]
-def deadly(fn):
+writes = []
+def deadly(fn, kind):
     def wrapped(*args, **kwargs):
-        writes[0] += 1
-        if writes[0] == k:
+        writes.append(kind)
+        if len(writes) == k:
             os._exit(137)
         return fn(*args, **kwargs)
     return wrapped
 for owner, name in ((stage, "replace_path"), (stage, "remove_stamp"), (stage, "write_stamp"),
                     (pd.DataFrame, "to_parquet"), (nibabel, "save"), (render, "save_render")):
-    setattr(owner, name, deadly(getattr(owner, name)))  # k = 0: count the writes only
+    setattr(owner, name, deadly(getattr(owner, name), name))  # k = 0: list the writes only
 force = config.pop("force", False)
 volumes.prepare("demo", root=root, force=force, **config["volumes"])
 render.render_benchmark("demo", root=root, force=force, **config["render"])
 questions.generate("demo", root=root, force=force, **config["questions"])
-print("writes", writes[0])
+print(json.dumps(writes))
 """
 
 
@@ -241,19 +241,19 @@ def _assert_same_outputs(root: Path, reference: dict[str, object], note: str) ->
 
 @pytest.fixture(scope="module")
 def chain_reference(tmp_path_factory):
-    """Raw cases, the outputs of two clean chain runs (1 and 2 slices per volume), the number
-    of write points of a run and its duration (s)."""
+    """Raw cases, the outputs of two clean chain runs (1 and 2 slices per volume), the kinds
+    of each run's writes in order, and the duration of a run (s)."""
     base = tmp_path_factory.mktemp("chain")
     _raw_cases(base / "raw")
-    refs = {}
+    refs, writes = {}, {}
     for slices in (1, 2):
         root = base / f"ref{slices}"
         t0 = time.perf_counter()
         code, out = _run_chain(root, _chain_config(base / "raw", slices))
         assert code == 0
         refs[slices] = _snapshot(root)
+        writes[slices] = json.loads(out.strip().splitlines()[-1])  # each write's kind, in order
     seconds = time.perf_counter() - t0  # a whole run, for the random kill moments
-    writes = int(out.split()[-1])
     assert any(k.startswith("benchmark/images/") for k in refs[2])
     assert any(k.startswith("benchmark/stacks/") for k in refs[2])
     assert any(k.startswith("prepared/volumes/") for k in refs[2])
@@ -278,15 +278,21 @@ def test_a_kill_before_any_write_of_a_forced_rerun_leaves_outputs_a_rerun_comple
     a clean run's, with no leftovers."""
     base, refs, writes, _ = chain_reference
     rng = random.Random(20261201)
-    points = sorted({1, writes, *rng.sample(range(2, writes), 4)})
-    for i, k in enumerate(points):
-        slices = 1 + i % 2  # the forced run: the same configuration, or a new one
-        root = tmp_path / f"k{k}"
+    # the forced run in the same configuration (1 slice): killed between stage 01's parquet
+    # writes (volumes.parquet new, the others not) and before its very last write; in a new
+    # configuration (2 slices): before one random write of each kind
+    same = [i + 1 for i, w in enumerate(writes[1]) if w == "to_parquet"][1]
+    points = [(1, same), (1, len(writes[1]))] + [
+        (2, rng.choice([i + 1 for i, w in enumerate(writes[2]) if w == kind]))
+        for kind in sorted(set(writes[2]))]
+    for slices, k in points:
+        root = tmp_path / f"s{slices}k{k}"
         shutil.copytree(base / "ref1", root)  # complete outputs, one slice per volume
         code, _ = _run_chain(root, _chain_config(base / "raw", slices, force=True), k=k)
-        assert code in (137, -signal.SIGKILL), f"write point {k} of {writes} was not reached"
+        note = f"killed before write {k} of {len(writes[slices])} ({writes[slices][k - 1]})"
+        assert code in (137, -signal.SIGKILL), f"not reached: {note}"
         _rerun_in_process(root, _chain_config(base / "raw", slices))
-        _assert_same_outputs(root, refs[slices], f"killed before write {k} of {writes}")
+        _assert_same_outputs(root, refs[slices], note)
 
 
 @pytest.mark.slow
