@@ -143,33 +143,38 @@ import numpy as np
 import pandas as pd
 
 from mislib.config import file_digest, is_fresh, stage_params, write_stamp
-from mislib.paths import project_paths
+from mislib.paths import (
+    CONTRASTS_FILE,
+    FACTOR_DIAGNOSTICS_FILE,
+    FACTOR_EFFECTS_FILE,
+    FACTOR_POSTERIOR_FILE,
+    FACTOR_SD_FILE,
+    PPC_FILE,
+    QUESTIONS_FILE,
+    RESPONSES_FILE,
+    SCORED_FILE,
+    project_paths,
+)
+from mislib.vocabulary import (  # noqa: F401  (LEVEL_ORDER, structure_pair: re-exported)
+    LEVEL_ORDER,
+    MODEL_FACTORS,
+    TRIAL_FACTORS,
+    cell_name,
+    difference_name,
+    interaction_name,
+    ordered,
+    structure_pair,
+)
 
 log = logging.getLogger(__name__)
 
-FACTORS: tuple[str, ...] = ("arm", "model", "modality", "plane", "dims", "convention",
-                            "prompt", "terminology", "form", "family", "ablation")
+#: The factors of the model (:data:`mislib.vocabulary.MODEL_FACTORS`).
+FACTORS: tuple[str, ...] = MODEL_FACTORS
 INTERACTIONS: tuple[str, ...] = ("convention:terminology", "prompt:terminology",
                                  "ablation:terminology", "arm:model")
 GROUPS: tuple[str, ...] = ("question", "pair", "volume")
-# Factors that vary within a question (every question is answered by each model and arm).
-TRIAL_FACTORS = ("arm", "model")
-# Level order as the benchmark lists them; unknown levels follow, sorted.
-LEVEL_ORDER: dict[str, tuple[str, ...]] = {
-    "arm": ("baseline", "semsam"),
-    "modality": ("CT", "MRI"),
-    "plane": ("axial", "coronal", "sagittal"),
-    "dims": ("2d", "3d"),
-    "convention": ("standard", "storage"),
-    "prompt": ("none", "mask", "box", "point"),  # "none": a no-prompt baseline, if rendered
-    "background": ("scan", "blank"),
-    "terminology": ("anatomical", "colloquial"),
-    "form": ("open", "closed_true", "closed_false"),
-    "family": ("relation_2d", "relation_3d", "plane"),
-    "ablation": ("none", "text_only", "blank"),
-}
-OUTPUTS = ("factor_effects.parquet", "factor_sd.parquet", "contrasts.parquet", "ppc.parquet",
-           "factor_diagnostics.json", "factor_posterior.zarr")
+OUTPUTS = (FACTOR_EFFECTS_FILE, FACTOR_SD_FILE, CONTRASTS_FILE, PPC_FILE,
+           FACTOR_DIAGNOSTICS_FILE, FACTOR_POSTERIOR_FILE)
 RHAT_MAX = 1.01
 MIN_QUESTIONS_PER_LEVEL = 2.0  # fewer: a pair/volume intercept is dropped (see below)
 DIAG_LEVELS = 500  # random intercepts per group whose R-hat and ESS are checked
@@ -178,26 +183,6 @@ DIAG_LEVELS = 500  # random intercepts per group whose R-hat and ESS are checked
 # ------------------------------------------------------------------------------------------
 # Data: trials → binomial counts, factor codes
 # ------------------------------------------------------------------------------------------
-def structure_pair(component_a: pd.Series, component_b: pd.Series) -> pd.Series:
-    """An order-free key of the structures a question names: ``"a|b"``, or ``"a"`` alone.
-
-    >>> structure_pair(pd.Series(["liver", "spleen"]), pd.Series(["spleen", None])).tolist()
-    ['liver|spleen', 'spleen']
-    """
-    a = component_a.astype(object).where(component_a.notna(), "").astype(str).to_numpy()
-    b = component_b.astype(object).where(component_b.notna(), "").astype(str).to_numpy()
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    key = pd.Series([f"{x}|{y}".strip("|") for x, y in zip(lo, hi, strict=True)],
-                    index=component_a.index, dtype=object)
-    return key.replace("", "none")
-
-
-def _ordered_levels(factor: str, values: pd.Series) -> list[str]:
-    seen = set(values.dropna().astype(str).unique())
-    known = [lv for lv in LEVEL_ORDER.get(factor, ()) if lv in seen]
-    return known + sorted(seen - set(known))
-
-
 @dataclass
 class FactorData:
     """Binomial counts and integer codes, the input of :func:`build_model`.
@@ -302,7 +287,7 @@ def prepare_factor_data(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
 
     kept, levels, dropped, codes = [], {}, {}, {}
     for f in dict.fromkeys([*factors, *(x for p in interactions for x in p)]):
-        lv = _ordered_levels(f, obs[f])
+        lv = ordered(f, obs[f])
         if len(lv) < 2:
             dropped[f] = f"{len(lv)} observed level(s) {lv}"
             continue
@@ -313,7 +298,7 @@ def prepare_factor_data(scored: pd.DataFrame, factors: Sequence[str] = FACTORS,
             kept.append(f)
     inter = []
     for f1, f2 in interactions:
-        name = f"{f1}:{f2}"
+        name = interaction_name(f1, f2)
         if f1 not in levels or f2 not in levels:
             dropped[name] = "a factor has fewer than two observed levels"
             continue
@@ -597,7 +582,7 @@ def fixed_design(data: FactorData, prior_sd: float = 1.0,
         basis = np.kron(sum_to_zero_basis(k1), sum_to_zero_basis(k2))
         c1, c2 = pattern_codes[:, col[f1]], pattern_codes[:, col[f2]]
         rows = np.where(((c1 >= 0) & (c2 >= 0))[:, None], basis[c1 * k2 + c2], 0.0)
-        add(f"{f1}:{f2}", rows, basis, (k1, k2), interaction_sd)
+        add(interaction_name(f1, f2), rows, basis, (k1, k2), interaction_sd)
     n_fixed = start
     first = np.zeros(n_pat, dtype=np.int64)
     first[pattern_of_row[::-1]] = np.arange(len(pattern_of_row))[::-1]
@@ -779,7 +764,7 @@ class FactorFit:
 
 
 def _fixed_names(data: FactorData) -> list[str]:
-    return ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions)]
+    return ["Intercept", *data.factors, *(interaction_name(a, b) for a, b in data.interactions)]
 
 
 def _summarise(draws: np.ndarray, rhat: np.ndarray, ess_bulk: np.ndarray,
@@ -848,7 +833,7 @@ def _eta_fixed(post, data: FactorData, pattern_codes: np.ndarray,
         beta = np.concatenate([beta, np.zeros((len(beta), 1))], axis=1)
         eta += beta[:, pattern_codes[:, col[f]]]
     for f1, f2 in data.interactions:
-        g = _flat_draws(post, f"{f1}:{f2}")[draw_index]
+        g = _flat_draws(post, interaction_name(f1, f2))[draw_index]
         g = np.pad(g, ((0, 0), (0, 1), (0, 1)))
         eta += g[:, pattern_codes[:, col[f1]], pattern_codes[:, col[f2]]]
     return eta
@@ -876,14 +861,14 @@ def _cells(data: FactorData) -> list[tuple[str, tuple[str, ...], dict[str, int]]
     out = []
     for f in data.factors:
         for i, lv in enumerate(data.levels[f]):
-            out.append((f"p[{f}={lv}]", (f,), {f: i}))
+            out.append((cell_name(**{f: lv}), (f,), {f: i}))
     pairs = list(data.interactions)
     if "arm" in data.factors and "model" in data.factors and ("arm", "model") not in pairs:
         pairs.append(("arm", "model"))
     for f1, f2 in pairs:
         for i, a in enumerate(data.levels[f1]):
             for j, b in enumerate(data.levels[f2]):
-                out.append((f"p[{f1}={a},{f2}={b}]", (f1, f2), {f1: i, f2: j}))
+                out.append((cell_name(**{f1: a, f2: b}), (f1, f2), {f1: i, f2: j}))
     return out
 
 
@@ -897,7 +882,7 @@ def _differences(data: FactorData, cells) -> list[tuple[str, str, str, tuple[str
                 continue
             differ = [f for f in factors if assign_a[f] != assign_b[f]]
             if len(differ) == 1 and assign_a[differ[0]] > assign_b[differ[0]]:
-                out.append((f"{name_a} - {name_b}", name_a, name_b, factors))
+                out.append((difference_name(name_a, name_b), name_a, name_b, factors))
     return out
 
 
@@ -1056,7 +1041,7 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
     diverging = np.asarray(stats["diverging"].values)
     contrasts = compute_contrasts(post, data, max_draws=contrast_draws)
     ppc = posterior_predictive_check(post, data, n_draws=ppc_draws, seed=seed)
-    keep = ["Intercept", *data.factors, *(f"{a}:{b}" for a, b in data.interactions),
+    keep = ["Intercept", *data.factors, *(interaction_name(a, b) for a, b in data.interactions),
             *sd_names]
     small = trace.copy()
     small["posterior"] = xr.DataTree(post.to_dataset()[keep])
@@ -1069,7 +1054,7 @@ def fit_factor_model(scored: pd.DataFrame, *, factors: Sequence[str] = FACTORS,
         "n_questions": len(data.levels["question"]),
         "groups": {g: len(data.levels[g]) for g in data.group_codes},
         "factors": {f: data.levels[f] for f in data.factors},
-        "interactions": [f"{a}:{b}" for a, b in data.interactions],
+        "interactions": [interaction_name(a, b) for a, b in data.interactions],
         "dropped": data.dropped, "centred": resolve_centred(data, centred),
         "nested": {g: f for g, f in data.nested.items() if f},
         "draws": draws, "tune": tune, "chains": chains, "cores": cores, "seed": seed,
@@ -1108,7 +1093,7 @@ def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
     ``data/results/*/responses.parquet`` are scored with :mod:`mislib.scoring`.
     """
     paths = project_paths(root)
-    scored_path = paths.analysis / "scored.parquet"
+    scored_path = paths.analysis / SCORED_FILE
     if scored_path.is_file():
         scored = pd.read_parquet(scored_path)
         source = scored_path
@@ -1118,7 +1103,7 @@ def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
     question_cols = {*FACTORS, "component_a", "component_b", "volume_id"} - set(TRIAL_FACTORS)
     missing = sorted(question_cols - set(scored.columns))
     if missing:
-        qpath = paths.benchmark / "questions.parquet"
+        qpath = paths.benchmark / QUESTIONS_FILE
         if not qpath.is_file():
             raise FileNotFoundError(f"{source} lacks {missing} and there is no {qpath} to "
                                     "join them from")
@@ -1134,15 +1119,15 @@ def _score_results(paths) -> pd.DataFrame:
     """Score every ``results/*/responses.parquet`` with stage 06's parser (nothing written)."""
     from mislib import scoring
 
-    files = sorted(paths.results.glob("*/responses.parquet"))
-    qpath = paths.benchmark / "questions.parquet"
+    files = sorted(paths.results.glob(f"*/{RESPONSES_FILE}"))
+    qpath = paths.benchmark / QUESTIONS_FILE
     if not files or not qpath.is_file():
         raise FileNotFoundError(
             f"nothing to analyse: no {paths.analysis / 'scored.parquet'} (stage 06) and no "
             f"{paths.results}/*/responses.parquet with {qpath} (stages 03-04); run notebooks "
             "04 and 06 first")
     log.warning("no %s: scoring %d run(s) under %s with mislib.scoring",
-                paths.analysis / "scored.parquet", len(files), paths.results)
+                paths.analysis / SCORED_FILE, len(files), paths.results)
     rescored = scoring.rescore(scoring.load_responses(files), pd.read_parquet(qpath))
     # As stage 06 does: only records the model answered are scored.
     if "answered" in rescored:
@@ -1157,13 +1142,13 @@ def write_outputs(fit: FactorFit, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cols = ["term", "mean", "sd", "lo95", "hi95", "r_hat", "ess_bulk", "ess_tail"]
-    fit.effects[cols].to_parquet(out / "factor_effects.parquet", index=False)
-    fit.sds[cols].to_parquet(out / "factor_sd.parquet", index=False)
-    fit.contrasts.to_parquet(out / "contrasts.parquet", index=False)
-    fit.ppc.to_parquet(out / "ppc.parquet", index=False)
-    (out / "factor_diagnostics.json").write_text(json.dumps(fit.diagnostics, indent=2,
+    fit.effects[cols].to_parquet(out / FACTOR_EFFECTS_FILE, index=False)
+    fit.sds[cols].to_parquet(out / FACTOR_SD_FILE, index=False)
+    fit.contrasts.to_parquet(out / CONTRASTS_FILE, index=False)
+    fit.ppc.to_parquet(out / PPC_FILE, index=False)
+    (out / FACTOR_DIAGNOSTICS_FILE).write_text(json.dumps(fit.diagnostics, indent=2,
                                                             default=str))
-    zpath = out / "factor_posterior.zarr"
+    zpath = out / FACTOR_POSTERIOR_FILE
     if zpath.exists():
         shutil.rmtree(zpath)
     fit.posterior.to_zarr(zpath, consolidated=False)
@@ -1187,12 +1172,12 @@ class FactorAnalysis:
 
 def stamp_params(params: Mapping[str, Any], paths) -> dict[str, Any]:
     """The stage parameters plus a digest of the input, so re-scored trials are refitted."""
-    scored_path = paths.analysis / "scored.parquet"
+    scored_path = paths.analysis / SCORED_FILE
     if scored_path.is_file():
         digest = file_digest(scored_path)
     else:
         digest = "|".join(f"{p.relative_to(paths.results)}:{file_digest(p)}"
-                          for p in sorted(paths.results.glob("*/responses.parquet")))
+                          for p in sorted(paths.results.glob(f"*/{RESPONSES_FILE}")))
     return dict(params, input=digest)
 
 
@@ -1231,14 +1216,14 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
         data = prepare_factor_data(scored, kwargs.get("factors", FACTORS),
                                    kwargs.get("interactions", INTERACTIONS),
                                    kwargs.get("groups", GROUPS))
-        posterior = xr.open_datatree(out / "factor_posterior.zarr", engine="zarr",
+        posterior = xr.open_datatree(out / FACTOR_POSTERIOR_FILE, engine="zarr",
                                      consolidated=False).load()
         return FactorAnalysis(
-            effects=pd.read_parquet(out / "factor_effects.parquet"),
-            sds=pd.read_parquet(out / "factor_sd.parquet"),
-            contrasts=pd.read_parquet(out / "contrasts.parquet"),
-            ppc=pd.read_parquet(out / "ppc.parquet"),
-            diagnostics=json.loads((out / "factor_diagnostics.json").read_text()),
+            effects=pd.read_parquet(out / FACTOR_EFFECTS_FILE),
+            sds=pd.read_parquet(out / FACTOR_SD_FILE),
+            contrasts=pd.read_parquet(out / CONTRASTS_FILE),
+            ppc=pd.read_parquet(out / PPC_FILE),
+            diagnostics=json.loads((out / FACTOR_DIAGNOSTICS_FILE).read_text()),
             posterior=posterior, data=data, params=params, reused=True)
     fit = fit_factor_model(scored, progress=progress, **kwargs)
     write_outputs(fit, out)

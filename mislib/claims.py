@@ -38,10 +38,22 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from mislib.bayes import bayes_by, bayes_by_factor
 from mislib.config import is_fresh, stage_params, write_stamp
-from mislib.paths import project_paths
+from mislib.paths import (
+    BAYES_BY_FACTOR_FILE,
+    CLAIMS_FILE,
+    CONTRASTS_FILE,
+    FACTOR_EFFECTS_FILE,
+    NUMBERS_FILE,
+    SCORED_FILE,
+    SEMSAM_EFFECT_FILE,
+    UNPARSEABLE_FILE,
+    project_paths,
+)
+from mislib.vocabulary import CLAIM_STATUSES as STATUSES
+from mislib.vocabulary import QUESTION_FACTORS, cell_name, difference_name, is_missing
 
-STATUSES = ("reproduced", "not reproduced", "not measurable")
 #: Columns of the claims table (``paper/tables/claims.*`` and :func:`evaluate_claims`).
 CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "paper", "estimate", "lo", "hi", "raw",
                  "n_questions", "status", "model_estimate", "model_lo", "model_hi", "note")
@@ -77,10 +89,6 @@ class Claim:
         return "level" if self.minus is None else "difference"
 
 
-def _p(**levels: str) -> str:
-    return "p[" + ",".join(f"{k}={v}" for k, v in levels.items()) + "]"
-
-
 _IMG = {"ablation": "none"}
 _SEMSAM = "SemSam on Qwen3-VL-32B"
 _STD = "Standard view: anatomical beats colloquial"
@@ -97,70 +105,74 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("semsam_gain", _SEMSAM, "SemSam − baseline (paired)", 66.5 - 53.4),
     Claim("std_anatomical", _STD, "standard view, anatomical terms", 69.4,
           {**_IMG, "convention": "standard", "terminology": "anatomical"},
-          contrast=_p(convention="standard", terminology="anatomical")),
+          contrast=cell_name(convention="standard", terminology="anatomical")),
     Claim("std_colloquial", _STD, "standard view, colloquial terms", 57.8,
           {**_IMG, "convention": "standard", "terminology": "colloquial"},
-          contrast=_p(convention="standard", terminology="colloquial")),
+          contrast=cell_name(convention="standard", terminology="colloquial")),
     Claim("std_gap", _STD, "standard view: anatomical − colloquial", 69.4 - 57.8,
           {**_IMG, "convention": "standard", "terminology": "anatomical"},
           {**_IMG, "convention": "standard", "terminology": "colloquial"},
-          contrast="-" + _p(convention="standard", terminology="colloquial") + " - "
-          + _p(convention="standard", terminology="anatomical")),
+          contrast="-" + difference_name(
+              cell_name(convention="standard", terminology="colloquial"),
+              cell_name(convention="standard", terminology="anatomical"))),
     Claim("sto_colloquial", _STO, "storage view, colloquial terms", 59.85,
           {**_IMG, "convention": "storage", "terminology": "colloquial"},
-          contrast=_p(convention="storage", terminology="colloquial")),
+          contrast=cell_name(convention="storage", terminology="colloquial")),
     Claim("sto_anatomical", _STO, "storage view, anatomical terms", 50.2,
           {**_IMG, "convention": "storage", "terminology": "anatomical"},
-          contrast=_p(convention="storage", terminology="anatomical")),
+          contrast=cell_name(convention="storage", terminology="anatomical")),
     Claim("sto_gap", _STO, "storage view: colloquial − anatomical", 59.85 - 50.2,
           {**_IMG, "convention": "storage", "terminology": "colloquial"},
           {**_IMG, "convention": "storage", "terminology": "anatomical"},
-          contrast=_p(convention="storage", terminology="colloquial") + " - "
-          + _p(convention="storage", terminology="anatomical")),
+          contrast=difference_name(cell_name(convention="storage", terminology="colloquial"),
+                                   cell_name(convention="storage", terminology="anatomical"))),
     Claim("plane_naming", "Plane naming", "plane-naming questions", 77.6,
-          {**_IMG, "family": "plane"}, contrast=_p(family="plane")),
+          {**_IMG, "family": "plane"}, contrast=cell_name(family="plane")),
     Claim("cross_slice", _XSL, "cross-slice (3D) relations", 68.0,
-          {**_IMG, "family": "relation_3d"}, contrast=_p(family="relation_3d")),
+          {**_IMG, "family": "relation_3d"}, contrast=cell_name(family="relation_3d")),
     Claim("in_plane", _XSL, "in-plane (2D) relations", 71.7,
-          {**_IMG, "family": "relation_2d"}, contrast=_p(family="relation_2d")),
+          {**_IMG, "family": "relation_2d"}, contrast=cell_name(family="relation_2d")),
     Claim("cross_minus_in", _XSL, "cross-slice − in-plane", 68.0 - 71.7,
           {**_IMG, "family": "relation_3d"}, {**_IMG, "family": "relation_2d"},
-          contrast=_p(family="relation_3d") + " - " + _p(family="relation_2d")),
+          contrast=difference_name(cell_name(family="relation_3d"),
+                                   cell_name(family="relation_2d"))),
     Claim("dims_3d", _DIM, "3D stacks", 56.9, {**_IMG, "dims": "3d"},
-          contrast=_p(dims="3d")),
-    Claim("dims_2d", _DIM, "2D slices", 58.8, {**_IMG, "dims": "2d"}, contrast=_p(dims="2d")),
+          contrast=cell_name(dims="3d")),
+    Claim("dims_2d", _DIM, "2D slices", 58.8, {**_IMG, "dims": "2d"},
+          contrast=cell_name(dims="2d")),
     Claim("dims_gap", _DIM, "3D − 2D", 56.9 - 58.8, {**_IMG, "dims": "3d"},
-          {**_IMG, "dims": "2d"}, contrast=_p(dims="3d") + " - " + _p(dims="2d")),
+          {**_IMG, "dims": "2d"},
+          contrast=difference_name(cell_name(dims="3d"), cell_name(dims="2d"))),
     Claim("nobox_colloquial", _BOX, "no visual prompt, colloquial terms", 45.1,
           {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"},
-          contrast=_p(prompt="<baseline>", terminology="colloquial")),
+          contrast=cell_name(prompt="<baseline>", terminology="colloquial")),
     Claim("box_colloquial_gain", _BOX, "box − no prompt, colloquial terms", 8.23,
           {**_IMG, "prompt": "box", "terminology": "colloquial"},
           {**_IMG, "prompt": "<baseline>", "terminology": "colloquial"},
-          contrast=_p(prompt="box", terminology="colloquial") + " - "
-          + _p(prompt="<baseline>", terminology="colloquial")),
+          contrast=difference_name(cell_name(prompt="box", terminology="colloquial"),
+                                   cell_name(prompt="<baseline>", terminology="colloquial"))),
     Claim("nobox_anatomical", _BOX, "no visual prompt, anatomical terms", 75.3,
           {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"},
-          contrast=_p(prompt="<baseline>", terminology="anatomical")),
+          contrast=cell_name(prompt="<baseline>", terminology="anatomical")),
     Claim("box_anatomical_gain", _BOX, "box − no prompt, anatomical terms", -13.33,
           {**_IMG, "prompt": "box", "terminology": "anatomical"},
           {**_IMG, "prompt": "<baseline>", "terminology": "anatomical"},
-          contrast=_p(prompt="box", terminology="anatomical") + " - "
-          + _p(prompt="<baseline>", terminology="anatomical")),
+          contrast=difference_name(cell_name(prompt="box", terminology="anatomical"),
+                                   cell_name(prompt="<baseline>", terminology="anatomical"))),
     Claim("text_anatomical", _TXT, "text only, anatomical terms", 69.3,
           {"ablation": "text_only", "terminology": "anatomical"},
-          contrast=_p(ablation="text_only", terminology="anatomical")),
+          contrast=cell_name(ablation="text_only", terminology="anatomical")),
     Claim("image_anatomical", _TXT, "with the image, anatomical terms", 74.0,
           {"ablation": "none", "terminology": "anatomical"},
-          contrast=_p(ablation="none", terminology="anatomical")),
+          contrast=cell_name(ablation="none", terminology="anatomical")),
     Claim("text_colloquial", _TXT, "text only, colloquial terms", 40.4,
           {"ablation": "text_only", "terminology": "colloquial"},
-          contrast=_p(ablation="text_only", terminology="colloquial")),
+          contrast=cell_name(ablation="text_only", terminology="colloquial")),
     Claim("text_minus_image_anatomical", _TXT, "text only − with image, anatomical", 69.3 - 74.0,
           {"ablation": "text_only", "terminology": "anatomical"},
           {"ablation": "none", "terminology": "anatomical"},
-          contrast=_p(ablation="text_only", terminology="anatomical") + " - "
-          + _p(ablation="none", terminology="anatomical")),
+          contrast=difference_name(cell_name(ablation="text_only", terminology="anatomical"),
+                                   cell_name(ablation="none", terminology="anatomical"))),
 )
 _SEMSAM_IDS = {"semsam_baseline": "baseline", "semsam_with": "semsam", "semsam_gain": "effect"}
 
@@ -181,8 +193,6 @@ def _subset(scored: pd.DataFrame, select: Mapping[str, str], baseline: str) -> p
 
 def _estimate(rows: pd.DataFrame, level: float) -> tuple[float, ...] | None:
     """``(mu, sigma, lo, hi, n_questions, raw accuracy)`` of some scored rows, or None."""
-    from mislib.scoring import bayes_by
-
     if rows.empty:
         return None
     cell = bayes_by(rows.assign(_all="all"), ["_all"], level)
@@ -304,7 +314,7 @@ def _semsam_claim(c: Claim, semsam: pd.DataFrame | None, pattern: str) -> dict[s
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown pipe table of ``table`` (cells as given, ``|`` escaped)."""
     def cell(v: Any) -> str:
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else \
+        return "" if is_missing(v) else \
             str(v).replace("|", "\\|").replace("\n", " ")
 
     head = "| " + " | ".join(cell(c) for c in table.columns) + " |"
@@ -319,7 +329,7 @@ _LATEX_SPECIAL = re.compile(r"([&%$#_{}])")
 
 def latex_escape(text: Any) -> str:
     """Escape LaTeX's special characters in a table cell."""
-    s = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+    s = "" if is_missing(text) else str(text)
     s = s.replace("\\", r"\textbackslash{}")
     s = _LATEX_SPECIAL.sub(r"\\\1", s)
     return s.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}") \
@@ -339,7 +349,7 @@ def latex_table(table: pd.DataFrame, caption: str, label: str) -> str:
 
 
 def _pct(v: float, digits: int = 1) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    return "" if is_missing(v) else f"{v:.{digits}f}"
 
 
 def _paper(v: float) -> str:
@@ -348,7 +358,7 @@ def _paper(v: float) -> str:
 
 
 def _interval(lo: float, hi: float, digits: int = 1) -> str:
-    if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)):
+    if any(is_missing(v) for v in (lo, hi)):
         return ""
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -535,9 +545,9 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
     params = stage_params(profile, "paper", **overrides)
     level = float(stage_params(profile, "scoring").get("credible_level", 0.95))
     paths = project_paths(root)
-    inputs = {name: paths.analysis / f"{name}.parquet" for name in
-              ("scored", "bayes_by_factor", "semsam_effect", "unparseable", "factor_effects",
-               "contrasts")}
+    inputs = {Path(name).stem: paths.analysis / name for name in
+              (SCORED_FILE, BAYES_BY_FACTOR_FILE, SEMSAM_EFFECT_FILE, UNPARSEABLE_FILE,
+               FACTOR_EFFECTS_FILE, CONTRASTS_FILE)}
     for name, path in inputs.items():
         if not path.is_file():
             stage = "07 (07_factor_analysis)" if name in ("factor_effects", "contrasts") \
@@ -545,7 +555,7 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
     # The stamp and the claims' JSON live in paper/tables/ (generated, git-ignored); the
     # output paths are relative to it.
-    outputs = ["../claims.md", "../numbers.tex", ".claims.json"] + [
+    outputs = [f"../{CLAIMS_FILE}", f"../{NUMBERS_FILE}", ".claims.json"] + [
         f"{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
     stamp_params = {**params, "level": level, "inputs": _fingerprint(list(inputs.values()))}
     if not force and is_fresh(paths.tables, "paper", stamp_params, outputs):
@@ -554,10 +564,8 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
                           if o != ".claims.json"]}
 
     tables = {name: pd.read_parquet(path) for name, path in inputs.items()}
-    from mislib.scoring import FACTORS, bayes_by_factor
-
     scored = tables["scored"]
-    pooled = bayes_by_factor(scored, FACTORS, level, per_model=False)
+    pooled = bayes_by_factor(scored, QUESTION_FACTORS, level, per_model=False)
     tables["bayes_by_factor_pooled"] = pooled
     claims = evaluate_claims(scored, tables["semsam_effect"], tables["contrasts"],
                              arm=str(params["claims_arm"]),
@@ -574,10 +582,10 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
         md = paths.tables / f"{name}.md"
         md.write_text(f"{caption}\n\n{markdown_table(table)}")
         written += [tex, md]
-    (paths.paper / "numbers.tex").write_text(numbers_tex(claims, tables))
-    (paths.paper / "claims.md").write_text(claims_markdown(claims, context))
+    (paths.paper / NUMBERS_FILE).write_text(numbers_tex(claims, tables))
+    (paths.paper / CLAIMS_FILE).write_text(claims_markdown(claims, context))
     claims.to_json(paths.tables / ".claims.json", orient="records", indent=1)
-    written += [paths.paper / "numbers.tex", paths.paper / "claims.md"]
+    written += [paths.paper / NUMBERS_FILE, paths.paper / CLAIMS_FILE]
     write_stamp(paths.tables, "paper", stamp_params, outputs)
     return {"claims": claims, "paths": written, "context": json.loads(json.dumps(
         context, default=str))}

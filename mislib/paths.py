@@ -14,6 +14,38 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The stage contract files (data/README.md), named once. Stages join these to the folders
+# below (``paths.benchmark / QUESTIONS_FILE``) or use the properties that do it for them.
+#: Stage 01, under ``prepared/``.
+VOLUMES_FILE = "volumes.parquet"
+COMPONENTS_FILE = "components.parquet"
+SLICES_FILE = "slices.parquet"
+REJECTED_FILE = "rejected.parquet"
+#: Stages 02-03, under ``benchmark/``.
+RENDERS_FILE = "renders.parquet"
+SKIPPED_FILE = "skipped.parquet"
+LETTERS_FILE = "letters.parquet"  # read by stage 03's letters rule too
+QUESTIONS_FILE = "questions.parquet"
+VALIDITY_FILE = "validity.parquet"
+#: Stage 04, under ``results/<run_id>/``.
+RESPONSES_FILE = "responses.parquet"
+RUN_FILE = "run.json"
+#: Stage 06, under ``analysis/``.
+SCORED_FILE = "scored.parquet"
+BAYES_BY_FACTOR_FILE = "bayes_by_factor.parquet"
+SEMSAM_EFFECT_FILE = "semsam_effect.parquet"
+UNPARSEABLE_FILE = "unparseable.parquet"
+#: Stage 07, under ``analysis/``.
+FACTOR_EFFECTS_FILE = "factor_effects.parquet"
+FACTOR_SD_FILE = "factor_sd.parquet"
+CONTRASTS_FILE = "contrasts.parquet"
+PPC_FILE = "ppc.parquet"
+FACTOR_DIAGNOSTICS_FILE = "factor_diagnostics.json"
+FACTOR_POSTERIOR_FILE = "factor_posterior.zarr"
+#: Stage 08, under ``paper/``.
+CLAIMS_FILE = "claims.md"
+NUMBERS_FILE = "numbers.tex"
+
 
 @dataclass(frozen=True)
 class ProjectPaths:
@@ -47,6 +79,34 @@ class ProjectPaths:
     @property
     def analysis(self) -> Path:
         return self.data / "analysis"
+
+    @property
+    def volumes_file(self) -> Path:
+        return self.prepared / VOLUMES_FILE
+
+    @property
+    def components_file(self) -> Path:
+        return self.prepared / COMPONENTS_FILE
+
+    @property
+    def slices_file(self) -> Path:
+        return self.prepared / SLICES_FILE
+
+    @property
+    def renders_file(self) -> Path:
+        return self.benchmark / RENDERS_FILE
+
+    @property
+    def questions_file(self) -> Path:
+        return self.benchmark / QUESTIONS_FILE
+
+    @property
+    def scored_file(self) -> Path:
+        return self.analysis / SCORED_FILE
+
+    def responses_files(self) -> list[Path]:
+        """Every run's ``results/<run_id>/responses.parquet``, sorted (current or not)."""
+        return sorted(self.results.glob(f"*/{RESPONSES_FILE}"))
 
     @property
     def figures(self) -> Path:

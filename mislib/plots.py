@@ -31,8 +31,16 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from mislib.analysis import LEVEL_ORDER
-from mislib.paths import figure_path, project_paths
+from mislib.bayes import bayes_by
+from mislib.paths import (
+    BAYES_BY_FACTOR_FILE,
+    FACTOR_EFFECTS_FILE,
+    SCORED_FILE,
+    SEMSAM_EFFECT_FILE,
+    figure_path,
+    project_paths,
+)
+from mislib.vocabulary import ordered
 
 NOTEBOOK = "08_paper_assets"
 #: The figures :func:`make_figures` writes (file names ``08_<name>.png|pdf``).
@@ -44,13 +52,6 @@ def set_style() -> None:
     """The figures' seaborn theme (paper context, white grid, colour-blind palette)."""
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind",
                   rc={"figure.dpi": 100, "savefig.bbox": "tight", "axes.titleweight": "bold"})
-
-
-def ordered(factor: str, values: Sequence[Any]) -> list[str]:
-    """The distinct ``values`` of ``factor`` in the benchmark's level order."""
-    present = [str(v) for v in pd.unique(pd.Series(values).dropna().astype(str))]
-    known = [lv for lv in LEVEL_ORDER.get(factor, ()) if lv in present]
-    return known + sorted(lv for lv in present if lv not in known)
 
 
 def save_figure(fig: plt.Figure, name: str, root: str | os.PathLike | None = None,
@@ -306,10 +307,8 @@ def figure_cells(scored: pd.DataFrame, level: float = 0.95) -> dict[str, pd.Data
     Returns
     -------
     dict: ``convention_terminology``, ``prompt_terminology``, ``dims``, ``family``,
-    ``ablation_terminology`` (each from :func:`mislib.scoring.bayes_by`).
+    ``ablation_terminology`` (each from :func:`mislib.bayes.bayes_by`).
     """
-    from mislib.scoring import bayes_by
-
     specs = {"convention_terminology": ["arm", "convention", "terminology"],
              "prompt_terminology": ["arm", "prompt", "terminology"],
              "dims": ["arm", "dims"], "family": ["arm", "family"],
@@ -355,15 +354,15 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
     level = float(stage_params(profile, "scoring").get("credible_level", 0.95))
 
     def need(name: str, stage: str) -> pd.DataFrame:
-        path = analysis / f"{name}.parquet"
+        path = analysis / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run {stage} first")
         return pd.read_parquet(path)
 
-    by_factor = need("bayes_by_factor", "stage 06 (06_scoring)")
-    scored = need("scored", "stage 06 (06_scoring)")
-    effect = need("semsam_effect", "stage 06 (06_scoring)")
-    effects = need("factor_effects", "stage 07 (07_factor_analysis)")
+    by_factor = need(BAYES_BY_FACTOR_FILE, "stage 06 (06_scoring)")
+    scored = need(SCORED_FILE, "stage 06 (06_scoring)")
+    effect = need(SEMSAM_EFFECT_FILE, "stage 06 (06_scoring)")
+    effects = need(FACTOR_EFFECTS_FILE, "stage 07 (07_factor_analysis)")
     cells = figure_cells(scored, level)
     baseline = str(params.get("prompt_baseline", "none"))
     drawn: dict[str, plt.Figure] = {

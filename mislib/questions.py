@@ -107,23 +107,34 @@ from mislib.geometry import (
     screen_mapping,
     screen_offset,
 )
-from mislib.paths import project_paths
+from mislib.paths import (
+    COMPONENTS_FILE,
+    LETTERS_FILE,
+    QUESTIONS_FILE,
+    RENDERS_FILE,
+    VALIDITY_FILE,
+    VOLUMES_FILE,
+    project_paths,
+)
 from mislib.stage import StageRun
 from mislib.structures import readable_name as display_name  # the one readable-name map
+from mislib.vocabulary import (
+    ABLATIONS,
+    BACKGROUNDS,
+    DIMS,
+    FAMILIES,
+    FORMS,
+    NO_PROMPT,
+    PROMPTS,
+    QUESTION_FACTORS,
+    TERMINOLOGIES,
+)
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("relation_2d", "relation_3d", "plane")
-FORMS = ("open", "closed_true", "closed_false")
-TERMINOLOGIES = ("anatomical", "colloquial")
-ABLATIONS = ("none", "text_only", "blank")
-PROMPTS = ("none", "mask", "box", "point")
-#: The prompt level of a scan drawn without marks or letters (the no-prompt baseline).
-NO_PROMPT = "none"
+#: The factors notebook 03 counts questions by (``background`` follows from the ablation).
+FIGURE_FACTORS = tuple(f for f in QUESTION_FACTORS if f != "background")
 
-QUESTIONS_FILE = "questions.parquet"
-VALIDITY_FILE = "validity.parquet"
-LETTERS_FILE = "letters.parquet"  # stage 02's, read by the letters rule
 RENDER_COLUMNS = ("render_id", "volume_id", "slice_id", "plane", "convention", "dims",
                   "prompt", "background", "image_path", "n_frames", "letter", "component",
                   "centroid_col", "centroid_row", "frame_first", "frame_last",
@@ -515,12 +526,12 @@ class Usage:
 
 def _index_renders(renders: pd.DataFrame) -> dict[str, View]:
     """``renders.parquet`` as views by render id, after checking its columns and values."""
-    _require(renders, RENDER_COLUMNS, "renders.parquet")
-    _check_values(renders, "plane", PLANES, "renders.parquet")
-    _check_values(renders, "convention", CONVENTIONS, "renders.parquet")
-    _check_values(renders, "dims", ("2d", "3d"), "renders.parquet")
-    _check_values(renders, "background", ("scan", "blank"), "renders.parquet")
-    _check_values(renders, "prompt", PROMPTS, "renders.parquet")
+    _require(renders, RENDER_COLUMNS, RENDERS_FILE)
+    _check_values(renders, "plane", PLANES, RENDERS_FILE)
+    _check_values(renders, "convention", CONVENTIONS, RENDERS_FILE)
+    _check_values(renders, "dims", DIMS, RENDERS_FILE)
+    _check_values(renders, "background", BACKGROUNDS, RENDERS_FILE)
+    _check_values(renders, "prompt", PROMPTS, RENDERS_FILE)
     bare = renders["prompt"] == NO_PROMPT
     for bad, what in ((bare & (renders["background"] == "blank"),
                        "prompt 'none' on a blank background (an empty image)"),
@@ -662,9 +673,9 @@ def build_questions(renders: pd.DataFrame, volumes: pd.DataFrame, components: pd
     question id; the same inputs and parameters give the same table.
     """
     p = QuestionParams.from_mapping(params)
-    _require(volumes, ("volume_id", "source", "modality", "laterality"), "volumes.parquet")
+    _require(volumes, ("volume_id", "source", "modality", "laterality"), VOLUMES_FILE)
     _require(components, ("volume_id", "component", "centroid_x", "centroid_y", "centroid_z"),
-             "components.parquet")
+             COMPONENTS_FILE)
     centroid3d = {(str(c.volume_id), str(c.component)):
                   np.array([c.centroid_x, c.centroid_y, c.centroid_z], float)
                   for c in components.itertuples(index=False)}
@@ -1043,9 +1054,9 @@ def load_inputs(root: str | os.PathLike | None = None
                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(renders, volumes, components)`` from stages 01–02, with a clear error if absent."""
     paths = project_paths(root)
-    files = {"renders": paths.benchmark / "renders.parquet",
-             "volumes": paths.prepared / "volumes.parquet",
-             "components": paths.prepared / "components.parquet"}
+    files = {"renders": paths.benchmark / RENDERS_FILE,
+             "volumes": paths.prepared / VOLUMES_FILE,
+             "components": paths.prepared / COMPONENTS_FILE}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"stage 03 needs the outputs of stages 01-02; missing: {missing}")
@@ -1071,10 +1082,10 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
     renders, volumes, components = load_inputs(root)
     letters_path = out_dir / LETTERS_FILE
     stamp_params = {**params, "inputs": {
-        "renders": file_digest(out_dir / "renders.parquet"),
+        "renders": file_digest(out_dir / RENDERS_FILE),
         "letters": file_digest(letters_path) if letters_path.is_file() else None,
-        "volumes": file_digest(paths.prepared / "volumes.parquet"),
-        "components": file_digest(paths.prepared / "components.parquet")}}
+        "volumes": file_digest(paths.prepared / VOLUMES_FILE),
+        "components": file_digest(paths.prepared / COMPONENTS_FILE)}}
     target = out_dir / QUESTIONS_FILE
     outputs = [QUESTIONS_FILE, VALIDITY_FILE]
     run = StageRun(out_dir, "questions", stamp_params, outputs)  # mislib.stage
@@ -1120,10 +1131,6 @@ def export(profile: str = "demo", root: str | os.PathLike | None = None,
 # Summaries for the notebook
 # ----------------------------------------------------------------------------------------
 
-FACTORS = ("family", "modality", "dims", "plane", "convention", "prompt", "ablation",
-           "terminology", "form")
-
-
 def factor_counts(questions: pd.DataFrame, rows: Sequence[str] = ("family", "ablation",
                   "convention"), columns: Sequence[str] = ("terminology", "form")) -> pd.DataFrame:
     """Questions per factor cell: a cross table of ``rows`` × ``columns`` (nulls shown as ``—``)."""
@@ -1138,7 +1145,7 @@ def answer_balance(questions: pd.DataFrame) -> pd.DataFrame:
             .rename("questions").reset_index())
 
 
-def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FACTORS):
+def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FIGURE_FACTORS):
     """Questions per level of each factor, one bar panel per factor (``—``: the factor does
     not apply, e.g. terminology of a plane question). Returns a matplotlib Figure."""
     import matplotlib.pyplot as plt

@@ -62,14 +62,18 @@ from mislib.geometry import (
     to_canonical,
     voxel_spacing,
 )
-from mislib.paths import project_paths
+from mislib.paths import (
+    COMPONENTS_FILE,
+    LETTERS_FILE,
+    RENDERS_FILE,
+    SKIPPED_FILE,
+    SLICES_FILE,
+    VOLUMES_FILE,
+    project_paths,
+)
 from mislib.stage import StageRun
+from mislib.vocabulary import BACKGROUNDS, DIMS, NO_PROMPT, PROMPTS
 
-#: The visual-prompt levels; ``none`` (the scan only) is the no-prompt baseline.
-PROMPTS = ("none", "mask", "box", "point")
-NO_PROMPT = "none"
-BACKGROUNDS = ("scan", "blank")
-DIMS = ("2d", "3d")
 LETTERS = "ABCDEF"
 
 #: Okabe & Ito's colour-blind-safe palette without black and blue (both vanish on a dark
@@ -93,7 +97,7 @@ LETTER_COLUMNS = ["render_id", "frame", "letter", "component", "letter_col", "le
                   "anchor_col", "anchor_row", "leader"]
 SKIPPED_COLUMNS = ["slice_id", "volume_id", "plane", "dims", "convention", "component", "action",
                    "reason"]
-INPUT_FILES = ("volumes.parquet", "components.parquet", "slices.parquet")
+INPUT_FILES = (VOLUMES_FILE, COMPONENTS_FILE, SLICES_FILE)
 
 
 # --------------------------------------------------------------------------- volumes
@@ -1041,10 +1045,10 @@ def _input_digest(prepared: Path) -> str:
 
 def _read_inputs(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     tables = []
-    for name, needed in (("volumes.parquet", {"volume_id", "source", "modality",
+    for name, needed in ((VOLUMES_FILE, {"volume_id", "source", "modality",
                                               "canonical_image", "canonical_labels"}),
-                         ("components.parquet", {"volume_id", "component", "label"}),
-                         ("slices.parquet", {"slice_id", "volume_id", "plane", "index"})):
+                         (COMPONENTS_FILE, {"volume_id", "component", "label"}),
+                         (SLICES_FILE, {"slice_id", "volume_id", "plane", "index"})):
         path = prepared / name
         if not path.is_file():
             raise FileNotFoundError(f"missing stage-01 output {path}; run stage 01 "
@@ -1084,10 +1088,10 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     stamp_params = {**params, "inputs": _input_digest(paths.prepared)}
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
     out = paths.benchmark
-    outputs = ["renders.parquet", "skipped.parquet", "letters.parquet", "images", "stacks"]
+    outputs = [RENDERS_FILE, SKIPPED_FILE, LETTERS_FILE, "images", "stacks"]
     run = StageRun(out, "render", stamp_params, outputs)
     if not force and run.fresh():
-        return pd.read_parquet(out / "renders.parquet")
+        return pd.read_parquet(out / RENDERS_FILE)
     _options(params)  # validate before writing anything
     # images, stacks and tables are written aside and moved in together (mislib.stage)
     with run:
@@ -1128,9 +1132,9 @@ def _render_into(run: StageRun, paths, params: dict[str, Any], volumes: pd.DataF
                   .sort_values(["render_id", "frame", "letter"], kind="stable")
                   .reset_index(drop=True))
     skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
-    renders.to_parquet(run.path("renders.parquet"), index=False)
-    skipped_df.to_parquet(run.path("skipped.parquet"), index=False)
-    letters_df.to_parquet(run.path("letters.parquet"), index=False)
+    renders.to_parquet(run.path(RENDERS_FILE), index=False)
+    skipped_df.to_parquet(run.path(SKIPPED_FILE), index=False)
+    letters_df.to_parquet(run.path(LETTERS_FILE), index=False)
     return renders
 
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mislib.analysis import structure_pair
-from mislib.paths import project_paths
+from mislib.paths import QUESTIONS_FILE, RESPONSES_FILE, RUN_FILE, SCORED_FILE, project_paths
+from mislib.vocabulary import ABLATIONS, DIMS, LEVEL_ORDER, NO_PROMPT, structure_pair
 
 # The paper's benchmark: 33,864 questions over 1,160 volumes, 77 structures (67 CT, 10 MRI).
 PAPER_N_QUESTIONS = 33_864
@@ -39,18 +39,8 @@ N_CT_STRUCTURES = 67
 N_MRI_STRUCTURES = 10
 CT_SHARE = 0.84
 
-LEVELS: dict[str, tuple[str, ...]] = {
-    "modality": ("CT", "MRI"),
-    "plane": ("axial", "coronal", "sagittal"),
-    "dims": ("2d", "3d"),
-    "convention": ("standard", "storage"),
-    "prompt": ("mask", "box", "point"),
-    "background": ("scan", "blank"),
-    "terminology": ("anatomical", "colloquial"),
-    "form": ("open", "closed_true", "closed_false"),
-    "family": ("relation_2d", "relation_3d", "plane"),
-    "ablation": ("none", "text_only", "blank"),
-}
+#: The question factors' levels (the benchmark's, :data:`mislib.vocabulary.LEVEL_ORDER`).
+LEVELS: dict[str, tuple[str, ...]] = {f: lv for f, lv in LEVEL_ORDER.items() if f != "arm"}
 
 # Default effects (logit scale, before centring): roughly the paper's pattern — anatomical
 # terms win in the standard view and lose in the storage view, a box helps colloquial and
@@ -61,7 +51,7 @@ DEFAULT_MAIN: dict[str, dict[str, float]] = {
     "plane": {"axial": 0.15, "coronal": 0.0, "sagittal": -0.15},
     "dims": {"2d": 0.05, "3d": -0.05},
     "convention": {"standard": 0.2, "storage": -0.2},
-    "prompt": {"mask": 0.1, "box": -0.05, "point": -0.05},
+    "prompt": {"none": 0.0, "mask": 0.1, "box": -0.05, "point": -0.05},
     "terminology": {"anatomical": 0.15, "colloquial": -0.15},
     "form": {"open": -0.2, "closed_true": 0.1, "closed_false": 0.1},
     "family": {"relation_2d": 0.0, "relation_3d": -0.25, "plane": 0.25},
@@ -73,7 +63,8 @@ DEFAULT_INTERACTIONS: dict[tuple[str, str], dict[tuple[str, str], float]] = {
                                     ("storage", "anatomical"): -0.3,
                                     ("storage", "colloquial"): 0.3},
     ("prompt", "terminology"): {("box", "anatomical"): -0.25, ("box", "colloquial"): 0.25,
-                                ("mask", "anatomical"): 0.1, ("mask", "colloquial"): -0.1},
+                                ("mask", "anatomical"): 0.1, ("mask", "colloquial"): -0.1,
+                                ("none", "anatomical"): 0.2, ("none", "colloquial"): -0.2},
     ("ablation", "terminology"): {("text_only", "anatomical"): 0.35,
                                   ("text_only", "colloquial"): -0.35},
 }
@@ -156,15 +147,20 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
     family = rng.choice(LEVELS["family"], n, p=[0.45, 0.35, 0.20])
     is_plane = family == "plane"
     dims = np.where(family == "relation_3d", "3d",
-                    np.where(family == "relation_2d", "2d", rng.choice(["2d", "3d"], n)))
+                    np.where(family == "relation_2d", "2d", rng.choice(DIMS, n)))
     ablation = np.where(
         is_plane, rng.choice(["none", "blank"], n, p=[0.85, 0.15]),
-        rng.choice(["none", "text_only", "blank"], n,
+        rng.choice(ABLATIONS, n,
                    p=[1 - ablation_share, ablation_share / 2, ablation_share / 2]))
     text_only = ablation == "text_only"
     plane = rng.choice(LEVELS["plane"], n)
     convention = np.where(text_only, None, rng.choice(LEVELS["convention"], n)).astype(object)
-    prompt = np.where(text_only, None, rng.choice(LEVELS["prompt"], n)).astype(object)
+    prompt = rng.choice(LEVELS["prompt"], n)
+    # As stage 02 renders it: no unmarked (``none``) prompt on the blank background.
+    marked = [p for p in LEVELS["prompt"] if p != NO_PROMPT]
+    bare_blank = (prompt == NO_PROMPT) & (ablation == "blank")
+    prompt[bare_blank] = rng.choice(marked, int(bare_blank.sum()))
+    prompt = np.where(text_only, None, prompt).astype(object)
     background = np.where(text_only, None,
                           np.where(ablation == "blank", "blank", "scan")).astype(object)
     terminology = np.where(is_plane, None, rng.choice(LEVELS["terminology"], n)).astype(object)
@@ -216,6 +212,7 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
                          np.char.add(np.char.add(vol_ids[vol], "-r"),
                                      np.char.mod("%05d", np.arange(n)))).astype(object)
     letters = np.array(list("ABCDEF"))
+    bare = prompt == NO_PROMPT  # a scan without marks names structures by name only
     text = [(f"Which plane is this image? ({comp_a[i]})" if is_plane[i]
              else f"Is {comp_a[i]} {direction[i]} relative to {comp_b[i]}?")
             for i in range(n)]
@@ -225,8 +222,8 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
         "plane": plane, "dims": dims, "convention": convention, "prompt": prompt,
         "background": background, "terminology": terminology, "form": form, "family": family,
         "ablation": ablation, "component_a": comp_a, "component_b": comp_b,
-        "letter_a": np.where(text_only, None, letters[rng.integers(0, 3, n)]),
-        "letter_b": np.where(text_only | is_plane, None, letters[rng.integers(3, 6, n)]),
+        "letter_a": np.where(text_only | bare, None, letters[rng.integers(0, 3, n)]),
+        "letter_b": np.where(text_only | bare | is_plane, None, letters[rng.integers(3, 6, n)]),
         "direction": direction, "axis": axis, "text": text, "answer": answer,
         "choices": choices, "n_frames": np.where(dims == "3d", 16, 1),
         "image_path": [None if rid is None else
@@ -365,20 +362,20 @@ def write_study(study: SimulatedStudy, root: str | os.PathLike | None = None,
     """
     paths = project_paths(root)
     paths.benchmark.mkdir(parents=True, exist_ok=True)
-    qpath = paths.benchmark / "questions.parquet"
+    qpath = paths.benchmark / QUESTIONS_FILE
     study.questions.to_parquet(qpath, index=False)
     written = {"questions": [qpath], "responses": []}
     for run_id, rows in study.responses.groupby("run_id", sort=True):
         run_dir = paths.results / str(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        rows.to_parquet(run_dir / "responses.parquet", index=False)
+        rows.to_parquet(run_dir / RESPONSES_FILE, index=False)
         meta = {"run_id": run_id, "model": rows["model"].iat[0], "arm": rows["arm"].iat[0],
                 "simulated": True, "n_trials": int(rows["trial"].max()) + 1}
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
-        written["responses"].append(run_dir / "responses.parquet")
+        (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2))
+        written["responses"].append(run_dir / RESPONSES_FILE)
     if scored:
         paths.analysis.mkdir(parents=True, exist_ok=True)
-        spath = paths.analysis / "scored.parquet"
+        spath = paths.analysis / SCORED_FILE
         scored_table(study).to_parquet(spath, index=False)
         written["scored"] = [spath]
     return written

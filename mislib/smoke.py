@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mislib.config import config_hash
-from mislib.paths import project_paths
+from mislib.paths import QUESTIONS_FILE, project_paths
 
 #: The model id under which profiles name the smoke model.
 SMOKE_MODEL_ID = "smoke:tiny-qwen3-vl"
@@ -238,6 +238,6 @@ def write_smoke_benchmark(root: str | os.PathLike | None = None, n_questions: in
         paths.append(rel)
     questions["image_path"] = paths
     questions["n_frames"] = np.where(questions["dims"] == "3d", n_frames, 1)
-    out = bench_dir / "questions.parquet"
+    out = bench_dir / QUESTIONS_FILE
     questions.to_parquet(out, index=False)
     return out

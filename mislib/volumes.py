@@ -59,12 +59,17 @@ from tqdm.auto import tqdm
 
 from mislib import demo_cases, geometry, phantoms, structures
 from mislib.config import config_hash, read_stamp, stage_params
-from mislib.paths import project_paths
+from mislib.paths import (
+    COMPONENTS_FILE,
+    REJECTED_FILE,
+    SLICES_FILE,
+    VOLUMES_FILE,
+    project_paths,
+)
 from mislib.stage import StageRun, digests_only, input_digests, replace_path
 
 STAGE = "volumes"
-OUTPUTS = ("volumes.parquet", "components.parquet", "slices.parquet", "rejected.parquet",
-           "volumes")
+OUTPUTS = (VOLUMES_FILE, COMPONENTS_FILE, SLICES_FILE, REJECTED_FILE, "volumes")
 DEMO_SOURCES = ("brain_atlas", *demo_cases.SOURCES, "torso_ct_phantom", "knee_mri_phantom")
 DATA_SOURCES = ("totalsegmentator", "knee_mri", "generic")
 MODALITY = {"brain_atlas": "MRI", "torso_ct": "CT", "torso_mr": "MRI", "torso_ct_dicom": "CT",
@@ -956,7 +961,7 @@ def prepare(profile: str = "demo", root: str | os.PathLike | None = None, force:
     stamp_params.pop("workers", None)  # the worker count does not change the outputs
     run = StageRun(out_dir, STAGE, stamp_params, OUTPUTS, inputs)
     if not force and run.fresh():
-        return pd.read_parquet(out_dir / "volumes.parquet")
+        return pd.read_parquet(out_dir / VOLUMES_FILE)
     with run:
         volumes = _prepare_cases(cases, run, params)
     return volumes
@@ -1009,10 +1014,10 @@ def _prepare_cases(cases: list[Case], run: StageRun, params: dict[str, Any]) -> 
     rejected = pd.DataFrame([row for r in results for row in r.rejected],
                             columns=list(REJECTED_COLUMNS)).sort_values(
                                 ["source", "case", "path"], ignore_index=True)
-    volumes.to_parquet(run.path("volumes.parquet"), index=False)
-    components.to_parquet(run.path("components.parquet"), index=False)
-    slices.to_parquet(run.path("slices.parquet"), index=False)
-    rejected.to_parquet(run.path("rejected.parquet"), index=False)
+    volumes.to_parquet(run.path(VOLUMES_FILE), index=False)
+    components.to_parquet(run.path(COMPONENTS_FILE), index=False)
+    slices.to_parquet(run.path(SLICES_FILE), index=False)
+    rejected.to_parquet(run.path(REJECTED_FILE), index=False)
     return volumes
 
 

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from mislib import plots
-from mislib.scoring import bayes_by_factor, rescore, score_runs
+from mislib.bayes import bayes_by_factor
+from mislib.scoring import rescore, score_runs
 from mislib.simulate import simulate_study, write_study
 
 

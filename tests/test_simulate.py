@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mislib.scoring import parse_answer
+from mislib.answers import parse_answer
 from mislib.simulate import (
     LEVELS,
     scored_table,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from mislib.paths import project_paths
+from mislib.paths import QUESTIONS_FILE, project_paths
 
 #: Columns every export needs; everything else in ``questions.parquet`` is carried along.
 REQUIRED_COLUMNS = ("question_id", "family", "form", "dims", "ablation", "text", "answer",
@@ -48,7 +48,7 @@ def read_questions(root: str | os.PathLike | None = None) -> pd.DataFrame:
     ValueError
         When a required column is missing (names the file and the columns).
     """
-    qfile = project_paths(root).benchmark / "questions.parquet"
+    qfile = project_paths(root).benchmark / QUESTIONS_FILE
     if not qfile.is_file():
         raise FileNotFoundError(f"no {qfile}: run stage 03 (`python -m mislib questions`) first")
     questions = pd.read_parquet(qfile)

@@ -8,19 +8,16 @@ as a video, every frame, none re-sampled), a text-only question nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mislib.vocabulary import is_missing as _is_missing
+
 #: Input kinds, in the order the stage batches them (similar inputs pad little).
 INPUT_KINDS = ("text", "image", "video")
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def input_kind(question: Mapping[str, Any]) -> str:

@@ -22,10 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-#: The decode arms. ``baseline``: a draw from the top-k/top-p candidates (the default rule);
-#: ``greedy``: the most probable candidate (the control that separates determinism from
-#: re-scoring); ``semsam``: the candidate with the largest neighbourhood score.
-ARMS = ("baseline", "greedy", "semsam")
+from mislib.vocabulary import ARMS  # noqa: F401  (the decode arms; re-exported)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from mislib.answers import is_correct, parse_answer
 from mislib.config import file_digest, is_fresh, load_profile, read_stamp, stage_params
 from mislib.inference import store
 from mislib.inference.prompts import (
@@ -43,8 +44,8 @@ from mislib.inference.prompts import (
 )
 from mislib.inference.protocol import ARMS, DecodeSettings, Request
 from mislib.inference.registry import load_backend
-from mislib.paths import project_paths
-from mislib.scoring import FAMILIES, is_correct, parse_answer
+from mislib.paths import QUESTIONS_FILE, RESPONSES_FILE, project_paths
+from mislib.vocabulary import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     semsam_params = stage_params(prof, "semsam")
     model_id = model or params["models"][0]
     paths = project_paths(root)
-    questions_file = paths.benchmark / "questions.parquet"
+    questions_file = paths.benchmark / QUESTIONS_FILE
     if not questions_file.is_file():
         raise FileNotFoundError(f"{questions_file} not found: run stage 03 "
                                 "(notebooks/03_question_generation) first")
@@ -263,8 +264,8 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     if not force and recorded and is_fresh(results_dir, stage, request,
                                            recorded.get("outputs", [])):
         run_dir = results_dir / recorded["outputs"][0].split("/")[0]
-        n = len(pd.read_parquet(run_dir / "responses.parquet", columns=["trial"]))
-        return InferenceRun(run_dir.name, run_dir, run_dir / "responses.parquet", n,
+        n = len(pd.read_parquet(run_dir / RESPONSES_FILE, columns=["trial"]))
+        return InferenceRun(run_dir.name, run_dir, run_dir / RESPONSES_FILE, n,
                             len(share), 0, 0.0, tuple(share))
 
     backend = load_backend(params["backend"], model_id, root=root, device=request["device"],
@@ -312,7 +313,7 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
         n_records = len(store.compact_run(run_dir))
     else:
         n_records = len(store.done_keys(run_dir))
-    return InferenceRun(run_id, run_dir, run_dir / "responses.parquet", n_records, len(share),
+    return InferenceRun(run_id, run_dir, run_dir / RESPONSES_FILE, n_records, len(share),
                         n_generated, wall, tuple(share))
 
 

@@ -45,11 +45,11 @@ import numpy as np
 import pandas as pd
 
 from mislib.config import config_hash, write_stamp
-from mislib.paths import REPO_ROOT, project_paths
+from mislib.paths import REPO_ROOT, RESPONSES_FILE, RUN_FILE, project_paths
+from mislib.vocabulary import RECORD_STATUSES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-RECORD_STATUSES = ("ok", "missing_input", "unknown_family", "oom")
 #: Columns of ``responses.parquet``, in order.
 RESPONSE_COLUMNS = ("run_id", "model", "arm", "question_id", "trial", "seed", "raw_text",
                     "parsed", "parse_status", "correct", "n_tokens", "latency_s", "status",
@@ -181,7 +181,7 @@ def open_run(results_dir: Path, run_id: str, identity: Mapping[str, Any]) -> Pat
     run_dir = Path(results_dir) / run_id
     (run_dir / "shards").mkdir(parents=True, exist_ok=True)
     (run_dir / "sessions").mkdir(exist_ok=True)
-    target = run_dir / "run.json"
+    target = run_dir / RUN_FILE
     if not target.is_file():
         tmp = run_dir / f".run.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"run_id": run_id, **identity}, indent=2, default=str))
@@ -247,7 +247,7 @@ def remove_records(run_dir: Path) -> None:
     for folder in ("shards", "sessions"):
         for path in (run_dir / folder).glob("*"):
             path.unlink()
-    (run_dir / "responses.parquet").unlink(missing_ok=True)
+    (run_dir / RESPONSES_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def compact(run_dir: Path) -> pd.DataFrame:
         for stale in run_dir.glob(".responses.*.parquet"):  # left by a compaction killed midway
             stale.unlink(missing_ok=True)
         frame = records_frame(read_shards(run_dir / "shards"))
-        target = run_dir / "responses.parquet"
+        target = run_dir / RESPONSES_FILE
         if target.is_file():
             before = pd.read_parquet(target, columns=["question_id", "trial"])
             kept = set(zip(frame["question_id"], frame["trial"], strict=True))
@@ -312,16 +312,16 @@ def compact_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         ``responses.parquet``'s rows.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no run.json)")
     frame = compact(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = json.loads((run_dir / RUN_FILE).read_text())
     sessions = read_sessions(run_dir)
     record["sessions"] = sessions
     record["n_records"] = len(frame)
     record["status_counts"] = {str(k): int(v) for k, v in
                                frame["status"].value_counts().items()}
-    atomic_write_text(run_dir / "run.json", json.dumps(record, indent=2, default=str))
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=2, default=str))
     requests = [s["request"] for s in sessions if s.get("request")]
     if requests:
         write_stamp(run_dir.parent, stage_name(record["model"], record["arm"]), requests[-1],
@@ -337,7 +337,7 @@ def pending_runs(results_dir: str | os.PathLike) -> list[Path]:
         shards = list((run_dir / "shards").glob("*.jsonl"))
         if not shards:
             continue
-        responses = run_dir / "responses.parquet"
+        responses = run_dir / RESPONSES_FILE
         if not responses.is_file() or max(p.stat().st_mtime for p in shards) > \
                 responses.stat().st_mtime:
             pending.append(run_dir)
@@ -403,7 +403,7 @@ def list_runs(results_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     rows = []
     for run_json in sorted(folder.glob("*/run.json")):
         record = json.loads(run_json.read_text())
-        responses = run_json.parent / "responses.parquet"
+        responses = run_json.parent / RESPONSES_FILE
         rows.append({"run_id": run_json.parent.name, "model": record.get("model"),
                      "arm": record.get("arm"), "backend": record.get("backend"),
                      "n_records": record.get("n_records"), "compacted": responses.is_file(),
@@ -422,8 +422,8 @@ def summarise_runs(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """
     rows = []
     for run_dir in map(Path, run_dirs):
-        record = json.loads((run_dir / "run.json").read_text())
-        frame = pd.read_parquet(run_dir / "responses.parquet",
+        record = json.loads((run_dir / RUN_FILE).read_text())
+        frame = pd.read_parquet(run_dir / RESPONSES_FILE,
                                 columns=["status", "parse_status", "correct", "n_tokens"])
         sessions = [s for s in record.get("sessions", []) if s.get("n_generated")]
         generated = sum(s["n_generated"] for s in sessions)

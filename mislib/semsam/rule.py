@@ -42,9 +42,8 @@ from typing import Any
 import torch
 
 from mislib.semsam.table import NeighborTable
+from mislib.vocabulary import ARMS  # the decode arms, in the order of their integer codes
 
-#: The decode arms, in the order of their integer codes (:func:`arm_codes`).
-ARMS = ("baseline", "greedy", "semsam")
 #: SemSam's selection among the candidates.
 MODES = ("argmax", "sample")
 
