@@ -266,7 +266,7 @@ def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The ``k`` largest entries lie in the ``k`` blocks with the largest maxima (plus the
     ragged tail), so one vectorised max pass over ``V`` (``amax`` over contiguous blocks,
-    about 7x faster than ``max_pool1d`` at B = 1 on an AVX-512 CPU) and a ``topk`` over
+    cheaper than ``max_pool1d``; figures in bench/RESULTS.md) and a ``topk`` over
     ``k * block`` entries replace a selection over the whole row.
     """
     batch, vocab = logits.shape
@@ -316,9 +316,8 @@ def time_decode_step(batches: Sequence[int] = (1, 8, 64), vocab: int = 151_936,
     pays), ``semsam_argmax`` and ``semsam_sample`` (:func:`select_next_token` with a random
     ``k``-neighbour table). They are timed round-robin, one call each per round, so load
     from other processes hits them alike. Each turn makes one untimed call before the timed
-    one: the first calls after the chain run up to 2.7x slower (0.8 against 0.3 ms for
-    the same SemSam call at B = 1, whichever method comes next), which would measure the
-    chain's aftermath instead of the method.
+    one: the first calls after the chain run measurably slower whichever method comes next
+    (bench/RESULTS.md), which would measure the chain's aftermath instead of the method.
 
     Returns
     -------

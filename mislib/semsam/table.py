@@ -264,7 +264,7 @@ def build_neighbor_table(embeddings: torch.Tensor | np.ndarray, content_mask: to
     -----
     The unit vectors are rounded to int8 on one common scale and their dot products
     computed block by block as exact int32 sums (``torch._int_mm``: AVX-512-VNNI on a CPU,
-    about twice its bf16 rate and four times fp32; integer tensor cores on a GPU), over the
+    faster there than bf16 or fp32 matmuls; integer tensor cores on a GPU), over the
     upper triangle only, since the matrix is symmetric. Each row keeps its ``k + margin``
     best int8 candidates: a block entry can only enter a list when it beats that list's
     current last entry, so each block is compared once with the lowest such threshold and
