@@ -3,10 +3,11 @@
 World axes follow nibabel: +x toward patient Right, +y Anterior, +z Superior. Directions are
 written as nibabel axis codes (``"R"``, ``"L"``, ``"A"``, ``"P"``, ``"S"``, ``"I"``).
 
-The display conventions (DESIGN.md §4) live in one table, :data:`SCREEN_MAPPINGS`: for each
-(plane, convention) the world direction that points to the image's right, the one that
-points down the image, and the one in which frame index grows in a 3D stack. The renderer
-and the question ground truth both read it through :func:`screen_mapping`.
+The display conventions (docs/design.md, "Geometry and the two display conventions") live
+in one table, :data:`SCREEN_MAPPINGS`: for each (plane, convention) the world direction that
+points to the image's right, the one that points down the image, and the one in which frame
+index grows in a 3D stack. The renderer and the question ground truth both read it through
+:func:`screen_mapping`.
 """
 
 from __future__ import annotations

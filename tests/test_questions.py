@@ -446,9 +446,10 @@ def test_generate_without_upstream_outputs_says_what_is_missing(tmp_path):
 
 # ---- the real brain atlas (stages 01-02 run on the MNI152 template + neuromorphometrics) ----
 
-# Where the patient's LEFT lands on screen, from DESIGN.md §4: the standard axial and coronal
-# views put patient right on the image left; the storage convention draws the LPI array as
-# indexed, so the x axis (L) runs down the image in axial and coronal slices.
+# Where the patient's LEFT lands on screen (docs/design.md, "Geometry and the two display
+# conventions"): the standard axial and coronal views put patient right on the image left;
+# the storage convention draws the LPI array as indexed, so the x axis (L) runs down the
+# image in axial and coronal slices.
 PATIENT_LEFT_ON_SCREEN = {("axial", "standard"): "right", ("coronal", "standard"): "right",
                           ("axial", "storage"): "below", ("coronal", "storage"): "below"}
 
