@@ -1,13 +1,14 @@
 """Run inside lmms-eval's venv by tests/test_export_lmms.py: load and score the exported tasks.
 
-``python lmms_eval_probe.py load <include_path> <out.json>`` builds the group ``mis_ground``
-with lmms-eval's own TaskManager (chat task type, as a chat model such as Qwen3-VL gets it),
+``python lmms_eval_probe.py <include_path> <out.json>`` writes ``{"load": ..., "score": ...}``.
+
+Load: builds the group ``mis_ground`` with lmms-eval's own TaskManager (chat task type, as a chat model such as Qwen3-VL gets it),
 then for every document of every task builds what lmms-eval sends to a model: the prompt
 text, the visuals and the chat messages (validated by lmms-eval's ``ChatMessages``). Writes,
 per task, the question ids, prompts, number of images and of video frames, targets, repeats
 and filter names, for the test to compare with ``questions.parquet``.
 
-``python lmms_eval_probe.py score <include_path> <out.json>`` feeds each document scripted
+Score: feeds each document scripted
 responses (right, wrong, unparseable, ambiguous, in turn) through the task's own
 ``process_results`` and metric aggregations, and writes the responses and the metrics, for
 the test to compare with stage 06's scoring of the same responses.
@@ -36,8 +37,7 @@ def _scripted(doc, k: int) -> list[str]:
     return [kinds[(k + t) % len(kinds)] for t in range(2)]
 
 
-def score(include_path: str, out: str) -> None:
-    _, tasks = _tasks(include_path)
+def score(tasks) -> dict:
     report = {}
     for name, task in tasks.items():
         items, responses = {}, []
@@ -52,12 +52,10 @@ def score(include_path: str, out: str) -> None:
         aggregation = task.aggregation()
         report[name] = {"responses": responses,
                         "metrics": {m: float(aggregation[m](v)) for m, v in items.items()}}
-    with open(out, "w") as fh:
-        json.dump(report, fh)
+    return report
 
 
-def load(include_path: str, out: str) -> None:
-    task_dict, _ = _tasks(include_path)
+def load(task_dict) -> dict:
     groups = {str(k): v for k, v in get_subtask_list(task_dict).items()}
     report = {"groups": groups, "tasks": {}}
     for _group, subtasks in task_dict.items():
@@ -80,9 +78,14 @@ def load(include_path: str, out: str) -> None:
                 texts = [c.text for m in chat.messages for c in m.content if c.type == "text"]
                 assert texts == [doc["text"]], (name, doc["question_id"], texts)
             report["tasks"][name] = entry
+    return report
+
+
+def main(include_path: str, out: str) -> None:
+    task_dict, tasks = _tasks(include_path)
     with open(out, "w") as fh:
-        json.dump(report, fh)
+        json.dump({"load": load(task_dict), "score": score(tasks)}, fh)
 
 
 if __name__ == "__main__":
-    {"load": load, "score": score}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2])

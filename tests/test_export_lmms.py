@@ -64,6 +64,15 @@ def lmms(tmp_path_factory):
     return root, questions
 
 
+@pytest.fixture(scope="module")
+def probed(lmms, tmp_path_factory):
+    """What lmms-eval's own loader built from the export, and its scores of scripted replies."""
+    root, _ = lmms
+    tmp = tmp_path_factory.mktemp("probe")
+    _run([str(PROBE), str(export_paths(root)["lmms_eval"]), str(tmp / "probe.json")], tmp)
+    return json.loads((tmp / "probe.json").read_text())
+
+
 def _run(args, tmp, timeout=900):
     done = subprocess.run([str(LMMS_PYTHON), *args], capture_output=True, text=True,
                           env=_env(tmp), timeout=timeout, cwd=str(tmp))
@@ -90,11 +99,9 @@ def _stage06(responses: pd.DataFrame, questions: pd.DataFrame) -> dict[str, floa
             "ambiguous_rate": float(rates["ambiguous_rate"])}
 
 
-def test_lmms_eval_loader_builds_every_document_and_prompt(lmms, tmp_path):
-    root, questions = lmms
-    out = tmp_path / "load.json"
-    _run([str(PROBE), "load", str(export_paths(root)["lmms_eval"]), str(out)], tmp_path)
-    report = json.loads(out.read_text())
+def test_lmms_eval_loader_builds_every_document_and_prompt(lmms, probed):
+    _, questions = lmms
+    report = probed["load"]
     rows = questions.assign(kind=[_kind(r) for r in questions.to_dict("records")])
     expected = {task_name(f, k): g for (f, k), g in rows.groupby(["family", "kind"])}
     assert report["groups"] == {"mis_ground": sorted(expected)}
@@ -113,11 +120,9 @@ def test_lmms_eval_loader_builds_every_document_and_prompt(lmms, tmp_path):
         assert entry["video_frames"] == (int(group["n_frames"].sum()) if kind == "video" else 0)
 
 
-def test_lmms_eval_metrics_equal_stage_06_on_the_same_responses(lmms, tmp_path):
-    root, questions = lmms
-    out = tmp_path / "score.json"
-    _run([str(PROBE), "score", str(export_paths(root)["lmms_eval"]), str(out)], tmp_path)
-    report = json.loads(out.read_text())
+def test_lmms_eval_metrics_equal_stage_06_on_the_same_responses(lmms, probed):
+    _, questions = lmms
+    report = probed["score"]
     assert len(report) == 6
     for name, entry in report.items():
         responses = pd.DataFrame(entry["responses"])
