@@ -303,6 +303,10 @@ def test_rewrite_question_relabels_letters_and_asks_yes_or_no():
         "above structure label-A. Answer as seen. Please answer yes or no.")
     assert options_and_answer(row, "yn") == ([], "Yes")
     assert options_and_answer(row, "mcq") == (["Yes", "No"], "A")
+    statement = {**row, "text": "Statement: Structure A is above structure B. True or False?"}
+    assert rewrite_question(statement, "yn") == ("Statement: Structure label-A is above "
+                                                 "structure label-B. Correct? Please answer yes "
+                                                 "or no.")
     opened = {**row, "form": "open", "answer": "below", "choices": ["above", "below"],
               "text": "Relative to A, is the kidney (B) above or below? Options: above, below."}
     assert rewrite_question(opened, "mcq") == \

@@ -217,10 +217,10 @@ for cls in (m.MISGroundVideoMCQ, m.MISGroundVideoYORN):
     video = msgs[0]
     frames = decord.VideoReader(video["value"]).get_batch(list(range(len(line["image"])))).asnumpy()
     pngs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in line["frame_files"]])
+    # as Qwen3VLChat prepares a video file: file:// URL plus its own fps (default 2)
     sampled, meta = fetch_video({"type": "video", "video": "file://" + video["value"],
-                                 "fps": video["fps"]}, image_patch_size=16,
-                                return_video_metadata=True)
-    out[cls.__name__] = {"types": [x["type"] for x in msgs], "fps": video["fps"],
+                                 "fps": 2.0}, image_patch_size=16, return_video_metadata=True)
+    out[cls.__name__] = {"types": [x["type"] for x in msgs], "keys": sorted(video),
                          "lossless": bool((frames == pngs).all()),
                          "n_video_frames": len(decord.VideoReader(video["value"])),
                          "sampled": int(sampled.shape[0]),
@@ -257,6 +257,7 @@ def test_vlmeval_3d_class_hands_every_frame_to_qwen3_vl_as_one_video(lmms, tmp_p
     report = json.loads(done.stdout.strip().splitlines()[-1])
     for name, entry in report.items():
         assert entry["types"] == ["video", "text"], name
+        assert entry["keys"] == ["type", "value"], name  # the wrapper adds fps or nframes
         assert entry["lossless"] and entry["n_video_frames"] == n, name
         assert entry["sampled"] == n and entry["indices"] == list(range(n)), name
 

@@ -8,9 +8,11 @@ classes would hand the frames to the model as separate images. Its model wrapper
 video only as ``{"type": "video", "value": <file>}`` (``BaseModel.generate`` resolves each
 message value as one file, so a list of frame paths is rejected), so these classes write the
 frames of each stack once, losslessly (PNG frames in an AVI container at ``FPS`` frames per
-second), and put that file in the message with ``fps=FPS``: Qwen3-VL's wrapper
-(``Qwen3VLChat``) passes ``fps`` on to ``qwen_vl_utils``, which then samples every frame, in
-frame order. The text and the scoring are the stock classes' (``CustomMCQDataset``:
+second), and put that file in the message. Qwen3-VL's wrapper (``Qwen3VLChat``) samples a
+video file at its own ``fps`` (2 unless configured otherwise), or, with ``fps=None``, takes
+``nframes`` = the file's frame count; either way ``qwen_vl_utils`` then reads every frame of a
+2-fps file, in frame order. The message carries neither key: the wrapper adds one, and
+``qwen_vl_utils`` refuses a video with both. The text and the scoring are the stock classes' (``CustomMCQDataset``:
 option letters, ``can_infer``; ``ImageYORNDataset``: ``Yes``/``No``).
 
 Importing the module adds the classes to ``vlmeval.dataset``, where VLMEvalKit's ``run.py``
@@ -27,8 +29,8 @@ import vlmeval.dataset
 from vlmeval.dataset.image_mcq import CustomMCQDataset
 from vlmeval.dataset.image_yorn import ImageYORNDataset
 
-#: Frame rate the stacks are written at and declared with; at this rate Qwen3-VL's video
-#: sampling keeps every frame.
+#: Frame rate the stacks are written at: the sampling rate of VLMEvalKit's Qwen3-VL wrapper,
+#: which therefore keeps every frame.
 FPS = 2.0
 
 
@@ -85,7 +87,7 @@ class _StackAsVideo:
         key = line["render_id"] if "render_id" in line and isinstance(line["render_id"], str) \
             else str(line["index"])
         video = frames_to_video(frames, osp.join(self.img_root, "video", f"{key}.avi"))
-        return [dict(type="video", value=video, fps=FPS), *rest]
+        return [dict(type="video", value=video), *rest]
 
 
 class MISGroundVideoMCQ(_StackAsVideo, CustomMCQDataset):

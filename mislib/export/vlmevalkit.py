@@ -107,8 +107,9 @@ def rewrite_question(row: Mapping[str, Any], kind: str) -> str:
         article = r"(?!\s+[a-z])" if letter == "A" else ""
         text = re.sub(rf"(?<![\w-]){letter}(?![\w-]){article}", f"label-{letter}", text)
     if _closed(row["form"]):
-        text = re.sub(r"([Tt])rue or false\?",
-                      lambda m: "Correct?" if m.group(1) == "T" else "correct?", text)
+        text = re.sub(r"\b(t)rue or false\?",
+                      lambda m: "Correct?" if m.group(1) == "T" else "correct?", text,
+                      flags=re.IGNORECASE)
         if kind == "yn":
             text = f"{text.rstrip()} Please answer yes or no."
     bare = [t for t in option_tokens(text) if len(t) == 1 and t in string.ascii_uppercase]
@@ -351,8 +352,9 @@ def _readme(rows: Mapping[str, int]) -> str:
 The 2D and text files also load without the launcher (`run.py --data MIS-Ground_2D_MCQ`
 picks `CustomMCQDataset` from their columns; the 2D yes/no file needs the config, which names
 `ImageYORNDataset`). The 3D files need `mis_ground_vlmeval.py`: it writes each stack's
-frames once as a lossless video (PNG frames in AVI at 2 frames per second) and hands it to the
-model with `fps=2`, so Qwen3-VL sees every frame, in order, as one video.
+frames once as a lossless video (PNG frames in AVI at 2 frames per second, the rate at which
+VLMEvalKit's Qwen3-VL wrapper samples a video by default) and hands it to the model, so
+Qwen3-VL sees every frame, in order, as one video (decord reads it; keep it installed).
 
 Structure labels are written `label-B` in the questions (the images show the bare letter) so
 that a reply echoing a label is not read as an option letter. `question_id` links each row to
