@@ -1,6 +1,6 @@
 """The Hugging Face ``datasets`` export: typed parquet files and a dataset card with configs.
 
-Layout under ``benchmark/export/hf/`` (see ``docs/design.md``, exports)::
+Layout under ``benchmark/export/hf/`` (``data/README.md``, benchmark/export)::
 
     README.md                                   dataset card; its ``configs`` name the files
     data/<ablation>/<dims>/<family>-<input>-NNNNN-of-NNNNN.parquet
@@ -122,7 +122,7 @@ ds = datasets.load_dataset("path/to/hf", "blank_2d", split="{SPLIT}")
 ds[0]["image"]          # a PIL image; ds[i]["frames"] is a list of them for a 3D stack
 ```
 
-Score answers with mislib's parser (`mislib.scoring.parse_answer(raw_text, row)`), which
+Score answers with mislib's parser (`mislib.answers.parse_answer(raw_text, row)`), which
 reads the row's `family`, `form`, `terminology`, `choices`, `letter_*` and `name_*`.
 """
 

@@ -1,6 +1,6 @@
 """The lmms-eval export: a task group ``mis_ground`` that lmms-eval loads with ``--include_path``.
 
-``make export`` writes ``benchmark/export/lmms_eval/`` (see ``docs/design.md``, exports)::
+``make export`` writes ``benchmark/export/lmms_eval/`` (``data/README.md``, benchmark/export)::
 
     mis_ground.yaml                     the group: its tasks and the metrics pooled over them
     _default_template_yaml              what every task shares (hooks, metrics, trials)
@@ -14,7 +14,8 @@ files of its family and input (``../hf/data/...``, relative paths that lmms-eval
 against the task file), so the export folder moves as a whole.
 
 Scoring is stage 06's: :func:`process_results` parses every response with mislib's parser
-against the question's valid options and scores it like ``mislib.scoring``; the metrics are
+(``mislib.answers``) against the question's valid options and scores it like
+``mislib.scoring``; the metrics are
 ``accuracy`` (unparseable and ambiguous answers count as wrong), ``bayes_at_n`` (Bayes@N
 posterior mean, the paper's accuracy), ``bayes_lo95`` / ``bayes_hi95`` (its 95 % credible
 interval), and ``unparseable_rate`` / ``ambiguous_rate`` (the parse outcomes counted apart).
@@ -33,12 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mislib.answers import is_correct, parse_answer
+from mislib.bayes import bayes_at_n as _bayes_at_n
+from mislib.bayes import bayes_interval
 from mislib.export._common import INPUTS, input_kind, slug
-
-try:  # the parser's own module once it is split out of stage 06
-    from mislib.answers import is_correct, parse_answer
-except ImportError:
-    from mislib.scoring import is_correct, parse_answer
 
 GROUP = "mis_ground"
 FILTER = "all_trials"
@@ -126,23 +125,17 @@ def accuracy(items: Sequence[Mapping[str, Any]]) -> float:
 
 
 def bayes_at_n(items: Sequence[Mapping[str, Any]]) -> float:
-    """Bayes@N posterior mean accuracy (``mislib.scoring.bayes_at_n``)."""
-    from mislib.scoring import bayes_at_n as _bayes
-
-    return _bayes(_outcomes(items))[0]
+    """Bayes@N posterior mean accuracy (``mislib.bayes.bayes_at_n``)."""
+    return _bayes_at_n(_outcomes(items))[0]
 
 
 def bayes_lo95(items: Sequence[Mapping[str, Any]]) -> float:
-    """Lower end of the 95 % credible interval of Bayes@N (``mislib.scoring.bayes_interval``)."""
-    from mislib.scoring import bayes_interval
-
+    """Lower end of the 95 % credible interval of Bayes@N (``mislib.bayes.bayes_interval``)."""
     return bayes_interval(_outcomes(items), level=0.95)[2]
 
 
 def bayes_hi95(items: Sequence[Mapping[str, Any]]) -> float:
     """Upper end of the 95 % credible interval of Bayes@N."""
-    from mislib.scoring import bayes_interval
-
     return bayes_interval(_outcomes(items), level=0.95)[3]
 
 

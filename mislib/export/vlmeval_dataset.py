@@ -12,8 +12,9 @@ second), and put that file in the message. Qwen3-VL's wrapper (``Qwen3VLChat``) 
 video file at its own ``fps`` (2 unless configured otherwise), or, with ``fps=None``, takes
 ``nframes`` = the file's frame count; either way ``qwen_vl_utils`` then reads every frame of a
 2-fps file, in frame order. The message carries neither key: the wrapper adds one, and
-``qwen_vl_utils`` refuses a video with both. The text and the scoring are the stock classes' (``CustomMCQDataset``:
-option letters, ``can_infer``; ``ImageYORNDataset``: ``Yes``/``No``).
+``qwen_vl_utils`` refuses a video with both. The text and the scoring are the stock
+classes' (``CustomMCQDataset``: option letters, ``can_infer``; ``ImageYORNDataset``:
+``Yes``/``No``).
 
 Importing the module adds the classes to ``vlmeval.dataset``, where VLMEvalKit's ``run.py``
 looks up the ``class`` named in a ``--config`` file; ``run_mis_ground.py`` beside this file

@@ -1,7 +1,7 @@
 """The VLMEvalKit export: TSVs in its stock multiple-choice and yes/no formats, and the 3D class.
 
-``make export`` writes ``benchmark/export/vlmevalkit/`` (see ``docs/design.md``, exports, and
-``data/README.md`` for the VLMEvalKit loader rules each file relies on):
+``make export`` writes ``benchmark/export/vlmevalkit/`` (``data/README.md``, benchmark/export,
+lists the VLMEvalKit loader rules each file relies on):
 
 =========================  ===========================  ======================================
 file                       questions                    VLMEvalKit class
