@@ -691,6 +691,32 @@ def test_missing_volume_file_is_skipped_naming_it_and_the_rest_renders(rendered)
     assert {"synth-ct", "synth-crowded"} <= set(renders.volume_id)
 
 
+def test_contact_sheet_of_a_real_ct_puts_the_liver_on_the_viewers_left(tmp_path):
+    """The notebook-02 figure of the real abdominal CT: every plane x convention row rendered,
+    and in the standard axial row the liver (patient right) on the image's left half."""
+    import matplotlib
+
+    from mislib import volumes
+    from mislib.config import stage_params
+
+    matplotlib.use("Agg")
+    volumes.prepare("demo", root=tmp_path, sources=["torso_ct"], workers=1)
+    params = stage_params("demo", "render", image_size=128)
+    fig = render.contact_sheet_for("torso_ct-abdomen_3mm", params, root=tmp_path)
+    assert "torso_ct-abdomen_3mm (CT)" in fig.texts[0].get_text()
+    assert len(fig.axes) == 6 * 5 and not any(t.get_text() == "skipped"
+                                              for a in fig.axes for t in a.texts)
+    volume = render.load_prepared_volume("torso_ct-abdomen_3mm", root=tmp_path)
+    centre = np.round(np.argwhere(volume.labels > 0).mean(axis=0)).astype(int)
+    spec = render.SliceSpec("t", "axial", int(centre[2]))
+    opts = render.RenderOptions(image_size=128, dims=["2d"], conventions=["standard"],
+                                prompts=["mask"], backgrounds=["scan"])
+    (image,) = render.render_slice(volume, spec, opts)
+    liver = [r for r in image.rows if r["component"] == "liver"]
+    assert liver and liver[0]["centroid_col"] < 64
+    assert image.rows[0]["window"] == "soft_tissue"
+
+
 def test_unknown_factor_level_is_rejected_before_rendering(synth_root):
     with pytest.raises(ValueError, match=r"\[render\] prompts = \[.arrow.\]: item .arrow."):
         render.render_benchmark("demo", root=synth_root, prompts=["arrow"], **FAST)

@@ -579,6 +579,47 @@ def test_real_ct_reproduces_textbook_anatomy(demo_root):
     assert mr.loc["aorta", "centroid_y"] > mr.loc["spinal_cord", "centroid_y"]
 
 
+def test_anatomy_checks_report_each_fact_and_twin_and_flag_a_violation():
+    def row(vid, name, x, y, z):
+        return {"volume_id": vid, "component": name, "centroid_x": x, "centroid_y": y,
+                "centroid_z": z}
+
+    comps = pd.DataFrame([row("ok", "liver", 80, 0, 0), row("ok", "spleen", -90, 0, 0),
+                          row("ok", "kidney_left", -70, 0, -40),
+                          row("ok", "kidney_right", 60, 0, -50),
+                          row("flipped", "liver", -80, 0, 0), row("flipped", "spleen", 90, 0, 0)])
+    checks = volumes.anatomy_checks(comps).set_index(["volume_id", "fact"])
+    assert checks.loc[("ok", "liver right of the spleen"), "separation_mm"] == 170
+    assert checks.loc[("ok", "liver superior to the right kidney"), "holds"]
+    assert checks.loc[("ok", "left kidney left of the right kidney"), "holds"]
+    assert not checks.loc[("flipped", "liver right of the spleen"), "holds"]
+    assert len(checks) == 4  # facts whose structures a volume lacks are not listed
+
+
+def test_real_cases_pass_every_textbook_check(demo_root):
+    comps = pd.read_parquet(demo_root / "data" / "prepared" / "components.parquet")
+    checks = volumes.anatomy_checks(comps)
+    real = checks[checks["volume_id"].str.startswith(("torso_ct-", "torso_mr-",
+                                                      "torso_ct_dicom-", "brain_atlas-"))]
+    assert len(real) >= 30 and real["holds"].all(), real[~real["holds"]]
+
+
+def test_notebook_01_figures_show_every_volume_and_every_slice(demo_root):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    prepared = demo_root / "data" / "prepared"
+    vols = pd.read_parquet(prepared / "volumes.parquet")
+    slices = pd.read_parquet(prepared / "slices.parquet")
+    fig = volumes.orientation_figure(vols, prepared)
+    assert len(fig.axes) == 2 * len(vols)
+    assert {t.get_text().split("\n")[0] for t in (a.title for a in fig.axes[::2])} \
+        == set(vols["volume_id"])
+    fig = volumes.slices_figure(vols, slices, prepared, columns=4)
+    titled = [a for a in fig.axes if a.get_title()]
+    assert len(titled) == len(slices) and len(fig.axes) % 4 == 0
+
+
 def test_dicom_series_and_its_las_label_map_land_on_the_same_voxels(demo_root):
     """The series is stored LPS and its label map LAS; were the map not re-stored like the
     image, bone would fall on soft tissue."""
