@@ -1230,12 +1230,18 @@ def contact_sheet(volume: Volume, ijk: Sequence[int], opts: RenderOptions | None
 
 def contact_sheet_for(volume_id: str, params: dict[str, Any],
                       root: str | os.PathLike | None = None):
-    """:func:`contact_sheet` of one prepared volume through the centre of its labelled voxels,
-    with the ``[render]`` parameters ``params`` (image size, labels, areas, seed, MRI
-    percentiles) — the figure notebook 02 shows per source. Returns a matplotlib Figure."""
+    """:func:`contact_sheet` of one prepared volume through the mean of its structures'
+    centres (each structure counts once, so a large one such as the cerebellum does not pull
+    the planes away from the small deep ones), with the ``[render]`` parameters ``params``
+    (image size, labels, areas, seed, MRI percentiles) — the figure notebook 02 shows per
+    source. Returns a matplotlib Figure."""
+    from scipy import ndimage
+
     volume = load_prepared_volume(volume_id, root=root,
                                   percentiles=params.get("mri_window_percentiles", (1.0, 99.0)))
-    centre = np.round(np.argwhere(volume.labels > 0).mean(axis=0)).astype(int)
+    present = [v for v in sorted(volume.names) if (volume.labels == v).any()]
+    centres = ndimage.center_of_mass(np.ones(volume.labels.shape), volume.labels, present)
+    centre = np.round(np.mean(centres, axis=0)).astype(int)
     opts = RenderOptions(image_size=params["image_size"], max_labels=params["max_labels"],
                          min_visible_area_mm2=params["min_visible_area_mm2"],
                          seed=params["seed"])
