@@ -19,6 +19,21 @@ import numpy as np
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
 
+def processor_sizes(proc: Any) -> dict[str, Any]:
+    """The pixel budgets and normalisation of an image or video processor (JSON-ready), the
+    part of the run identity that says which pixels a model sees; ``{}`` for None."""
+    if proc is None:
+        return {}
+    keys = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
+            "merge_size", "do_resize", "image_mean", "image_std")
+    out = {k: getattr(proc, k) for k in keys if getattr(proc, k, None) is not None}
+    if dataclasses.is_dataclass(out.get("size")):  # transformers' SizeDict
+        out["size"] = {k: v for k, v in dataclasses.asdict(out["size"]).items()
+                       if v is not None}
+    out["class"] = type(proc).__name__
+    return json.loads(json.dumps(out, default=str))
+
+
 class HFBackend:
     """A transformers image-text-to-text model with its own processor and chat template.
 
@@ -94,22 +109,12 @@ class HFBackend:
     def settings(self) -> dict[str, Any]:
         """What changes the pixels or tokens the model sees: model and processor classes,
         pixel budgets, frame handling, chat template hash, device, dtype, generation config."""
-        def sizes(proc: Any) -> dict[str, Any]:
-            if proc is None:
-                return {}
-            keys = ("size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
-                    "merge_size", "do_resize", "image_mean", "image_std")
-            out = {k: getattr(proc, k) for k in keys if getattr(proc, k, None) is not None}
-            if dataclasses.is_dataclass(out.get("size")):  # transformers' SizeDict
-                out["size"] = {k: v for k, v in dataclasses.asdict(out["size"]).items()
-                               if v is not None}
-            out["class"] = type(proc).__name__
-            return json.loads(json.dumps(out, default=str))
-
         return {"family": self.family, "model_class": type(self.model).__name__,
                 "processor_class": type(self.processor).__name__,
-                "image_processor": sizes(getattr(self.processor, "image_processor", None)),
-                "video_processor": sizes(getattr(self.processor, "video_processor", None)),
+                "image_processor": processor_sizes(getattr(self.processor, "image_processor",
+                                                           None)),
+                "video_processor": processor_sizes(getattr(self.processor, "video_processor",
+                                                           None)),
                 "video_as": "video" if self.has_video else "images",
                 "video_fps": self.video_fps, "do_sample_frames": False,
                 "chat_template_sha": hashlib.sha256(

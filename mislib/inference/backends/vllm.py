@@ -1,0 +1,286 @@
+"""The ``vllm`` backend: offline ``vllm.LLM``, the scale-out engine, with SemSam inside it.
+
+Runs only where vLLM is installed (``make env-vllm`` builds ``.venv-vllm/``). It shows the
+model what the hf backend shows it: the model's own chat template (rendered by its
+transformers processor), its own processor settings, 2D questions as one picture and 3D
+stacks as a video of exactly the frames given (``do_sample_frames=False``, frame ``i`` at
+``i / video_fps`` seconds, no resampling). Weights load in bf16 on CUDA and fp32 on CPU,
+tensor parallel over ``tensor_parallel_size`` GPUs for models that do not fit one.
+
+Every arm decodes through SemSam's vLLM logits processor (:mod:`mislib.semsam.vllm_v1` for
+the V1 model runner, used on CPU and with ``VLLM_USE_V2_MODEL_RUNNER=0``;
+:mod:`mislib.semsam.vllm_v2` for Model Runner V2, the CUDA default) with temperature 0: the
+processor decides each token with the same pure rule as the hf backend, draws keyed by
+(request seed, tokens generated so far), so both backends answer alike. The neighbour table
+reaches the engine's workers by path (``additional_config``); each request carries its arm
+and seed (``SamplingParams(extra_args=..., seed=...)``). The engine starts on the first
+:meth:`VLLMBackend.generate` and is kept for every arm of the model.
+
+>>> from mislib.inference.registry import load_backend
+>>> backend = load_backend("vllm", "smoke:tiny-qwen3-vl", device="cpu")  # doctest: +SKIP
+>>> backend.generate([Request("q1", 0, 7, "Is A above B?")], decode)  # doctest: +SKIP
+[Generation(text='...', n_tokens=16, token_ids=(...))]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mislib.inference.backends.hf import processor_sizes
+from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
+
+log = logging.getLogger(__name__)
+
+
+def uses_model_runner_v2(device: str) -> bool:
+    """Whether vLLM will run Model Runner V2 (whose logits processors are another class).
+
+    V2 needs Triton with a backend for the device: the CUDA default, never on CPU;
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` forces V1 on CUDA.
+    """
+    flag = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    return device == "cuda" and flag not in ("0", "false", "no", "off")
+
+
+class VLLMBackend:
+    """A vision-language model served by an offline ``vllm.LLM`` engine.
+
+    Parameters
+    ----------
+    source : a local folder or hub id (from :func:`mislib.inference.registry.resolve_model`).
+    model_id : the id the profile names (recorded, and used in error messages).
+    revision : the source's revision (recorded).
+    device : ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    video_fps : frames per second declared for stacks (Qwen3-VL writes time stamps).
+    tensor_parallel_size : GPUs one engine spreads the model over.
+    max_model_len : context length the engine reserves per sequence (the model's own when
+        None; real Qwen3-VL checkpoints declare 256k, far beyond a question's needs).
+    max_num_seqs : sequences the engine decodes at once (vLLM's default when None).
+    gpu_memory_utilization : share of GPU memory the engine may take (CUDA).
+    limit_mm_per_prompt : vLLM's per-prompt media limits; also sizes the dummy inputs vLLM
+        profiles memory with (e.g. ``{"video": {"count": 1, "num_frames": 16, "width": 448,
+        "height": 448}}``).
+    enforce_eager : no CUDA graphs / compilation (default: True on CPU, False on CUDA).
+    """
+
+    def __init__(self, source: str, model_id: str | None = None, revision: str = "main",
+                 device: str = "auto", video_fps: float = 1.0, tensor_parallel_size: int = 1,
+                 max_model_len: int | None = 8192, max_num_seqs: int | None = None,
+                 gpu_memory_utilization: float = 0.9,
+                 limit_mm_per_prompt: Mapping[str, Any] | None = None,
+                 enforce_eager: bool | None = None):
+        import torch
+        from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+        self.model_id = model_id or source
+        self.source = source
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"vllm backend: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        self.device = device
+        self.dtype = "bfloat16" if device == "cuda" else "float32"  # "auto" would give bf16 on CPU
+        self.video_fps = float(video_fps)
+        if int(tensor_parallel_size) < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
+        self.engine_options = {
+            "tensor_parallel_size": int(tensor_parallel_size),
+            "max_model_len": None if max_model_len is None else int(max_model_len),
+            "max_num_seqs": None if max_num_seqs is None else int(max_num_seqs),
+            "gpu_memory_utilization": float(gpu_memory_utilization),
+            "limit_mm_per_prompt": dict(limit_mm_per_prompt or {"image": 1, "video": 1}),
+            "enforce_eager": (device == "cpu") if enforce_eager is None else bool(enforce_eager),
+        }
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"model {self.model_id!r} cannot be loaded: not a local folder, not in the "
+                f"Hugging Face cache, or not a transformers model ({error})") from error
+        self.family = config.model_type
+        self.architectures = list(getattr(config, "architectures", None) or [])
+        self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        self.tokenizer = self.processor.tokenizer
+        self.revision = getattr(config, "_commit_hash", None) or revision
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            self.generation_config = GenerationConfig()
+        self.has_video = getattr(self.processor, "video_processor", None) is not None
+        self.v2 = uses_model_runner_v2(device)
+        self.capabilities = Capabilities(arms=ARMS, embeddings=True, max_batch=None,
+                                         max_concurrency=1,
+                                         extras={"model_runner": "v2" if self.v2 else "v1"})
+        self._llm: Any = None
+        self._engine_key: str | None = None
+
+    # ---------------------------------------------------------------- identity and table
+    def settings(self) -> dict[str, Any]:
+        """What changes the pixels or tokens the model sees (as the hf backend records it),
+        plus the engine: vLLM's version and model runner."""
+        import vllm
+
+        return {"family": self.family, "model_class": "vllm:" + ",".join(self.architectures),
+                "processor_class": type(self.processor).__name__,
+                "image_processor": processor_sizes(getattr(self.processor, "image_processor",
+                                                           None)),
+                "video_processor": processor_sizes(getattr(self.processor, "video_processor",
+                                                           None)),
+                "video_as": "video" if self.has_video else "images",
+                "video_fps": self.video_fps, "do_sample_frames": False,
+                "chat_template_sha": hashlib.sha256(
+                    str(self.processor.chat_template or "").encode()).hexdigest()[:16],
+                "device": self.device, "dtype": self.dtype,
+                "generation_config": {k: v for k, v in
+                                      self.generation_config.to_diff_dict().items()
+                                      if k != "transformers_version"},
+                "engine": {"vllm": vllm.__version__,
+                           "model_runner": "v2" if self.v2 else "v1"}}
+
+    def input_embeddings(self):
+        """The input-embedding matrix ``[V, d]``, read from the checkpoint's safetensors.
+
+        The engine's copy lives in its worker processes, so the matrix is read from the
+        files, in the dtype the hf backend would hold it in (fp32 on CPU, bf16 on CUDA), so
+        that both backends build, and share, the same SemSam table.
+        """
+        import torch
+        from safetensors import safe_open
+
+        folder = Path(self.source)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(self.source, allow_patterns=["*.safetensors",
+                                                                           "*.json"]))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+        found: list[tuple[str, Path]] = []
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                found += [(name, file) for name in fh.keys()
+                          if name.endswith("embed_tokens.weight") and "visual" not in name]
+        if not found:
+            raise ValueError(f"{folder}: no '*embed_tokens.weight' tensor in the weights")
+        # a VLM's text model is its language model; prefer that one when several match
+        name, file = sorted(found, key=lambda f: ("language_model" not in f[0], f[0]))[0]
+        with safe_open(str(file), framework="pt") as fh:
+            weight = fh.get_tensor(name)
+        return weight.to(torch.bfloat16 if self.device == "cuda" else torch.float32)
+
+    # ---------------------------------------------------------------- the engine
+    def _engine(self, decode: DecodeSettings):
+        """The ``vllm.LLM`` for this decode's table and rule (started on first use)."""
+        from mislib.semsam.vllm_v1 import CONFIG_KEY, engine_config
+
+        semsam = engine_config(decode.table_path, decode.temperature, decode.top_k,
+                               decode.top_p, decode.mode)
+        key = json.dumps(semsam, sort_keys=True)
+        if self._llm is not None and key == self._engine_key:
+            return self._llm
+        if self._llm is not None:
+            log.info("vllm backend: the table or rule changed; restarting the engine")
+            self.close()
+        from vllm import LLM
+
+        if self.v2:
+            from mislib.semsam.vllm_v2 import SemSamV2LogitsProcessor as processor
+        else:
+            from mislib.semsam.vllm_v1 import SemSamV1LogitsProcessor as processor
+        options = {k: v for k, v in self.engine_options.items() if v is not None}
+        if self.device == "cpu":
+            options.pop("gpu_memory_utilization")
+        self._llm = LLM(model=self.source, dtype=self.dtype, seed=0, trust_remote_code=False,
+                        logits_processors=[processor],
+                        additional_config={CONFIG_KEY: semsam}, **options)
+        self._engine_key = key
+        return self._llm
+
+    def close(self) -> None:
+        """Shut the engine down (frees its memory and worker processes)."""
+        if self._llm is not None:
+            engine = getattr(self._llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            self._llm = None
+            self._engine_key = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: vLLM's modules may be gone already
+            pass
+
+    # ---------------------------------------------------------------- prompts
+    def _conversation(self, text: str, media: Any) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = []
+        if isinstance(media, np.ndarray):
+            if self.has_video:
+                content.append({"type": "video"})
+            else:
+                content += [{"type": "image"} for _ in range(len(media))]
+        elif media is not None:
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": text})
+        return [{"role": "user", "content": content}]
+
+    def prompt(self, request: Request) -> dict[str, Any]:
+        """vLLM's prompt for one request: the chat-templated text and its media."""
+        from PIL import Image
+
+        media = request.media
+        prompt: dict[str, Any] = {"prompt": self.processor.apply_chat_template(
+            self._conversation(request.text, media), tokenize=False,
+            add_generation_prompt=True)}
+        if isinstance(media, np.ndarray):
+            if self.has_video:
+                metadata = {"fps": self.video_fps, "total_num_frames": len(media),
+                            "frames_indices": list(range(len(media))),
+                            "do_sample_frames": False}
+                prompt["multi_modal_data"] = {"video": [(media, metadata)]}
+                prompt["mm_processor_kwargs"] = {"do_sample_frames": False}
+            else:
+                prompt["multi_modal_data"] = {"image": [Image.fromarray(f) for f in media]}
+        elif media is not None:
+            prompt["multi_modal_data"] = {"image": media}
+        return prompt
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, requests: Sequence[Request],
+                 decode: DecodeSettings) -> list[Generation]:
+        """Decode each request with the processor deciding every token (temperature 0).
+
+        The token count includes the end-of-turn token; vLLM stops there, as ``generate``
+        does in the hf backend.
+        """
+        from vllm import SamplingParams
+
+        from mislib.semsam.vllm_v1 import ARM_KEY
+
+        if not requests:
+            return []
+        if decode.arm == "semsam" and decode.table_path is None:
+            raise ValueError("the semsam arm needs the neighbour table: "
+                             "DecodeSettings.table_path is None")
+        llm = self._engine(decode)
+        params = [SamplingParams(temperature=0.0, seed=int(r.seed),
+                                 max_tokens=int(decode.max_new_tokens),
+                                 skip_special_tokens=True, extra_args={ARM_KEY: decode.arm})
+                  for r in requests]
+        outputs = llm.generate([self.prompt(r) for r in requests], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            tokens = tuple(int(t) for t in completion.token_ids)
+            results.append(Generation(completion.text, len(tokens), tokens))
+        return results
