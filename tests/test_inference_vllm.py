@@ -33,7 +33,8 @@ ENGINE_OPTIONS = {"max_model_len": 2048, "max_num_seqs": 8,
                       "image": {"count": 1, "width": 160, "height": 160},
                       "video": {"count": 1, "num_frames": 4, "width": 96, "height": 96}}}
 
-pytestmark = pytest.mark.slow
+# each check starts a vLLM engine (about a minute on 2 idle cores, several on a loaded machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def vllm_env(root: Path) -> dict[str, str]:
