@@ -172,8 +172,21 @@ class SemsamTable(_Table):
     mode: Literal[*SEMSAM_MODES]
 
 
+class VllmOptions(BaseModel):
+    """``[inference.vllm]``: how the vllm backend's engine runs (not what it answers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tensor_parallel_size: Count = 1
+    max_model_len: Count | None = 8192
+    max_num_seqs: Count | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    limit_mm_per_prompt: dict[str, int | dict[str, int]] | None = None
+    enforce_eager: bool | None = None
+
+
 class InferenceTable(_Table):
     backend: Literal[*BACKENDS]
+    vllm: VllmOptions | None = None  # optional sub-table, read only by the vllm backend
     models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     arms: _levels(*ARMS)
     n_trials: Count
