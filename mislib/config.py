@@ -177,7 +177,7 @@ class VllmOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     tensor_parallel_size: Count = 1
-    max_model_len: Count | None = 8192
+    max_model_len: Count | None = None  # the model's own, at most 8192
     max_num_seqs: Count | None = None
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
     limit_mm_per_prompt: dict[str, int | dict[str, int]] | None = None

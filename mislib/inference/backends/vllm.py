@@ -62,8 +62,8 @@ class VLLMBackend:
     device : ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     video_fps : frames per second declared for stacks (Qwen3-VL writes time stamps).
     tensor_parallel_size : GPUs one engine spreads the model over.
-    max_model_len : context length the engine reserves per sequence (the model's own when
-        None; real Qwen3-VL checkpoints declare 256k, far beyond a question's needs).
+    max_model_len : context length the engine reserves per sequence (default: the model's
+        own, at most 8192; real Qwen3-VL checkpoints declare 256k, far beyond a question).
     max_num_seqs : sequences the engine decodes at once (vLLM's default when None).
     gpu_memory_utilization : share of GPU memory the engine may take (CUDA).
     limit_mm_per_prompt : vLLM's per-prompt media limits; also sizes the dummy inputs vLLM
@@ -74,7 +74,7 @@ class VLLMBackend:
 
     def __init__(self, source: str, model_id: str | None = None, revision: str = "main",
                  device: str = "auto", video_fps: float = 1.0, tensor_parallel_size: int = 1,
-                 max_model_len: int | None = 8192, max_num_seqs: int | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None,
                  gpu_memory_utilization: float = 0.9,
                  limit_mm_per_prompt: Mapping[str, Any] | None = None,
                  enforce_eager: bool | None = None):
@@ -94,7 +94,6 @@ class VLLMBackend:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
         self.engine_options = {
             "tensor_parallel_size": int(tensor_parallel_size),
-            "max_model_len": None if max_model_len is None else int(max_model_len),
             "max_num_seqs": None if max_num_seqs is None else int(max_num_seqs),
             "gpu_memory_utilization": float(gpu_memory_utilization),
             "limit_mm_per_prompt": dict(limit_mm_per_prompt or {"image": 1, "video": 1}),
@@ -107,6 +106,11 @@ class VLLMBackend:
                 f"model {self.model_id!r} cannot be loaded: not a local folder, not in the "
                 f"Hugging Face cache, or not a transformers model ({error})") from error
         self.family = config.model_type
+        if max_model_len is None:
+            text_config = getattr(config, "text_config", None) or config
+            own = getattr(text_config, "max_position_embeddings", None)
+            max_model_len = min(8192, int(own)) if own else 8192
+        self.engine_options["max_model_len"] = int(max_model_len)
         self.architectures = list(getattr(config, "architectures", None) or [])
         self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
         self.tokenizer = self.processor.tokenizer
