@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from mislib.analysis import fit_factor_model
+from mislib.analysis import ModelSpec, SamplerSettings, fit_factor_model
 from mislib.simulate import PAPER_N_QUESTIONS, scored_table, simulate_study
 
 # With the whitened fixed effects 250 tuning steps adapt the step size and the diagonal
@@ -64,8 +64,9 @@ def fit_study(n_questions: int, centred=(), seed: int = 7, draws: int = DRAWS,
                            seed=seed)
     scored = scored_table(study)
     t0, c0 = time.perf_counter(), time.process_time()
-    fit = fit_factor_model(scored, centred=centred, draws=draws, tune=tune, chains=chains,
-                           seed=seed, progress=False)
+    fit = fit_factor_model(scored, ModelSpec(centred=centred),
+                           SamplerSettings(draws=draws, tune=tune, chains=chains, seed=seed),
+                           progress=False)
     return _figures(label, fit, study, time.perf_counter() - t0, time.process_time() - c0)
 
 

@@ -1,9 +1,11 @@
-"""Stage 08: the paper's figures, drawn from the tables of stages 06 and 07.
+"""The figures of notebooks 06–08, drawn from the tables of stages 06 and 07.
 
 Each figure function takes a table and returns a :class:`matplotlib.figure.Figure`;
-:func:`save_figure` writes it as PNG and PDF under ``figures/`` with the notebook's number
-in its name (:func:`mislib.paths.figure_path`); :func:`make_figures` draws the whole set
-from ``data/analysis/`` (what notebook 08 calls).
+:func:`save_figure` — the one way every notebook saves a figure — writes it as PNG and PDF
+under ``figures/`` with the notebook's number in its name (:func:`mislib.paths.figure_path`);
+:func:`make_figures` draws the paper's set from ``data/analysis/`` (what notebook 08 calls),
+:func:`factor_analysis_figures` notebook 07's diagnostics of the factor model. Notebook 05's
+figures explain the decode rule and live beside its tables in :mod:`mislib.explain`.
 
 Accuracies are Bayes@N posterior means with central credible intervals (stage 06), in
 percent; the forest plot shows the factor model's fixed effects on the logit scale
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from mislib.analysis.fit import RHAT_MAX
 from mislib.bayes import bayes_by
 from mislib.paths import (
     BAYES_BY_FACTOR_FILE,
@@ -272,7 +275,7 @@ def factor_forest(effects: pd.DataFrame, include_intercept: bool = False) -> plt
     Parameters
     ----------
     effects : ``factor_effects.parquet`` (``term, mean, lo95, hi95``; ``r_hat`` optional:
-        terms above 1.01 are drawn hollow).
+        terms above :data:`~mislib.analysis.RHAT_MAX` are drawn hollow).
     include_intercept : draw the ``Intercept`` row too.
     """
     _check_columns(effects, ["term", "mean", "lo95", "hi95"], "factor_effects table")
@@ -286,7 +289,7 @@ def factor_forest(effects: pd.DataFrame, include_intercept: bool = False) -> plt
     fig, ax = plt.subplots(figsize=(6.0, 0.9 + 0.19 * len(table)))
     y = np.arange(len(table))[::-1]
     for yi, (_, r) in zip(y, table.iterrows(), strict=True):
-        bad = "r_hat" in r and pd.notna(r["r_hat"]) and r["r_hat"] > 1.01
+        bad = "r_hat" in r and pd.notna(r["r_hat"]) and r["r_hat"] > RHAT_MAX
         color = palette[r["group"]]
         ax.plot([r["lo95"], r["hi95"]], [yi, yi], color=color, linewidth=1.6)
         ax.plot(r["mean"], yi, "o", color=color, markersize=4.5,
@@ -379,3 +382,92 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
     if not effect.empty:
         drawn["semsam_by_model"] = semsam_by_model(effect)
     return {name: save_figure(fig, name, root) for name, fig in drawn.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Notebook 07: the factor model's diagnostics, traces and predictive check
+# ----------------------------------------------------------------------------------------
+def diagnostics_figure(effects: pd.DataFrame, sds: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Histograms of R-hat and bulk ESS of every fixed effect and random-intercept SD.
+
+    ``effects`` and ``sds`` are ``factor_effects.parquet`` and ``factor_sd.parquet``
+    (``r_hat, ess_bulk``); the dashed line is the convergence bound
+    :data:`mislib.analysis.RHAT_MAX`.
+    """
+    df = pd.concat([effects, sds], ignore_index=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    axes[0].hist(df["r_hat"], bins=30, color="C0")
+    axes[0].axvline(RHAT_MAX, color="C3", ls="--", label=f"R-hat = {RHAT_MAX}")
+    axes[0].set_xlabel("R-hat (rank-normalised, split)")
+    axes[0].legend(fontsize=7)
+    axes[1].hist(df["ess_bulk"], bins=30, color="C1")
+    axes[1].set_xlabel("bulk ESS")
+    for ax in axes:
+        ax.set_ylabel("parameters")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def traces_figure(posterior: Any, names: Sequence[str] | None = None,
+                  title: str = "") -> plt.Figure:
+    """Per-chain traces of scalar parameters (default: the intercept and the SDs).
+
+    ``posterior`` is the small posterior of a fit (``factor_posterior.zarr``: an
+    ``xarray.DataTree`` with a ``posterior`` group, or that group itself).
+    """
+    post = posterior["posterior"] if "posterior" in posterior.children else posterior
+    if names is None:
+        names = ["Intercept", *sorted(v for v in post.data_vars if str(v).startswith("sd_"))]
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.3 * len(names) + 0.4),
+                             sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, name in zip(axes, names, strict=True):
+        values = np.asarray(post[name].values)
+        for chain in range(values.shape[0]):
+            ax.plot(values[chain], lw=0.5, alpha=0.8, label=f"chain {chain}")
+        ax.set_ylabel(name, fontsize=8)
+    axes[-1].set_xlabel("draw (after warm-up)")
+    axes[0].legend(fontsize=7, ncol=4, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def ppc_figure(ppc: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Observed accuracy per cell (dots; red outside) against its 95 % predictive band.
+
+    ``ppc`` is ``ppc.parquet`` (``cell, observed, pp_lo95, pp_hi95, inside``).
+    """
+    df = ppc.iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6.5, 0.2 * len(df) + 1.0))
+    y = np.arange(len(df))
+    ax.hlines(y, df["pp_lo95"], df["pp_hi95"], color="0.7", lw=4, label="95 % predictive")
+    colors = np.where(df["inside"], "C0", "C3")
+    ax.scatter(df["observed"], y, s=12, c=colors, zorder=3, label="observed")
+    ax.set_yticks(y, df["cell"].str.removeprefix("p[").str.removesuffix("]"), fontsize=7)
+    ax.set_ylim(-0.7, len(df) - 0.3)
+    ax.set_xlabel("accuracy")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def factor_analysis_figures(fit: Any, label: str) -> dict[str, plt.Figure]:
+    """Notebook 07's figures of a fit: ``diagnostics``, ``traces``, ``forest`` and ``ppc``.
+
+    ``fit`` is a :class:`mislib.analysis.FactorAnalysis` (or FactorFit); ``label`` says what
+    was analysed and goes into every title, so a simulated study is never mistaken for the
+    benchmark.
+    """
+    forest = factor_forest(fit.effects)
+    forest.axes[0].set_title(f"Factor effects — {label}", fontsize=9)
+    return {
+        "diagnostics": diagnostics_figure(fit.effects, fit.sds,
+                                          title=f"Sampler diagnostics — {label}"),
+        "traces": traces_figure(fit.posterior, title="Traces of the intercept and "
+                                f"random-intercept SDs — {label}"),
+        "forest": forest,
+        "ppc": ppc_figure(fit.ppc, title=f"Posterior predictive check — {label}"),
+    }

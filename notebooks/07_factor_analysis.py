@@ -34,14 +34,13 @@
 # than two questions on average cannot be told apart from the question intercept and is
 # dropped (listed below). The sampler is nutpie's NUTS with a diagonal mass matrix, which
 # cannot follow correlated directions; three exact reparameterisations remove them
-# (`mislib.analysis`, module docstring): the fixed effects are sampled in coordinates
-# whitened by a Laplace approximation (unbalanced levels; `dims` is told apart from
-# `family` by plane questions only); the means of the random intercepts that a fixed
+# (`mislib.analysis`, and docs/design.md, "The analysis"): the fixed effects are sampled in
+# coordinates whitened by a Laplace approximation (unbalanced levels; `dims` is told apart
+# from `family` by plane questions only); the means of the random intercepts that a fixed
 # effect could stand in for (MRI volumes against modality, the single structures of plane
 # questions against `family`, the plane questions' intercepts against `family[plane]`)
-# are sampled with the fixed effects; the rest of each intercept is non-centred. On a
-# simulated study of the paper's size this took the slowest fixed effect from bulk ESS 34
-# to ~300 of 1,000 draws (`bench/bench_analysis.py`).
+# are sampled with the fixed effects; the rest of each intercept is non-centred. What they
+# changed at the paper's scale is measured in `bench/RESULTS.md`.
 #
 # The notebook reads the real scored trials of stage 06 (`data/analysis/scored.parquet`).
 # Set `simulated_questions` to analyse a simulated study with known effects instead; it is
@@ -57,37 +56,26 @@ centred = None  # groups to sample centred, or "auto" (None: the profile value, 
 simulated_questions = None  # e.g. 3000: analyse a simulated study, not the real results
 
 # %%
-import matplotlib.pyplot as plt
-import pandas as pd
-
-from mislib.analysis import plot_diagnostics, plot_ppc, plot_traces, run_factor_analysis
-from mislib.paths import figure_path, project_paths
-from mislib.plots import factor_forest
+from mislib.analysis import (
+    claim_contrasts,
+    diagnostics_summary,
+    run_factor_analysis,
+    write_simulated_study,
+)
+from mislib.paths import project_paths
+from mislib.plots import factor_analysis_figures, save_figure
 
 NOTEBOOK = "07_factor_analysis"
-root = None
-label = "benchmark results"
-if simulated_questions:
-    from mislib.simulate import simulate_study, write_study
-
-    root = project_paths().build / "sim07"
-    study = simulate_study(n_questions=int(simulated_questions), n_trials=5, seed=7)
-    write_study(study, root=root, scored=True)
-    label = f"SIMULATED study ({int(simulated_questions)} questions, known effects)"
-print("analysing:", label)
-
+root = write_simulated_study(simulated_questions) if simulated_questions else None
+label = (f"SIMULATED study ({int(simulated_questions)} questions, known effects)"
+         if simulated_questions else "benchmark results")
 fa = run_factor_analysis(profile, root=root, force=force, draws=draws, tune=tune,
                          chains=chains, centred=centred)
-print("read back fresh outputs" if fa.reused else "fitted now",
+figures = factor_analysis_figures(fa, label)
+saved = {name: save_figure(fig, name, root=root, notebook=NOTEBOOK)
+         for name, fig in figures.items()}
+print("analysing:", label, "—", "read back fresh outputs" if fa.reused else "fitted now",
       "— outputs in", project_paths(root).analysis)
-
-
-def save(fig, name):
-    for suffix in (".png", ".pdf"):
-        path = figure_path(NOTEBOOK, name, root=root, suffix=suffix)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight", dpi=200)
-
 
 # %% [markdown]
 # ## Did the sampler converge?
@@ -97,30 +85,13 @@ def save(fig, name):
 # be no divergent transitions, and the effective sample sizes should be in the hundreds.
 
 # %%
-d = fa.diagnostics
-summary = pd.Series({
-    "trials": d["n_trials"], "(model, arm, question) rows": d["n_obs"],
-    "questions": d["n_questions"], **{f"levels of {g}": n for g, n in d["groups"].items()},
-    "centred groups": ", ".join(d["centred"]) or "none",
-    "chains × draws": f"{d['chains']} × {d['draws']} (+{d['tune']} warm-up)",
-    "divergences": d["divergences"], "max R-hat (all)": round(d["max_r_hat"], 4),
-    "max R-hat (fixed effects)": round(d["max_r_hat_fixed"], 4),
-    "min bulk ESS": round(d["min_ess_bulk"]), "mean tree depth": round(d["mean_tree_depth"], 2),
-    "fit seconds": d["seconds"]["total"], "dropped terms": d["dropped"] or "none",
-}, name="value")
-summary.to_frame()
+diagnostics_summary(fa.diagnostics).to_frame()
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-plot_diagnostics(fa.effects, fa.sds, axes=axes)
-fig.suptitle(f"Sampler diagnostics — {label}", fontsize=9)
-save(fig, "diagnostics")
+figures["diagnostics"]
 
 # %%
-axes = plot_traces(fa.posterior)
-axes[0].figure.suptitle(f"Traces of the intercept and random-intercept SDs — {label}",
-                        fontsize=9)
-save(axes[0].figure, "traces")
+figures["traces"]
 
 # %% [markdown]
 # The histograms show R-hat and bulk ESS for every fixed effect and SD; the traces should
@@ -134,9 +105,7 @@ save(axes[0].figure, "traces")
 # 95 % interval; interaction rows are deviations beyond the two main effects.
 
 # %%
-fig = factor_forest(fa.effects)
-fig.axes[0].set_title(f"Factor effects — {label}", fontsize=9)
-save(fig, "forest")
+figures["forest"]
 
 # %%
 fa.effects.round(3)
@@ -149,9 +118,9 @@ fa.effects.round(3)
 # pair and volume intercepts. Red dots fall outside their band.
 
 # %%
-ax = plot_ppc(fa.ppc)
-ax.set_title(f"Posterior predictive check — {label}", fontsize=9)
-save(ax.figure, "ppc")
+figures["ppc"]
+
+# %%
 print(f"{fa.ppc['inside'].mean():.0%} of {len(fa.ppc)} cells inside their 95 % band")
 
 # %% [markdown]
@@ -162,7 +131,4 @@ print(f"{fa.ppc['inside'].mean():.0%} of {len(fa.ppc)} cells inside their 95 % b
 # is the raw accuracy of the same trials. Notebook 08 puts these beside the paper's numbers.
 
 # %%
-claims = fa.contrasts[fa.contrasts["factors"].isin(
-    ["arm:model", "convention:terminology", "prompt:terminology", "ablation:terminology",
-     "dims", "family"])]
-claims.round(3)
+claim_contrasts(fa.contrasts).round(3)

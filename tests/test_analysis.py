@@ -322,3 +322,32 @@ def test_second_run_reuses_fresh_outputs_and_a_new_input_is_not_fresh(fitted):
     scored = pd.read_parquet(paths.analysis / "scored.parquet")
     scored.iloc[:-1].to_parquet(paths.analysis / "scored.parquet")
     assert stamp_params(result.params, paths) != before
+
+
+def test_aggregate_trials_names_a_question_column_that_varies_between_trials():
+    from mislib.analysis import aggregate_trials
+
+    trials = pd.DataFrame({"model": "m", "arm": "baseline", "question_id": ["q1", "q1"],
+                           "correct": [True, False], "family": ["plane", "relation_2d"]})
+    with pytest.raises(ValueError, match="family"):
+        aggregate_trials(trials, ["family"], with_pair=False)
+
+
+def test_settings_from_params_splits_the_profile_table_and_ignores_other_keys():
+    from mislib.analysis import ModelSpec, SamplerSettings, settings_from_params
+
+    spec, sampler = settings_from_params({"profile": "demo", "draws": 10, "centred": "auto",
+                                          "prior_sd": 2.0, "seed": 3})
+    assert spec == ModelSpec(centred="auto", prior_sd=2.0)
+    assert sampler == SamplerSettings(draws=10, seed=3)
+
+
+@pytest.mark.parametrize("module", ["data", "design", "model", "fit", "contrasts", "stage"])
+def test_docstring_examples_of_the_analysis_package_run(module):
+    import doctest
+    import importlib
+
+    import mislib.analysis
+
+    assert doctest.testmod(importlib.import_module(f"mislib.analysis.{module}")).failed == 0
+    assert doctest.testmod(mislib.analysis).failed == 0

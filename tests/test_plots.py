@@ -156,3 +156,50 @@ def test_make_figures_names_the_missing_stage_07_output(tmp_root, study):
 def test_ordered_puts_known_levels_first_then_the_rest_sorted():
     assert plots.ordered("ablation", ["zeta", "blank", np.nan, "none", "alpha"]) == [
         "none", "blank", "alpha", "zeta"]
+
+
+def _fake_fit():
+    """What notebook 07's figures read from a fit: tables and a two-chain posterior."""
+    import types
+
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    effects = pd.DataFrame({"term": ["Intercept", "dims[2d]", "dims[3d]"],
+                            "mean": [0.3, 0.1, -0.1], "lo95": [0.1, 0.0, -0.2],
+                            "hi95": [0.5, 0.2, 0.0], "r_hat": [1.001, 1.02, 1.0],
+                            "ess_bulk": [800.0, 90.0, 700.0]})
+    sds = pd.DataFrame({"term": ["sd[question]"], "r_hat": [1.003], "ess_bulk": [400.0]})
+    ppc = pd.DataFrame({"cell": ["p[dims=2d]", "p[dims=3d]"], "observed": [0.6, 0.2],
+                        "pp_lo95": [0.5, 0.4], "pp_hi95": [0.7, 0.6], "inside": [True, False]})
+    post = xr.Dataset({"Intercept": (("chain", "draw"), rng.normal(size=(2, 50))),
+                       "sd_question": (("chain", "draw"), rng.gamma(2.0, size=(2, 50)))})
+    tree = xr.DataTree.from_dict({"posterior": post})
+    return types.SimpleNamespace(effects=effects, sds=sds, ppc=ppc, posterior=tree)
+
+
+def test_factor_analysis_figures_are_the_four_of_notebook_07_labelled_with_the_data():
+    figures = plots.factor_analysis_figures(_fake_fit(), "SIMULATED study")
+    assert list(figures) == ["diagnostics", "traces", "forest", "ppc"]
+    for name, fig in figures.items():
+        titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [
+            ax.get_title() for ax in fig.axes]
+        assert any("SIMULATED study" in t for t in titles), name
+    traces = figures["traces"]
+    assert [ax.get_ylabel() for ax in traces.axes] == ["Intercept", "sd_question"]
+    assert len(traces.axes[0].lines) == 2  # one line per chain
+
+
+def test_ppc_figure_marks_cells_outside_their_band_in_red():
+    fig = plots.ppc_figure(_fake_fit().ppc)
+    colors = fig.axes[0].collections[-1].get_facecolors()
+    # rows are drawn bottom-up: the last cell (outside) first
+    assert colors[0][0] > colors[0][2] and colors[1][2] > colors[1][0]
+
+
+def test_diagnostics_figure_draws_the_r_hat_bound():
+    fit = _fake_fit()
+    fig = plots.diagnostics_figure(fit.effects, fit.sds)
+    from mislib.analysis import RHAT_MAX
+
+    assert any(np.allclose(line.get_xdata(), RHAT_MAX) for line in fig.axes[0].lines)

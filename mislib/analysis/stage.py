@@ -1,0 +1,250 @@
+"""Stage 07 on disk: read the scored trials, fit, write ``data/analysis/``, reuse when fresh.
+
+:func:`run_factor_analysis` is what notebook 07 calls. It reads stage 06's
+``scored.parquet`` (or scores the raw results itself when stage 06 has not run), fits the
+model with the profile's ``[analysis]`` settings, writes the tables, diagnostics and a small
+posterior, and stamps them; a second call with the same settings and input reads them back.
+
+>>> fa = run_factor_analysis("demo")                               # doctest: +SKIP
+>>> fa.reused, fa.diagnostics["rhat_ok"]                           # doctest: +SKIP
+(True, True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mislib.analysis.data import FACTORS, FactorData, prepare_factor_data
+from mislib.analysis.fit import FactorFit, fit_factor_model, settings_from_params
+from mislib.config import file_digest, is_fresh, stage_params, write_stamp
+from mislib.paths import (
+    CONTRASTS_FILE,
+    FACTOR_DIAGNOSTICS_FILE,
+    FACTOR_EFFECTS_FILE,
+    FACTOR_POSTERIOR_FILE,
+    FACTOR_SD_FILE,
+    PPC_FILE,
+    QUESTIONS_FILE,
+    RESPONSES_FILE,
+    SCORED_FILE,
+    project_paths,
+)
+from mislib.vocabulary import TRIAL_FACTORS
+
+log = logging.getLogger(__name__)
+
+#: What stage 07 writes under ``data/analysis/``.
+OUTPUTS = (FACTOR_EFFECTS_FILE, FACTOR_SD_FILE, CONTRASTS_FILE, PPC_FILE,
+           FACTOR_DIAGNOSTICS_FILE, FACTOR_POSTERIOR_FILE)
+#: The interactions and factors whose contrasts carry the paper's claims.
+CLAIM_CONTRAST_FACTORS = ("arm:model", "convention:terminology", "prompt:terminology",
+                          "ablation:terminology", "dims", "family")
+
+
+def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Scored trials with their question factors, as stage 06 left them.
+
+    Reads ``data/analysis/scored.parquet``; question columns it lacks are joined from
+    ``data/benchmark/questions.parquet``. Without a scored table, the raw
+    ``data/results/*/responses.parquet`` are scored with :mod:`mislib.scoring`.
+    """
+    paths = project_paths(root)
+    scored_path = paths.analysis / SCORED_FILE
+    if scored_path.is_file():
+        scored = pd.read_parquet(scored_path)
+        source = scored_path
+    else:
+        scored = _score_results(paths)
+        source = paths.results
+    question_cols = {*FACTORS, "component_a", "component_b", "volume_id"} - set(TRIAL_FACTORS)
+    missing = sorted(question_cols - set(scored.columns))
+    if missing:
+        qpath = paths.benchmark / QUESTIONS_FILE
+        if not qpath.is_file():
+            raise FileNotFoundError(f"{source} lacks {missing} and there is no {qpath} to "
+                                    "join them from")
+        questions = pd.read_parquet(qpath, columns=["question_id", *missing])
+        scored = scored.merge(questions, on="question_id", how="left", validate="many_to_one")
+        unmatched = int(scored[missing[0]].isna().all()) if len(scored) else 0
+        if unmatched:
+            raise ValueError(f"no question of {source} is in {qpath}")
+    return scored
+
+
+def _score_results(paths) -> pd.DataFrame:
+    """Score every ``results/*/responses.parquet`` with stage 06's parser (nothing written)."""
+    from mislib import scoring
+
+    files = sorted(paths.results.glob(f"*/{RESPONSES_FILE}"))
+    qpath = paths.benchmark / QUESTIONS_FILE
+    if not files or not qpath.is_file():
+        raise FileNotFoundError(
+            f"nothing to analyse: no {paths.analysis / SCORED_FILE} (stage 06) and no "
+            f"{paths.results}/*/responses.parquet with {qpath} (stages 03-04); run notebooks "
+            "04 and 06 first")
+    log.warning("no %s: scoring %d run(s) under %s with mislib.scoring",
+                paths.analysis / SCORED_FILE, len(files), paths.results)
+    rescored = scoring.rescore(scoring.load_responses(files), pd.read_parquet(qpath))
+    # As stage 06 does: only records the model answered are scored.
+    if "answered" in rescored:
+        rescored = rescored[rescored["answered"]].reset_index(drop=True)
+    return rescored
+
+
+def write_outputs(fit: FactorFit, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the tables, diagnostics and the small posterior of a fit to ``out_dir``."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["term", "mean", "sd", "lo95", "hi95", "r_hat", "ess_bulk", "ess_tail"]
+    fit.effects[cols].to_parquet(out / FACTOR_EFFECTS_FILE, index=False)
+    fit.sds[cols].to_parquet(out / FACTOR_SD_FILE, index=False)
+    fit.contrasts.to_parquet(out / CONTRASTS_FILE, index=False)
+    fit.ppc.to_parquet(out / PPC_FILE, index=False)
+    (out / FACTOR_DIAGNOSTICS_FILE).write_text(json.dumps(fit.diagnostics, indent=2,
+                                                            default=str))
+    zpath = out / FACTOR_POSTERIOR_FILE
+    if zpath.exists():
+        shutil.rmtree(zpath)
+    fit.posterior.to_zarr(zpath, consolidated=False)
+    return [out / name for name in OUTPUTS]
+
+
+@dataclass
+class FactorAnalysis:
+    """What notebook 07 shows: the tables, diagnostics, posterior and coded data."""
+
+    effects: pd.DataFrame
+    sds: pd.DataFrame
+    contrasts: pd.DataFrame
+    ppc: pd.DataFrame
+    diagnostics: dict[str, Any]
+    posterior: Any
+    data: FactorData
+    params: dict[str, Any]
+    reused: bool
+
+
+def stamp_params(params: Mapping[str, Any], paths) -> dict[str, Any]:
+    """The stage parameters plus a digest of the input, so re-scored trials are refitted."""
+    scored_path = paths.analysis / SCORED_FILE
+    if scored_path.is_file():
+        digest = file_digest(scored_path)
+    else:
+        digest = "|".join(f"{p.relative_to(paths.results)}:{file_digest(p)}"
+                          for p in sorted(paths.results.glob(f"*/{RESPONSES_FILE}")))
+    return dict(params, input=digest)
+
+
+def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
+                        root: str | os.PathLike | None = None, force: bool = False,
+                        progress: bool = True, **overrides: Any) -> FactorAnalysis:
+    """Stage 07: fit the factor model to ``scored.parquet`` and write ``data/analysis/``.
+
+    Parameters
+    ----------
+    profile : profile name or mapping; its ``[analysis]`` table sets the model and sampler.
+    root : project root (default: the repository, or ``$MISGROUND_ROOT``).
+    force : refit even when the outputs exist for the same parameters and input.
+    progress : show the sampler's progress bar.
+    **overrides : single ``[analysis]`` keys (``None`` keeps the profile's value).
+
+    Returns
+    -------
+    FactorAnalysis; ``reused`` says whether the outputs on disk were fresh and read back.
+    """
+    params = stage_params(profile, "analysis", **overrides)
+    paths = project_paths(root)
+    scored = load_scored(paths.root)
+    stamp = stamp_params(params, paths)
+    out = paths.analysis
+    spec, sampler = settings_from_params(params)
+    if not force and is_fresh(out, "analysis", stamp, OUTPUTS):
+        data = prepare_factor_data(scored, spec.factors, spec.interactions, spec.groups)
+        return read_outputs(out, data, params)
+    fit = fit_factor_model(scored, spec, sampler, progress=progress)
+    write_outputs(fit, out)
+    write_stamp(out, "analysis", stamp, OUTPUTS)
+    for name, value in (("divergences", fit.diagnostics["divergences"]),
+                        ("max R-hat", fit.diagnostics["max_r_hat"])):
+        log.info("factor model %s: %s", name, value)
+    if not fit.diagnostics["rhat_ok"] or fit.diagnostics["divergences"]:
+        log.warning("factor model did not sample cleanly: %d divergences, max R-hat %.3f "
+                    "(see factor_diagnostics.json)", fit.diagnostics["divergences"],
+                    fit.diagnostics["max_r_hat"])
+    return FactorAnalysis(effects=fit.effects, sds=fit.sds, contrasts=fit.contrasts,
+                          ppc=fit.ppc, diagnostics=fit.diagnostics, posterior=fit.posterior,
+                          data=fit.data, params=params, reused=False)
+
+
+def read_outputs(out_dir: str | os.PathLike, data: FactorData,
+                 params: Mapping[str, Any]) -> FactorAnalysis:
+    """The outputs :func:`write_outputs` wrote to ``out_dir``, as a reused FactorAnalysis."""
+    import xarray as xr
+
+    out = Path(out_dir)
+    posterior = xr.open_datatree(out / FACTOR_POSTERIOR_FILE, engine="zarr",
+                                 consolidated=False).load()
+    return FactorAnalysis(
+        effects=pd.read_parquet(out / FACTOR_EFFECTS_FILE),
+        sds=pd.read_parquet(out / FACTOR_SD_FILE),
+        contrasts=pd.read_parquet(out / CONTRASTS_FILE),
+        ppc=pd.read_parquet(out / PPC_FILE),
+        diagnostics=json.loads((out / FACTOR_DIAGNOSTICS_FILE).read_text()),
+        posterior=posterior, data=data, params=dict(params), reused=True)
+
+
+
+def diagnostics_summary(diagnostics: Mapping[str, Any]) -> pd.Series:
+    """The convergence figures a reader checks before any effect, as one labelled column.
+
+    >>> d = {"n_trials": 10, "n_obs": 4, "n_questions": 2, "groups": {"question": 2},
+    ...      "centred": [], "chains": 2, "draws": 100, "tune": 50, "divergences": 0,
+    ...      "max_r_hat": 1.0041, "max_r_hat_fixed": 1.002, "min_ess_bulk": 812.3,
+    ...      "mean_tree_depth": 3.14, "seconds": {"total": 9.5}, "dropped": {}}
+    >>> diagnostics_summary(d)["chains × draws"]
+    '2 × 100 (+50 warm-up)'
+    """
+    d = diagnostics
+    return pd.Series({
+        "trials": d["n_trials"], "(model, arm, question) rows": d["n_obs"],
+        "questions": d["n_questions"],
+        **{f"levels of {g}": n for g, n in d["groups"].items()},
+        "centred groups": ", ".join(d["centred"]) or "none",
+        "chains × draws": f"{d['chains']} × {d['draws']} (+{d['tune']} warm-up)",
+        "divergences": d["divergences"], "max R-hat (all)": round(d["max_r_hat"], 4),
+        "max R-hat (fixed effects)": round(d["max_r_hat_fixed"], 4),
+        "min bulk ESS": round(d["min_ess_bulk"]),
+        "mean tree depth": round(d["mean_tree_depth"], 2),
+        "fit seconds": d["seconds"]["total"], "dropped terms": d["dropped"] or "none",
+    }, name="value")
+
+
+def claim_contrasts(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """The contrasts of the factors and interactions the paper's claims rest on."""
+    return contrasts[contrasts["factors"].isin(CLAIM_CONTRAST_FACTORS)]
+
+
+def write_simulated_study(n_questions: int, root: str | os.PathLike | None = None,
+                          seed: int = 7, n_trials: int = 5) -> Path:
+    """Write a simulated study with known effects under ``build/sim07/``; its project root.
+
+    The study (:func:`mislib.simulate.simulate_study`) is laid out as stages 03, 04 and 06
+    would leave it, so :func:`run_factor_analysis` with ``root=`` the returned folder
+    analyses it instead of the real results.
+    """
+    from mislib.simulate import simulate_study, write_study
+
+    sim_root = project_paths(root).build / "sim07"
+    study = simulate_study(n_questions=int(n_questions), n_trials=n_trials, seed=seed)
+    write_study(study, root=sim_root, scored=True)
+    return sim_root
