@@ -136,9 +136,32 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         raise ValueError(f"{int(unknown.sum())} responses name questions absent from "
                          f"questions.parquet, e.g. {ids}: was the benchmark regenerated "
                          "after the run?")
-    # A record stage 04 could not answer (missing input, out of memory) or a question of
-    # an unknown family is no answer of the model: it is kept out of the accuracy and
-    # counted per status in unparseable.parquet instead.
+    record_status = _record_status(responses, qtable)
+    answered = (record_status == "ok").to_numpy()
+    parsed, status, correct = _parse_all(responses, qtable, answered, progress)
+    out = responses.copy()
+    for col in ("parsed", "parse_status", "correct"):
+        if col in out:
+            out = out.rename(columns={col: f"{col}_at_inference"})
+    out["parsed"] = pd.Series(parsed, index=out.index, dtype=object)
+    out["parse_status"] = pd.Series(status, index=out.index, dtype=object)
+    out["correct"] = np.asarray(correct, dtype=bool)
+    out["status"] = record_status.to_numpy()
+    out["answered"] = answered
+    out["reparsed_differently"] = _reparsed_differently(out) & answered
+    factors = [c for c in questions.columns if c not in ("text", "choices", "question_id")
+               and c not in out.columns]
+    return out.merge(qtable[["question_id", *factors]].reset_index(drop=True),
+                     on="question_id", how="left", validate="many_to_one")
+
+
+def _record_status(responses: pd.DataFrame, qtable: pd.DataFrame) -> pd.Series:
+    """Each response's record status, ``unknown_family`` for a question of an unknown family.
+
+    A record stage 04 could not answer (missing input, out of memory) or a question of an
+    unknown family is no answer of the model: it is kept out of the accuracy and counted
+    per status in ``unparseable.parquet`` instead.
+    """
     record_status = (responses["status"].fillna("ok").astype(str) if "status" in responses
                      else pd.Series("ok", index=responses.index))
     known = qtable["family"].isin(FAMILIES)
@@ -147,10 +170,15 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         ids = responses.loc[bad_family, "question_id"].unique()[:5].tolist()
         warnings.warn(f"{int(bad_family.sum())} responses answer questions of an unknown "
                       f"family (e.g. {ids}; expected one of {FAMILIES}): not scored",
-                      stacklevel=2)
+                      stacklevel=3)
         record_status = record_status.where(~bad_family, "unknown_family")
-    answered = (record_status == "ok").to_numpy()
+    return record_status
 
+
+def _parse_all(responses: pd.DataFrame, qtable: pd.DataFrame, answered: np.ndarray,
+               progress: bool) -> tuple[list, list, list]:
+    """Parsed value, parse status and correctness of every answered response (None, None,
+    False for the others); identical texts of one question are parsed once."""
     records = {qid: {k: row.get(k) for k in _QUESTION_KEYS}
                for qid, row in zip(qtable.index, qtable.to_dict("records"), strict=True)}
     cache: dict[tuple[str, str], tuple[Any, str]] = {}
@@ -172,30 +200,32 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
         parsed.append(value)
         status.append(st)
         correct.append(is_correct(value, st, records[qid]))
+    return parsed, status, correct
 
-    out = responses.copy()
-    for col in ("parsed", "parse_status", "correct"):
-        if col in out:
-            out = out.rename(columns={col: f"{col}_at_inference"})
-    out["parsed"] = pd.Series(parsed, index=out.index, dtype=object)
-    out["parse_status"] = pd.Series(status, index=out.index, dtype=object)
-    out["correct"] = np.asarray(correct, dtype=bool)
-    out["status"] = record_status.to_numpy()
-    out["answered"] = answered
-    if "parse_status_at_inference" in out:
-        def as_text(col: pd.Series) -> np.ndarray:
-            return np.array(["" if is_missing(v) else str(v) for v in col], dtype=object)
 
-        differs = as_text(out["parse_status_at_inference"]) != as_text(out["parse_status"])
-        if "parsed_at_inference" in out:
-            differs |= as_text(out["parsed_at_inference"]) != as_text(out["parsed"])
-        out["reparsed_differently"] = differs.astype(bool) & answered
-    else:
-        out["reparsed_differently"] = False
-    factors = [c for c in questions.columns if c not in ("text", "choices", "question_id")
-               and c not in out.columns]
-    return out.merge(qtable[["question_id", *factors]].reset_index(drop=True),
-                     on="question_id", how="left", validate="many_to_one")
+def _reparsed_differently(out: pd.DataFrame) -> np.ndarray:
+    """Rows whose new parse differs from the one stored at inference time (status or value)."""
+    if "parse_status_at_inference" not in out:
+        return np.zeros(len(out), dtype=bool)
+
+    def as_text(col: pd.Series) -> np.ndarray:
+        return np.array(["" if is_missing(v) else str(v) for v in col], dtype=object)
+
+    differs = as_text(out["parse_status_at_inference"]) != as_text(out["parse_status"])
+    if "parsed_at_inference" in out:
+        differs |= as_text(out["parsed_at_inference"]) != as_text(out["parsed"])
+    return differs.astype(bool)
+
+
+def unparsed_examples(scored: pd.DataFrame, per_group: int = 3, width: int = 120) -> pd.DataFrame:
+    """Up to ``per_group`` outputs per (model, arm, parse status) that did not parse ``ok``.
+
+    ``raw_text`` is cut to ``width`` characters, for a table a reader can scan.
+    """
+    examples = (scored[scored["parse_status"] != "ok"]
+                .groupby(["model", "arm", "parse_status"]).head(per_group)
+                [["model", "arm", "question_id", "parse_status", "raw_text"]])
+    return examples.assign(raw_text=examples["raw_text"].astype(str).str.slice(0, width))
 
 
 def find_runs(root: str | os.PathLike | None = None,

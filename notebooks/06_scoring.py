@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: MIS-Ground (mislib)
 #     language: python
@@ -15,7 +17,7 @@
 # # 06 · Scoring: parse, score, Bayes@N
 #
 # Stage 04 stored every model output verbatim (`raw_text`). Here each output is **parsed
-# again** with the current parser (`mislib.scoring.parse_answer`): reasoning blocks are
+# again** with the current parser (`mislib.answers.parse_answer`): reasoning blocks are
 # stripped, the last declared answer is taken, and only the question's own options count
 # (True/False with yes/no synonyms, the direction terms of its terminology, plane names,
 # letters A–F only as whole tokens in an answer context). An output naming no valid option
@@ -42,9 +44,11 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from mislib.plots import accuracy_by_factor
-from mislib.scoring import bayes_at_n, outcome_matrix, read_run_records, score_runs
+from mislib.bayes import bayes_at_n, outcome_matrix
+from mislib.plots import accuracy_by_factor, save_figure
+from mislib.scoring import read_run_records, score_runs, unparsed_examples
 
+NOTEBOOK = "06_scoring"
 tables = score_runs(profile, force=force, credible_level=credible_level, runs=runs)
 scored = tables["scored"]
 records = read_run_records(run_ids=scored["run_id"].unique())
@@ -70,10 +74,7 @@ tables["unparseable"]
 # from what stage 04 stored (a newer parser). Examples of what was not read:
 
 # %%
-examples = (scored[scored["parse_status"] != "ok"]
-            .groupby(["model", "arm", "parse_status"]).head(3)
-            [["model", "arm", "question_id", "parse_status", "raw_text"]])
-examples.assign(raw_text=examples["raw_text"].astype(str).str.slice(0, 120))
+unparsed_examples(scored)
 
 # %% [markdown]
 # ## Bayes@N accuracy per model and arm
@@ -86,8 +87,8 @@ overall
 # %% [markdown]
 # `accuracy` is the plain mean of the trials; `mu` the Bayes@N posterior mean, which pulls
 # each question towards 50 % by N/(N+2) for N trials, with `sigma` and the `lo`–`hi` credible
-# interval. As a check, the first cell recomputed directly with `bayes_at_n` (which calls
-# `scorio`):
+# interval. As a check, the first cell recomputed directly with `mislib.bayes.bayes_at_n`
+# (which calls `scorio`):
 
 # %%
 first = overall.iloc[0]
@@ -102,6 +103,8 @@ pd.Series({"mu": mu, "sigma": sigma, "questions": R.shape[0], "trials": R.shape[
 
 # %%
 fig = accuracy_by_factor(by_factor)
+save_figure(fig, "accuracy_by_factor", notebook=NOTEBOOK)
+fig
 
 # %% [markdown]
 # Each panel is one benchmark factor; each colour one model × arm. Levels a question does

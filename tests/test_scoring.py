@@ -10,6 +10,7 @@ from mislib.scoring import (
     rescore,
     score_runs,
     unparseable_rates,
+    unparsed_examples,
 )
 from mislib.simulate import simulate_study, write_study
 
@@ -142,3 +143,10 @@ def test_find_runs_takes_the_current_run_of_each_model_and_arm_over_stale_ones(t
     write_stamp(results, "inference-m-semsam", {}, ["m-semsam-new/responses.parquet"])
     assert sorted(p.parent.name for p in find_runs(tmp_path)) == ["m-baseline-new",
                                                                  "m-semsam-new"]
+
+
+def test_unparsed_examples_lists_a_few_outputs_per_status_cut_to_width(scored):
+    out = unparsed_examples(scored, per_group=2, width=10)
+    assert set(out["parse_status"]) <= {"unparseable", "ambiguous"} and len(out) > 0
+    assert out.groupby(["model", "arm", "parse_status"]).size().max() <= 2
+    assert out["raw_text"].str.len().max() <= 10
