@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: MIS-Ground (mislib)
 #     language: python
@@ -43,19 +44,17 @@ top_p = None
 timing_rounds = None  # rounds of the decode-step timing (None: 5 for demo, 30 otherwise)
 
 # %%
-import time
 import warnings
 
-import matplotlib.pyplot as plt
-import pandas as pd
-import torch
-
-from mislib import semsam
+from mislib import explain
 from mislib.config import stage_params
-from mislib.paths import figure_path, project_paths
+from mislib.plots import save_figure
 
+NOTEBOOK = "05_semsam"
 params = stage_params(profile, "semsam", k=k, temperature=temperature, top_k=top_k,
                       top_p=top_p)
+rule = {"temperature": params["temperature"], "top_k": params["top_k"],
+        "top_p": params["top_p"]}
 rounds = timing_rounds or (5 if params["profile"] == "demo" else 30)
 # Some neighbours are CJK or Cyrillic tokens that the default font draws as boxes.
 warnings.filterwarnings("ignore", message="Glyph .* missing from font")
@@ -70,16 +69,9 @@ params
 # embeddings, `k` and the mask.
 
 # %%
-embeddings, tokenizer = semsam.load_wordllama()
-mask = semsam.content_token_mask(tokenizer, embeddings.shape[0])
-cache_dir = project_paths().cache / "semsam"
-key = semsam.table_key(embeddings, mask, params["k"])
-if force:
-    (cache_dir / f"{key}.safetensors").unlink(missing_ok=True)
-t0 = time.perf_counter()
-table = semsam.cached_neighbor_table(embeddings, mask, params["k"], cache_dir=cache_dir)
-print(f"{int(mask.sum()):,} content tokens of {embeddings.shape[0]:,}; "
-      f"table {tuple(table.ids.shape)} ready in {time.perf_counter() - t0:.1f} s; key {table.key}")
+table, tokenizer, seconds = explain.wordllama_table(params["k"], force=force)
+print(f"{int(table.content_mask.sum()):,} content tokens of {table.num_embeddings:,}; "
+      f"table {tuple(table.ids.shape)} ready in {seconds:.1f} s; key {table.key}")
 
 # %% [markdown]
 # ## Neighbourhoods of direction words
@@ -88,41 +80,13 @@ print(f"{int(mask.sum()):,} content tokens of {embeddings.shape[0]:,}; "
 # tokens and their cosines (the word itself first, cosine 1).
 
 # %%
-words = ["superior", "inferior", "left", "right", "anterior", "posterior", "above", "below"]
-
-
-def token_id(word: str) -> int:
-    ids = tokenizer.encode(word, add_special_tokens=False).ids
-    if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens in this vocabulary")
-    return ids[0]
-
-
-def neighbourhood(word: str, n: int = 10) -> pd.DataFrame:
-    tid = token_id(word)
-    return pd.DataFrame({"word": word, "rank": range(n),
-                         "neighbour": [tokenizer.id_to_token(int(i)) for i in table.ids[tid, :n]],
-                         "cosine": table.sims[tid, :n].numpy()})
-
-
-hoods = pd.concat([neighbourhood(w) for w in words], ignore_index=True)
-hoods.pivot(index="rank", columns="word", values="neighbour")[words]
+hoods = explain.neighbourhoods(table, tokenizer)
+hoods.pivot(index="rank", columns="word", values="neighbour")[list(explain.DIRECTION_WORDS)]
 
 # %%
-fig, axes = plt.subplots(2, 4, figsize=(13, 6), sharex=True)
-for ax, word in zip(axes.flat, words, strict=True):
-    rows = hoods[(hoods.word == word) & (hoods["rank"] > 0)].iloc[::-1]
-    # "▁" marks a token that starts a word; shown as "_" ("_left" and "Left" differ)
-    ax.barh(range(len(rows)), rows.cosine, color="tab:blue")
-    ax.set_yticks(range(len(rows)), rows.neighbour.str.replace("▁", "_", regex=False))
-    ax.set_title(word)
-    ax.set_xlim(0, 1)
-for ax in axes[1]:
-    ax.set_xlabel("cosine similarity")
-fig.suptitle(f"Nearest content tokens in WordLlama's Llama-2 embeddings (k = {params['k']})")
-fig.tight_layout()
-fig.savefig(figure_path("05_semsam", "neighbourhoods"), dpi=150)
-fig.savefig(figure_path("05_semsam", "neighbourhoods", suffix=".pdf"))
+fig = explain.neighbourhood_figure(hoods, params["k"])
+save_figure(fig, "neighbourhoods", notebook=NOTEBOOK)
+fig
 
 # %% [markdown]
 # Direction words sit next to their synonyms and their morphological variants, and often
@@ -135,46 +99,25 @@ fig.savefig(figure_path("05_semsam", "neighbourhoods", suffix=".pdf"))
 #
 # A hand-made next-token distribution for *"The liver lies ___ the diaphragm"*: *above* is
 # the single most probable token, but *below*, *beneath*, *under* and *inferior* together
-# hold more mass.
+# hold more mass. The table lists the candidates with their probability and neighbourhood
+# score, and marks the token the rule itself (`mislib.semsam.select_next_token`) picks in
+# each arm, all three with the same keyed random number.
 
 # %%
-step_logits = torch.full((1, embeddings.shape[0]), -4.0)
-for word, logit in {"above": 3.0, "below": 2.7, "beneath": 2.4, "under": 2.3,
-                    "inferior": 2.0, "over": 1.2, "superior": 0.8, "near": 1.0}.items():
-    step_logits[0, token_id(word)] = logit
-rule = {"temperature": params["temperature"], "top_k": params["top_k"],
-        "top_p": params["top_p"]}
-probs = torch.softmax(step_logits / rule["temperature"], dim=-1)
-cand = probs.topk(rule["top_k"]).indices
-scores = semsam.semantic_scores(probs, cand, table)
-step = pd.DataFrame({"token": [tokenizer.id_to_token(int(i)) for i in cand[0]],
-                     "p": probs[0, cand[0]].numpy(), "score": scores[0].numpy()})
-picked = semsam.select_next_token(step_logits, table, mode="argmax", **rule)
-most_probable = tokenizer.id_to_token(int(probs.argmax()))
-print(f"most probable: {most_probable!r}; SemSam (argmax): "
-      f"{tokenizer.id_to_token(int(picked))!r}")
+step = explain.decode_step(explain.example_logits(tokenizer, table.num_embeddings), table,
+                           tokenizer.id_to_token, **rule)
 step.head(10)
 
 # %%
-top = step.head(8)
-fig, ax = plt.subplots(figsize=(8, 3.5))
-x = range(len(top))
-ax.bar([i - 0.2 for i in x], top.p / top.p.sum(), width=0.4, label="p (renormalised)")
-ax.bar([i + 0.2 for i in x], top.score / top.score.sum(), width=0.4,
-       label="neighbourhood score (normalised)")
-ax.set_xticks(list(x), top.token.str.replace("▁", "", regex=False))
-ax.set_ylabel("share")
-ax.legend()
-ax.set_title(f"One step: p picks {most_probable.lstrip('▁')!r}, SemSam picks "
-             f"{tokenizer.id_to_token(int(picked)).lstrip('▁')!r}")
-fig.tight_layout()
-fig.savefig(figure_path("05_semsam", "decode_step"), dpi=150)
-fig.savefig(figure_path("05_semsam", "decode_step", suffix=".pdf"))
+fig = explain.decode_step_figure(step)
+save_figure(fig, "decode_step", notebook=NOTEBOOK)
+fig
 
 # %% [markdown]
 # The score of *below* collects the probability of *beneath*, *under* and *inferior*
-# (its neighbours), while *above* has fewer probable neighbours, so the rule emits
-# *below*. Only the candidates' neighbours are read: one gather of `|I| × k` entries.
+# (its neighbours), while *above* has fewer probable neighbours, so the `semsam` arm emits
+# *below* where `greedy` emits *above* and `baseline` draws from the candidates. Only the
+# candidates' neighbours are read: one gather of `|I| × k` entries.
 #
 # ## What it costs per step
 #
@@ -187,27 +130,13 @@ fig.savefig(figure_path("05_semsam", "decode_step", suffix=".pdf"))
 # runs the same timing with more rounds, plus the table-build benchmark.
 
 # %%
-timing = pd.DataFrame(semsam.time_decode_step(rounds=rounds))
-wide = timing.pivot(index="batch", columns="method", values="median_ms")
-wide["argmax / chain"] = wide.semsam_argmax / wide.transformers_chain
-wide["argmax / softmax+argmax"] = wide.semsam_argmax / wide.softmax_argmax
+wide = explain.decode_timing(rounds)
 wide.round(3)
 
 # %%
-fig, ax = plt.subplots(figsize=(8, 4))
-methods = ["transformers_chain", "softmax_argmax", "semsam_argmax", "semsam_sample"]
-width = 0.2
-for i, method in enumerate(methods):
-    ax.bar([b + (i - 1.5) * width for b in range(len(wide))], wide[method], width=width,
-           label=method.replace("_", " "))
-ax.set_xticks(range(len(wide)), [f"B = {b}" for b in wide.index])
-ax.set_yscale("log")
-ax.set_ylabel("median ms per decode step (CPU)")
-ax.set_title("Decode-step cost at V = 151,936")
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(figure_path("05_semsam", "overhead"), dpi=150)
-fig.savefig(figure_path("05_semsam", "overhead", suffix=".pdf"))
+fig = explain.overhead_figure(wide)
+save_figure(fig, "overhead", notebook=NOTEBOOK)
+fig
 
 # %% [markdown]
 # SemSam costs a small multiple of softmax + argmax and a fraction of the stock sampling
