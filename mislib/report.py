@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mislib.notebooks import NOTEBOOK_RE
-from mislib.paths import project_paths
+from mislib.paths import RUN_FILE, SCORED_FILE, project_paths
 
 #: The figures shown on the landing page: the paper's figures, written by notebook 08.
 KEY_FIGURE_PREFIX = "08_"
@@ -172,7 +172,7 @@ def read_runs(root: str | os.PathLike | None = None) -> tuple[list[dict[str, Any
     import pandas as pd
 
     paths = project_paths(root)
-    scored = paths.analysis / "scored.parquet"
+    scored = paths.analysis / SCORED_FILE
     run_ids: list[str] = []
     problem = ""
     source = "the runs notebook 06 scored (`data/analysis/scored.parquet`)"
@@ -188,11 +188,11 @@ def read_runs(root: str | os.PathLike | None = None) -> tuple[list[dict[str, Any
         run_ids = [p.name for p in current_runs(paths.results)]
         source = problem + "the current run of each (model, arm) (stage 04's stamps)"
     if not run_ids:
-        run_ids = sorted(p.parent.name for p in paths.results.glob("*/run.json"))
+        run_ids = sorted(p.parent.name for p in paths.results.glob(f"*/{RUN_FILE}"))
         source = problem + "every run folder in `data/results/`"
     rows = []
     for run_id in run_ids:
-        path = paths.results / run_id / "run.json"
+        path = paths.results / run_id / RUN_FILE
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import doctest
+
 import pandas as pd
 import pytest
 
+from mislib import answers
 from mislib.answers import is_correct, parse_answer
 from mislib.scoring import rescore
 
@@ -200,3 +203,7 @@ def test_direction_words_inside_structure_names_are_not_answers(text, expected):
                 "name_a": "left cerebral white matter", "name_b": "right putamen",
                 "letter_a": "A", "letter_b": "B"}
     assert parse_answer(text, question) == (expected, "ok")
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(answers).failed == 0

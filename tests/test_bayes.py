@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pandas as pd
 import pytest
 from scorio.eval import bayes as scorio_bayes
 
+from mislib import bayes
 from mislib.bayes import (
     bayes_at_n,
     bayes_by,
@@ -149,3 +152,7 @@ def test_bayes_by_factor_pools_models_on_request(scored):
     overall = table.query("factor == 'all'")
     assert sorted(overall["arm"]) == ["baseline", "semsam"]
     assert (overall["n_questions"] == 2 * scored["question_id"].nunique()).all()
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(bayes).failed == 0

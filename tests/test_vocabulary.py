@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import numpy as np
@@ -78,3 +79,7 @@ def test_the_stages_use_the_vocabulary_instead_of_their_own_copies():
     assert analysis.LEVEL_ORDER is V.LEVEL_ORDER
     assert scoring.FACTORS is V.QUESTION_FACTORS
     assert simulate.LEVELS["prompt"] is V.PROMPTS
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(V).failed == 0
