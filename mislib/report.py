@@ -356,7 +356,16 @@ def build_report(profile: str = "demo", root: str | os.PathLike | None = None,
                      "mislib_back": "../index.html", "mislib_profile": name,
                      "mislib_ipynb": f"{stem}.ipynb",
                      "mislib_mathjax": bool(mathjax and _has_math(book["nb"]))}
-        body, _ = exporter.from_notebook_node(book["nb"], resources=resources)
+        try:
+            body, _ = exporter.from_notebook_node(book["nb"], resources=resources)
+        except Exception as err:  # one notebook nbconvert cannot render must not cost the rest
+            problem = f"could not be rendered ({type(err).__name__}: {err})"
+            print(f"warning: {book['path']} {problem}", file=sys.stderr)
+            book["note"] = "; ".join(filter(None, [book.get("note"), problem]))
+            body = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{stem}</title>"
+                    f"</head><body><p><a href='../index.html'>&larr; report</a></p><p>"
+                    f"{html.escape(str(book['path'].name))} {html.escape(problem)}; the "
+                    f"executed notebook is <a href='{stem}.ipynb'>here</a>.</p></body></html>")
         (tmp / "notebooks" / f"{stem}.html").write_text(body, encoding="utf-8")
         shutil.copy2(book["path"], tmp / "notebooks" / book["path"].name)
 

@@ -191,3 +191,31 @@ def test_chromium_shows_claims_loads_every_image_and_logs_no_error(demo_site, tm
         assert browser.evaluate("document.querySelectorAll('.MathJax_Display').length") == 1
         assert browser.errors() == []
     assert shot.stat().st_size > 10_000
+
+
+def test_a_notebook_nbconvert_cannot_render_gets_a_note_and_the_rest_is_built(
+        tmp_path, monkeypatch):
+    import mislib.report as report
+
+    folder = tmp_path / "build" / "notebooks" / "demo"
+    folder.mkdir(parents=True)
+    for name in ("01_fine", "02_unrenderable"):
+        nbformat.write(_notebook([("md", f"# {name}"), ("code", "profile = 'demo'")]),
+                       folder / f"{name}.ipynb")
+    real = report._exporter
+
+    class Picky:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def from_notebook_node(self, nb, resources=None):
+            if resources["metadata"]["name"] == "02_unrenderable":
+                raise ValueError("template exploded")
+            return self.inner.from_notebook_node(nb, resources=resources)
+
+    monkeypatch.setattr(report, "_exporter", lambda *a, **k: Picky(real(*a, **k)))
+    index = build_report("demo", root=tmp_path, progress=False)
+    assert "could not be rendered (ValueError: template exploded)" in index.read_text()
+    assert "01_fine" in (index.parent / "notebooks" / "01_fine.html").read_text()
+    fallback = (index.parent / "notebooks" / "02_unrenderable.html").read_text()
+    assert 'href="02_unrenderable.ipynb"' in fallback.replace("'", '"')
