@@ -39,7 +39,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from mislib.bayes import bayes_by, bayes_by_factor
-from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.config import stage_params
 from mislib.paths import (
     BAYES_BY_FACTOR_FILE,
     CLAIMS_FILE,
@@ -51,6 +51,7 @@ from mislib.paths import (
     UNPARSEABLE_FILE,
     project_paths,
 )
+from mislib.stage import StageRun
 from mislib.vocabulary import CLAIM_STATUSES as STATUSES
 from mislib.vocabulary import QUESTION_FACTORS, cell_name, difference_name, is_missing
 
@@ -553,15 +554,16 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
             stage = "07 (07_factor_analysis)" if name in ("factor_effects", "contrasts") \
                 else "06 (06_scoring)"
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
-    # The stamp and the claims' JSON live in paper/tables/ (generated, git-ignored); the
-    # output paths are relative to it.
-    outputs = [f"../{CLAIMS_FILE}", f"../{NUMBERS_FILE}", ".claims.json"] + [
-        f"{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
+    # Paths relative to paper/ (the stamp .paper.stage.json lives there, git-ignored); the
+    # files are written aside and moved in together, the stamp last (mislib.stage).
+    tables_dir = paths.tables.relative_to(paths.paper).as_posix()
+    outputs = [CLAIMS_FILE, NUMBERS_FILE, f"{tables_dir}/.claims.json"] + [
+        f"{tables_dir}/{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
     stamp_params = {**params, "level": level, "inputs": _fingerprint(list(inputs.values()))}
-    if not force and is_fresh(paths.tables, "paper", stamp_params, outputs):
+    run = StageRun(paths.paper, "paper", stamp_params, outputs)
+    if not force and run.fresh():
         return {"claims": pd.read_json(paths.tables / ".claims.json"),
-                "paths": [(paths.tables / o).resolve() for o in outputs
-                          if o != ".claims.json"]}
+                "paths": [paths.paper / o for o in outputs if not o.endswith(".claims.json")]}
 
     tables = {name: pd.read_parquet(path) for name, path in inputs.items()}
     scored = tables["scored"]
@@ -574,18 +576,16 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
     context = {**run_context(scored, root), "profile": params["profile"],
                "arm": params["claims_arm"], "level": level}
 
-    paths.tables.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (table, caption) in format_tables(tables, claims, level).items():
-        tex = paths.tables / f"{name}.tex"
-        tex.write_text(latex_table(table, caption, name))
-        md = paths.tables / f"{name}.md"
-        md.write_text(f"{caption}\n\n{markdown_table(table)}")
-        written += [tex, md]
-    (paths.paper / NUMBERS_FILE).write_text(numbers_tex(claims, tables))
-    (paths.paper / CLAIMS_FILE).write_text(claims_markdown(claims, context))
-    claims.to_json(paths.tables / ".claims.json", orient="records", indent=1)
+    with run:
+        for name, (table, caption) in format_tables(tables, claims, level).items():
+            run.path(f"{tables_dir}/{name}.tex").write_text(latex_table(table, caption, name))
+            run.path(f"{tables_dir}/{name}.md").write_text(
+                f"{caption}\n\n{markdown_table(table)}")
+            written += [paths.tables / f"{name}.tex", paths.tables / f"{name}.md"]
+        run.path(NUMBERS_FILE).write_text(numbers_tex(claims, tables))
+        run.path(CLAIMS_FILE).write_text(claims_markdown(claims, context))
+        claims.to_json(run.path(f"{tables_dir}/.claims.json"), orient="records", indent=1)
     written += [paths.paper / NUMBERS_FILE, paths.paper / CLAIMS_FILE]
-    write_stamp(paths.tables, "paper", stamp_params, outputs)
     return {"claims": claims, "paths": written, "context": json.loads(json.dumps(
         context, default=str))}

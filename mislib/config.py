@@ -36,6 +36,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mislib.vocabulary import (
+    ABLATIONS,
+    ARMS,
+    BACKGROUNDS,
+    CONVENTIONS,
+    DIMS,
+    FAMILIES,
+    FORMS,
+    MODALITIES,
+    MODEL_FACTORS,
+    PLANES,
+    PROMPTS,
+    TERMINOLOGIES,
+)
+
 PROFILE_DIR = Path(__file__).with_name("profiles")
 STAGES = ("volumes", "render", "questions", "semsam", "inference", "scoring", "analysis", "paper")
 
@@ -45,25 +60,13 @@ class ProfileError(ValueError):
 
 
 # ---- the schema ----------------------------------------------------------------------------
-# Levels a profile may name. They mirror the stage modules' own constants (config sits below
-# them in the import order, so it cannot import them); tests/test_config.py checks they agree.
+# Levels a profile may name: the benchmark's own names (mislib.vocabulary, mislib.geometry);
+# those only a stage module knows (it sits above config in the import order) are listed here
+# and tests/test_config.py checks that they agree with the module.
 SOURCES = ("brain_atlas", "torso_ct", "torso_mr", "torso_ct_dicom", "torso_ct_phantom",
            "knee_mri_phantom", "totalsegmentator", "knee_mri", "generic")
-MODALITIES = ("CT", "MRI")
-PLANES = ("axial", "coronal", "sagittal")
-CONVENTIONS = ("standard", "storage")
-PROMPTS = ("none", "mask", "box", "point")
-BACKGROUNDS = ("scan", "blank")
-DIMS = ("2d", "3d")
-TERMINOLOGIES = ("anatomical", "colloquial")
-FORMS = ("open", "closed_true", "closed_false")
-FAMILIES = ("relation_2d", "relation_3d", "plane")
-ABLATIONS = ("none", "text_only", "blank")
 SEMSAM_MODES = ("argmax", "sample")
 BACKENDS = ("hf", "vllm", "openai")
-ARMS = ("baseline", "greedy", "semsam")
-MODEL_FACTORS = ("arm", "model", "modality", "plane", "dims", "convention", "prompt",
-                 "background", "terminology", "form", "family", "ablation")
 GROUPS = ("question", "pair", "volume")
 #: Frames of a 3D stack: even (video models pair frames in time) and at most this many
 #: (each pair of 448-pixel frames costs Qwen3-VL 196 visual tokens).

@@ -60,12 +60,18 @@ def set_style() -> None:
 def save_figure(fig: plt.Figure, name: str, root: str | os.PathLike | None = None,
                 notebook: str = NOTEBOOK, formats: Sequence[str] = ("png", "pdf"),
                 dpi: int = 200) -> list[Path]:
-    """Write ``fig`` as ``figures/<nn>_<name>.<fmt>`` for each format; close it; the paths."""
+    """Write ``fig`` as ``figures/<nn>_<name>.<fmt>`` for each format; close it; the paths.
+
+    Each file is written aside and moved onto its name, so a killed run never leaves a
+    truncated figure (the next run redraws every figure).
+    """
     paths = []
     for fmt in formats:
         path = figure_path(notebook, name, root, suffix=f".{fmt}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        partial = path.with_name(f".{path.name}.partial")
+        fig.savefig(partial, dpi=dpi, format=fmt)
+        os.replace(partial, path)
         paths.append(path)
     plt.close(fig)
     return paths

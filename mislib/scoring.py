@@ -34,7 +34,7 @@ from mislib.bayes import (  # noqa: F401  (re-exported: stage 06's public summar
     outcome_matrix,
     semsam_effect,
 )
-from mislib.config import is_fresh, stage_params, write_stamp
+from mislib.config import stage_params
 from mislib.inference.store import current_runs
 from mislib.paths import (
     BAYES_BY_FACTOR_FILE,
@@ -46,6 +46,7 @@ from mislib.paths import (
     UNPARSEABLE_FILE,
     project_paths,
 )
+from mislib.stage import StageRun
 from mislib.vocabulary import FAMILIES, PARSE_STATUSES, QUESTION_FACTORS, is_missing  # noqa: F401
 
 #: The factors whose levels get their own Bayes@N rows (columns of ``questions.parquet``).
@@ -326,7 +327,8 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
         raise FileNotFoundError(f"{qpath} is missing: run stage 03 (03_question_generation)")
     stamp_params = {**params, "inputs": _fingerprint([qpath, *files])}
     out_dir = paths.analysis
-    if not force and is_fresh(out_dir, "scoring", stamp_params, OUTPUTS):
+    run = StageRun(out_dir, "scoring", stamp_params, OUTPUTS)  # mislib.stage
+    if not force and run.fresh():
         return {Path(o).stem: pd.read_parquet(out_dir / o) for o in OUTPUTS}
 
     level = float(params.get("credible_level", 0.95))
@@ -343,10 +345,9 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
               "bayes_by_factor": bayes_by_factor(scored, level=level),
               "semsam_effect": semsam_effect(scored, level=level),
               "unparseable": unparseable}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        table.to_parquet(out_dir / f"{name}.parquet", index=False)
-    write_stamp(out_dir, "scoring", stamp_params, OUTPUTS)
+    with run:  # the four tables are moved in together, the stamp last
+        for name, table in tables.items():
+            table.to_parquet(run.path(f"{name}.parquet"), index=False)
     if tables["semsam_effect"].empty and scored["arm"].nunique() > 1:
         warnings.warn("no model was answered in both the baseline and the semsam arm on the "
                       "same questions: semsam_effect.parquet is empty", stacklevel=2)

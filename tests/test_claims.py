@@ -234,7 +234,7 @@ def test_write_paper_assets_writes_tables_macros_and_claims(tmp_root, study):
     assert _row(table, "semsam_gain")["status"] != "not measurable"  # the 32B model ran
     assert _row(table, "plane_naming")["model_estimate"] == pytest.approx(70.0)
     # fresh: nothing is rewritten, and the same claims come back
-    stamp = paper / "tables" / ".paper.stage.json"
+    stamp = paper / ".paper.stage.json"
     mtime = stamp.stat().st_mtime_ns
     again = C.write_paper_assets("demo", tmp_root)
     assert stamp.stat().st_mtime_ns == mtime
