@@ -70,8 +70,11 @@ def save_figure(fig: plt.Figure, name: str, root: str | os.PathLike | None = Non
         path = figure_path(notebook, name, root, suffix=f".{fmt}")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        fig.savefig(partial, dpi=dpi, format=fmt)
-        os.replace(partial, path)
+        try:
+            fig.savefig(partial, dpi=dpi, format=fmt)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -28,6 +28,24 @@ def scored(study):
     return rescore(study.responses, study.questions, progress=False)
 
 
+def test_a_figure_whose_save_fails_keeps_the_old_file_whole(tmp_root, monkeypatch):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png, pdf = plots.save_figure(fig, "demo_line", tmp_root)
+    old = png.read_bytes()
+
+    def torn(self, fname, **kwargs):  # writes half a file, then dies
+        open(fname, "wb").write(old[: len(old) // 2])
+        raise OSError("disk full")
+
+    fig, ax = plt.subplots()
+    monkeypatch.setattr(plt.Figure, "savefig", torn)
+    with pytest.raises(OSError, match="disk full"):
+        plots.save_figure(fig, "demo_line", tmp_root)
+    assert png.read_bytes() == old
+    assert sorted(p.name for p in png.parent.iterdir()) == [pdf.name, png.name]
+
+
 def test_save_figure_writes_png_and_pdf_named_by_the_notebook(tmp_root):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])

@@ -327,7 +327,7 @@ def test_a_stage_01_input_changed_after_its_run_is_seen_by_the_next_run(tmp_path
 LATE_SCRIPT = r"""
 import json, os, sys
 import pandas as pd
-from mislib import claims, plots, scoring, stage
+from mislib import claims, scoring, stage
 root, k, force = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 writes = []
 def deadly(fn, kind):
@@ -339,30 +339,29 @@ def deadly(fn, kind):
     return wrapped
 for owner, name in ((stage, "replace_path"), (stage, "remove_stamp"), (stage, "write_stamp"),
                     (pd.DataFrame, "to_parquet"), (claims, "latex_table"),
-                    (claims, "claims_markdown"), (plots.plt.Figure, "savefig")):
+                    (claims, "claims_markdown")):
     setattr(owner, name, deadly(getattr(owner, name), name))  # k = 0: list the writes only
 scoring.score_runs("demo", root=root, force=force, progress=False)
 claims.write_paper_assets("demo", root=root, force=force)
-plots.make_figures("demo", root=root)
 print(json.dumps(writes))
 """
 
 
 def _late_outputs(root: Path) -> dict[str, object]:
-    """Stage 06's tables, stage 08's text files and the figures' names, as comparable values."""
+    """Stage 06's tables and stage 08's text files, as comparable values."""
     snap: dict[str, object] = {}
     for name in ("scored", "bayes_by_factor", "semsam_effect", "unparseable"):
         snap[name] = pd.read_parquet(root / "data" / "analysis" / f"{name}.parquet")
     for path in sorted((root / "paper").rglob("*")):
         if path.is_file() and not path.name.startswith(".paper."):
             snap[str(path.relative_to(root))] = path.read_text().replace(str(root), "<root>")
-    snap["figures"] = sorted(p.name for p in (root / "figures").iterdir())
     return snap
 
 
 @pytest.fixture(scope="module")
 def late_reference(tmp_path_factory):
-    """A simulated study with stage 07's outputs faked, and a clean run of stages 06 and 08."""
+    """A clean run of stages 06 and 08 over a simulated study (stage 07's outputs faked):
+    its root, its outputs, and the kinds of its writes in order."""
     from mislib.simulate import simulate_study, write_study
 
     base = tmp_path_factory.mktemp("late")
@@ -377,38 +376,33 @@ def late_reference(tmp_path_factory):
                   "mean": [0.7], "sd": [0.01], "lo95": [0.68], "hi95": [0.72],
                   "observed": [0.7], "n_trials": [10]}).to_parquet(
         root / "data/analysis/contrasts.parquet")
-    inputs = base / "inputs"
-    shutil.copytree(root, inputs)
     out = subprocess.run([sys.executable, "-c", LATE_SCRIPT, str(root), "0", "0"], text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    return inputs, _late_outputs(root), json.loads(out.stdout.strip().splitlines()[-1])
+    return root, _late_outputs(root), json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_kills_in_stages_06_and_08_then_a_rerun_gives_complete_outputs(late_reference,
                                                                         tmp_path):
-    inputs, reference, writes = late_reference
+    complete, reference, writes = late_reference
     rng = random.Random(6)
-    points = sorted({rng.choice([i + 1 for i, w in enumerate(writes) if w == kind])
-                     for kind in set(writes)} | {len(writes)})
+    at = {kind: [i + 1 for i, w in enumerate(writes) if w == kind] for kind in set(writes)}
+    # between stage 06's tables, one random move, stage 08's claims.md, the last write
+    points = sorted({at["to_parquet"][1], rng.choice(at["replace_path"]),
+                     at["claims_markdown"][0], len(writes)})
     for k in points:
         root = tmp_path / f"k{k}"
-        shutil.copytree(inputs, root)
-        # a complete earlier run, then a forced one killed before its k-th write
-        subprocess.run([sys.executable, "-c", LATE_SCRIPT, str(root), "0", "0"],
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                       check=True)
+        shutil.copytree(complete, root)  # complete outputs, then a forced run killed
         killed = subprocess.run([sys.executable, "-c", LATE_SCRIPT, str(root), str(k), "1"],
                                 env={**os.environ, "PYTHONPATH": str(REPO)},
                                 capture_output=True)
         note = f"killed before write {k} of {len(writes)} ({writes[k - 1]})"
         assert killed.returncode == 137, note
-        from mislib import claims, plots, scoring
+        from mislib import claims, scoring
 
         scoring.score_runs("demo", root=root, progress=False)
         claims.write_paper_assets("demo", root=root)
-        plots.make_figures("demo", root=root)
         snap = _late_outputs(root)
         assert sorted(snap) == sorted(reference), note
         for key, value in reference.items():
