@@ -351,3 +351,51 @@ def test_docstring_examples_of_the_analysis_package_run(module):
 
     assert doctest.testmod(importlib.import_module(f"mislib.analysis.{module}")).failed == 0
     assert doctest.testmod(mislib.analysis).failed == 0
+
+
+def test_a_forced_refit_that_fails_while_writing_keeps_the_old_outputs_fresh(
+        fitted, tmp_path, monkeypatch):
+    """Stage 07 writes through mislib.stage: an error at any write of a forced rerun (here
+    between the tables, or in the posterior) replaces nothing, and the old outputs stay
+    fresh for their stamp."""
+    import dataclasses
+    import shutil
+
+    import xarray as xr
+
+    from mislib.analysis import stage as analysis_stage
+
+    source, result = fitted
+    root = tmp_path / "root"
+    shutil.copytree(source, root)
+    monkeypatch.setattr(analysis_stage, "fit_factor_model", lambda *a, **k: result)
+    run_factor_analysis("demo", root=root, progress=False, force=True, **FIT)
+    out = project_paths(root).analysis
+
+    def state():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                if p.is_file() and not p.name.startswith(".analysis.")}
+
+    before = state()
+    # the forced reruns "fit" other numbers, so a table written in place would show
+    other = dataclasses.replace(result, effects=result.effects.assign(
+        mean=result.effects["mean"] + 1.0))
+    monkeypatch.setattr(analysis_stage, "fit_factor_model", lambda *a, **k: other)
+    real_parquet, real_zarr = pd.DataFrame.to_parquet, xr.DataTree.to_zarr
+    for owner, name, real, fail_at in ((pd.DataFrame, "to_parquet", real_parquet, 2),
+                                       (pd.DataFrame, "to_parquet", real_parquet, 4),
+                                       (xr.DataTree, "to_zarr", real_zarr, 1)):
+        calls = []
+
+        def failing(*args, _real=real, _at=fail_at, _calls=calls, **kwargs):
+            _calls.append(1)
+            if len(_calls) == _at:
+                raise OSError("disk full")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, failing)
+        with pytest.raises(OSError, match="disk full"):
+            run_factor_analysis("demo", root=root, progress=False, force=True, **FIT)
+        monkeypatch.setattr(owner, name, real)
+        assert state() == before, f"{name} failing at call {fail_at}"
+        assert run_factor_analysis("demo", root=root, progress=False, **FIT).reused

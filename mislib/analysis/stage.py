@@ -24,7 +24,7 @@ import pandas as pd
 
 from mislib.analysis.data import FACTORS, FactorData, prepare_factor_data
 from mislib.analysis.fit import FactorFit, fit_factor_model, settings_from_params
-from mislib.config import file_digest, is_fresh, stage_params, write_stamp
+from mislib.config import file_digest, stage_params
 from mislib.paths import (
     CONTRASTS_FILE,
     FACTOR_DIAGNOSTICS_FILE,
@@ -37,6 +37,7 @@ from mislib.paths import (
     SCORED_FILE,
     project_paths,
 )
+from mislib.stage import StageRun
 from mislib.vocabulary import TRIAL_FACTORS
 
 log = logging.getLogger(__name__)
@@ -168,12 +169,13 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
     stamp = stamp_params(params, paths)
     out = paths.analysis
     spec, sampler = settings_from_params(params)
-    if not force and is_fresh(out, "analysis", stamp, OUTPUTS):
+    run = StageRun(out, "analysis", stamp, OUTPUTS)  # mislib.stage
+    if not force and run.fresh():
         data = prepare_factor_data(scored, spec.factors, spec.interactions, spec.groups)
         return read_outputs(out, data, params)
     fit = fit_factor_model(scored, spec, sampler, progress=progress)
-    write_outputs(fit, out)
-    write_stamp(out, "analysis", stamp, OUTPUTS)
+    with run:  # tables, diagnostics and posterior moved in together, the stamp last
+        write_outputs(fit, run.staging)
     for name, value in (("divergences", fit.diagnostics["divergences"]),
                         ("max R-hat", fit.diagnostics["max_r_hat"])):
         log.info("factor model %s: %s", name, value)
