@@ -815,41 +815,68 @@ def _ask_relation(rel: Relation, unit: Unit, p: QuestionParams, usage: Usage,
         if view is None:
             usage.text_only_done.add((unit.key.volume_id, family, unit.key.plane, rel.c1,
                                       rel.c2, rel.axis))
-            g1 = centroid3d[(unit.key.volume_id, rel.c1)]
-            g2 = centroid3d[(unit.key.volume_id, rel.c2)]
-            mapping = screen_mapping(unit.key.plane, "standard")
+        found = _cell_direction(rel, unit, cell, view, centroid3d, p.margin)
+        if found is not None:
+            rows += _ask_in_cell(rel, unit, cell, view, *found, p, usage, mismatches)
+    return rows
+
+
+def _cell_direction(rel: Relation, unit: Unit, cell: Cell, view: View | None,
+                    centroid3d: Mapping, margin: float
+                    ) -> tuple[str, float, ScreenMapping] | None:
+    """Where ``c1`` lies from ``c2`` in one cell: (world code, separation mm, mapping).
+
+    The centroids are the view's visible ones (text-only: the 3D ones, under the standard
+    mapping). None when they are closer than the margin along the axis, or when a stack's
+    frames order the two against their 3D centroids.
+    """
+    if view is None:
+        g1 = centroid3d[(unit.key.volume_id, rel.c1)]
+        g2 = centroid3d[(unit.key.volume_id, rel.c2)]
+        mapping = screen_mapping(unit.key.plane, "standard")
+    else:
+        g1, g2 = view.labels[rel.c1].xyz, view.labels[rel.c2].xyz
+        mapping = screen_mapping(unit.key.plane, cell.convention)
+    delta = float(g1[rel.axis] - g2[rel.axis])
+    if abs(delta) < margin:
+        return None  # this view's visible parts are closer than the margin
+    code = AXIS_CODES[rel.axis] if delta > 0 else OPPOSITE[AXIS_CODES[rel.axis]]
+    if (view is not None and unit.key.dims == "3d"
+            and not frame_order_agrees(view, rel.c1, rel.c2, code, mapping)):
+        return None
+    return code, abs(delta), mapping
+
+
+def _ask_in_cell(rel: Relation, unit: Unit, cell: Cell, view: View | None, code: str,
+                 separation: float, mapping: ScreenMapping, p: QuestionParams, usage: Usage,
+                 mismatches: list[str]) -> list[dict]:
+    """The three forms of a relation in one cell, per picked terminology (least used first).
+
+    A colloquial truth is also checked against where the renderer drew the two structures;
+    a disagreement goes to ``mismatches`` (the stage then stops, naming the renders).
+    """
+    family = unit.family
+    terms = _pick_least_used(
+        [t for t in TERMINOLOGIES if t in p.terminologies],
+        {t: (usage.terms[(family, cell, t)], usage.terms[(family, t)]) for t in TERMINOLOGIES},
+        p.n_terms, (p.seed, rel.key(), tuple(cell)))
+    rows: list[dict] = []
+    for terminology in terms:
+        usage.terms[(family, cell, terminology)] += 1
+        usage.terms[(family, terminology)] += 1
+        if terminology == "anatomical":
+            t1 = anatomical_term(code, unit.laterality)  # c1 relative to c2
         else:
-            g1, g2 = view.labels[rel.c1].xyz, view.labels[rel.c2].xyz
-            mapping = screen_mapping(unit.key.plane, cell.convention)
-        delta = float(g1[rel.axis] - g2[rel.axis])
-        if abs(delta) < p.margin:
-            continue  # this view's visible parts are closer than the margin
-        code = AXIS_CODES[rel.axis] if delta > 0 else OPPOSITE[AXIS_CODES[rel.axis]]
-        if (view is not None and unit.key.dims == "3d"
-                and not frame_order_agrees(view, rel.c1, rel.c2, code, mapping)):
-            continue
-        terms = _pick_least_used(
-            [t for t in TERMINOLOGIES if t in p.terminologies],
-            {t: (usage.terms[(family, cell, t)], usage.terms[(family, t)])
-             for t in TERMINOLOGIES},
-            p.n_terms, (p.seed, rel.key(), tuple(cell)))
-        for terminology in terms:
-            usage.terms[(family, cell, terminology)] += 1
-            usage.terms[(family, terminology)] += 1
-            if terminology == "anatomical":
-                t1 = anatomical_term(code, unit.laterality)  # c1 relative to c2
-            else:
-                t1 = colloquial_term(code, mapping)
-                if view is not None:
-                    err = _check_screen(view, rel.c1, rel.c2, code, mapping, t1)
-                    if err:
-                        mismatches.append(err)
-                        continue
-            a, b, truth = _orient(rel, cell, terminology, t1, family, p.seed, usage)
-            base = _relation_base(unit, view, cell, terminology, a, b, rel.axis, abs(delta),
-                                  rel.key())
-            rows += _rows(base, family, _relation_forms(base, terminology, truth,
-                                                        _term_pair(truth), unit, p.seed))
+            t1 = colloquial_term(code, mapping)
+            err = view and _check_screen(view, rel.c1, rel.c2, code, mapping, t1)
+            if err:
+                mismatches.append(err)
+                continue
+        a, b, truth = _orient(rel, cell, terminology, t1, family, p.seed, usage)
+        base = _relation_base(unit, view, cell, terminology, a, b, rel.axis, separation,
+                              rel.key())
+        rows += _rows(base, family, _relation_forms(base, terminology, truth, _term_pair(truth),
+                                                    unit, p.seed))
     return rows
 
 
