@@ -20,9 +20,10 @@ so factor cells differ only in the factor. Letters sit next to their own mark, w
 by prompt (beside the dot, at the box's corner, at the mask's edge), so they are laid out per
 prompt (:func:`layout_letters`) and shared by both backgrounds; every letter is nearer its
 own mark's anchor than any other mark, and one that had to move away is joined to its anchor
-by a leader line. ``letters.parquet`` records every letter on every frame. The prompt level ``none`` is the no-prompt
-baseline: the windowed scan alone, no marks and no letters, one image (or stack) per slice
-and convention; its rows in ``renders.parquet`` still list the structures (centroids for the
+by a leader line. ``letters.parquet`` records every letter on every frame.
+
+The prompt level ``none`` is the no-prompt baseline: the windowed scan alone, no marks and
+no letters, one image (or stack) per slice and convention; its rows in ``renders.parquet`` still list the structures (centroids for the
 ground truth) but with null ``letter`` and ``color``. A blank background without prompts
 would show nothing, so (``none``, ``blank``) is not rendered.
 
