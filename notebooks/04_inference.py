@@ -71,7 +71,7 @@ if summary["model"].str.startswith("smoke:").any():
     display(Markdown(
         "**The demo model is a randomly initialised tiny Qwen3-VL (`smoke:tiny-qwen3-vl`): "
         "its answers are noise.** This notebook shows that the pipeline runs end to end "
-        "(loading, processors, both arms, the store), not any finding of the paper."))
+        "(loading, processors, every arm, the store), not any finding of the paper."))
 record = json.loads((runs[0].run_dir / "run.json").read_text())
 pd.Series({"model": record["model"], "revision": record["revision"],
            "device": record["processor"]["device"], "dtype": record["processor"]["dtype"],
@@ -122,7 +122,7 @@ fig.savefig(figure_path("04_inference", "throughput", suffix=".pdf"))
 
 # %% [markdown]
 # Left: records per second of generation for each arm, over the sessions that produced
-# them (on a shared machine this moves with the load; `make bench` times the two arms back
+# them (on a shared machine this moves with the load; `make bench` times the arms back
 # to back on the same questions). Right:
 # how many outputs the parser read as one valid option (`ok`), as none (`unparseable`) or
 # as several (`ambiguous`); records the harness could not produce normally keep their own

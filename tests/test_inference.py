@@ -305,6 +305,18 @@ def test_n_trials_below_one_is_an_error_naming_the_profile_key(smoke_root, tmp_p
     assert len(pd.read_parquet(first.responses)) == 4
 
 
+def test_the_cli_refuses_a_profile_with_zero_trials_before_touching_results(tmp_path):
+    from mislib.__main__ import main as cli
+
+    text = (REPO_ROOT / "mislib" / "profiles" / "demo.toml").read_text()
+    profile = tmp_path / "zero.toml"
+    profile.write_text(re.sub(r"(?m)^n_trials = \d+", "n_trials = 0", text))
+    with pytest.raises(ValueError, match=r"profile 'zero'.*n_trials must be an integer >= 1, "
+                                         r"got 0"):
+        cli(["infer", "--profile", str(profile), "--out", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_limited_run_adds_to_the_run_and_never_shrinks_its_responses(smoke_root, tmp_path):
     root = _new_root(tmp_path / "root", smoke_root, n_questions=5)
     full = run_inference(_profile(), arm="baseline", root=root, progress=False)
