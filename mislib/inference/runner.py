@@ -149,17 +149,6 @@ def check_worker(worker: int, workers: int) -> None:
         raise ValueError(f"worker must be an integer in 0..{workers - 1}, got {worker!r}")
 
 
-def _check_params(params: Mapping[str, Any]) -> None:
-    """Reject inference settings that would produce no or nonsensical work, naming the key."""
-    where = f"[inference] of profile {params.get('profile')!r}"
-    for key, low in (("n_trials", 1), ("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
-        value = params.get(key)
-        if key == "limit" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise ValueError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
-
-
 def _decode_settings(arm: str, params: Mapping[str, Any], semsam_params: Mapping[str, Any],
                      table: Any = None, table_path: Path | None = None) -> DecodeSettings:
     return DecodeSettings(arm=arm, temperature=float(semsam_params["temperature"]),
@@ -225,7 +214,8 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     FileNotFoundError
         When ``questions.parquet`` is absent (run stage 03 first).
     ValueError
-        Unknown arm, backend or model id; ``n_trials`` (or another count) below 1.
+        Unknown arm, backend or model id; a profile value outside the schema
+        (``n_trials`` below 1, ...), naming the table and key.
     RuntimeError
         Another process writes the same run slot; ``force`` would drop records.
     """
@@ -237,8 +227,8 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
                          "others' records; remove the run folder instead, then start them")
     compact = (workers == 1) if compact is None else compact
     prof = load_profile(profile) if not isinstance(profile, Mapping) else profile
+    # the profile schema (mislib.config) rejects n_trials < 1 and other bad values here
     params = stage_params(prof, "inference", limit=limit, **overrides)
-    _check_params(params)
     semsam_params = stage_params(prof, "semsam")
     model_id = model or params["models"][0]
     paths = project_paths(root)
