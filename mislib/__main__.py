@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default data/results)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per visible GPU, 1 without GPUs)")
+    p.add_argument("--gpus-per-worker", type=int, default=None,
+                   help="GPUs each worker sees (default 1; more for tensor-parallel models)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run the workers as Ray actors on this cluster (default address: "
                         "auto, the cluster this node belongs to)")
@@ -130,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"workers": args.workers, "models": args.model, "arms": args.arm,
                   "limit": args.limit, "out": args.out}
         if args.ray:
-            runs = workers.launch_ray(args.profile, address=args.ray, **kwargs)
+            runs = workers.launch_ray(args.profile, address=args.ray,
+                                      gpus_per_worker=args.gpus_per_worker, **kwargs)
         else:
-            runs = workers.launch_local(args.profile, **kwargs)
+            runs = workers.launch_local(args.profile, gpus_per_worker=args.gpus_per_worker or 1,
+                                        **kwargs)
         for run_dir in runs:
             print(f"compacted {run_dir}")
     elif args.command == "compact":

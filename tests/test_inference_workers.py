@@ -15,7 +15,7 @@ from test_inference import _new_root, _profile, seeded_table  # noqa: F401  (fix
 from mislib.__main__ import main as cli
 from mislib.inference import run_inference, worker_of, worker_share
 from mislib.inference.store import compact_run, current_runs, done_keys
-from mislib.inference.workers import launch_local, launch_ray, visible_gpus
+from mislib.inference.workers import gpu_groups, launch_local, launch_ray, visible_gpus
 from mislib.paths import REPO_ROOT
 
 KEYS = [(f"q{i:03d}", t) for i in range(200) for t in range(3)]
@@ -61,6 +61,16 @@ def test_no_gpu_is_visible_when_cuda_visible_devices_is_empty(monkeypatch):
     assert visible_gpus() == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert visible_gpus() == ["2", "5"]
+
+
+def test_each_worker_sees_its_own_group_of_gpus():
+    gpus = ["0", "1", "2", "3", "5"]
+    assert gpu_groups(gpus) == [["0"], ["1"], ["2"], ["3"], ["5"]]
+    assert gpu_groups(gpus, gpus_per_worker=2) == [["0", "1"], ["2", "3"]]
+    assert gpu_groups(gpus, workers=2) == [["0"], ["1"]]
+    assert gpu_groups([], workers=3) == [[], [], []]
+    with pytest.raises(ValueError, match=r"3 workers x 2 GPUs each need 6 GPUs; 5 visible"):
+        gpu_groups(gpus, workers=3, gpus_per_worker=2)
 
 
 # ------------------------------------------------------------------ workers on one run

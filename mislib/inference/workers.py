@@ -13,8 +13,8 @@ it skips what its shard already holds.
 - :func:`launch_ray`: the same workers as Ray actors (one GPU each) across the nodes of a
   Ray cluster; the project root must be on storage every node sees.
 
->>> launch_local("paper")                       # doctest: +SKIP   (all GPUs of this node)
->>> launch_ray("paper", address="auto")         # doctest: +SKIP   (all GPUs of the cluster)
+>>> launch_local("paper")                 # every GPU of this node  # doctest: +SKIP
+>>> launch_ray("paper", address="auto")   # every GPU of the cluster  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -52,6 +52,31 @@ def visible_gpus() -> list[str]:
         else []
 
 
+def gpu_groups(gpus: Sequence[str], workers: int | None = None,
+               gpus_per_worker: int = 1) -> list[list[str]]:
+    """The GPUs each worker sees: consecutive groups of ``gpus_per_worker``.
+
+    ``workers`` defaults to as many whole groups as there are GPUs; without GPUs every
+    worker gets an empty group (CPU). A backend that splits a model over GPUs (tensor
+    parallel) needs ``gpus_per_worker`` > 1.
+
+    >>> gpu_groups(["0", "1", "2", "3"], gpus_per_worker=2)
+    [['0', '1'], ['2', '3']]
+    >>> gpu_groups([], workers=2)
+    [[], []]
+    """
+    per = int(gpus_per_worker)
+    if per < 1:
+        raise ValueError(f"gpus_per_worker must be >= 1, got {gpus_per_worker!r}")
+    if not gpus:
+        return [[] for _ in range(int(workers or 1))]
+    n = int(workers or len(gpus) // per)
+    if n < 1 or n * per > len(gpus):
+        raise ValueError(f"{n or 1} workers x {per} GPUs each need {(n or 1) * per} GPUs; "
+                         f"{len(gpus)} visible ({','.join(gpus)})")
+    return [list(gpus[i * per:(i + 1) * per]) for i in range(n)]
+
+
 def _profile_arg(profile: str | os.PathLike | Mapping[str, Any]) -> str:
     if isinstance(profile, Mapping):
         raise TypeError("launch_local starts processes, which take a profile name or TOML path; "
@@ -62,18 +87,19 @@ def _profile_arg(profile: str | os.PathLike | Mapping[str, Any]) -> str:
 def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None,
                  models: Sequence[str] | None = None, arms: Sequence[str] | None = None,
                  limit: int | None = None, out: str | os.PathLike | None = None,
-                 root: str | os.PathLike | None = None,
+                 root: str | os.PathLike | None = None, gpus_per_worker: int = 1,
                  poll_s: float = 1.0) -> list[Path]:
     """Run the profile's models and arms with ``workers`` processes on this machine.
 
     Parameters
     ----------
     profile : profile name or TOML path (passed to each worker's command line).
-    workers : number of processes (default: one per visible GPU; 1 without GPUs). With
-        GPUs, worker ``i`` sees GPU ``i mod n_gpus`` only; without, each gets an equal share
-        of the CPU threads (``OMP_NUM_THREADS``).
+    workers : number of processes (default: one per ``gpus_per_worker`` visible GPUs; 1
+        without GPUs). With GPUs, each worker sees its own group (:func:`gpu_groups`);
+        without, each gets an equal share of the CPU threads (``OMP_NUM_THREADS``).
     models, arms, limit, out : as for ``python -m mislib infer``.
     root : project root (``$MISGROUND_ROOT`` for the workers).
+    gpus_per_worker : GPUs per worker process (more than 1 for tensor parallel models).
     poll_s : how often the launcher checks on its workers.
 
     Returns
@@ -87,8 +113,8 @@ def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None
         When a worker exits with an error, naming it and its log file (the others are
         stopped; rerun to resume, nothing finished is lost).
     """
-    gpus = visible_gpus()
-    n = int(workers or len(gpus) or 1)
+    groups = gpu_groups(visible_gpus(), workers, gpus_per_worker)
+    n = len(groups)
     paths = project_paths(root)
     results = Path(out) if out is not None else paths.results
     logs = results / "logs"
@@ -106,8 +132,8 @@ def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None
             cmd += ["--limit", str(int(limit))]
         cmd += ["--out", str(results)]
         env = {**os.environ, "MISGROUND_ROOT": str(paths.root), "TQDM_DISABLE": "1"}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        if groups[i]:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[i])
         else:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         log_path = logs / f"{store.process_tag(i, n)}.log"
