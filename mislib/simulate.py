@@ -134,16 +134,54 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
     background or convention; plane-naming questions have no terminology and no second
     structure.
     """
+    if min(n_structures) < 2:
+        raise ValueError(f"n_structures needs at least 2 per modality, got {n_structures}")
     rng = np.random.default_rng(seed)
     n = int(n_questions)
     if n_volumes is None:
         n_volumes = max(2, round(n * PAPER_N_VOLUMES / PAPER_N_QUESTIONS))
+    vol_ids, vol, modality = _draw_volumes(rng, n, n_volumes)
+    f = _draw_factors(rng, n, ablation_share)
+    is_plane, text_only = f["family"] == "plane", f["ablation"] == "text_only"
+    comp_a, comp_b = _draw_structures(rng, modality, is_plane, n_structures)
+    axis, direction, choices, answer = _draw_relations(rng, f)
+
+    qid = np.array([f"simq-{i:06d}" for i in range(n)])
+    render_id = np.where(text_only, None,
+                         np.char.add(np.char.add(vol_ids[vol], "-r"),
+                                     np.char.mod("%05d", np.arange(n)))).astype(object)
+    letters = np.array(list("ABCDEF"))
+    bare = f["prompt"] == NO_PROMPT  # a scan without marks names structures by name only
+    text = [(f"Which plane is this image? ({comp_a[i]})" if is_plane[i]
+             else f"Is {comp_a[i]} {direction[i]} relative to {comp_b[i]}?")
+            for i in range(n)]
+    return pd.DataFrame({
+        "question_id": qid, "render_id": render_id, "volume_id": vol_ids[vol],
+        "source": np.where(modality == "CT", "sim_ct", "sim_mri"), "modality": modality,
+        **f, "component_a": comp_a, "component_b": comp_b,
+        "letter_a": np.where(text_only | bare, None, letters[rng.integers(0, 3, n)]),
+        "letter_b": np.where(text_only | bare | is_plane, None, letters[rng.integers(3, 6, n)]),
+        "direction": direction, "axis": axis, "text": text, "answer": answer,
+        "choices": choices, "n_frames": np.where(f["dims"] == "3d", 16, 1),
+        "image_path": [None if rid is None else
+                       (f"stacks/{rid}/" if d == "3d" else f"images/{rid}.png")
+                       for rid, d in zip(render_id, f["dims"], strict=True)],
+        "separation_mm": np.where(is_plane, np.nan, rng.uniform(10, 80, n)),
+    })
+
+
+def _draw_volumes(rng: np.random.Generator, n: int, n_volumes: int):
+    """Volume ids (both modalities present, CT at the paper's share) and each question's."""
     vol_modality = np.where(rng.random(n_volumes) < CT_SHARE, "CT", "MRI")
     vol_modality[:2] = ["CT", "MRI"]  # both modalities even in tiny simulations
     vol_ids = np.array([f"sim_{m.lower()}-v{i:04d}" for i, m in enumerate(vol_modality)])
     vol = rng.integers(0, n_volumes, n)
-    modality = vol_modality[vol]
+    return vol_ids, vol, vol_modality[vol]
 
+
+def _draw_factors(rng: np.random.Generator, n: int,
+                  ablation_share: float) -> dict[str, np.ndarray]:
+    """Each question's factor levels, null where a factor does not apply (as stage 03)."""
     family = rng.choice(LEVELS["family"], n, p=[0.45, 0.35, 0.20])
     is_plane = family == "plane"
     dims = np.where(family == "relation_3d", "3d",
@@ -165,73 +203,58 @@ def simulate_questions(n_questions: int, seed: int = 0, n_volumes: int | None = 
                           np.where(ablation == "blank", "blank", "scan")).astype(object)
     terminology = np.where(is_plane, None, rng.choice(LEVELS["terminology"], n)).astype(object)
     form = rng.choice(LEVELS["form"], n)
+    return {"plane": plane, "dims": dims, "convention": convention, "prompt": prompt,
+            "background": background, "terminology": terminology, "form": form,
+            "family": family, "ablation": ablation}
 
-    if min(n_structures) < 2:
-        raise ValueError(f"n_structures needs at least 2 per modality, got {n_structures}")
+
+def _draw_structures(rng: np.random.Generator, modality: np.ndarray, is_plane: np.ndarray,
+                     n_structures: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Two different structures of the question's modality (one for a plane question)."""
     pools = {"CT": np.array([f"ct_structure_{j:02d}" for j in range(n_structures[0])]),
              "MRI": np.array([f"mri_structure_{j:02d}" for j in range(n_structures[1])])}
-    comp_a = np.empty(n, dtype=object)
-    comp_b = np.empty(n, dtype=object)
+    comp_a = np.empty(len(modality), dtype=object)
+    comp_b = np.empty(len(modality), dtype=object)
     for mod, pool in pools.items():
         rows = np.flatnonzero(modality == mod)
         a = rng.integers(0, len(pool), rows.size)
         b = (a + rng.integers(1, len(pool), rows.size)) % len(pool)  # never a == b
         comp_a[rows] = pool[a]
         comp_b[rows] = np.where(is_plane[rows], None, pool[b])
+    return comp_a, comp_b
 
+
+def _draw_relations(rng: np.random.Generator, f: Mapping[str, np.ndarray]):
+    """Each question's axis, direction term, options and answer, from its factor levels."""
+    n = len(f["family"])
     axis = np.empty(n, dtype=object)
     direction = np.empty(n, dtype=object)
     choices = np.empty(n, dtype=object)
     answer = np.empty(n, dtype=object)
     pick = rng.integers(0, 2, n)
     for i in range(n):
-        if is_plane[i]:
+        if f["family"][i] == "plane":
             axis[i] = "plane"
-            direction[i] = plane[i]
+            direction[i] = f["plane"][i]
             options = list(LEVELS["plane"])
         else:
-            axes = PLANE_AXES[plane[i]]
-            through = family[i] == "relation_3d"
+            axes = PLANE_AXES[f["plane"][i]]
+            through = f["family"][i] == "relation_3d"
             axis[i] = axes[2] if through else axes[pick[i]]
-            if terminology[i] == "anatomical":
+            if f["terminology"][i] == "anatomical":
                 options = list(ANATOMICAL_TERMS[axis[i]])
             elif through:
                 options = list(COLLOQUIAL_THROUGH)
             else:
                 options = list(COLLOQUIAL_INPLANE[pick[i]])
             direction[i] = options[rng.integers(0, 2)]
-        if form[i] == "open":
+        if f["form"][i] == "open":
             choices[i] = options
             answer[i] = direction[i]
         else:
             choices[i] = ["True", "False"]
-            answer[i] = "True" if form[i] == "closed_true" else "False"
-
-    qid = np.array([f"simq-{i:06d}" for i in range(n)])
-    render_id = np.where(text_only, None,
-                         np.char.add(np.char.add(vol_ids[vol], "-r"),
-                                     np.char.mod("%05d", np.arange(n)))).astype(object)
-    letters = np.array(list("ABCDEF"))
-    bare = prompt == NO_PROMPT  # a scan without marks names structures by name only
-    text = [(f"Which plane is this image? ({comp_a[i]})" if is_plane[i]
-             else f"Is {comp_a[i]} {direction[i]} relative to {comp_b[i]}?")
-            for i in range(n)]
-    return pd.DataFrame({
-        "question_id": qid, "render_id": render_id, "volume_id": vol_ids[vol],
-        "source": np.where(modality == "CT", "sim_ct", "sim_mri"), "modality": modality,
-        "plane": plane, "dims": dims, "convention": convention, "prompt": prompt,
-        "background": background, "terminology": terminology, "form": form, "family": family,
-        "ablation": ablation, "component_a": comp_a, "component_b": comp_b,
-        "letter_a": np.where(text_only | bare, None, letters[rng.integers(0, 3, n)]),
-        "letter_b": np.where(text_only | bare | is_plane, None, letters[rng.integers(3, 6, n)]),
-        "direction": direction, "axis": axis, "text": text, "answer": answer,
-        "choices": choices, "n_frames": np.where(dims == "3d", 16, 1),
-        "image_path": [None if rid is None else
-                       (f"stacks/{rid}/" if d == "3d" else f"images/{rid}.png")
-                       for rid, d in zip(render_id, dims, strict=True)],
-        "separation_mm": np.where(is_plane, np.nan, rng.uniform(10, 80, n)),
-    })
-
+            answer[i] = "True" if f["form"][i] == "closed_true" else "False"
+    return axis, direction, choices, answer
 
 def default_effects(models: Sequence[str], arms: Sequence[str] = ("baseline", "semsam"),
                     ) -> tuple[dict[str, dict[str, float]], dict[tuple[str, str], dict]]:
