@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mislib.geometry import AXIS_VECTORS, OPPOSITE, screen_mapping
-from mislib.paths import project_paths
+from mislib.paths import VALIDITY_FILE, project_paths
 
 
 def check_letters_on_marks(letters: pd.DataFrame) -> tuple[int, pd.DataFrame]:
@@ -408,7 +408,7 @@ def validity_report(questions: pd.DataFrame, renders: pd.DataFrame,
 
 def read_report(root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Stage 03's ``benchmark/validity.parquet``, with a clear error when it is missing."""
-    path = project_paths(root).benchmark / "validity.parquet"
+    path = project_paths(root).benchmark / VALIDITY_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}; run stage 03 (python -m mislib questions)")
     return pd.read_parquet(path)
