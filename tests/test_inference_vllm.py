@@ -71,9 +71,8 @@ def bench_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def both_backends(bench_root):
-    """The same requests through the hf backend (here) and the vllm backend (subprocess)."""
-    from mislib.inference.prompts import input_kind, load_media, question_dict, question_prompt
-    from mislib.inference.protocol import DecodeSettings, Request
+    """The same requests through the hf and the vllm backend, each in a fresh process."""
+    from mislib.inference.prompts import input_kind, question_dict
     from mislib.inference.registry import load_backend, resolve_model, unload_backend
     from mislib.inference.runner import semsam_table, trial_seed
     from mislib.paths import project_paths
@@ -90,24 +89,25 @@ def both_backends(bench_root):
                    for r in of_kind[:2] for t in (0, 1)]
     hf = load_backend("hf", SMOKE_MODEL_ID, root=bench_root, device="cpu")
     table, table_path = semsam_table(hf, DECODE["k"], root=bench_root, progress=False)
-    requests = [Request(q["question_id"], q["trial"], q["seed"], question_prompt(q),
-                        load_media(q, paths.benchmark)) for q in picked]
-    decode = {**DECODE, "table_path": str(table_path), "table_key": table.key}
-    hf_out = {arm: hf.generate(requests, DecodeSettings(arm=arm, **decode)) for arm in ARMS}
     unload_backend()
-
+    decode = {**DECODE, "table_path": str(table_path), "table_key": table.key}
     job = {"source": resolve_model(SMOKE_MODEL_ID, bench_root)[0], "model_id": SMOKE_MODEL_ID,
            "benchmark": str(paths.benchmark), "arms": list(ARMS), "decode": decode,
            "options": ENGINE_OPTIONS,
            "questions": [{k: q[k] for k in ("question_id", "trial", "seed", "text", "choices",
                                             "image_path", "dims")} for q in picked]}
-    job_file, out_file = bench_root / "vllm_job.json", bench_root / "vllm_out.json"
+    job_file = bench_root / "job.json"
     job_file.write_text(json.dumps(job, default=str))
-    proc = subprocess.run([str(VLLM_PYTHON), str(REPO_ROOT / "tests/scripts/vllm_generate.py"),
-                           str(job_file), str(out_file)], env=vllm_env(bench_root),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    vllm_out = json.loads(out_file.read_text())
+    outputs = {}
+    for backend, python in (("hf", sys.executable), ("vllm", str(VLLM_PYTHON))):
+        out_file = bench_root / f"{backend}_out.json"
+        proc = subprocess.run([python, str(REPO_ROOT / "tests/scripts/backend_generate.py"),
+                               backend, str(job_file), str(out_file)],
+                              env=vllm_env(bench_root), capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs[backend] = json.loads(out_file.read_text())
+    hf_out, vllm_out = outputs["hf"], outputs["vllm"]
     return picked, hf_out, vllm_out
 
 
@@ -140,16 +140,16 @@ def test_vllm_backend_answers_text_image_and_video_questions(both_backends):
 @pytest.mark.parametrize("arm", ARMS)
 def test_hf_and_vllm_give_identical_tokens(both_backends, arm):
     picked, hf_out, vllm_out = both_backends
-    hf_tokens = [list(g.token_ids) for g in hf_out[arm]]
+    hf_tokens = [g["token_ids"] for g in hf_out["arms"][arm]]
     vllm_tokens = [g["token_ids"] for g in vllm_out["arms"][arm]]
     for question, a, b in zip(picked, hf_tokens, vllm_tokens, strict=True):
         assert a == b, (arm, question["question_id"], question["trial"])
-    assert [g.text for g in hf_out[arm]] == [g["text"] for g in vllm_out["arms"][arm]]
+    assert [g["text"] for g in hf_out["arms"][arm]] == [g["text"] for g in vllm_out["arms"][arm]]
 
 
 def test_the_arms_differ_so_identical_tokens_are_not_trivial(both_backends):
     _, hf_out, _ = both_backends
-    tokens = {arm: [g.token_ids for g in hf_out[arm]] for arm in ARMS}
+    tokens = {arm: [g["token_ids"] for g in hf_out["arms"][arm]] for arm in ARMS}
     assert tokens["greedy"] != tokens["baseline"]
     # the two trials of a question draw differently in the baseline arm, not in greedy
     assert tokens["baseline"][0] != tokens["baseline"][1]

@@ -285,5 +285,8 @@ class VLLMBackend:
         for out in outputs:
             completion = out.outputs[0]
             tokens = tuple(int(t) for t in completion.token_ids)
-            results.append(Generation(completion.text, len(tokens), tokens))
+            # decoded here, not vLLM's incremental text (which holds back a trailing partial
+            # UTF-8 character), so both backends record the same text for the same tokens
+            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                      len(tokens), tokens))
         return results
