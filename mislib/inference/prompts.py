@@ -84,6 +84,25 @@ def question_prompt(question: Mapping[str, Any], instruction: str = "") -> str:
     return text
 
 
+def conversation(text: str, media: Any, has_video: bool) -> list[dict[str, Any]]:
+    """The one-turn chat for a question, in the message shape chat templates take.
+
+    A 3D stack (``media`` an array of frames) is one video where the model's processor has a
+    video path, else one image per frame; a 2D image is one image; text-only questions carry
+    none. Both local backends build their prompts from this, so they see the same turn.
+    """
+    content: list[dict[str, Any]] = []
+    if isinstance(media, np.ndarray):
+        if has_video:
+            content.append({"type": "video"})
+        else:
+            content += [{"type": "image"} for _ in range(len(media))]
+    elif media is not None:
+        content.append({"type": "image"})
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
 def question_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     """A parquet row as plain Python values (lists for ``choices``)."""
     out = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
 
@@ -130,16 +131,7 @@ class HFBackend:
         return self.model.get_input_embeddings().weight
 
     def _conversation(self, text: str, media: Any) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = []
-        if isinstance(media, np.ndarray):
-            if self.has_video:
-                content.append({"type": "video"})
-            else:
-                content += [{"type": "image"} for _ in range(len(media))]
-        elif media is not None:
-            content.append({"type": "image"})
-        content.append({"type": "text", "text": text})
-        return [{"role": "user", "content": content}]
+        return conversation(text, media, self.has_video)
 
     def prepare(self, requests: Sequence[Request]):
         """Tokenised, padded model inputs for the requests, on the device."""

@@ -36,6 +36,7 @@ import numpy as np
 import vllm  # here, not lazily: outside .venv-vllm the registry then says what is missing
 
 from mislib.inference.backends.hf import processor_sizes
+from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,7 @@ class VLLMBackend:
 
     # ---------------------------------------------------------------- prompts
     def _conversation(self, text: str, media: Any) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = []
-        if isinstance(media, np.ndarray):
-            if self.has_video:
-                content.append({"type": "video"})
-            else:
-                content += [{"type": "image"} for _ in range(len(media))]
-        elif media is not None:
-            content.append({"type": "image"})
-        content.append({"type": "text", "text": text})
-        return [{"role": "user", "content": content}]
+        return conversation(text, media, self.has_video)
 
     def prompt(self, request: Request) -> dict[str, Any]:
         """vLLM's prompt for one request: the chat-templated text and its media."""
