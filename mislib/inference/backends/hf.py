@@ -20,6 +20,19 @@ from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
 
+def processor_settings(processor: Any, has_video: bool, video_fps: float | None) -> dict[str, Any]:
+    """The processor's part of a run's identity: its class, pixel budgets, how stacks are
+    passed, and the chat template's hash. Shared by the local backends, so that the same
+    processor gives the same record whichever engine runs the model."""
+    return {"processor_class": type(processor).__name__,
+            "image_processor": processor_sizes(getattr(processor, "image_processor", None)),
+            "video_processor": processor_sizes(getattr(processor, "video_processor", None)),
+            "video_as": "video" if has_video else "images",
+            "video_fps": video_fps, "do_sample_frames": False,
+            "chat_template_sha": hashlib.sha256(
+                str(processor.chat_template or "").encode()).hexdigest()[:16]}
+
+
 def processor_sizes(proc: Any) -> dict[str, Any]:
     """The pixel budgets and normalisation of an image or video processor (JSON-ready), the
     part of the run identity that says which pixels a model sees; ``{}`` for None."""
@@ -111,15 +124,7 @@ class HFBackend:
         """What changes the pixels or tokens the model sees: model and processor classes,
         pixel budgets, frame handling, chat template hash, device, dtype, generation config."""
         return {"family": self.family, "model_class": type(self.model).__name__,
-                "processor_class": type(self.processor).__name__,
-                "image_processor": processor_sizes(getattr(self.processor, "image_processor",
-                                                           None)),
-                "video_processor": processor_sizes(getattr(self.processor, "video_processor",
-                                                           None)),
-                "video_as": "video" if self.has_video else "images",
-                "video_fps": self.video_fps, "do_sample_frames": False,
-                "chat_template_sha": hashlib.sha256(
-                    str(self.processor.chat_template or "").encode()).hexdigest()[:16],
+                **processor_settings(self.processor, self.has_video, self.video_fps),
                 "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
                 # without transformers_version, so an upgrade alone does not start a new run
                 "generation_config": {k: v for k, v in

@@ -24,7 +24,6 @@ and seed (``SamplingParams(extra_args=..., seed=...)``). The engine starts on th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import vllm  # here, not lazily: outside .venv-vllm the registry then says what is missing
 
-from mislib.inference.backends.hf import processor_sizes
+from mislib.inference.backends.hf import processor_settings
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
@@ -133,15 +132,7 @@ class VLLMBackend:
         """What changes the pixels or tokens the model sees (as the hf backend records it),
         plus the engine: vLLM's version and model runner."""
         return {"family": self.family, "model_class": "vllm:" + ",".join(self.architectures),
-                "processor_class": type(self.processor).__name__,
-                "image_processor": processor_sizes(getattr(self.processor, "image_processor",
-                                                           None)),
-                "video_processor": processor_sizes(getattr(self.processor, "video_processor",
-                                                           None)),
-                "video_as": "video" if self.has_video else "images",
-                "video_fps": self.video_fps, "do_sample_frames": False,
-                "chat_template_sha": hashlib.sha256(
-                    str(self.processor.chat_template or "").encode()).hexdigest()[:16],
+                **processor_settings(self.processor, self.has_video, self.video_fps),
                 "device": self.device, "dtype": self.dtype,
                 "generation_config": {k: v for k, v in
                                       self.generation_config.to_diff_dict().items()
