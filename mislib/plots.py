@@ -43,6 +43,7 @@ from mislib.paths import (
     figure_path,
     project_paths,
 )
+from mislib.provenance import Provenance, stamp
 from mislib.vocabulary import ordered
 
 NOTEBOOK = "08_paper_assets"
@@ -59,19 +60,23 @@ def set_style() -> None:
 
 def save_figure(fig: plt.Figure, name: str, root: str | os.PathLike | None = None,
                 notebook: str = NOTEBOOK, formats: Sequence[str] = ("png", "pdf"),
-                dpi: int = 200) -> list[Path]:
+                dpi: int = 200, provenance: Provenance | None = None) -> list[Path]:
     """Write ``fig`` as ``figures/<nn>_<name>.<fmt>`` for each format; close it; the paths.
 
-    Each file is written aside and moved onto its name, so a killed run never leaves a
-    truncated figure (the next run redraws every figure).
+    ``provenance`` (profile, models, runs, counts) is stamped under the figure's corner
+    first (:func:`mislib.provenance.stamp`). Each file is written aside and moved onto its
+    name, so a killed run never leaves a truncated figure (the next run redraws every
+    figure).
     """
+    if provenance is not None:
+        stamp(fig, provenance)
     paths = []
     for fmt in formats:
         path = figure_path(notebook, name, root, suffix=f".{fmt}")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         try:
-            fig.savefig(partial, dpi=dpi, format=fmt)
+            fig.savefig(partial, dpi=dpi, format=fmt, bbox_inches="tight")
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)

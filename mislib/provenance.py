@@ -1,0 +1,245 @@
+"""Where a figure's or a table's numbers come from: profile, models, runs and counts.
+
+A number without its source misleads: the demo's accuracies come from a randomly
+initialised model and look like a result. Every figure the notebooks save carries a
+:class:`Provenance` stamp in its lower-left corner (:func:`stamp`, called by
+:func:`mislib.plots.save_figure`) and every table a one-line :func:`caption`; both say the
+profile, the model(s) (and that the smoke model's answers are noise), the run ids, and how
+many questions were generated, how many asked and how many trials each. A figure drawn
+from a factor-model fit that did not converge says ``NOT CONVERGED`` in red.
+
+Stages before inference have no model and no run: :meth:`Provenance.from_profile` gives a
+stamp with the profile and that stage's counts only.
+
+>>> prov = Provenance(profile="demo", models=("smoke:tiny-qwen3-vl",), run_ids=("r1",),
+...                   n_questions_generated=1446, n_questions_asked=96, n_trials=2,
+...                   smoke=True)
+>>> print(prov.label())
+profile demo · model smoke:tiny-qwen3-vl (random weights: answers are noise) · run r1 · 96 of 1,446 questions × 2 trials
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Model ids of the demo's randomly initialised models start with this.
+SMOKE_PREFIX = "smoke:"
+#: What the stamp says after a smoke model's id.
+SMOKE_NOTE = "random weights: answers are noise"
+#: The ``gid`` of the texts :func:`stamp` draws (a second stamp replaces the first).
+STAMP_GID = "mislib-provenance"
+
+
+def is_smoke_model(model_id: Any) -> bool:
+    """Whether ``model_id`` names a smoke model (``smoke:…``, random weights).
+
+    >>> is_smoke_model("smoke:tiny-qwen3-vl"), is_smoke_model("Qwen/Qwen3-VL-2B-Instruct")
+    (True, False)
+    """
+    return str(model_id).startswith(SMOKE_PREFIX)
+
+
+def profile_name(profile: str | os.PathLike | Mapping[str, Any]) -> str:
+    """A profile's name: the ``name`` of a loaded mapping, a TOML file's stem, or the name.
+
+    >>> profile_name("demo"), profile_name("configs/my_run.toml"), profile_name({"name": "x"})
+    ('demo', 'my_run', 'x')
+    """
+    if isinstance(profile, Mapping):
+        return str(profile.get("name", "custom"))
+    text = os.fspath(profile)
+    return Path(text).stem if text.endswith(".toml") else text
+
+
+def count_generated_questions(root: str | os.PathLike | None = None) -> int:
+    """Rows of stage 03's ``questions.parquet`` (the benchmark's generated questions).
+
+    Raises
+    ------
+    FileNotFoundError
+        When stage 03 has not written the table under ``root``.
+    """
+    from mislib.paths import project_paths
+
+    path = project_paths(root).questions_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run stage 03 (03_question_generation) "
+                                "to count the generated questions")
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a figure or table was computed from.
+
+    Attributes
+    ----------
+    profile : the profile's name.
+    models : model ids that answered (empty before inference).
+    run_ids : stage 04 run folders the numbers read (empty before inference).
+    n_questions_generated : rows of stage 03's ``questions.parquet`` (0: not yet generated).
+    n_questions_asked : distinct questions answered in the runs.
+    n_trials : trials per question (the most any (model, arm, question) has).
+    smoke : a smoke model (random weights) answered.
+    converged : whether the factor-model fit behind the figure converged (None: no fit).
+    simulated : the runs are simulated responses (:mod:`mislib.simulate`), not a model's.
+    counts : further ``(what, how many)`` pairs to name, e.g. ``(("volumes", 3),)`` for a
+        stage before inference.
+    """
+
+    profile: str
+    models: tuple[str, ...]
+    run_ids: tuple[str, ...]
+    n_questions_generated: int
+    n_questions_asked: int
+    n_trials: int
+    smoke: bool
+    converged: bool | None = None
+    simulated: bool = False
+    counts: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_scored(cls, scored: pd.DataFrame, profile: str | Mapping[str, Any],
+                    root: str | os.PathLike | None = None,
+                    n_questions_generated: int | None = None,
+                    converged: bool | None = None) -> Provenance:
+        """The provenance of numbers computed from stage 06's ``scored`` table.
+
+        Parameters
+        ----------
+        scored : ``scored.parquet`` (``run_id, model, arm, question_id, trial``).
+        profile : profile name, TOML path or loaded mapping.
+        root : project root whose stage 03 table counts the generated questions, and whose
+            ``run.json`` files say whether a run was simulated.
+        n_questions_generated : the count, when the caller has it (skips reading stage 03).
+        converged : the fit's convergence, for figures of stage 07 (None: no fit).
+
+        Raises
+        ------
+        ValueError
+            When ``scored`` lacks a needed column.
+        FileNotFoundError
+            When ``n_questions_generated`` is not given and stage 03's table is missing.
+        """
+        needed = ["run_id", "model", "arm", "question_id", "trial"]
+        missing = [c for c in needed if c not in scored]
+        if missing:
+            raise ValueError(f"scored table lacks columns {missing} (stage 06's scored.parquet)")
+        models = tuple(sorted(scored["model"].astype(str).unique()))
+        run_ids = tuple(sorted(scored["run_id"].astype(str).unique()))
+        n_trials = (int(scored.groupby(["model", "arm", "question_id"])["trial"].nunique().max())
+                    if len(scored) else 0)
+        if n_questions_generated is None:
+            n_questions_generated = count_generated_questions(root)
+        return cls(profile=profile_name(profile), models=models, run_ids=run_ids,
+                   n_questions_generated=int(n_questions_generated),
+                   n_questions_asked=int(scored["question_id"].nunique()),
+                   n_trials=n_trials, smoke=any(is_smoke_model(m) for m in models),
+                   converged=converged, simulated=_any_simulated(run_ids, root))
+
+    @classmethod
+    def from_profile(cls, profile: str | Mapping[str, Any],
+                     counts: Mapping[str, int] | Iterable[tuple[str, int]] = (),
+                     n_questions_generated: int = 0) -> Provenance:
+        """The provenance of a stage before inference: the profile and its counts only.
+
+        >>> Provenance.from_profile("demo", {"volumes": 3, "slices": 120}).label()
+        'profile demo · 3 volumes · 120 slices'
+        """
+        pairs = counts.items() if isinstance(counts, Mapping) else counts
+        return cls(profile=profile_name(profile), models=(), run_ids=(),
+                   n_questions_generated=int(n_questions_generated), n_questions_asked=0,
+                   n_trials=0, smoke=False,
+                   counts=tuple((str(k), int(v)) for k, v in pairs))
+
+    def replace(self, **changes: Any) -> Provenance:
+        """A copy with some fields changed (e.g. ``converged`` for a fit's figures)."""
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def label(self) -> str:
+        """One line: profile · model(s) · runs · questions × trials (· fit not converged)."""
+        parts = [f"profile {self.profile}"]
+        if self.models:
+            named = [f"{m} ({SMOKE_NOTE})" if is_smoke_model(m) else m for m in self.models]
+            parts.append(("model " if len(named) == 1 else "models ") + ", ".join(named))
+        if self.simulated:
+            parts.append("simulated responses: they test the pipeline only")
+        if self.run_ids:
+            parts.append(("run " if len(self.run_ids) == 1 else "runs ")
+                         + ", ".join(self.run_ids))
+        if self.n_questions_asked:
+            text = f"{self.n_questions_asked:,}"
+            if self.n_questions_generated:
+                text += f" of {self.n_questions_generated:,}"
+            parts.append(f"{text} questions × {self.n_trials:,} "
+                         f"trial{'s' if self.n_trials != 1 else ''}")
+        elif self.n_questions_generated:
+            parts.append(f"{self.n_questions_generated:,} questions generated")
+        parts.extend(f"{n:,} {what}" for what, n in self.counts)
+        if self.converged is False:
+            parts.append("factor model NOT CONVERGED")
+        return " · ".join(parts)
+
+
+def _any_simulated(run_ids: Iterable[str], root: str | os.PathLike | None) -> bool:
+    """Whether any run's ``run.json`` says ``simulated`` (missing files count as not)."""
+    import json
+
+    from mislib.paths import RUN_FILE, project_paths
+
+    results = project_paths(root).results
+    for run_id in run_ids:
+        try:
+            record = json.loads((results / run_id / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("simulated"):
+            return True
+    return False
+
+
+def caption(prov: Provenance) -> str:
+    """The one-line caption of a table: ``Source: <label>.``"""
+    return f"Source: {prov.label()}."
+
+
+def stamp(fig: Any, prov: Provenance, fontsize: float = 6.0) -> Any:
+    """Draw ``prov``'s label under the figure's lower-left corner; return the figure.
+
+    The label sits just below everything already drawn (the figures are saved with a tight
+    bounding box, which grows to hold it), so it never covers data or an axis label; it is
+    wrapped to the figure's width. When
+    the fit behind the figure did not converge, ``NOT CONVERGED`` is also drawn in red
+    above the figure's upper-right corner. Stamping again replaces the earlier stamp.
+    """
+    for text in list(fig.texts):
+        if text.get_gid() == STAMP_GID:
+            text.remove()
+    # Place the stamp outside everything drawn so far (axis labels, legends above the
+    # axes), in inches: the saved figure's tight bounding box grows to hold it.
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    width_in, height_in = fig.get_size_inches()
+    pad = fontsize / 72
+    # ~0.55 em per character: the wrap width in characters of the figure's width
+    chars = max(40, int(box.width * 72 / (fontsize * 0.55)))
+    text = "\n".join(textwrap.wrap(prov.label(), chars, break_on_hyphens=False))
+    colour = "#b2182b" if prov.smoke or prov.simulated or prov.converged is False else "0.35"
+    # figure fractions (savefig's tight box moves the figure's origin, not the inches')
+    fig.text(box.x0 / width_in, (box.y0 - pad) / height_in, text, ha="left", va="top",
+             fontsize=fontsize, color=colour, gid=STAMP_GID)
+    if prov.converged is False:
+        fig.text(box.x1 / width_in, (box.y1 + pad) / height_in, "NOT CONVERGED", ha="right",
+                 va="bottom", fontsize=fontsize + 3, fontweight="bold", color="#b2182b",
+                 gid=STAMP_GID)
+    return fig

@@ -1,0 +1,161 @@
+"""mislib.provenance: every figure and table says what profile, models, runs and counts."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from mislib import plots
+from mislib.provenance import (
+    STAMP_GID,
+    Provenance,
+    caption,
+    is_smoke_model,
+    stamp,
+)
+
+
+def _scored(models=("smoke:tiny-qwen3-vl",), n_questions=3, n_trials=2):
+    rows = [{"run_id": f"{m.split(':')[-1]}-{arm}-abc", "model": m, "arm": arm,
+             "question_id": f"q{q}", "trial": t, "correct": False}
+            for m in models for arm in ("baseline", "semsam")
+            for q in range(n_questions) for t in range(n_trials)]
+    return pd.DataFrame(rows)
+
+
+def _stamp_texts(fig):
+    return [t.get_text() for t in fig.texts if t.get_gid() == STAMP_GID]
+
+
+def test_is_smoke_model_is_true_for_smoke_ids_only():
+    assert is_smoke_model("smoke:tiny-qwen3-vl")
+    assert not is_smoke_model("Qwen/Qwen3-VL-2B-Instruct")
+    assert not is_smoke_model("my-smoke:model")
+
+
+def test_from_scored_counts_models_runs_questions_and_trials():
+    prov = Provenance.from_scored(_scored(n_questions=3, n_trials=2), "demo",
+                                  n_questions_generated=1446)
+    assert prov.models == ("smoke:tiny-qwen3-vl",)
+    assert prov.run_ids == ("tiny-qwen3-vl-baseline-abc", "tiny-qwen3-vl-semsam-abc")
+    assert (prov.n_questions_generated, prov.n_questions_asked, prov.n_trials) == (1446, 3, 2)
+    assert prov.smoke and prov.converged is None
+
+
+def test_from_scored_reads_the_generated_count_from_stage_03(tmp_root):
+    bench = tmp_root / "data" / "benchmark"
+    bench.mkdir(parents=True)
+    pd.DataFrame({"question_id": [f"q{i}" for i in range(11)]}).to_parquet(
+        bench / "questions.parquet")
+    prov = Provenance.from_scored(_scored(), {"name": "custom-profile"}, root=tmp_root)
+    assert prov.n_questions_generated == 11
+    assert prov.profile == "custom-profile"
+
+
+def test_from_scored_without_stage_03_names_the_missing_file(tmp_root):
+    with pytest.raises(FileNotFoundError, match="questions.parquet"):
+        Provenance.from_scored(_scored(), "demo", root=tmp_root)
+
+
+def test_from_scored_rejects_a_table_without_run_ids():
+    with pytest.raises(ValueError, match="run_id"):
+        Provenance.from_scored(_scored().drop(columns="run_id"), "demo",
+                               n_questions_generated=1)
+
+
+def test_from_scored_notes_simulated_runs(tmp_root):
+    scored = _scored(models=("m-small",))
+    for run_id in scored["run_id"].unique():
+        folder = tmp_root / "data" / "results" / run_id
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"run_id": run_id, "simulated": True}))
+    prov = Provenance.from_scored(scored, "demo", root=tmp_root, n_questions_generated=5)
+    assert prov.simulated and not prov.smoke
+    assert "simulated" in prov.label()
+
+
+def test_label_names_profile_models_runs_and_counts_and_says_smoke():
+    prov = Provenance.from_scored(_scored(n_questions=96, n_trials=2), "demo",
+                                  n_questions_generated=1446)
+    label = prov.label()
+    assert "profile demo" in label
+    assert "smoke:tiny-qwen3-vl (random weights: answers are noise)" in label
+    assert "runs tiny-qwen3-vl-baseline-abc, tiny-qwen3-vl-semsam-abc" in label
+    assert "96 of 1,446 questions × 2 trials" in label
+    assert "\n" not in label
+
+
+def test_label_of_a_real_model_does_not_say_noise():
+    prov = Provenance.from_scored(_scored(models=("Qwen/Qwen3-VL-2B-Instruct",)), "paper",
+                                  n_questions_generated=10)
+    assert not prov.smoke
+    assert "noise" not in prov.label()
+    assert "model Qwen/Qwen3-VL-2B-Instruct" in prov.label()
+
+
+def test_a_stage_before_inference_says_profile_and_counts_only():
+    prov = Provenance.from_profile("demo", {"volumes": 3, "slices": 1200})
+    assert prov.label() == "profile demo · 3 volumes · 1,200 slices"
+    prov = Provenance.from_profile("demo", n_questions_generated=1446)
+    assert prov.label() == "profile demo · 1,446 questions generated"
+
+
+def test_caption_is_the_label_on_one_line():
+    prov = Provenance.from_profile("demo", {"volumes": 3})
+    assert caption(prov) == "Source: profile demo · 3 volumes."
+
+
+def test_stamp_draws_the_label_on_the_figure():
+    prov = Provenance.from_scored(_scored(), "demo", n_questions_generated=20)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    stamp(fig, prov)
+    texts = _stamp_texts(fig)
+    assert len(texts) == 1
+    assert texts[0].replace("\n", " ") == prov.label()
+    assert not any("NOT CONVERGED" in t for t in texts)
+    plt.close(fig)
+
+
+def test_stamp_wraps_a_long_label_to_the_figure_width():
+    prov = Provenance.from_scored(_scored(models=[f"org/model-{i}" for i in range(8)]), "demo",
+                                  n_questions_generated=20)
+    fig, ax = plt.subplots(figsize=(3, 3))
+    stamp(fig, prov)
+    (text,) = _stamp_texts(fig)
+    assert text.count("\n") >= 2
+    plt.close(fig)
+
+
+def test_stamp_says_not_converged_when_the_fit_did_not_converge():
+    prov = Provenance.from_profile("demo").replace(converged=False)
+    fig, ax = plt.subplots()
+    stamp(fig, prov)
+    texts = _stamp_texts(fig)
+    assert "NOT CONVERGED" in texts
+    assert any("factor model NOT CONVERGED" in t for t in texts)
+    plt.close(fig)
+
+
+def test_stamping_twice_keeps_one_stamp():
+    fig, ax = plt.subplots()
+    stamp(fig, Provenance.from_profile("a"))
+    stamp(fig, Provenance.from_profile("b"))
+    assert _stamp_texts(fig) == ["profile b"]
+    plt.close(fig)
+
+
+def test_save_figure_stamps_when_given_a_provenance(tmp_root, monkeypatch):
+    seen = []
+    monkeypatch.setattr(plt, "close", lambda fig: seen.append(_stamp_texts(fig)))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    prov = Provenance.from_profile("demo", {"volumes": 2})
+    paths = plots.save_figure(fig, "stamped", tmp_root, provenance=prov)
+    assert seen == [["profile demo · 2 volumes"]]
+    assert all(p.is_file() for p in paths)
+    fig2, _ = plt.subplots()
+    plots.save_figure(fig2, "unstamped", tmp_root)
+    assert seen[-1] == []
