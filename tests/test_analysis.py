@@ -222,6 +222,44 @@ def test_load_scored_scores_raw_results_when_stage06_has_not_run(tmp_root):
     assert not (project_paths(tmp_root).analysis / "scored.parquet").exists()
 
 
+def test_stages_06_and_07_read_the_current_runs_and_skip_a_superseded_one(tmp_root):
+    """A changed configuration leaves the old run folder on disk; stage 06 (scoring) and
+    stage 07's fallback both read only the run the store marks current."""
+    from mislib import scoring
+    from mislib.analysis.stage import result_files
+    from mislib.config import write_stamp
+    from mislib.inference.store import stage_name
+
+    small = simulate_study(n_questions=40, n_trials=1, seed=4)
+    write_study(small, root=tmp_root, scored=False)
+    paths = project_paths(tmp_root)
+    current = sorted(p.name for p in paths.results.iterdir() if p.is_dir())
+    # the superseded run of the first (model, arm): every answer flipped
+    first = small.responses[small.responses["run_id"] == current[0]]
+    old = paths.results / "superseded-run"
+    old.mkdir()
+    first.assign(run_id="superseded-run", correct=~first["correct"]).to_parquet(
+        old / "responses.parquet", index=False)
+    (old / "run.json").write_text((paths.results / current[0] / "run.json").read_text())
+    for run_id in current:
+        rows = small.responses[small.responses["run_id"] == run_id]
+        write_stamp(paths.results, stage_name(rows["model"].iat[0], rows["arm"].iat[0]),
+                    {"run": run_id}, [f"{run_id}/responses.parquet"])
+    expected = [paths.results / r / "responses.parquet" for r in current]
+    assert sorted(scoring.find_runs(tmp_root)) == expected
+    assert sorted(result_files(paths)) == expected
+    scored = load_scored(tmp_root)
+    assert "superseded-run" not in set(scored["run_id"])
+    assert len(scored) == len(small.responses)
+    merged = scored.merge(small.responses, on=["model", "arm", "question_id", "trial"],
+                          suffixes=("", "_sim"))
+    assert (merged["correct"] == merged["correct_sim"]).all()
+    # the freshness stamp digests the same files: the superseded run changes nothing
+    before = stamp_params({"draws": 1}, paths)
+    (old / "responses.parquet").write_bytes(b"changed")
+    assert stamp_params({"draws": 1}, paths) == before
+
+
 def test_missing_inputs_raise_naming_the_stage(tmp_root):
     with pytest.raises(FileNotFoundError, match="scored.parquet"):
         load_scored(tmp_root)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from mislib.paths import (
     FACTOR_SD_FILE,
     PPC_FILE,
     QUESTIONS_FILE,
-    RESPONSES_FILE,
     SCORED_FILE,
     project_paths,
 )
@@ -50,12 +49,14 @@ CLAIM_CONTRAST_FACTORS = ("arm:model", "convention:terminology", "prompt:termino
                           "ablation:terminology", "dims", "family")
 
 
-def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
+def load_scored(root: str | os.PathLike | None = None,
+                runs: Sequence[str] | None = None) -> pd.DataFrame:
     """Scored trials with their question factors, as stage 06 left them.
 
     Reads ``data/analysis/scored.parquet``; question columns it lacks are joined from
-    ``data/benchmark/questions.parquet``. Without a scored table, the raw
-    ``data/results/*/responses.parquet`` are scored with :mod:`mislib.scoring`.
+    ``data/benchmark/questions.parquet``. Without a scored table, the runs stage 06 would
+    score (:func:`mislib.scoring.find_runs`: the named ``runs``, else the store's current
+    run of each (model, arm), never a superseded one) are scored with :mod:`mislib.scoring`.
     """
     paths = project_paths(root)
     scored_path = paths.analysis / SCORED_FILE
@@ -63,7 +64,7 @@ def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
         scored = pd.read_parquet(scored_path)
         source = scored_path
     else:
-        scored = _score_results(paths)
+        scored = _score_results(paths, runs)
         source = paths.results
     question_cols = {*FACTORS, "component_a", "component_b", "volume_id"} - set(TRIAL_FACTORS)
     missing = sorted(question_cols - set(scored.columns))
@@ -80,11 +81,25 @@ def load_scored(root: str | os.PathLike | None = None) -> pd.DataFrame:
     return scored
 
 
-def _score_results(paths) -> pd.DataFrame:
-    """Score every ``results/*/responses.parquet`` with stage 06's parser (nothing written)."""
+def result_files(paths, runs: Sequence[str] | None = None) -> list[Path]:
+    """The ``responses.parquet`` stage 06 reads (:func:`mislib.scoring.find_runs`); [] if none.
+
+    Stage 07 reads results through this one function, so its fallback scoring and its
+    freshness stamp see the same runs as stage 06: the store's current runs.
+    """
+    from mislib.scoring import find_runs
+
+    try:
+        return find_runs(paths.root, runs)
+    except FileNotFoundError:
+        return []
+
+
+def _score_results(paths, runs: Sequence[str] | None = None) -> pd.DataFrame:
+    """Score the runs stage 06 would score with its parser (nothing written)."""
     from mislib import scoring
 
-    files = sorted(paths.results.glob(f"*/{RESPONSES_FILE}"))
+    files = result_files(paths, runs)
     qpath = paths.benchmark / QUESTIONS_FILE
     if not files or not qpath.is_file():
         raise FileNotFoundError(
@@ -135,14 +150,15 @@ class FactorAnalysis:
     reused: bool
 
 
-def stamp_params(params: Mapping[str, Any], paths) -> dict[str, Any]:
+def stamp_params(params: Mapping[str, Any], paths,
+                 runs: Sequence[str] | None = None) -> dict[str, Any]:
     """The stage parameters plus a digest of the input, so re-scored trials are refitted."""
     scored_path = paths.analysis / SCORED_FILE
     if scored_path.is_file():
         digest = file_digest(scored_path)
     else:
         digest = "|".join(f"{p.relative_to(paths.results)}:{file_digest(p)}"
-                          for p in sorted(paths.results.glob(f"*/{RESPONSES_FILE}")))
+                          for p in result_files(paths, runs))
     return dict(params, input=digest)
 
 
@@ -165,8 +181,9 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
     """
     params = stage_params(profile, "analysis", **overrides)
     paths = project_paths(root)
-    scored = load_scored(paths.root)
-    stamp = stamp_params(params, paths)
+    runs = stage_params(profile, "scoring").get("runs")  # stage 06's choice of runs
+    scored = load_scored(paths.root, runs)
+    stamp = stamp_params(params, paths, runs)
     out = paths.analysis
     spec, sampler = settings_from_params(params)
     run = StageRun(out, "analysis", stamp, OUTPUTS)  # mislib.stage
