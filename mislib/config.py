@@ -2,7 +2,9 @@
 
 A *profile* is a named parameter set (``mislib/profiles/<name>.toml``), one TOML table per
 stage (``[volumes]``, ``[render]``, ``[questions]``, ``[semsam]``, ``[inference]``,
-``[scoring]``, ``[analysis]``, ``[paper]``) plus a top-level ``seed``. Notebooks pass the
+``[scoring]``, ``[analysis]``, ``[paper]``) plus a top-level ``seed`` and an optional model
+registry, one ``[models.<name>]`` table per model (:class:`ModelEntry`, read through
+:mod:`mislib.inference.models`). Notebooks pass the
 profile name (or a path to a TOML file) through papermill; a notebook cell may override
 single keys.
 
@@ -34,7 +36,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mislib.vocabulary import (
     ABLATIONS,
@@ -201,6 +210,99 @@ class InferenceTable(_Table):
     instruction: str
 
 
+#: Weight dtypes a model entry may ask for (None: bf16 on CUDA, fp32 on CPU).
+DTYPES = ("bfloat16", "float16", "float32")
+STACK_AS = ("video", "images")
+
+
+class ModelEntry(BaseModel):
+    """One ``[models.<name>]`` table: a model the benchmark can run, with its own settings.
+
+    ``name`` is the table's key (set by :func:`mislib.inference.models.model_entry`, never
+    written in the table) and the ``model`` recorded in every result. Unset optional keys
+    (None) fall back to the profile's ``[inference]`` / ``[semsam]`` values or, for the
+    processor and weights, to the backend's own defaults. A plain model id listed in
+    ``[inference] models`` is an entry with every key at its default.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    name: str = ""
+    id: Annotated[str, Field(min_length=1)]  # hub id, local folder, smoke: id or served name
+    backend: Literal[*BACKENDS] | None = None
+    dtype: Literal[*DTYPES] | None = None
+    min_pixels: Count | None = None  # per picture (the image processor's budget)
+    max_pixels: Count | None = None
+    frames_per_stack: Annotated[int, Field(ge=2, le=MAX_FRAMES_3D, multiple_of=2)] | None = None
+    stack_as: Literal[*STACK_AS] | None = None  # None: a video where the processor takes one
+    thinks: bool = False  # the model writes a <think> block before its answer
+    reasoning_budget: NonNegative = 0  # tokens inside <think> before the answer is forced
+    forced_answer_tokens: Count = 16  # tokens generated after the forced "Answer:"
+    semsam_mode: Literal[*SEMSAM_MODES] | None = None
+    temperature: Positive | None = None
+    top_k: Count | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    max_new_tokens: Count | None = None
+    trust_remote_code: bool = False
+    params_b: Positive | None = None  # size in billions of parameters
+    # the openai backend's endpoint, credentials (the variable's NAME), prices and limits
+    base_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
+    price_prompt_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    price_completion_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    max_concurrency: Count | None = None
+    request_budget: Count | None = None
+    token_budget: Count | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.min_pixels is not None and self.max_pixels is not None
+                and self.min_pixels > self.max_pixels):
+            raise ValueError(f"min_pixels = {self.min_pixels} is above max_pixels = "
+                             f"{self.max_pixels}")
+        if self.reasoning_budget and not self.thinks:
+            raise ValueError("reasoning_budget is set but thinks = false (a budget applies to "
+                             "models that think; set thinks = true)")
+        return self
+
+
+def model_table_errors(name: str, values: Any) -> list[str]:
+    """Problems of one ``[models.<name>]`` table, each naming the table and the key.
+
+    ``api_key_env`` is never echoed: a user who wrote the key itself there must not find
+    it in an error message or a log.
+    """
+    where = f"[models.{name}]"
+    if not isinstance(values, Mapping):
+        return [f"{where} should be a table, got {_show(values)}"]
+    if "name" in values:
+        return [f"{where} name: the table's key is the model's name; remove the key"]
+    try:
+        ModelEntry.model_validate({**values, "name": str(name)})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = str(e["loc"][0]) if e["loc"] else ""
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                near = difflib.get_close_matches(key, ModelEntry.model_fields, n=1)
+                msg = "unknown key" + (f"; did you mean {near[0]!r}?" if near else "")
+            elif e["type"] == "missing":
+                msg = "missing (every model entry needs it)"
+            elif e["type"] == "multiple_of":
+                msg = "should be even"
+            if key == "api_key_env":
+                problems.append(f"{where} api_key_env: should be the NAME of the environment "
+                                "variable holding the key (e.g. GEMINI_API_KEY), never the "
+                                "key itself")
+            elif key and key in values:
+                problems.append(f"{where} {key} = {_show(values[key])}: {msg}")
+            else:
+                # a key without a value, or a rule across keys (its message names them)
+                problems.append(f"{where} {key}: {msg}" if key else f"{where} {msg}")
+        return list(dict.fromkeys(problems))
+    return []
+
+
 class ScoringTable(_Table):
     credible_level: Annotated[float, Field(gt=0, lt=1)]
     runs: list[str]
@@ -299,12 +401,20 @@ def check_profile(profile: Mapping[str, Any], tables: Iterable[str] | None = Non
         for key, value in profile.items():
             if key in SCHEMA:
                 continue
+            if key == "models":  # the model registry: one table per model
+                if not isinstance(value, Mapping):
+                    problems.append(f"[models] should be a table of [models.<name>] tables, "
+                                    f"got {_show(value)}")
+                    continue
+                for model_name, entry in value.items():
+                    problems += model_table_errors(model_name, entry)
+                continue
             if key in TOP_LEVEL_KEYS:
                 if not isinstance(value, TOP_LEVEL_KEYS[key]) or isinstance(value, bool):
                     problems.append(f"{key} = {_show(value)}: should be "
                                     f"{TOP_LEVEL_KEYS[key].__name__}")
                 continue
-            near = difflib.get_close_matches(key, [*SCHEMA, *TOP_LEVEL_KEYS], n=1)
+            near = difflib.get_close_matches(key, [*SCHEMA, "models", *TOP_LEVEL_KEYS], n=1)
             problems.append(f"unknown table or key {key!r}"
                             + (f"; did you mean {near[0]!r}?" if near else
                                f"; tables: {list(SCHEMA)}"))

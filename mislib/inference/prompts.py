@@ -69,6 +69,19 @@ def load_media(question: Mapping[str, Any], benchmark_dir: Path) -> Any:
     return np.stack(arrays)
 
 
+def select_frames(frames: np.ndarray, n: int) -> np.ndarray:
+    """``n`` frames of a stack ``[n_frames, H, W, 3]``, evenly spaced from the first to the
+    last (a model entry's ``frames_per_stack``); the stack as is when it has ``n`` or fewer.
+
+    >>> select_frames(np.zeros((16, 2, 2, 3)), 4).shape
+    (4, 2, 2, 3)
+    """
+    if len(frames) <= int(n):
+        return frames
+    index = np.round(np.linspace(0, len(frames) - 1, int(n))).astype(int)
+    return frames[index]
+
+
 def question_prompt(question: Mapping[str, Any], instruction: str = "") -> str:
     """The user text: the question, then ``instruction`` with ``{options}`` filled in.
 

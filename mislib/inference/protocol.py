@@ -66,6 +66,10 @@ class DecodeSettings:
         backend cannot expose embeddings; passed by path so that worker processes of a
         backend load it themselves.
     table_key : the table's content hash (recorded in the run identity).
+    reasoning_budget : tokens a thinking model may spend inside its ``<think>`` block
+        before the backend closes it and forces the answer line (0: no budget, one plain
+        generation of ``max_new_tokens``); see :mod:`mislib.inference.thinking`.
+    forced_answer_tokens : tokens generated after a forced ``Answer:``.
     """
 
     arm: str
@@ -77,12 +81,17 @@ class DecodeSettings:
     k: int = 32
     table_path: str | None = None
     table_key: str | None = None
+    reasoning_budget: int = 0
+    forced_answer_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.arm not in ARMS:
             raise ValueError(f"unknown arm {self.arm!r}; arms: {ARMS}")
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if int(self.reasoning_budget) < 0 or int(self.forced_answer_tokens) < 1:
+            raise ValueError("reasoning_budget must be >= 0 and forced_answer_tokens >= 1, got "
+                             f"{self.reasoning_budget!r} and {self.forced_answer_tokens!r}")
 
     @property
     def rescore(self) -> bool:
@@ -102,6 +111,9 @@ class DecodeSettings:
         out.pop("table_path")
         if not self.rescore:  # the table only changes the semsam arm's answers
             out.pop("table_key")
+        if not self.reasoning_budget:  # no budget: runs from before budgets keep their ids
+            out.pop("reasoning_budget")
+            out.pop("forced_answer_tokens")
         return out
 
 
@@ -114,11 +126,20 @@ class Generation:
     text : decoded answer (special tokens removed).
     n_tokens : generated tokens up to and including the end-of-turn token.
     token_ids : those tokens (for cross-backend identity checks).
+    thinking_tokens, answer_tokens : of ``n_tokens``, those of the ``<think>`` block (its
+        closing marker included) and those after it; None where the run has no reasoning
+        budget.
+    forced_answer : whether the budget ran out inside the block and the backend closed it
+        and appended ``Answer:`` (those appended tokens count as answer tokens); None
+        without a budget.
     """
 
     text: str
     n_tokens: int
     token_ids: tuple[int, ...] = ()
+    thinking_tokens: int | None = None
+    answer_tokens: int | None = None
+    forced_answer: bool | None = None
 
 
 @dataclass(frozen=True)

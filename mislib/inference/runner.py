@@ -35,12 +35,19 @@ from tqdm import tqdm
 from mislib.answers import is_correct, parse_answer
 from mislib.config import file_digest, is_fresh, load_profile, read_stamp, stage_params
 from mislib.inference import store
+from mislib.inference.models import (
+    ModelEntry,
+    local_backend_options,
+    model_entry,
+    model_identity,
+)
 from mislib.inference.prompts import (
     INPUT_KINDS,
     input_kind,
     load_media,
     question_dict,
     question_prompt,
+    select_frames,
 )
 from mislib.inference.protocol import ARMS, DecodeSettings, Request
 from mislib.inference.registry import load_backend
@@ -149,15 +156,19 @@ def check_worker(worker: int, workers: int) -> None:
         raise ValueError(f"worker must be an integer in 0..{workers - 1}, got {worker!r}")
 
 
-def _decode_settings(arm: str, params: Mapping[str, Any], semsam_params: Mapping[str, Any],
+def _decode_settings(arm: str, entry: ModelEntry, semsam_params: Mapping[str, Any],
                      table: Any = None, table_path: Path | None = None) -> DecodeSettings:
-    return DecodeSettings(arm=arm, temperature=float(semsam_params["temperature"]),
-                          top_k=int(semsam_params["top_k"]),
-                          top_p=float(semsam_params["top_p"]),
-                          max_new_tokens=int(params["max_new_tokens"]),
-                          mode=str(semsam_params["mode"]), k=int(semsam_params["k"]),
+    """The decode settings of one (model, arm): the model entry's values (which default to
+    the profile's ``[inference]`` / ``[semsam]`` ones, :func:`model_entry`)."""
+    budget = int(entry.reasoning_budget) if entry.thinks else 0
+    return DecodeSettings(arm=arm, temperature=float(entry.temperature),
+                          top_k=int(entry.top_k), top_p=float(entry.top_p),
+                          max_new_tokens=int(entry.max_new_tokens),
+                          mode=str(entry.semsam_mode), k=int(semsam_params["k"]),
                           table_path=None if table_path is None else str(table_path),
-                          table_key=None if table is None else table.key)
+                          table_key=None if table is None else table.key,
+                          reasoning_budget=budget,
+                          forced_answer_tokens=int(entry.forced_answer_tokens))
 
 
 def semsam_table(backend: Any, k: int, root: str | os.PathLike | None = None,
@@ -230,20 +241,29 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     # the profile schema (mislib.config) rejects n_trials < 1 and other bad values here
     params = stage_params(prof, "inference", limit=limit, **overrides)
     semsam_params = stage_params(prof, "semsam")
-    model_id = model or params["models"][0]
+    # the model's registry entry (or a plain id's defaults); a key given to this call
+    # (--backend, --max-new-tokens) wins over the entry, the entry over the profile's tables
+    entry = model_entry(prof, model or params["models"][0])
+    entry = entry.model_copy(update={key: overrides[key] for key in ("backend", "max_new_tokens")
+                                     if overrides.get(key) is not None})
+    model_id = entry.name
+    backend_name = str(entry.backend)
+    model_settings = model_identity(entry)
     paths = project_paths(root)
     questions_file = paths.benchmark / QUESTIONS_FILE
     if not questions_file.is_file():
         raise FileNotFoundError(f"{questions_file} not found: run stage 03 "
                                 "(notebooks/03_question_generation) first")
     results_dir = Path(out) if out is not None else paths.results
-    request = {"model": model_id, "arm": arm, "backend": params["backend"],
+    request = {"model": model_id, "arm": arm, "backend": backend_name,
                "device": params.get("device", "auto"), "video_fps": params.get("video_fps", 1.0),
                "n_trials": int(params["n_trials"]), "limit": int(params["limit"] or 0),
                "batch_size": int(params["batch_size"]),
-               "decode": _decode_settings(arm, params, semsam_params).identity(),
+               "decode": _decode_settings(arm, entry, semsam_params).identity(),
                "instruction": str(params.get("instruction", "")), "seed": int(params["seed"]),
                "questions_sha": file_digest(questions_file)}
+    if model_settings:
+        request["model_settings"] = model_settings
     questions = select_questions(pd.read_parquet(questions_file), request["limit"],
                                  request["seed"])
     keys = [(str(q), t) for q in questions["question_id"] for t in range(request["n_trials"])]
@@ -260,27 +280,33 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
 
     # backend-specific options: the profile's [inference.<backend>] table (e.g. vllm's
     # tensor_parallel_size); they change how the model runs, not what it answers
-    backend = load_backend(params["backend"], model_id, root=root, device=request["device"],
-                           video_fps=request["video_fps"],
-                           **dict(params.get(params["backend"]) or {}))
+    # the model entry's weights and processor settings (local backends), then the
+    # profile's [inference.<backend>] table (e.g. vllm's tensor_parallel_size), which
+    # changes how the model runs, not what it answers
+    options = local_backend_options(entry) if backend_name in ("hf", "vllm") else {}
+    backend = load_backend(backend_name, entry.id, root=root, device=request["device"],
+                           video_fps=request["video_fps"], **options,
+                           **dict(params.get(backend_name) or {}))
     if arm not in backend.capabilities.arms:
-        raise ValueError(f"backend {params['backend']!r} cannot decode the {arm!r} arm; it "
+        raise ValueError(f"backend {backend_name!r} cannot decode the {arm!r} arm; it "
                          f"supports {backend.capabilities.arms}")
     table = table_path = None
     if backend.capabilities.embeddings:
         table, table_path = semsam_table(backend, semsam_params["k"], root=root,
                                          progress=progress)
     elif arm == "semsam":
-        raise ValueError(f"backend {params['backend']!r} exposes no input embeddings, so the "
+        raise ValueError(f"backend {backend_name!r} exposes no input embeddings, so the "
                          "semsam arm's neighbour table cannot be built")
-    decode = _decode_settings(arm, params, semsam_params, table, table_path)
+    decode = _decode_settings(arm, entry, semsam_params, table, table_path)
     identity = {"model": model_id, "revision": backend.revision, "arm": arm,
-                "backend": params["backend"], "processor": backend.settings(),
+                "backend": backend_name, "processor": backend.settings(),
                 "decode": decode.identity(), "seed": request["seed"],
                 "instruction": request["instruction"],
                 "questions_sha": request["questions_sha"],
                 "questions_file": str(questions_file.relative_to(paths.root))
                 if questions_file.is_relative_to(paths.root) else str(questions_file)}
+    if model_settings:
+        identity["model_settings"] = model_settings
     if table is not None:
         identity["semsam_table"] = {"hash": table.key, "k": decode.k}
     run_id = store.run_id_for(model_id, arm, identity)
@@ -368,11 +394,14 @@ def _run_batch(chunk: Sequence[tuple[str, int]], by_id: Mapping[str, dict], benc
     """Records for one batch of keys, none lost: inputs that fail get their own status."""
     records: list[dict[str, Any]] = []
     ready: list[Request] = []
+    frames = request.get("model_settings", {}).get("frames_per_stack")
     for key in chunk:
         question = by_id[key[0]]
         seed = trial_seed(request["seed"], key[0], key[1])
         try:
             media = load_media(question, benchmark)
+            if frames and isinstance(media, np.ndarray):
+                media = select_frames(media, frames)
         except (FileNotFoundError, ValueError, OSError) as error:
             log.warning("%s", error)
             records.append(store.make_record(key, run_id, model_id, arm, seed,
@@ -435,7 +464,10 @@ def _generate_halving(ready: list[Request], by_id: Mapping[str, dict], generate:
         question = by_id[req.question_id]
         fields: dict[str, Any] = {"raw_text": generation.text,
                                   "n_tokens": int(generation.n_tokens),
-                                  "latency_s": latency, "batch_size": len(ready)}
+                                  "latency_s": latency, "batch_size": len(ready),
+                                  "thinking_tokens": generation.thinking_tokens,
+                                  "answer_tokens": generation.answer_tokens,
+                                  "forced_answer": generation.forced_answer}
         if question.get("family") not in FAMILIES:
             fields.update(status="unknown_family",
                           error=f"question {req.question_id}: unknown family "

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 #: Columns of ``responses.parquet``, in order.
 RESPONSE_COLUMNS = ("run_id", "model", "arm", "question_id", "trial", "seed", "raw_text",
                     "parsed", "parse_status", "correct", "n_tokens", "latency_s", "status",
-                    "error", "batch_size")
+                    "error", "batch_size", "thinking_tokens", "answer_tokens",
+                    "forced_answer")
 #: Packages whose versions go into each session record.
 RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                      "pillow", "vllm", "ray", "mislib")
@@ -93,7 +94,8 @@ def make_record(key: tuple[str, int], run_id: str, model_id: str, arm: str, seed
     base = {"run_id": run_id, "model": model_id, "arm": arm, "question_id": key[0],
             "trial": key[1], "seed": seed, "raw_text": None, "parsed": None,
             "parse_status": None, "correct": False, "n_tokens": None, "latency_s": None,
-            "status": "ok", "error": None, "batch_size": 0}
+            "status": "ok", "error": None, "batch_size": 0, "thinking_tokens": None,
+            "answer_tokens": None, "forced_answer": None}
     unknown = set(fields) - set(base)
     if unknown:
         raise ValueError(f"unknown record fields {sorted(unknown)}")
@@ -259,6 +261,11 @@ def records_frame(records: list[Mapping[str, Any]]) -> pd.DataFrame:
     frame = frame.astype({"trial": "int64", "seed": "int64", "batch_size": "int64"})
     frame["correct"] = frame["correct"].astype("boolean")
     frame["n_tokens"] = frame["n_tokens"].astype("Int64")
+    # budget forcing's columns: null in runs without a reasoning budget and in records
+    # written before the columns existed (old shards read as before)
+    frame["thinking_tokens"] = frame["thinking_tokens"].astype("Int64")
+    frame["answer_tokens"] = frame["answer_tokens"].astype("Int64")
+    frame["forced_answer"] = frame["forced_answer"].astype("boolean")
     return frame.sort_values(["question_id", "trial"], kind="stable").reset_index(drop=True)
 
 

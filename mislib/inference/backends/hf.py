@@ -48,6 +48,50 @@ def processor_sizes(proc: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
+def set_pixel_budget(processor: Any, min_pixels: int | None, max_pixels: int | None,
+                     model_id: str) -> None:
+    """Give the processor's image processor a model entry's pixel budget per picture
+    (Qwen-VL processors: ``size = {"shortest_edge": min, "longest_edge": max}`` in pixels).
+
+    Raises
+    ------
+    ValueError
+        A budget was asked for and the image processor has no pixel budget to set.
+    """
+    if min_pixels is None and max_pixels is None:
+        return
+    proc = getattr(processor, "image_processor", None)
+    size = getattr(proc, "size", None)
+    size = dataclasses.asdict(size) if dataclasses.is_dataclass(size) else dict(size or {})
+    if "longest_edge" not in size or "shortest_edge" not in size:
+        raise ValueError(f"model {model_id!r}: min_pixels/max_pixels set a pixel budget, but "
+                         f"its image processor ({type(proc).__name__}) has none (size = "
+                         f"{size})")
+    size = {"shortest_edge": int(min_pixels if min_pixels is not None
+                                 else size["shortest_edge"]),
+            "longest_edge": int(max_pixels if max_pixels is not None else size["longest_edge"])}
+    proc.size = type(proc.size)(**size) if dataclasses.is_dataclass(proc.size) else size
+    for key, value in (("min_pixels", size["shortest_edge"]),
+                       ("max_pixels", size["longest_edge"])):
+        if getattr(proc, key, None) is not None:
+            setattr(proc, key, value)
+
+
+def stack_mode(processor: Any, stack_as: str | None, model_id: str) -> bool:
+    """Whether 3D stacks go to the model as a video (else as a sequence of pictures).
+
+    Raises
+    ------
+    ValueError
+        ``stack_as = "video"`` for a processor without a video processor.
+    """
+    has_video = getattr(processor, "video_processor", None) is not None
+    if stack_as == "video" and not has_video:
+        raise ValueError(f"model {model_id!r}: stack_as = 'video' but its processor has no "
+                         "video processor; use stack_as = 'images'")
+    return has_video and stack_as != "images"
+
+
 class HFBackend:
     """A transformers image-text-to-text model with its own processor and chat template.
 
@@ -65,6 +109,13 @@ class HFBackend:
     revision : the source's revision when the loaded config carries no commit hash.
     device : ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     video_fps : frames per second declared for stacks (Qwen3-VL writes time stamps).
+    dtype : weights dtype (``"bfloat16"``, ``"float16"``, ``"float32"``; None: bf16 on
+        CUDA, fp32 on CPU).
+    min_pixels, max_pixels : the image processor's pixel budget per picture (None: the
+        checkpoint's own); :func:`set_pixel_budget`.
+    stack_as : ``"video"`` or ``"images"`` (None: a video where the processor takes one).
+    trust_remote_code : let the checkpoint's own code run (refused otherwise,
+        :func:`mislib.inference.models.check_remote_code`).
 
     Examples
     --------
@@ -75,24 +126,33 @@ class HFBackend:
     """
 
     def __init__(self, source: str, model_id: str | None = None, revision: str = "main",
-                 device: str = "auto", video_fps: float = 1.0):
+                 device: str = "auto", video_fps: float = 1.0, dtype: str | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 stack_as: str | None = None, trust_remote_code: bool = False):
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        from mislib.inference.models import check_remote_code
+
         self.model_id = model_id or source
+        check_remote_code(source, self.model_id, trust_remote_code)
+        remote = bool(trust_remote_code)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if dtype is None:
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = getattr(torch, dtype)
         self.video_fps = float(video_fps)
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=remote)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"model {self.model_id!r} cannot be loaded: not a local folder, not in the "
                 f"Hugging Face cache, or not a transformers model ({error})") from error
         self.family = config.model_type
-        kwargs = {"dtype": self.dtype, "trust_remote_code": False, "use_safetensors": True}
+        kwargs = {"dtype": self.dtype, "trust_remote_code": remote, "use_safetensors": True}
         if self.device.type == "cuda":
             kwargs["attn_implementation"] = "sdpa"
         if self.family == "qwen3_vl":
@@ -106,7 +166,8 @@ class HFBackend:
                 raise ValueError(f"model {self.model_id!r} (model_type {self.family!r}) is not "
                                  "an image-text-to-text model transformers knows") from error
             raise
-        self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=remote)
+        set_pixel_budget(self.processor, min_pixels, max_pixels, self.model_id)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # batched generation continues on the right
         if self.tokenizer.pad_token_id is None:
@@ -115,7 +176,7 @@ class HFBackend:
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})
-        self.has_video = getattr(self.processor, "video_processor", None) is not None
+        self.has_video = stack_mode(self.processor, stack_as, self.model_id)
         self.capabilities = Capabilities(arms=ARMS, embeddings=True, max_batch=None,
                                          max_concurrency=1)
         self._tables: dict[str, Any] = {}

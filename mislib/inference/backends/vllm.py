@@ -24,6 +24,7 @@ and seed (``SamplingParams(extra_args=..., seed=...)``). The engine starts on th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import vllm  # here, not lazily: outside .venv-vllm the registry then says what is missing
 
-from mislib.inference.backends.hf import processor_settings
+from mislib.inference.backends.hf import processor_settings, set_pixel_budget, stack_mode
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
@@ -70,6 +71,9 @@ class VLLMBackend:
         profiles memory with (e.g. ``{"video": {"count": 1, "num_frames": 16, "width": 448,
         "height": 448}}``).
     enforce_eager : no CUDA graphs / compilation (default: True on CPU, False on CUDA).
+    dtype, min_pixels, max_pixels, stack_as, trust_remote_code : a model entry's settings,
+        as in :class:`~mislib.inference.backends.hf.HFBackend` (the pixel budget reaches
+        the engine with each prompt's pictures).
     """
 
     def __init__(self, source: str, model_id: str | None = None, revision: str = "main",
@@ -77,18 +81,25 @@ class VLLMBackend:
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
                  gpu_memory_utilization: float = 0.9,
                  limit_mm_per_prompt: Mapping[str, Any] | None = None,
-                 enforce_eager: bool | None = None):
+                 enforce_eager: bool | None = None, dtype: str | None = None,
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 stack_as: str | None = None, trust_remote_code: bool = False):
         import torch
         from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
+        from mislib.inference.models import check_remote_code
+
         self.model_id = model_id or source
         self.source = source
+        check_remote_code(source, self.model_id, trust_remote_code)
+        self.trust_remote_code = bool(trust_remote_code)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
             raise ValueError(f"vllm backend: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.device = device
-        self.dtype = "bfloat16" if device == "cuda" else "float32"  # "auto" would give bf16 on CPU
+        # "auto" would give bf16 on CPU
+        self.dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
         self.video_fps = float(video_fps)
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
@@ -100,7 +111,8 @@ class VLLMBackend:
             "enforce_eager": (device == "cpu") if enforce_eager is None else bool(enforce_eager),
         }
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(source,
+                                                trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"model {self.model_id!r} cannot be loaded: not a local folder, not in the "
@@ -112,14 +124,21 @@ class VLLMBackend:
             max_model_len = min(8192, int(own)) if own else 8192
         self.engine_options["max_model_len"] = int(max_model_len)
         self.architectures = list(getattr(config, "architectures", None) or [])
-        self.processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
+        self.processor = AutoProcessor.from_pretrained(
+            source, trust_remote_code=self.trust_remote_code)
+        set_pixel_budget(self.processor, min_pixels, max_pixels, self.model_id)
+        # per-prompt processor arguments of pictures: the entry's budget, when it sets one
+        self.image_kwargs = ({} if min_pixels is None and max_pixels is None else {"size": dict(
+            dataclasses.asdict(self.processor.image_processor.size)
+            if dataclasses.is_dataclass(self.processor.image_processor.size)
+            else self.processor.image_processor.size)})
         self.tokenizer = self.processor.tokenizer
         self.revision = getattr(config, "_commit_hash", None) or revision
         try:
             self.generation_config = GenerationConfig.from_pretrained(source)
         except OSError:
             self.generation_config = GenerationConfig()
-        self.has_video = getattr(self.processor, "video_processor", None) is not None
+        self.has_video = stack_mode(self.processor, stack_as, self.model_id)
         self.v2 = uses_model_runner_v2(device)
         self.capabilities = Capabilities(arms=ARMS, embeddings=True, max_batch=None,
                                          max_concurrency=1,
@@ -194,7 +213,8 @@ class VLLMBackend:
         options = {k: v for k, v in self.engine_options.items() if v is not None}
         if self.device == "cpu":
             options.pop("gpu_memory_utilization")
-        self._llm = LLM(model=self.source, dtype=self.dtype, seed=0, trust_remote_code=False,
+        self._llm = LLM(model=self.source, dtype=self.dtype, seed=0,
+                        trust_remote_code=self.trust_remote_code,
                         logits_processors=[processor],
                         additional_config={CONFIG_KEY: semsam}, **options)
         self._engine_key = key
@@ -237,8 +257,12 @@ class VLLMBackend:
                 prompt["mm_processor_kwargs"] = {"do_sample_frames": False}
             else:
                 prompt["multi_modal_data"] = {"image": [Image.fromarray(f) for f in media]}
+                if self.image_kwargs:
+                    prompt["mm_processor_kwargs"] = dict(self.image_kwargs)
         elif media is not None:
             prompt["multi_modal_data"] = {"image": media}
+            if self.image_kwargs:
+                prompt["mm_processor_kwargs"] = dict(self.image_kwargs)
         return prompt
 
     # ---------------------------------------------------------------- generation

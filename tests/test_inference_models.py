@@ -1,0 +1,143 @@
+"""mislib.inference.models: the model registry of a profile ([models.<name>] tables)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from mislib.config import ModelEntry, ProfileError, check_profile, load_profile
+from mislib.inference.models import (
+    check_remote_code,
+    local_backend_options,
+    model_entries,
+    model_entry,
+    model_identity,
+)
+
+
+def _with_models(base: str = "demo", **tables):
+    prof = copy.deepcopy(load_profile(base))
+    prof["models"] = tables
+    return prof
+
+
+def test_a_plain_id_takes_the_profiles_inference_and_semsam_values():
+    prof = load_profile("demo")
+    entry = model_entry(prof, "smoke:tiny-qwen3-vl")
+    assert (entry.name, entry.id, entry.backend) == ("smoke:tiny-qwen3-vl",) * 2 + ("hf",)
+    assert entry.max_new_tokens == prof["inference"]["max_new_tokens"]
+    assert (entry.temperature, entry.top_k, entry.top_p, entry.semsam_mode) == (
+        prof["semsam"]["temperature"], prof["semsam"]["top_k"], prof["semsam"]["top_p"],
+        prof["semsam"]["mode"])
+    assert not entry.thinks and entry.reasoning_budget == 0
+    assert model_identity(entry) == {}  # today's profiles keep their run ids
+
+
+def test_an_entry_overrides_the_profile_and_keeps_what_it_leaves_out():
+    prof = _with_models(think={"id": "Qwen/Qwen3-VL-8B-Thinking", "thinks": True,
+                               "reasoning_budget": 512, "semsam_mode": "sample",
+                               "temperature": 1.0, "frames_per_stack": 8, "params_b": 8})
+    entry = model_entry(prof, "think")
+    assert (entry.id, entry.reasoning_budget, entry.semsam_mode, entry.temperature) == (
+        "Qwen/Qwen3-VL-8B-Thinking", 512, "sample", 1.0)
+    assert entry.top_k == prof["semsam"]["top_k"]  # not set: the profile's
+    assert entry.params_b == 8
+    assert model_identity(entry) == {"id": "Qwen/Qwen3-VL-8B-Thinking", "frames_per_stack": 8}
+
+
+def test_model_entries_follow_the_inference_list_and_every_adds_the_rest():
+    prof = _with_models(b={"id": "x/b"}, a={"id": "x/a"})
+    prof["inference"]["models"] = ["b", "plain/id"]
+    assert [e.name for e in model_entries(prof)] == ["b", "plain/id"]
+    assert [e.name for e in model_entries(prof, every=True)] == ["b", "plain/id", "a"]
+
+
+def test_the_paper_profile_lists_the_roster():
+    prof = load_profile("paper")
+    entries = {e.name: e for e in model_entries(prof, every=True)}
+    for size in (2, 4, 8, 32):
+        instruct = entries[f"qwen3-vl-{size}b-instruct"]
+        thinking = entries[f"qwen3-vl-{size}b-thinking"]
+        assert instruct.id == f"Qwen/Qwen3-VL-{size}B-Instruct" and instruct.params_b == size
+        assert thinking.thinks and thinking.reasoning_budget > 0
+        assert thinking.semsam_mode == "sample"
+    for size in (7, 32, 72):
+        assert entries[f"qwen2.5-vl-{size}b-instruct"].id == f"Qwen/Qwen2.5-VL-{size}B-Instruct"
+    gemini = entries["gemini-3-flash"]
+    assert gemini.backend == "openai" and gemini.api_key_env == "GEMINI_API_KEY"
+    assert gemini.base_url.startswith("https://generativelanguage.googleapis.com/")
+    assert all(name in entries for name in prof["inference"]["models"])
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ({"id": "m", "dtype": "fp8"}, "[models.bad] dtype = 'fp8': "),
+    ({"id": "m", "reasoning_budget": 64}, "[models.bad] reasoning_budget is set but thinks"),
+    ({"id": "m", "frames_per_stack": 5}, "[models.bad] frames_per_stack = 5: should be even"),
+    ({"id": "m", "min_pixels": 900, "max_pixels": 100}, "min_pixels = 900 is above"),
+    ({"id": "m", "semsam_mod": "sample"}, "unknown key; did you mean 'semsam_mode'?"),
+    ({"dtype": "float32"}, "[models.bad] id: missing"),
+    ({"id": "m", "backend": "tgi"}, "[models.bad] backend = 'tgi'"),
+    ({"id": "m", "name": "other"}, "[models.bad] name: the table's key"),
+])
+def test_a_bad_entry_is_a_profile_error_naming_table_and_key(table, expected):
+    with pytest.raises(ProfileError) as err:
+        check_profile(_with_models(bad=table))
+    assert expected in str(err.value)
+
+
+def test_a_key_written_where_its_variable_name_belongs_is_refused_and_not_echoed():
+    secret = "AIzaSyThisIsNotARealKey123"
+    with pytest.raises(ProfileError) as err:
+        check_profile(_with_models(bad={"id": "m", "api_key_env": secret}))
+    assert "[models.bad] api_key_env" in str(err.value) and secret not in str(err.value)
+
+
+def test_a_bad_entry_stops_the_cli_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    from mislib import __main__ as cli
+    from mislib.inference import runner
+
+    text = (load_profile.__globals__["PROFILE_DIR"] / "demo.toml").read_text()
+    path = tmp_path / "bad.toml"
+    path.write_text(text + '\n[models.tiny]\nid = "smoke:tiny-qwen3-vl"\ndtype = "int3"\n')
+    monkeypatch.setattr(runner, "run_inference", lambda *a, **k: pytest.fail("stage 04 ran"))
+    assert cli.main(["infer", "--profile", str(path)]) == 2
+    assert "[models.tiny] dtype = 'int3'" in capsys.readouterr().err
+
+
+def test_local_backend_options_carry_only_what_the_entry_sets():
+    assert local_backend_options(ModelEntry(id="m")) == {}
+    entry = ModelEntry(id="m", dtype="bfloat16", max_pixels=4096, stack_as="images",
+                       trust_remote_code=True)
+    assert local_backend_options(entry) == {"dtype": "bfloat16", "max_pixels": 4096,
+                                            "stack_as": "images", "trust_remote_code": True}
+
+
+def test_a_model_with_remote_code_is_refused_unless_its_entry_trusts_it(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "custom_vlm",
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                     "AutoModelForImageTextToText": "modeling_custom.CustomModel"}}))
+    with pytest.raises(ValueError, match=r"trust_remote_code = true") as err:
+        check_remote_code(str(folder), "org/custom", trust_remote_code=False)
+    assert "config.json" in str(err.value) and "org/custom" in str(err.value)
+    check_remote_code(str(folder), "org/custom", trust_remote_code=True)  # no error
+
+
+def test_the_hf_backend_refuses_a_saved_model_whose_config_maps_remote_code(smoke_root,
+                                                                           tmp_path):
+    import shutil
+
+    from mislib.inference.backends.hf import HFBackend
+    from mislib.smoke import smoke_model_dir
+
+    folder = tmp_path / "tiny-remote"
+    shutil.copytree(smoke_model_dir(smoke_root), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageTextToText": "modeling_x.XModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="needs code from its own repository"):
+        HFBackend(str(folder), model_id="tiny-remote", device="cpu")
