@@ -211,6 +211,16 @@ def _question_choices(question: Mapping[str, Any]) -> tuple[str, ...]:
     return out or _default_choices(question)
 
 
+def n_options(question: Mapping[str, Any]) -> int:
+    """How many valid options the question offers; ``1 / n_options`` is its chance level.
+
+    >>> n_options({"family": "relation_2d", "form": "open", "terminology": "anatomical",
+    ...            "choices": ["superior", "inferior"]})
+    2
+    """
+    return len(_question_choices(question))
+
+
 def _normalise_text(text: Any) -> str:
     if is_missing(text):
         return ""

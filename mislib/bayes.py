@@ -113,14 +113,30 @@ def outcome_matrix(rows: pd.DataFrame, value: str = "correct") -> tuple[np.ndarr
             int((~complete).sum()))
 
 
+def chance_level(rows: pd.DataFrame, question_ids: Any = None) -> float:
+    """Mean over questions of ``1 / n_options``: the accuracy of answering at random.
+
+    ``rows`` carry ``question_id`` and ``n_options`` (stage 06's ``scored`` table); only the
+    questions in ``question_ids`` count when given. NaN without an ``n_options`` column.
+    """
+    if "n_options" not in rows or rows.empty:
+        return float("nan")
+    per_question = rows.drop_duplicates("question_id").set_index("question_id")["n_options"]
+    if question_ids is not None:
+        per_question = per_question.reindex(question_ids)
+    return float((1.0 / per_question.astype(float)).mean())
+
+
 def _bayes_row(rows: pd.DataFrame, level: float) -> dict[str, Any]:
     R, qids, n_incomplete = outcome_matrix(rows)
     if R.size == 0:
         return {"n_questions": 0, "n_trials": 0, "n_incomplete": n_incomplete,
-                "accuracy": np.nan, "mu": np.nan, "sigma": np.nan, "lo": np.nan, "hi": np.nan}
+                "n_responses": 0, "accuracy": np.nan, "chance": np.nan, "mu": np.nan,
+                "sigma": np.nan, "lo": np.nan, "hi": np.nan}
     mu, sigma, lo, hi = bayes_interval(R, level=level)
     return {"n_questions": int(R.shape[0]), "n_trials": int(R.shape[1]),
-            "n_incomplete": n_incomplete, "accuracy": float(R.mean()),
+            "n_incomplete": n_incomplete, "n_responses": int(R.size),
+            "accuracy": float(R.mean()), "chance": chance_level(rows, qids),
             "mu": mu, "sigma": sigma, "lo": lo, "hi": hi}
 
 
@@ -139,7 +155,9 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     Returns
     -------
     DataFrame, one row per group: the ``by`` columns, ``n_questions, n_trials,
-    n_incomplete, accuracy`` (raw mean), ``mu, sigma, lo, hi`` (Bayes@N, fractions).
+    n_incomplete, n_responses`` (questions × trials), ``accuracy`` (raw mean), ``chance``
+    (mean of ``1 / n_options`` over the questions; NaN when ``scored`` lacks
+    ``n_options``), ``mu, sigma, lo, hi`` (Bayes@N, fractions).
     """
     missing = [c for c in (*by, "question_id", "trial", "correct") if c not in scored]
     if missing:
@@ -156,8 +174,8 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     for key, group in table.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key, strict=True)), **_bayes_row(group, level)})
-    columns = [*by, "n_questions", "n_trials", "n_incomplete", "accuracy", "mu", "sigma",
-               "lo", "hi"]
+    columns = [*by, "n_questions", "n_trials", "n_incomplete", "n_responses", "accuracy",
+               "chance", "mu", "sigma", "lo", "hi"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -213,7 +231,8 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
     Returns
     -------
     DataFrame, one row per model answered in both arms: ``model, n_questions, n_trials,
-    baseline_mu, baseline_sigma, baseline_lo, baseline_hi, semsam_mu, ..., effect_mu,
+    n_responses`` (shared questions × trials per arm), ``chance`` (mean ``1 / n_options`` of
+    the shared questions), ``baseline_mu, baseline_sigma, baseline_lo, baseline_hi, semsam_mu, ..., effect_mu,
     effect_sigma, effect_lo, effect_hi, paired_mu, paired_sigma, paired_lo, paired_hi``
     (fractions), ``baseline_accuracy, semsam_accuracy`` (plain means of the shared
     trials), ``n_fixed`` (trials baseline got wrong and SemSam right), ``n_broken``
@@ -231,7 +250,7 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
         if both.empty:
             continue
         code = (2 * both["b"].astype(int) + both["s"].astype(int)).rename("code")
-        R, _, _ = outcome_matrix(code.reset_index(), "code")
+        R, qids, _ = outcome_matrix(code.reset_index(), "code")
         if R.size == 0:
             continue
         b_mu, b_sigma, b_lo, b_hi = bayes_interval(R // 2, level=level)
@@ -241,6 +260,7 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
                                               bounds=(-1.0, 1.0))
         p_mu, p_sigma, p_lo, p_hi = bayes_interval(R, PAIRED_WEIGHTS, level)
         rows.append({"model": model, "n_questions": R.shape[0], "n_trials": R.shape[1],
+                     "n_responses": int(R.size), "chance": chance_level(group, qids),
                      "baseline_mu": b_mu, "baseline_sigma": b_sigma, "baseline_lo": b_lo,
                      "baseline_hi": b_hi, "semsam_mu": s_mu, "semsam_sigma": s_sigma,
                      "semsam_lo": s_lo, "semsam_hi": s_hi, "effect_mu": e_mu,
@@ -249,7 +269,8 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
                      "paired_hi": p_hi, "baseline_accuracy": float((R // 2).mean()),
                      "semsam_accuracy": float((R % 2).mean()), "n_fixed": int((R == 1).sum()),
                      "n_broken": int((R == 2).sum()), "credible_level": level})
-    columns = ["model", "n_questions", "n_trials", "baseline_mu", "baseline_sigma",
+    columns = ["model", "n_questions", "n_trials", "n_responses", "chance", "baseline_mu",
+               "baseline_sigma",
                "baseline_lo", "baseline_hi", "semsam_mu", "semsam_sigma", "semsam_lo",
                "semsam_hi", "effect_mu", "effect_sigma", "effect_lo", "effect_hi", "paired_mu",
                "paired_sigma", "paired_lo", "paired_hi", "baseline_accuracy",

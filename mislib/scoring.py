@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mislib import answers
-from mislib.answers import is_correct, parse_answer
+from mislib.answers import is_correct, n_options, parse_answer
 from mislib.bayes import (  # noqa: F401  (re-exported: stage 06's public summaries)
     PAIRED_WEIGHTS,
     bayes_at_n,
@@ -116,7 +116,8 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
     correct`` from this parser, ``reparsed_differently`` (bool), ``status`` (stage 04's
     record status, ``unknown_family`` for a question of an unknown family), ``answered``
     (``status == "ok"``: the model produced an answer; other rows are not parsed, have a
-    null ``parse_status`` and are not scored), and the question's factor columns
+    null ``parse_status`` and are not scored), ``n_options`` (the question's number of valid
+    options: its chance level is ``1 / n_options``), and the question's factor columns
     (everything of ``questions.parquet`` but ``text`` and ``choices``).
 
     Raises
@@ -150,6 +151,9 @@ def rescore(responses: pd.DataFrame, questions: pd.DataFrame,
     out["status"] = record_status.to_numpy()
     out["answered"] = answered
     out["reparsed_differently"] = _reparsed_differently(out) & answered
+    options = {qid: n_options({k: row.get(k) for k in _QUESTION_KEYS})
+               for qid, row in zip(qtable.index, qtable.to_dict("records"), strict=True)}
+    out["n_options"] = out["question_id"].map(options).astype("int64")
     factors = [c for c in questions.columns if c not in ("text", "choices", "question_id")
                and c not in out.columns]
     return out.merge(qtable[["question_id", *factors]].reset_index(drop=True),

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from mislib.scoring import (
+    bayes_by,
     find_runs,
     rescore,
     score_runs,
@@ -150,3 +151,37 @@ def test_unparsed_examples_lists_a_few_outputs_per_status_cut_to_width(scored):
     assert set(out["parse_status"]) <= {"unparseable", "ambiguous"} and len(out) > 0
     assert out.groupby(["model", "arm", "parse_status"]).size().max() <= 2
     assert out["raw_text"].str.len().max() <= 10
+
+
+# ---------------------------------------------------------------- numbers with their context
+def test_rescore_gives_each_response_its_questions_number_of_options(study, scored):
+    plane = scored[(scored["family"] == "plane") & (scored["form"] == "open")]
+    closed = scored[scored["form"].astype(str).str.startswith("closed")]
+    assert len(plane) and len(closed)
+    assert (plane["n_options"] == 3).all()  # axial, coronal, sagittal
+    assert (closed["n_options"] == 2).all()  # True, False
+
+
+def test_stage_06_tables_carry_raw_accuracy_chance_and_n(tmp_root, study):
+    write_study(study, tmp_root)
+    tables = score_runs("demo", root=tmp_root, progress=False)
+    scored = tables["scored"]
+    by_factor = tables["bayes_by_factor"]
+    assert {"accuracy", "chance", "n_questions", "n_trials", "n_responses",
+            "mu", "lo", "hi"} <= set(by_factor)
+    assert (by_factor["n_responses"] == by_factor["n_questions"] * by_factor["n_trials"]).all()
+    # a cell's chance is the mean of 1 / options: closed questions 1/2, open plane ones 1/3
+    form = by_factor[by_factor["factor"] == "form"].set_index("level")
+    assert form.loc["closed_true", "chance"].unique() == pytest.approx([1 / 2])
+    cells = bayes_by(scored, ["family", "form"])
+    open_plane = cells[(cells["family"] == "plane") & (cells["form"] == "open")]
+    assert open_plane["chance"].tolist() == pytest.approx([1 / 3])
+    # overall: the mean of 1/n_options over the cell's questions, and the raw mean
+    first = by_factor[by_factor["factor"] == "all"].iloc[0]
+    cell = scored[(scored["model"] == first["model"]) & (scored["arm"] == first["arm"])]
+    per_question = cell.drop_duplicates("question_id")["n_options"]
+    assert first["chance"] == pytest.approx((1 / per_question).mean())
+    assert first["accuracy"] == pytest.approx(cell["correct"].mean())
+    effect = tables["semsam_effect"]
+    assert {"chance", "n_responses", "baseline_accuracy", "semsam_accuracy"} <= set(effect)
+    assert effect["chance"].between(1 / 3, 1 / 2).all()
