@@ -3,14 +3,18 @@
 Each figure function takes a table and returns a :class:`matplotlib.figure.Figure`;
 :func:`save_figure` — the one way every notebook saves a figure — writes it as PNG and PDF
 under ``figures/`` with the notebook's number in its name (:func:`mislib.paths.figure_path`);
-:func:`make_figures` draws the paper's set from ``data/analysis/`` (what notebook 08 calls),
-:func:`factor_analysis_figures` notebook 07's diagnostics of the factor model. Notebook 05's
-figures explain the decode rule and live beside its tables in :mod:`mislib.explain`.
+:func:`make_figures` draws stage 08's figures from ``data/analysis/`` and names the ones
+notebooks 06 and 07 already saved (a figure is drawn once), :func:`factor_analysis_figures`
+notebook 07's diagnostics of the factor model. Notebook 05's figures explain the decode rule
+and live beside its tables in :mod:`mislib.explain`. Every saved figure carries a
+provenance stamp (:mod:`mislib.provenance`): profile, models, runs and counts.
 
-Accuracies are Bayes@N posterior means with central credible intervals (stage 06), in
-percent; the forest plot shows the factor model's fixed effects on the logit scale
-(stage 07). Cells pool the models of a run (each (model, question) a Bayes@N row) and are
-drawn per arm.
+Accuracies are shown with their context: the Bayes@N posterior mean with its central
+credible interval (stage 06; with few trials it is shrunk toward 50 %), the raw accuracy of
+the same trials (``x``), the chance level of the questions (dashed, 1 / number of options)
+and n (questions × trials), in percent. The forest plot shows the factor model's fixed
+effects on the logit scale (stage 07). Cells pool the models of a run (each (model,
+question) a Bayes@N row) and are drawn per arm.
 
 >>> import pandas as pd
 >>> table = pd.DataFrame({"model": "m", "arm": "baseline", "factor": "dims",
@@ -36,8 +40,6 @@ import seaborn as sns
 from mislib.analysis.fit import RHAT_MAX
 from mislib.bayes import bayes_by
 from mislib.paths import (
-    BAYES_BY_FACTOR_FILE,
-    FACTOR_EFFECTS_FILE,
     SCORED_FILE,
     SEMSAM_EFFECT_FILE,
     figure_path,
@@ -47,9 +49,14 @@ from mislib.provenance import Provenance, stamp
 from mislib.vocabulary import ordered
 
 NOTEBOOK = "08_paper_assets"
-#: The figures :func:`make_figures` writes (file names ``08_<name>.png|pdf``).
-FIGURES = ("accuracy_by_factor", "convention_terminology", "visual_prompt", "dims_2d_3d",
-           "ablations", "semsam_by_model", "factor_forest")
+#: The figures :func:`make_figures` draws (file names ``08_<name>.png|pdf``).
+FIGURES = ("convention_terminology", "visual_prompt", "dims_2d_3d", "ablations",
+           "semsam_by_model")
+#: The paper's figures another notebook draws, by the paper's name: (notebook, name there).
+#: Drawn once, where they are measured; :func:`make_figures` returns their files.
+REUSED_FIGURES = {"accuracy_by_factor": ("06_scoring", "accuracy_by_factor"),
+                  "accuracy_by_arm": ("06_scoring", "accuracy_by_arm"),
+                  "factor_forest": ("07_factor_analysis", "forest")}
 
 
 def set_style() -> None:
@@ -91,17 +98,37 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> No
         raise ValueError(f"{what} lacks columns {missing}")
 
 
+def _n_text(rows: pd.DataFrame) -> str:
+    """``n 48×2`` (questions × trials) of the rows drawn at one level; a range if they differ."""
+    if not {"n_questions", "n_trials"} <= set(rows) or rows.empty:
+        return ""
+    q = rows["n_questions"].astype(int)
+    t = rows["n_trials"].astype(int)
+    qs = f"{q.min():,}" if q.min() == q.max() else f"{q.min():,}–{q.max():,}"
+    ts = f"{t.min()}" if t.min() == t.max() else f"{t.min()}–{t.max()}"
+    return f"n {qs}×{ts}"
+
+
 def _points(ax: plt.Axes, table: pd.DataFrame, x: str, hue: str | None,
             x_order: Sequence[str], hue_order: Sequence[str], palette: Mapping[str, Any],
             y: str = "mu", lo: str = "lo", hi: str = "hi", scale: float = 100.0,
-            lines: bool = False) -> None:
-    """Dodged points with interval bars: one series per ``hue`` level over ``x`` levels."""
+            lines: bool = False, raw: str | None = "accuracy", chance: str | None = "chance",
+            n_in_ticks: bool = True) -> None:
+    """Dodged points with interval bars: one series per ``hue`` level over ``x`` levels.
+
+    Beside each interval, when the table has them: the raw accuracy (``raw`` column, an
+    ``x`` marker of the series' colour), a dashed grey chance segment per ``x`` level
+    (``chance`` column, averaged over the series), and ``n questions×trials`` under each
+    tick label.
+    """
     n_hue = max(len(hue_order), 1)
     width = 0.6 if n_hue > 1 else 0.0
+    slot = width / n_hue if n_hue > 1 else 0.3
+    has_raw = raw is not None and raw in table
     for j, level in enumerate(hue_order or [None]):
         part = table if hue is None else table[table[hue].astype(str) == level]
         offset = (j - (n_hue - 1) / 2) * (width / n_hue)
-        xs, ys, los, his = [], [], [], []
+        xs, ys, los, his, raws = [], [], [], [], []
         for i, xl in enumerate(x_order):
             row = part[part[x].astype(str) == xl]
             if row.empty:
@@ -111,15 +138,49 @@ def _points(ax: plt.Axes, table: pd.DataFrame, x: str, hue: str | None,
             ys.append(r[y] * scale)
             los.append(r[lo] * scale)
             his.append(r[hi] * scale)
+            raws.append(r[raw] * scale if has_raw else np.nan)
         if not xs:
             continue
         ys, los, his = np.array(ys), np.array(los), np.array(his)
+        colour = palette.get(level, "C0")
         ax.errorbar(xs, ys, yerr=[ys - los, his - ys], fmt="o-" if lines else "o",
-                    color=palette.get(level, "C0"), capsize=3, markersize=5, linewidth=1.4,
-                    label=level)
+                    color=colour, capsize=3, markersize=5, linewidth=1.4, label=level)
+        if has_raw:
+            ax.plot(np.array(xs) + 0.35 * slot, raws, "x", color=colour, markersize=5,
+                    markeredgewidth=1.4, linestyle="none")
+    if chance is not None and chance in table:
+        for i, xl in enumerate(x_order):
+            level_chance = table.loc[table[x].astype(str) == xl, chance].mean()
+            if pd.notna(level_chance):
+                ax.hlines(level_chance * scale, i - 0.45, i + 0.45, colors="0.45",
+                          linestyles="--", linewidth=0.9, zorder=0)
+    labels = list(x_order)
+    if n_in_ticks:
+        labels = [f"{xl}\n{_n_text(table[table[x].astype(str) == xl])}".rstrip()
+                  for xl in x_order]
     ax.set_xticks(range(len(x_order)))
-    ax.set_xticklabels(x_order)
+    ax.set_xticklabels(labels)
     ax.set_xlim(-0.6, len(x_order) - 0.4)
+
+
+def _key_handles(raw: bool, chance: bool) -> list[Any]:
+    """Legend entries for the marks every series shares: Bayes@N, raw accuracy, chance."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="0.2", marker="o", linestyle="-", markersize=5,
+                      label="Bayes@N, credible interval")]
+    if raw:
+        handles.append(Line2D([], [], color="0.2", marker="x", linestyle="none",
+                              markersize=5, markeredgewidth=1.4, label="raw accuracy"))
+    if chance:
+        handles.append(Line2D([], [], color="0.45", linestyle="--", linewidth=0.9,
+                              label="chance (1 / options)"))
+    return handles
+
+
+def _percent_axis(ax: plt.Axes) -> None:
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("accuracy (%)")
 
 
 def _palette(levels: Sequence[str]) -> dict[str, Any]:
@@ -128,15 +189,20 @@ def _palette(levels: Sequence[str]) -> dict[str, Any]:
 
 def accuracy_by_factor(table: pd.DataFrame, factors: Sequence[str] | None = None,
                        ncols: int = 3) -> plt.Figure:
-    """Bayes@N accuracy (%) with credible intervals for every level of every factor.
+    """Accuracy (%) for every level of every factor: Bayes@N, raw accuracy, chance and n.
 
     Parameters
     ----------
-    table : ``bayes_by_factor.parquet`` (``model, arm, factor, level, mu, lo, hi``).
+    table : ``bayes_by_factor.parquet`` (``model, arm, factor, level, mu, lo, hi``; with
+        ``accuracy``, ``chance``, ``n_questions`` and ``n_trials`` the raw accuracy, the
+        chance level and n are drawn too).
     factors : which factors, in order (default: every factor in the table but ``all``).
     ncols : panels per row.
 
-    One panel per factor; one colour per model × arm.
+    One panel per factor; one colour per model × arm. Each level shows the Bayes@N mean
+    with its credible interval (dot and bar), the raw accuracy of the same trials (``x``
+    beside it), the chance level of its questions (dashed) and n (questions × trials) under
+    its name.
     """
     _check_columns(table, ["model", "arm", "factor", "level", "mu", "lo", "hi"],
                    "bayes_by_factor table")
@@ -151,27 +217,77 @@ def accuracy_by_factor(table: pd.DataFrame, factors: Sequence[str] | None = None
     palette = _palette(series)
     ncols = min(ncols, len(factors))
     nrows = -(-len(factors) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), sharey=True,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), sharey=True,
                              squeeze=False)
     for ax, factor in zip(axes.flat, factors, strict=False):
         part = table[table["factor"] == factor]
         _points(ax, part, "level", "series", ordered(factor, part["level"]), series, palette)
         ax.set_title(factor)
         ax.set_xlabel("")
-        ax.tick_params(axis="x", labelrotation=20)
+        ax.tick_params(axis="x", labelsize=7)
     for ax in axes.flat[len(factors):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
-        ax.set_ylabel("Bayes@N accuracy (%)")
+        _percent_axis(ax)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(series), 4),
-               bbox_to_anchor=(0.5, 1.02), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    keys = _key_handles("accuracy" in table, "chance" in table)
+    fig.legend(handles + keys, labels + [h.get_label() for h in keys], loc="upper center",
+               ncol=min(len(series) + len(keys), 4), bbox_to_anchor=(0.5, 1.0),
+               frameon=False, fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.0 * nrows) * (1 + len(series) // 3)))
+    return fig
+
+
+def accuracy_by_arm(table: pd.DataFrame) -> plt.Figure:
+    """The arms side by side per model: Bayes@N, raw accuracy, chance and n.
+
+    Parameters
+    ----------
+    table : ``bayes_by_factor.parquet`` (its overall rows, ``factor == "all"``, are drawn)
+        or a table of one row per model × arm with ``mu, lo, hi`` (and ``accuracy``,
+        ``chance``, ``n_questions``, ``n_trials``).
+
+    One panel per model, the arms in the benchmark's order (``baseline, greedy, semsam``):
+    the comparison the decode rule is judged by, with the numbers that tell a difference
+    from noise beside it.
+    """
+    _check_columns(table, ["model", "arm", "mu", "lo", "hi"], "per-arm table")
+    if "factor" in table:
+        table = table[table["factor"] == "all"]
+    if table.empty:
+        raise ValueError("per-arm table has no overall rows (factor == 'all')")
+    set_style()
+    models = sorted(table["model"].astype(str).unique())
+    arms = ordered("arm", table["arm"])
+    palette = _palette(arms)
+    ncols = min(len(models), 3)
+    nrows = -(-len(models) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 + 1.3 * len(arms) * ncols,
+                                                    3.0 * nrows),
+                             sharey=True, squeeze=False)
+    for ax, model in zip(axes.flat, models, strict=False):
+        part = table[table["model"].astype(str) == model]
+        for arm in arms:  # one colour per arm, each at its own position
+            _points(ax, part[part["arm"].astype(str) == arm], "arm", "arm", arms, [arm],
+                    palette, n_in_ticks=False)
+        ax.set_xticklabels([f"{a}\n{_n_text(part[part['arm'].astype(str) == a])}".rstrip()
+                            for a in arms])
+        ax.set_title(model, fontsize=8)
+        ax.set_xlabel("")
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        _percent_axis(ax)
+    keys = _key_handles("accuracy" in table, "chance" in table)
+    fig.legend(keys, [h.get_label() for h in keys], loc="upper center", ncol=len(keys),
+               bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.0 * nrows)))
     return fig
 
 
 def interaction(cells: pd.DataFrame, x: str, hue: str, col: str = "arm",
-                title: str | None = None, reference: float | None = None) -> plt.Figure:
+                title: str | None = None, reference: float | None = None,
+                difference: bool = False) -> plt.Figure:
     """Accuracy (%) of ``x`` × ``hue`` cells, one panel per ``col`` level (an interaction plot).
 
     Parameters
@@ -179,7 +295,12 @@ def interaction(cells: pd.DataFrame, x: str, hue: str, col: str = "arm",
     cells : Bayes@N cells (:func:`mislib.scoring.bayes_by` with ``[col, x, hue]``).
     x, hue, col : the factor on the axis, the factor in colour, the factor per panel.
     title : figure title.
-    reference : a horizontal dashed line (percent), e.g. chance.
+    reference : a horizontal dashed line (percent), e.g. 0 for differences.
+    difference : the cells are differences in points (no 0–100 % axis, no chance level).
+
+    With ``accuracy``, ``chance``, ``n_questions`` and ``n_trials`` in ``cells`` (as
+    :func:`mislib.bayes.bayes_by` writes them) the raw accuracy, the chance level and n are
+    drawn beside each interval.
     """
     _check_columns(cells, [x, hue, "mu", "lo", "hi"], f"{x} × {hue} cells")
     if cells.empty:
@@ -193,13 +314,21 @@ def interaction(cells: pd.DataFrame, x: str, hue: str, col: str = "arm",
                              sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         part = cells if panel is None else cells[cells[col].astype(str) == panel]
-        _points(ax, part, x, hue, x_order, hue_order, palette, lines=True)
+        _points(ax, part, x, hue, x_order, hue_order, palette, lines=True,
+                chance=None if difference else "chance")
         if reference is not None:
             ax.axhline(reference, color="0.5", linestyle="--", linewidth=0.8)
         ax.set_title(f"{col} = {panel}" if panel is not None else "")
         ax.set_xlabel(x)
-    axes[0, 0].set_ylabel("Bayes@N accuracy (%)")
-    axes[0, -1].legend(title=hue, loc="best", frameon=True, fontsize="small")
+    if difference:
+        axes[0, 0].set_ylabel("difference (points)")
+    else:
+        _percent_axis(axes[0, 0])
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    keys = _key_handles("accuracy" in cells, "chance" in cells and not difference)
+    axes[0, -1].legend(handles + keys, labels + [h.get_label() for h in keys], title=hue,
+                       loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=True,
+                       fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -216,7 +345,8 @@ def visual_prompt_effect(cells: pd.DataFrame, baseline: str = "none",
     baseline : the ``prompt`` level that means "no visual prompt".
 
     When the run has the baseline level, each prompt's difference from it is drawn
-    (points, with intervals from the two cells' posterior SDs); without it, the prompts'
+    (points, with intervals from the two cells' posterior SDs; ``x``: the difference of
+    the raw accuracies; n of the prompt's cell under its name); without it, the prompts'
     accuracies are drawn and the title says that the baseline is missing.
     """
     _check_columns(cells, ["prompt", "terminology", "mu", "sigma", "lo", "hi"],
@@ -226,7 +356,9 @@ def visual_prompt_effect(cells: pd.DataFrame, baseline: str = "none",
         return interaction(cells, "prompt", "terminology", col,
                            title=f"Visual prompts (no '{baseline}' baseline in this run)")
     keys = [c for c in (col, "terminology") if c in cells]
-    base = cells[cells["prompt"].astype(str) == baseline].set_index(keys)[["mu", "sigma"]]
+    base_rows = cells[cells["prompt"].astype(str) == baseline].set_index(keys)
+    base = base_rows[["mu", "sigma"]]
+    base_raw = base_rows["accuracy"] if "accuracy" in cells else None
     rows = []
     for _, r in cells[cells["prompt"].astype(str) != baseline].iterrows():
         key = tuple(r[k] for k in keys)
@@ -234,15 +366,16 @@ def visual_prompt_effect(cells: pd.DataFrame, baseline: str = "none",
             continue
         b = base.loc[key]
         d, s = r["mu"] - b["mu"], float(np.hypot(r["sigma"], b["sigma"]))
-        rows.append({**{k: r[k] for k in keys}, "prompt": r["prompt"], "mu": d,
-                     "lo": d - 1.959964 * s, "hi": d + 1.959964 * s})
+        row = {**{k: r[k] for k in keys}, "prompt": r["prompt"], "mu": d,
+               "lo": d - 1.959964 * s, "hi": d + 1.959964 * s}
+        if "accuracy" in cells:  # the raw difference of the same two cells
+            row["accuracy"] = r["accuracy"] - base_raw.loc[key]
+        if {"n_questions", "n_trials"} <= set(cells):
+            row.update(n_questions=r["n_questions"], n_trials=r["n_trials"])
+        rows.append(row)
     diff = pd.DataFrame(rows)
-    fig = interaction(diff, "prompt", "terminology", col, reference=0.0,
-                      title=f"Visual prompt minus no prompt ('{baseline}')")
-    for ax in fig.axes:
-        if ax.get_ylabel():
-            ax.set_ylabel("difference (points)")
-    return fig
+    return interaction(diff, "prompt", "terminology", col, reference=0.0, difference=True,
+                       title=f"Visual prompt minus no prompt ('{baseline}')")
 
 
 def semsam_by_model(effect: pd.DataFrame) -> plt.Figure:
@@ -251,7 +384,8 @@ def semsam_by_model(effect: pd.DataFrame) -> plt.Figure:
     Parameters
     ----------
     effect : ``semsam_effect.parquet`` (``model, baseline_mu/lo/hi, semsam_mu/lo/hi,
-        effect_mu/lo/hi``).
+        effect_mu/lo/hi``; with ``*_accuracy``, ``chance``, ``n_questions`` and
+        ``n_trials`` the raw accuracies and their difference, the chance level and n too).
     """
     _check_columns(effect, ["model", "baseline_mu", "baseline_lo", "baseline_hi", "semsam_mu",
                             "semsam_lo", "semsam_hi", "effect_mu", "effect_lo", "effect_hi"],
@@ -260,25 +394,37 @@ def semsam_by_model(effect: pd.DataFrame) -> plt.Figure:
         raise ValueError("semsam_effect table is empty: no model was run in both arms")
     set_style()
     models = list(effect["model"].astype(str))
-    long = pd.concat([effect.assign(arm=arm, mu=effect[f"{arm}_mu"], lo=effect[f"{arm}_lo"],
-                                    hi=effect[f"{arm}_hi"]) for arm in ("baseline", "semsam")])
     arms = ["baseline", "semsam"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(3.0 + 1.3 * len(models), 3.2),
+
+    def arm_rows(arm: str) -> pd.DataFrame:
+        out = effect.assign(arm=arm, mu=effect[f"{arm}_mu"], lo=effect[f"{arm}_lo"],
+                            hi=effect[f"{arm}_hi"])
+        if f"{arm}_accuracy" in effect:
+            out["accuracy"] = effect[f"{arm}_accuracy"]
+        return out
+
+    long = pd.concat([arm_rows(arm) for arm in arms])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(3.4 + 1.4 * len(models), 3.4),
                                       gridspec_kw={"width_ratios": [1.4, 1]})
     _points(left, long, "model", "arm", models, arms, _palette(arms))
-    left.set_ylabel("Bayes@N accuracy (%)")
+    _percent_axis(left)
     left.set_title("accuracy per arm")
-    left.legend(frameon=True, fontsize="small")
+    handles, labels = left.get_legend_handles_labels()
+    keys = _key_handles("accuracy" in long, "chance" in long)
+    left.legend(handles + keys, labels + [h.get_label() for h in keys], frameon=True,
+                fontsize="x-small", loc="upper left")
     eff = effect.assign(series="SemSam − baseline")
+    if {"semsam_accuracy", "baseline_accuracy"} <= set(effect):
+        eff["accuracy"] = effect["semsam_accuracy"] - effect["baseline_accuracy"]
     _points(right, eff, "model", "series", models, ["SemSam − baseline"],
             {"SemSam − baseline": sns.color_palette("colorblind")[2]},
-            y="effect_mu", lo="effect_lo", hi="effect_hi")
+            y="effect_mu", lo="effect_lo", hi="effect_hi", chance=None)
     right.axhline(0.0, color="0.4", linestyle="--", linewidth=0.8)
     right.set_ylabel("paired effect (points)")
-    right.set_title("SemSam effect")
+    right.set_title("SemSam effect (x: raw difference)")
     for ax in (left, right):
         ax.set_xlabel("")
-        ax.tick_params(axis="x", labelrotation=15)
+        ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     return fig
 
@@ -338,7 +484,7 @@ def figure_cells(scored: pd.DataFrame, level: float = 0.95) -> dict[str, pd.Data
 def dims_2d_3d(dims: pd.DataFrame, family: pd.DataFrame) -> plt.Figure:
     """2D vs 3D questions (left) and in-plane vs cross-slice relations (right), per arm."""
     set_style()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.4), sharey=True)
     for ax, table, x in ((left, dims, "dims"), (right, family, "family")):
         if table.empty:
             ax.set_title(f"{x}: not in this run")
@@ -346,8 +492,11 @@ def dims_2d_3d(dims: pd.DataFrame, family: pd.DataFrame) -> plt.Figure:
         arms = ordered("arm", table["arm"])
         _points(ax, table, x, "arm", ordered(x, table[x]), arms, _palette(arms), lines=True)
         ax.set_xlabel(x)
-        ax.legend(frameon=True, fontsize="small")
-    left.set_ylabel("Bayes@N accuracy (%)")
+        handles, labels = ax.get_legend_handles_labels()
+        keys = _key_handles("accuracy" in table, "chance" in table)
+        ax.legend(handles + keys, labels + [h.get_label() for h in keys], frameon=True,
+                  fontsize="x-small")
+    _percent_axis(left)
     left.set_title("2D slices vs 3D stacks")
     right.set_title("question family")
     fig.tight_layout()
@@ -357,10 +506,14 @@ def dims_2d_3d(dims: pd.DataFrame, family: pd.DataFrame) -> plt.Figure:
 def make_figures(profile: str | Mapping[str, Any] = "demo",
                  root: str | os.PathLike | None = None, **overrides: Any
                  ) -> dict[str, list[Path]]:
-    """Draw every figure of the paper from ``data/analysis/`` and save it (PNG + PDF).
+    """The paper's figures: draw stage 08's own from ``data/analysis/``, point to the rest.
 
-    Reads ``scored, bayes_by_factor, semsam_effect`` (stage 06) and ``factor_effects``
-    (stage 07); a missing input is an error naming the stage that writes it. ``overrides``
+    Draws :data:`FIGURES` from stage 06's ``scored`` and ``semsam_effect`` (a missing
+    input is an error naming the stage that writes it) and saves each as
+    ``figures/08_<name>.png|pdf`` with the run's provenance stamp. The figures notebooks
+    06 and 07 already saved (:data:`REUSED_FIGURES`: accuracy by factor level and per arm,
+    the factor model's forest plot) are not drawn again: their files are returned under
+    the paper's names, and a missing one is an error naming its notebook. ``overrides``
     are ``[paper]`` keys (``prompt_baseline``). Returns ``{figure name: [png, pdf]}``; a
     run without both arms has no SemSam figure.
     """
@@ -376,14 +529,20 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
             raise FileNotFoundError(f"{path} is missing: run {stage} first")
         return pd.read_parquet(path)
 
-    by_factor = need(BAYES_BY_FACTOR_FILE, "stage 06 (06_scoring)")
+    reused = {}
+    for name, (notebook, saved_as) in REUSED_FIGURES.items():
+        paths = [figure_path(notebook, saved_as, root, suffix=s) for s in (".png", ".pdf")]
+        absent = [str(p) for p in paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{absent} missing: run notebook {notebook} first (the "
+                                    f"paper uses its figure '{saved_as}')")
+        reused[name] = paths
     scored = need(SCORED_FILE, "stage 06 (06_scoring)")
     effect = need(SEMSAM_EFFECT_FILE, "stage 06 (06_scoring)")
-    effects = need(FACTOR_EFFECTS_FILE, "stage 07 (07_factor_analysis)")
+    provenance = Provenance.from_scored(scored, profile, root)
     cells = figure_cells(scored, level)
     baseline = str(params.get("prompt_baseline", "none"))
     drawn: dict[str, plt.Figure] = {
-        "accuracy_by_factor": accuracy_by_factor(by_factor),
         "convention_terminology": interaction(cells["convention_terminology"], "convention",
                                               "terminology",
                                               title="Display convention × terminology"),
@@ -391,11 +550,12 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
         "dims_2d_3d": dims_2d_3d(cells["dims"], cells["family"]),
         "ablations": interaction(cells["ablation_terminology"], "ablation", "terminology",
                                  title="Text-only and blank ablations"),
-        "factor_forest": factor_forest(effects),
     }
     if not effect.empty:
         drawn["semsam_by_model"] = semsam_by_model(effect)
-    return {name: save_figure(fig, name, root) for name, fig in drawn.items()}
+    saved = {name: save_figure(fig, name, root, provenance=provenance)
+             for name, fig in drawn.items()}
+    return {**reused, **saved}
 
 
 # ----------------------------------------------------------------------------------------

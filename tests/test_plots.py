@@ -9,6 +9,7 @@ import pytest
 
 from mislib import plots
 from mislib.bayes import bayes_by_factor
+from mislib.provenance import STAMP_GID
 from mislib.scoring import rescore, score_runs
 from mislib.simulate import simulate_study, write_study
 
@@ -16,6 +17,22 @@ from mislib.simulate import simulate_study, write_study
 def _errorbars(ax):
     """The errorbar containers drawn on an axis (one per plotted series)."""
     return [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+
+
+def _tick_level(tick):
+    """A tick label's level (its first line; the second says n)."""
+    return tick.get_text().split("\n")[0]
+
+
+def _raw_markers(ax):
+    """The raw-accuracy markers drawn on an axis (``x`` markers, one line per series)."""
+    return [line for line in ax.lines if line.get_marker() == "x"]
+
+
+def _chance_segments(ax):
+    """The dashed chance segments (LineCollections from ``hlines``) of an axis."""
+    return [c for c in ax.collections if c.__class__.__name__ == "LineCollection"
+            and c.get_linestyle()[0][1] is not None]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +79,8 @@ def test_accuracy_by_factor_draws_one_panel_per_factor_and_series_per_model_arm(
     visible = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in visible] == ["dims", "terminology", "plane"]
     assert len(_errorbars(visible[0])) == 4  # 2 models x 2 arms
-    assert [t.get_text() for t in visible[2].get_xticklabels()] == ["axial", "coronal",
-                                                                     "sagittal"]
+    assert [_tick_level(t) for t in visible[2].get_xticklabels()] == ["axial", "coronal",
+                                                                       "sagittal"]
     plt.close(fig)
 
 
@@ -85,7 +102,7 @@ def test_interaction_draws_a_panel_per_arm_and_a_line_per_terminology():
     fig = plots.interaction(cells, "convention", "terminology")
     assert [ax.get_title() for ax in fig.axes] == ["arm = baseline", "arm = semsam"]
     assert all(len(_errorbars(ax)) == 2 for ax in fig.axes)
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["standard", "storage"]
+    assert [_tick_level(t) for t in fig.axes[0].get_xticklabels()] == ["standard", "storage"]
     plt.close(fig)
 
 
@@ -108,7 +125,7 @@ def _prompt_cells(prompts):
 def test_visual_prompt_effect_draws_differences_from_the_no_prompt_baseline():
     fig = plots.visual_prompt_effect(_prompt_cells(["none", "mask", "box"]), baseline="none")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["mask", "box"]
+    assert [_tick_level(t) for t in ax.get_xticklabels()] == ["mask", "box"]
     ys = _errorbars(ax)[0].lines[0].get_ydata()
     assert list(ys) == pytest.approx([5.0, 10.0])  # points above the baseline
     assert "minus no prompt" in fig._suptitle.get_text()
@@ -150,25 +167,107 @@ def test_factor_forest_has_one_row_per_term_and_leaves_out_the_intercept():
     plt.close(fig)
 
 
-def test_make_figures_writes_every_figure_from_the_analysis_tables(tmp_root, study):
+def _save_reused_figures(root):
+    """What notebooks 06 and 07 save before notebook 08 runs (the figures the paper reuses)."""
+    for notebook, name in plots.REUSED_FIGURES.values():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        plots.save_figure(fig, name, root, notebook=notebook)
+
+
+def test_make_figures_writes_every_figure_from_the_analysis_tables(tmp_root, study,
+                                                                   monkeypatch):
     write_study(study, tmp_root)
     score_runs("demo", root=tmp_root, progress=False)
-    truth = study.truth.rename(columns={"value": "mean"})
-    truth.assign(sd=0.1, lo95=truth["mean"] - 0.2, hi95=truth["mean"] + 0.2, r_hat=1.0,
-                 ess_bulk=500.0).to_parquet(tmp_root / "data/analysis/factor_effects.parquet")
+    _save_reused_figures(tmp_root)
+    stamps = {}
+    save = plots.save_figure
+
+    def spy(fig, name, *args, **kwargs):
+        paths = save(fig, name, *args, **kwargs)
+        stamps[name] = [t.get_text() for t in fig.texts if t.get_gid() == STAMP_GID]
+        return paths
+
+    monkeypatch.setattr(plots, "save_figure", spy)
     written = plots.make_figures("demo", tmp_root)
-    assert set(written) == set(plots.FIGURES)
+    assert set(written) == set(plots.FIGURES) | set(plots.REUSED_FIGURES)
     for name, paths in written.items():
         assert [p.suffix for p in paths] == [".png", ".pdf"], name
         assert all(p.stat().st_size > 1000 for p in paths), name
-        assert paths[0].name == f"08_{name}.png"
+        if name in plots.FIGURES:
+            assert paths[0].name == f"08_{name}.png"
+            (label,) = stamps[name]
+            assert "profile demo" in label and "sim-m-small-baseline" in label, name
+    # drawn once: the paper's forest is notebook 07's, accuracy by factor notebook 06's
+    assert written["factor_forest"][0].name == "07_forest.png"
+    assert written["accuracy_by_factor"][0].name == "06_accuracy_by_factor.png"
+    assert not (tmp_root / "figures" / "08_factor_forest.png").exists()
+    assert not (tmp_root / "figures" / "08_accuracy_by_factor.png").exists()
 
 
-def test_make_figures_names_the_missing_stage_07_output(tmp_root, study):
+def test_make_figures_names_the_notebook_whose_figure_is_missing(tmp_root, study):
     write_study(study, tmp_root)
     score_runs("demo", root=tmp_root, progress=False)
-    with pytest.raises(FileNotFoundError, match="factor_effects.*07"):
+    with pytest.raises(FileNotFoundError, match="notebook 06_scoring"):
         plots.make_figures("demo", tmp_root)
+
+
+def test_accuracy_by_factor_shows_raw_accuracy_chance_and_n(scored):
+    table = bayes_by_factor(scored, factors=("family",))
+    fig = plots.accuracy_by_factor(table)
+    ax = fig.axes[0]
+    raws = _raw_markers(ax)
+    assert len(raws) == 4  # one per model x arm
+    part = table[(table["factor"] == "family")].sort_values(["model", "arm"])
+    first = part[(part["model"] == "m-large") & (part["arm"] == "baseline")]
+    order = plots.ordered("family", first["level"])
+    expected = first.set_index("level").loc[order, "accuracy"] * 100
+    assert list(raws[0].get_ydata()) == pytest.approx(list(expected))
+    chance = _chance_segments(ax)
+    heights = sorted(round(seg[0][1], 6) for c in chance for seg in c.get_segments())
+    assert heights[0] < 50 < heights[-1] + 1e-9  # plane questions: 3 options
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    n = first.set_index("level").loc[order]
+    assert ticks == [f"{lv}\nn {q}×{t}" for lv, q, t in
+                     zip(order, n["n_questions"], n["n_trials"], strict=True)]
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 100  # the whole 0–100 % scale
+    plt.close(fig)
+
+
+def test_accuracy_by_factor_without_raw_or_chance_columns_draws_intervals_only():
+    table = pd.DataFrame({"model": "m", "arm": "baseline", "factor": "dims",
+                          "level": ["2d", "3d"], "mu": [0.6, 0.5], "lo": [0.55, 0.45],
+                          "hi": [0.65, 0.55]})
+    fig = plots.accuracy_by_factor(table)
+    assert not _raw_markers(fig.axes[0]) and not _chance_segments(fig.axes[0])
+    plt.close(fig)
+
+
+def test_accuracy_by_arm_draws_each_arm_per_model_with_raw_chance_and_n(scored):
+    table = bayes_by_factor(scored, factors=("dims",))
+    fig = plots.accuracy_by_arm(table)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible] == ["m-large", "m-small"]
+    ax = visible[0]
+    assert len(_errorbars(ax)) == 2 and len(_raw_markers(ax)) == 2
+    assert _chance_segments(ax)
+    overall = table[(table["factor"] == "all") & (table["model"] == "m-large")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        f"{arm}\nn {q}×{t}" for arm, q, t in
+        zip(overall["arm"], overall["n_questions"], overall["n_trials"], strict=True)]
+    plt.close(fig)
+
+
+def test_semsam_by_model_draws_raw_accuracies_and_their_difference(scored):
+    from mislib.bayes import semsam_effect
+
+    effect = semsam_effect(scored)
+    fig = plots.semsam_by_model(effect)
+    left, right = fig.axes
+    assert len(_raw_markers(left)) == 2 and _chance_segments(left)
+    raw_diff = (effect["semsam_accuracy"] - effect["baseline_accuracy"]) * 100
+    assert list(_raw_markers(right)[0].get_ydata()) == pytest.approx(list(raw_diff))
+    plt.close(fig)
 
 
 def test_ordered_puts_known_levels_first_then_the_rest_sorted():
