@@ -1,25 +1,60 @@
-"""Stage 08: the paper's headline claims beside this run's estimates, and the paper's tables.
+"""Stage 08: the paper's headline claims put to a reproduction test, and the paper's tables.
 
-Every headline number of the paper is a :class:`Claim` quantity: an accuracy of some
-questions (``kind="level"``) or the difference of two (``kind="difference"``), selected by
-factor levels from ``scored.parquet`` (stage 06). This run's estimate is Bayes@N with a
-central credible interval (models pooled, in the profile's ``claims_arm``); the SemSam claim
-uses the paired effect of ``semsam_effect.parquet``. Where stage 07's factor model has the
-same contrast (``contrasts.parquet``), its population-averaged estimate is shown beside it.
+Every headline number of the paper is a claim quantity: an accuracy of some questions
+(``kind="level"``, percent) or the difference of two (``kind="difference"``, percentage
+points). The factor claims (:data:`CLAIMS`) select questions by factor levels from stage 06's
+``scored.parquet`` and pool the models in the profile's ``claims_arm``; the decoding claims
+(:data:`ARM_CLAIMS`) compare two arms of one model on the same (question, trial) pairs, for
+every model that ran both arms. This run's estimate is Bayes@N (:mod:`mislib.bayes`) with a
+central credible interval ``[lo, hi]``; beside it stand the raw accuracy of the same trials,
+chance (the mean of 1 / number of answer options) and n (questions × trials). Where stage
+07's factor model has the same contrast (``contrasts.parquet``) its estimate is shown too,
+marked *not converged* when that fit did not converge (:func:`fit_converged`).
 
-Status of each quantity:
+The reproduction test
+---------------------
+A claim's tolerance band is the paper's value ``p`` ± ``t`` (``[paper] tolerance_points``,
+percent for a level, points for a difference). With ``[lo, hi]`` this run's interval:
 
-- ``reproduced`` — a level: the paper's value lies inside this run's interval; a difference:
-  same sign as the paper's and the interval excludes zero.
-- ``not reproduced`` — otherwise.
-- ``not measurable`` — this run has no such questions (a level absent from the benchmark,
-  a model not run, no SemSam arm).
+- a **level** is *reproduced* when ``p - t <= lo`` and ``hi <= p + t`` (the whole interval
+  inside the band); *contradicted* when ``hi < p - t`` or ``lo > p + t`` (the whole
+  interval outside); *inconclusive* otherwise (wider than the band, or overlapping its edge).
+- a **difference** is *reproduced* when its interval lies inside the band **and** excludes
+  zero on the side of the paper's sign (``lo > 0`` for a positive ``p``, ``hi < 0`` for a
+  negative one); *contradicted* when the interval lies outside the band, or excludes zero on
+  the other side (the opposite sign); *inconclusive* otherwise (an interval that holds zero is
+  never reproduced).
+- a difference the paper gives no number for but a direction (``sign``; SemSam against the
+  greedy control) is *reproduced* when its interval excludes zero on that side,
+  *contradicted* when it excludes zero on the other, *inconclusive* otherwise.
+
+Before any of that a claim is *not measurable* when this run has no such questions (or no
+model ran both arms), and *not assessed* when a smoke model (random weights,
+:func:`mislib.provenance.is_smoke_model`) answered any of its questions, when either side has
+fewer than ``[paper] min_questions`` questions (a (model, question) pair counts as one when
+models are pooled), when the paper states nothing to compare with (greedy against baseline),
+or when the paper's number is another model's accuracy (the SemSam accuracies are
+Qwen3-VL-32B's; the SemSam gain of any other model is tested for its sign only).
+
+Bayes@N (what ``estimate`` is): per question a uniform Beta(1, 1) prior updated by its N
+trials, so a question answered correctly k times has posterior mean (k + 1) / (N + 2); the
+estimate is the average of these over the questions, and the interval a normal
+approximation from scorio. The data's weight is N / (N + 2): with few trials the estimate is
+pulled towards 50 % (0 of 2 correct gives 25 %, 2 of 2 gives 75 %), so the raw accuracy and
+chance stand beside it. If a paper number is a plain accuracy, the comparison is biased
+towards 50 % by the same factor (N = 5: a 13-point difference shows as 9.3 points).
 
 :func:`write_paper_assets` (notebook 08) writes ``paper/claims.md``, ``paper/numbers.tex``
-(LaTeX macros) and ``paper/tables/*.tex`` (booktabs) + ``*.md``.
+(LaTeX macros, the profile and counts included) and ``paper/tables/*.tex`` (booktabs) +
+``*.md``, each table with its provenance caption; :mod:`mislib.claims_figure` draws the
+paper against this run.
 
->>> [c.id for c in CLAIMS][:3]
-['semsam_baseline', 'semsam_with', 'semsam_gain']
+>>> claim_status("level", 69.4, 66.0, 71.0, tolerance=5.0)
+'reproduced'
+>>> claim_status("level", 69.4, 40.0, 90.0, tolerance=5.0)   # wide: never reproduced
+'inconclusive'
+>>> claim_status("difference", 11.6, -1.0, 9.0, tolerance=5.0)  # holds zero
+'inconclusive'
 """
 
 from __future__ import annotations
@@ -30,7 +65,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,43 +73,58 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from mislib.bayes import bayes_by, bayes_by_factor
+from mislib.bayes import bayes_by, bayes_by_factor, semsam_effect
 from mislib.config import stage_params
 from mislib.paths import (
     BAYES_BY_FACTOR_FILE,
     CLAIMS_FILE,
     CONTRASTS_FILE,
+    FACTOR_DIAGNOSTICS_FILE,
     FACTOR_EFFECTS_FILE,
     NUMBERS_FILE,
+    QUESTIONS_FILE,
     SCORED_FILE,
     SEMSAM_EFFECT_FILE,
     UNPARSEABLE_FILE,
     project_paths,
 )
+from mislib.provenance import Provenance, caption, is_smoke_model
 from mislib.stage import StageRun
+from mislib.vocabulary import ARMS, QUESTION_FACTORS, cell_name, difference_name, is_missing
 from mislib.vocabulary import CLAIM_STATUSES as STATUSES
-from mislib.vocabulary import QUESTION_FACTORS, cell_name, difference_name, is_missing
 
-#: Columns of the claims table (``paper/tables/claims.*`` and :func:`evaluate_claims`).
-CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "paper", "estimate", "lo", "hi", "raw",
-                 "n_questions", "status", "model_estimate", "model_lo", "model_hi", "note")
+#: Columns of the claims table (:func:`evaluate_claims`). ``paper``, ``estimate``, ``lo``,
+#: ``hi``, ``raw``, ``chance`` and ``factor_*`` are percent (levels) or points (differences).
+CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "source", "models", "paper_model", "paper",
+                 "sign", "tolerance", "estimate", "lo", "hi", "raw", "chance", "n_questions",
+                 "n_trials", "status", "reason", "factor_estimate", "factor_lo", "factor_hi",
+                 "factor_converged", "note")
 TABLES = ("claims", "accuracy_by_model_arm", "accuracy_by_factor", "semsam_effect",
           "unparseable", "factor_effects")
+#: The paper: Yu, Hariri et al., "Medical Image Spatial Grounding with Semantic Sampling",
+#: arXiv:2603.14579 (v1), and the authors' project page and poster of it.
+PAPER = "arXiv:2603.14579v1"
+#: Where a factor claim's number was taken from (issue 7 transcribed them; the paper's
+#: section or table of each has not been checked against the paper in this repository).
+_RESULTS = f"{PAPER}, results (number as transcribed in issue 7; section not checked)"
 
 
 @dataclass(frozen=True)
 class Claim:
-    """One headline quantity of the paper.
+    """One headline quantity of the paper measured on question subsets (models pooled).
 
     Attributes
     ----------
-    id : short identifier (letters and underscores; becomes LaTeX macro names).
+    id : short identifier (letters, digits and underscores; becomes LaTeX macro names).
     claim : which headline claim it belongs to (a short title).
     quantity : what is measured, in words.
     paper : the paper's value, percent (level) or percentage points (difference).
-    select : factor levels of the questions measured (``{"family": "plane"}``).
+    select : factor levels of the questions measured (``{"family": "plane"}``;
+        ``"<baseline>"`` is the profile's no-prompt level).
     minus : for a difference, the levels of the subtracted questions.
-    contrast : the matching ``contrasts.parquet`` name of stage 07, if any.
+    contrast : the matching ``contrasts.parquet`` name of stage 07, if any (a leading ``-``
+        turns it round).
+    source : where the paper states it.
     """
 
     id: str
@@ -84,26 +134,73 @@ class Claim:
     select: Mapping[str, str] = field(default_factory=dict)
     minus: Mapping[str, str] | None = None
     contrast: str | None = None
+    source: str = _RESULTS
 
     @property
     def kind(self) -> str:
         return "level" if self.minus is None else "difference"
 
 
+@dataclass(frozen=True)
+class ArmClaim:
+    """One quantity of two decoding arms of one model on the same (question, trial) pairs.
+
+    Attributes
+    ----------
+    id, claim, quantity, source : as in :class:`Claim`.
+    paper : the paper's value for its model ``[paper] semsam_claim_model``; NaN when the
+        paper gives no number.
+    arms : ``(reference, compared)`` arms, e.g. ``("baseline", "semsam")``.
+    part : ``"reference"`` or ``"compared"`` (that arm's accuracy, a level) or ``"effect"``
+        (compared − reference, a difference).
+    sign : the direction the paper implies for an effect (+1, -1; 0: none); it is what is
+        tested for a model other than the paper's, or when the paper gives no number.
+    """
+
+    id: str
+    claim: str
+    quantity: str
+    paper: float
+    source: str
+    arms: tuple[str, str]
+    part: str
+    sign: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "difference" if self.part == "effect" else "level"
+
+
 _IMG = {"ablation": "none"}
-_SEMSAM = "SemSam on Qwen3-VL-32B"
+_SEMSAM = "SemSam against baseline decoding"
+_GREEDY = "SemSam against the greedy control (three arms)"
 _STD = "Standard view: anatomical beats colloquial"
 _STO = "Storage view: colloquial beats anatomical"
 _XSL = "Cross-slice relations are harder than in-plane ones"
 _DIM = "3D stacks are slightly harder than 2D slices"
 _BOX = "A box helps colloquial and hurts anatomical questions"
 _TXT = "Text only: anatomical survives, colloquial collapses"
+_PAGE = f"{PAPER} project page and poster (headline figure: accuracy against model size)"
 
-#: The paper's headline numbers (issue 7), one row per quantity.
+#: The decoding claims, evaluated for every model that ran both arms of a pair.
+ARM_CLAIMS: tuple[ArmClaim, ...] = (
+    ArmClaim("semsam_baseline", _SEMSAM, "accuracy, baseline decoding", 53.4, _PAGE,
+             ("baseline", "semsam"), "reference"),
+    ArmClaim("semsam_with", _SEMSAM, "accuracy with SemSam", 66.5, _PAGE,
+             ("baseline", "semsam"), "compared"),
+    ArmClaim("semsam_gain", _SEMSAM, "SemSam − baseline (paired)", 13.06,
+             f"{PAPER}, abstract (+13.06 % on Qwen3-VL-32B; SemSam called model-agnostic)",
+             ("baseline", "semsam"), "effect", sign=+1),
+    ArmClaim("semsam_minus_greedy", _GREEDY, "SemSam − greedy (paired)", math.nan,
+             "no number in the paper: it credits the gain to re-scoring, so SemSam should "
+             "beat greedy decoding (docs/design.md, the arms)", ("greedy", "semsam"), "effect",
+             sign=+1),
+    ArmClaim("greedy_minus_baseline", _GREEDY, "greedy − baseline (paired)", math.nan,
+             "no claim in the paper (the greedy arm is this project's control)",
+             ("baseline", "greedy"), "effect"),
+)
+#: The factor claims: question subsets of the claims arm, models pooled.
 CLAIMS: tuple[Claim, ...] = (
-    Claim("semsam_baseline", _SEMSAM, "accuracy, baseline decoding", 53.4),
-    Claim("semsam_with", _SEMSAM, "accuracy with SemSam", 66.5),
-    Claim("semsam_gain", _SEMSAM, "SemSam − baseline (paired)", 66.5 - 53.4),
     Claim("std_anatomical", _STD, "standard view, anatomical terms", 69.4,
           {**_IMG, "convention": "standard", "terminology": "anatomical"},
           contrast=cell_name(convention="standard", terminology="anatomical")),
@@ -175,7 +272,117 @@ CLAIMS: tuple[Claim, ...] = (
           contrast=difference_name(cell_name(ablation="text_only", terminology="anatomical"),
                                    cell_name(ablation="none", terminology="anatomical"))),
 )
-_SEMSAM_IDS = {"semsam_baseline": "baseline", "semsam_with": "semsam", "semsam_gain": "effect"}
+
+
+# ----------------------------------------------------------------------------------------
+# The reproduction test
+# ----------------------------------------------------------------------------------------
+
+def _sign_status(lo: float, hi: float, sign: int) -> str:
+    if (sign > 0 and lo > 0) or (sign < 0 and hi < 0):
+        return "reproduced"
+    if (sign > 0 and hi < 0) or (sign < 0 and lo > 0):
+        return "contradicted"
+    return "inconclusive"
+
+
+def claim_status(kind: str, paper: float, lo: float, hi: float, tolerance: float,
+                 sign: int = 0) -> str:
+    """*reproduced*, *contradicted* or *inconclusive*: an interval against paper ± tolerance.
+
+    The rules are the module's (its docstring states them).
+
+    Parameters
+    ----------
+    kind : ``"level"`` or ``"difference"``.
+    paper : the paper's value; NaN for a difference the paper gives a direction only.
+    lo, hi : this run's credible interval, in the paper's units.
+    tolerance : half-width of the band around ``paper`` (> 0).
+    sign : the paper's direction of a difference (default: the sign of ``paper``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``, a tolerance that is not positive, a missing or reversed
+        interval, or a claim with neither a number nor a direction.
+
+    Examples
+    --------
+    >>> claim_status("difference", -13.33, -16.0, -9.0, tolerance=5.0)
+    'reproduced'
+    >>> claim_status("difference", -1.9, 0.5, 1.5, tolerance=5.0)  # inside, wrong sign
+    'contradicted'
+    """
+    if kind not in ("level", "difference"):
+        raise ValueError(f"kind must be 'level' or 'difference', not {kind!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be positive, not {tolerance!r}")
+    if is_missing(lo) or is_missing(hi) or lo > hi:
+        raise ValueError(f"interval [{lo}, {hi}] is missing or reversed")
+    if is_missing(paper):
+        if kind == "level" or not sign:
+            raise ValueError("a claim needs the paper's value (or a difference's direction)")
+        return _sign_status(lo, hi, sign)
+    band_lo, band_hi = paper - tolerance, paper + tolerance
+    inside = band_lo <= lo and hi <= band_hi
+    outside = hi < band_lo or lo > band_hi
+    if kind == "level":
+        return "reproduced" if inside else "contradicted" if outside else "inconclusive"
+    direction = sign or int(np.sign(paper))
+    if direction == 0:
+        raise ValueError("a difference of 0 has no direction to test; give sign")
+    by_sign = _sign_status(lo, hi, direction)
+    if inside and by_sign == "reproduced":
+        return "reproduced"
+    if outside or by_sign == "contradicted":
+        return "contradicted"
+    return "inconclusive"
+
+
+def status_reason(status: str, kind: str, paper: float, lo: float, hi: float,
+                  tolerance: float, sign: int = 0) -> str:
+    """Why :func:`claim_status` decided ``status``, in words."""
+    interval = f"[{lo:.1f}, {hi:.1f}]"
+    if is_missing(paper):
+        side = "above" if sign > 0 else "below"
+        return {"reproduced": f"interval {interval} lies {side} 0, the paper's direction",
+                "contradicted": f"interval {interval} lies on the other side of 0",
+                "inconclusive": f"interval {interval} holds 0"}[status]
+    band = f"{paper - tolerance:.1f} to {paper + tolerance:.1f}"
+    if status == "reproduced":
+        return f"interval {interval} lies inside the band {band}" + (
+            " and excludes 0" if kind == "difference" else "")
+    if status == "contradicted":
+        if hi < paper - tolerance or lo > paper + tolerance:
+            return f"interval {interval} lies outside the band {band}"
+        return f"interval {interval} excludes 0 on the side opposite the paper's sign"
+    if kind == "difference" and lo <= 0 <= hi:
+        return f"interval {interval} holds 0 (band {band})"
+    if hi - lo > 2 * tolerance:
+        return f"interval {interval} is wider than the band {band}"
+    return f"interval {interval} overlaps the edge of the band {band}"
+
+
+def fit_converged(diagnostics: Mapping[str, Any], min_ess: float = 400.0) -> bool:
+    """Whether stage 07's fit converged, from its ``factor_diagnostics.json``.
+
+    A ``converged`` entry, when the fit wrote one, decides; otherwise every R-hat at most
+    1.01 (``rhat_ok``), no divergent transition and a bulk ESS of at least ``min_ess``
+    (Vehtari et al. 2021: 100 per chain for four chains).
+
+    >>> fit_converged({"rhat_ok": True, "divergences": 0, "min_ess_bulk": 812.0})
+    True
+    >>> fit_converged({"rhat_ok": False, "divergences": 0, "min_ess_bulk": 812.0})
+    False
+    """
+    if "converged" in diagnostics:
+        return bool(diagnostics["converged"])
+    try:
+        return (bool(diagnostics["rhat_ok"]) and int(diagnostics["divergences"]) == 0
+                and float(diagnostics["min_ess_bulk"]) >= min_ess)
+    except KeyError as err:
+        raise ValueError(f"factor diagnostics lack {err.args[0]!r}: rerun stage 07 "
+                         "(07_factor_analysis)") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,24 +399,19 @@ def _subset(scored: pd.DataFrame, select: Mapping[str, str], baseline: str) -> p
     return scored[mask]
 
 
-def _estimate(rows: pd.DataFrame, level: float) -> tuple[float, ...] | None:
-    """``(mu, sigma, lo, hi, n_questions, raw accuracy)`` of some scored rows, or None."""
+def _estimate(rows: pd.DataFrame, level: float) -> dict[str, float] | None:
+    """Bayes@N (mu, sigma, lo, hi), raw accuracy, chance (percent; NaN without the scored
+    table's ``n_options``), questions and trials of some scored rows; None if empty."""
     if rows.empty:
         return None
     cell = bayes_by(rows.assign(_all="all"), ["_all"], level)
     if cell.empty or cell["n_questions"].iat[0] == 0:
         return None
     r = cell.iloc[0]
-    return (float(r["mu"]), float(r["sigma"]), float(r["lo"]), float(r["hi"]),
-            int(r["n_questions"]), float(r["accuracy"]))
-
-
-def _status(kind: str, paper: float, estimate: float, lo: float, hi: float) -> str:
-    if kind == "level":
-        return "reproduced" if lo <= paper <= hi else "not reproduced"
-    excludes_zero = lo > 0 or hi < 0
-    same_sign = np.sign(estimate) == np.sign(paper)
-    return "reproduced" if excludes_zero and same_sign else "not reproduced"
+    return {"mu": float(r["mu"]), "sigma": float(r["sigma"]), "lo": float(r["lo"]),
+            "hi": float(r["hi"]), "n_questions": int(r["n_questions"]),
+            "n_trials": int(r["n_trials"]), "raw": float(r["accuracy"]),
+            "chance": 100 * float(r.get("chance", math.nan))}
 
 
 def _contrast_lookup(contrasts: pd.DataFrame | None, name: str | None) -> tuple[float, ...]:
@@ -225,87 +427,161 @@ def _contrast_lookup(contrasts: pd.DataFrame | None, name: str | None) -> tuple[
     return (-mean, -hi, -lo) if flip else (mean, lo, hi)
 
 
-def evaluate_claims(scored: pd.DataFrame, semsam: pd.DataFrame | None = None,
-                    contrasts: pd.DataFrame | None = None, *, arm: str = "baseline",
-                    semsam_model: str = "Qwen3-VL-32B", prompt_baseline: str = "none",
-                    level: float = 0.95, claims: Sequence[Claim] = CLAIMS) -> pd.DataFrame:
-    """Each claim quantity beside this run's estimate, interval and status.
+def _assess(kind: str, paper: float, sign: int, lo: float, hi: float, *, tolerance: float,
+            n_questions: int, min_questions: int, smoke: Sequence[str],
+            no_claim: str = "") -> tuple[str, str]:
+    """(status, reason) of a measured claim: *not assessed* first, then the band test."""
+    if smoke:
+        return "not assessed", (f"answered by the smoke model {', '.join(smoke)} (random "
+                                "weights: its answers are noise)")
+    if n_questions < min_questions:
+        return "not assessed", (f"{n_questions} questions, fewer than min_questions = "
+                                f"{min_questions}")
+    if no_claim:
+        return "not assessed", no_claim
+    if is_missing(paper) and not sign:
+        return "not assessed", "the paper makes no claim about this quantity"
+    status = claim_status(kind, paper, lo, hi, tolerance, sign)
+    return status, status_reason(status, kind, paper, lo, hi, tolerance, sign)
+
+
+def _blank(c: Claim | ArmClaim, tolerance: float) -> dict[str, Any]:
+    return {"claim": c.claim, "id": c.id, "quantity": c.quantity, "kind": c.kind,
+            "source": c.source, "models": "", "paper_model": "", "paper": c.paper,
+            "sign": getattr(c, "sign", 0) or (int(np.sign(c.paper)) if c.kind == "difference"
+                                              and not is_missing(c.paper) else 0),
+            "tolerance": tolerance, "estimate": math.nan, "lo": math.nan, "hi": math.nan,
+            "raw": math.nan, "chance": math.nan, "n_questions": 0, "n_trials": 0,
+            "status": "not measurable", "reason": "", "factor_estimate": math.nan,
+            "factor_lo": math.nan, "factor_hi": math.nan, "factor_converged": None,
+            "note": ""}
+
+
+def evaluate_claims(scored: pd.DataFrame, contrasts: pd.DataFrame | None = None, *,
+                    arm: str = "baseline", semsam_model: str = "Qwen3-VL-32B",
+                    prompt_baseline: str = "none", level: float = 0.95,
+                    tolerance: float = 5.0, min_questions: int = 30,
+                    converged: bool | None = None, claims: Sequence[Claim] = CLAIMS,
+                    arm_claims: Sequence[ArmClaim] = ARM_CLAIMS) -> pd.DataFrame:
+    """Each claim quantity beside this run's estimate, interval, raw accuracy, chance and n.
 
     Parameters
     ----------
-    scored : ``scored.parquet`` of stage 06.
-    semsam : ``semsam_effect.parquet`` of stage 06 (the SemSam claim; None = not measurable).
-    contrasts : ``contrasts.parquet`` of stage 07 (optional; fills ``model_*``).
+    scored : ``scored.parquet`` of stage 06 (its ``n_options`` gives ``chance``).
+    contrasts : ``contrasts.parquet`` of stage 07 (optional; fills ``factor_*``).
     arm : the arm the factor claims are measured in (models pooled).
-    semsam_model : text that the model id of the SemSam claim contains (case-insensitive).
+    semsam_model : text that the model id of the paper's SemSam model contains
+        (case-insensitive); the decoding claims' numbers are that model's.
     prompt_baseline : the ``prompt`` level meaning "no visual prompt".
     level : credible level of the intervals.
+    tolerance, min_questions : the reproduction test's band half-width (percent or points)
+        and the fewest questions a claim is assessed on (the module docstring's rules).
+    converged : whether stage 07's fit converged (None: unknown); ``factor_converged``.
 
     Returns
     -------
-    DataFrame with :data:`CLAIM_COLUMNS`; ``paper``, ``estimate``, ``lo``, ``hi`` and
-    ``model_*`` in percent (levels) or percentage points (differences). ``estimate`` is
-    the Bayes@N posterior mean, which shrinks each question's accuracy towards 50 % by
-    N/(N+2) for N trials; ``raw`` is the plain accuracy of the same trials, for comparison
-    with numbers reported as plain accuracies.
+    DataFrame with :data:`CLAIM_COLUMNS`: the decoding claims first (one row per model
+    that ran both arms of the claim, or one *not measurable* row), then the factor claims.
+    ``estimate`` is the Bayes@N posterior mean, ``raw`` the plain accuracy of the same
+    trials, ``n_questions`` × ``n_trials`` the trials behind them.
     """
+    if not tolerance > 0:
+        raise ValueError(f"[paper] tolerance_points must be positive, not {tolerance!r}")
+    rows = _arm_claim_rows(scored, arm_claims, semsam_model, level, tolerance, min_questions)
     in_arm = scored[scored["arm"].astype(str) == arm] if "arm" in scored else scored
-    rows = []
+    models = sorted(in_arm["model"].astype(str).unique()) if "model" in in_arm else []
+    smoke = [m for m in models if is_smoke_model(m)]
+    z = float(norm.ppf(0.5 + level / 2))
     for c in claims:
-        row = {"claim": c.claim, "id": c.id, "quantity": c.quantity, "kind": c.kind,
-               "paper": c.paper, "estimate": math.nan, "lo": math.nan, "hi": math.nan,
-               "raw": math.nan, "n_questions": 0, "status": "not measurable", "note": ""}
+        row = _blank(c, tolerance)
+        row["models"] = ", ".join(models) + (" (pooled)" if len(models) > 1 else "")
         # stage 07 names the no-prompt level as the benchmark does (box after none)
         contrast = c.contrast and c.contrast.replace("<baseline>", prompt_baseline)
         mean, lo, hi = _contrast_lookup(contrasts, contrast)
-        row.update(model_estimate=mean, model_lo=lo, model_hi=hi)
-        if c.id in _SEMSAM_IDS:
-            row.update(_semsam_claim(c, semsam, semsam_model))
+        row.update(factor_estimate=mean, factor_lo=lo, factor_hi=hi,
+                   factor_converged=None if is_missing(mean) else converged)
+        uses_baseline = "<baseline>" in c.select.values() or (
+            c.minus is not None and "<baseline>" in c.minus.values())
+        a = _estimate(_subset(in_arm, c.select, prompt_baseline), level)
+        b = None if c.minus is None else _estimate(
+            _subset(in_arm, c.minus, prompt_baseline), level)
+        if a is None or (c.minus is not None and b is None):
+            row["note"] = (f"no questions with prompt '{prompt_baseline}' (no-prompt "
+                           "baseline) in this run" if uses_baseline
+                           else f"no such questions in the {arm} arm of this run")
+            row["reason"] = row["note"]
+            rows.append(row)
+            continue
+        if b is None:
+            est = {k: a[k] for k in ("mu", "lo", "hi", "raw", "chance", "n_questions",
+                                     "n_trials")}
+            n_min = a["n_questions"]
         else:
-            uses_baseline = "<baseline>" in c.select.values() or (
-                c.minus is not None and "<baseline>" in c.minus.values())
-            a = _estimate(_subset(in_arm, c.select, prompt_baseline), level)
-            b = None if c.minus is None else _estimate(
-                _subset(in_arm, c.minus, prompt_baseline), level)
-            if a is None or (c.minus is not None and b is None):
-                row["note"] = (f"no questions with prompt '{prompt_baseline}' (no-prompt "
-                               "baseline) in this run" if uses_baseline
-                               else f"no such questions in the {arm} arm of this run")
-            else:
-                if b is None:
-                    mu, sigma, lo_, hi_, n, raw = a
-                else:
-                    # Different questions on each side: independent posteriors.
-                    mu, sigma = a[0] - b[0], math.hypot(a[1], b[1])
-                    z = float(norm.ppf(0.5 + level / 2))
-                    lo_, hi_ = mu - z * sigma, mu + z * sigma
-                    n, raw = a[4] + b[4], a[5] - b[5]
-                row.update(estimate=100 * mu, lo=100 * lo_, hi=100 * hi_, raw=100 * raw,
-                           n_questions=n,
-                           note=f"Bayes@N, {arm} arm, models pooled")
-                row["status"] = _status(c.kind, c.paper, row["estimate"], row["lo"], row["hi"])
+            # Different questions on each side: independent posteriors.
+            mu, sigma = a["mu"] - b["mu"], math.hypot(a["sigma"], b["sigma"])
+            est = {"mu": mu, "lo": mu - z * sigma, "hi": mu + z * sigma,
+                   "raw": a["raw"] - b["raw"], "chance": a["chance"] - b["chance"],
+                   "n_questions": a["n_questions"] + b["n_questions"],
+                   "n_trials": max(a["n_trials"], b["n_trials"])}
+            n_min = min(a["n_questions"], b["n_questions"])
+        row.update(estimate=100 * est["mu"], lo=100 * est["lo"], hi=100 * est["hi"],
+                   raw=100 * est["raw"], chance=est["chance"],
+                   n_questions=est["n_questions"], n_trials=est["n_trials"],
+                   note=f"Bayes@N, {arm} arm, models pooled")
+        row["status"], row["reason"] = _assess(
+            c.kind, c.paper, row["sign"], row["lo"], row["hi"], tolerance=tolerance,
+            n_questions=n_min, min_questions=min_questions, smoke=smoke)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
 
 
-def _semsam_claim(c: Claim, semsam: pd.DataFrame | None, pattern: str) -> dict[str, Any]:
-    if semsam is None or semsam.empty:
-        return {"note": "no model was run in both arms"}
-    match = semsam[semsam["model"].astype(str).str.contains(pattern, case=False, regex=False)]
-    if match.empty:
-        models = ", ".join(sorted(semsam["model"].astype(str)))
-        return {"note": f"model {pattern} not in this run (run: {models})"}
-    r = match.iloc[0]
-    part = _SEMSAM_IDS[c.id]
-    est, lo, hi = (100 * r[f"{part}_mu"], 100 * r[f"{part}_lo"], 100 * r[f"{part}_hi"])
-    raw = math.nan
-    if "baseline_accuracy" in r and "semsam_accuracy" in r:
-        raw = 100 * {"baseline": r["baseline_accuracy"], "semsam": r["semsam_accuracy"],
-                     "effect": r["semsam_accuracy"] - r["baseline_accuracy"]}[part]
-    return {"estimate": est, "lo": lo, "hi": hi, "raw": raw,
-            "n_questions": int(r["n_questions"]),
-            "status": _status(c.kind, c.paper, est, lo, hi),
-            "note": f"{r['model']}, same questions and trials in both arms"}
+_PART = {"reference": "baseline", "compared": "semsam", "effect": "effect"}
+
+
+def _arm_claim_rows(scored: pd.DataFrame, arm_claims: Sequence[ArmClaim], semsam_model: str,
+                    level: float, tolerance: float, min_questions: int) -> list[dict]:
+    """The decoding claims: one row per (claim, model that ran both of its arms)."""
+    effects = {pair: semsam_effect(scored, baseline=pair[0], treated=pair[1], level=level)
+               for pair in dict.fromkeys(c.arms for c in arm_claims)}
+    rows = []
+    for c in arm_claims:
+        effect = effects[c.arms]
+        if effect.empty:
+            row = _blank(c, tolerance)
+            row["note"] = row["reason"] = (f"no model ran both the {c.arms[0]} and the "
+                                           f"{c.arms[1]} arm")
+            rows.append(row)
+            continue
+        for r in effect.itertuples(index=False):
+            r = r._asdict()
+            model = str(r["model"])
+            row = _blank(c, tolerance)
+            prefix = _PART[c.part]
+            raw = {"reference": r["baseline_accuracy"], "compared": r["semsam_accuracy"],
+                   "effect": r["semsam_accuracy"] - r["baseline_accuracy"]}[c.part]
+            chance = 100 * float(r.get("chance", math.nan))
+            row.update(models=model, paper_model=semsam_model if not is_missing(c.paper)
+                       else "", estimate=100 * r[f"{prefix}_mu"],
+                       lo=100 * r[f"{prefix}_lo"], hi=100 * r[f"{prefix}_hi"], raw=100 * raw,
+                       chance=0.0 if c.part == "effect" and not is_missing(chance) else chance,
+                       n_questions=int(r["n_questions"]), n_trials=int(r["n_trials"]),
+                       note=f"{c.arms[1]} against {c.arms[0]} on the same questions and "
+                            "trials")
+            paper, sign, no_claim = c.paper, row["sign"], ""
+            if not is_missing(c.paper) and semsam_model.lower() not in model.lower():
+                if c.part == "effect":
+                    paper = math.nan  # another model: the paper's direction only
+                    row["note"] += (f"; the paper's {c.paper:+g} is {semsam_model}'s, so "
+                                    "this model is tested for the sign only")
+                else:
+                    no_claim = (f"the paper's {c.paper:g} % is {semsam_model}'s accuracy, "
+                                f"not {model}'s")
+            row["status"], row["reason"] = _assess(
+                c.kind, paper, sign, row["lo"], row["hi"], tolerance=tolerance,
+                n_questions=row["n_questions"], min_questions=min_questions,
+                smoke=[model] if is_smoke_model(model) else [], no_claim=no_claim)
+            rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -334,11 +610,16 @@ def latex_escape(text: Any) -> str:
     s = s.replace("\\", r"\textbackslash{}")
     s = _LATEX_SPECIAL.sub(r"\\\1", s)
     return s.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}") \
-        .replace("−", "$-$").replace("×", r"$\times$").replace("→", r"$\to$")
+        .replace("−", "$-$").replace("×", r"$\times$").replace("→", r"$\to$") \
+        .replace("±", r"$\pm$").replace("·", r"$\cdot$").replace("…", r"\ldots{}")
 
 
 def latex_table(table: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs ``table`` environment (via pandas' Styler) of already-formatted cells."""
+    """A booktabs ``table`` environment (via pandas' Styler) of already-formatted cells.
+
+    The tabular is shrunk to the text width when wider (``\\resizebox`` of graphicx, which
+    the document loads).
+    """
     escaped = table.map(latex_escape)
     escaped.columns = [latex_escape(c) for c in table.columns]
     align = "".join("r" if pd.api.types.is_numeric_dtype(table[c]) else "l"
@@ -346,7 +627,11 @@ def latex_table(table: pd.DataFrame, caption: str, label: str) -> str:
     body = escaped.style.hide(axis="index").to_latex(
         hrules=True, column_format=align, caption=latex_escape(caption),
         label=f"tab:{label}", position="htbp", position_float="centering")
-    return body
+    # shrink a table wider than the text to the text width (graphicx's \resizebox)
+    fit = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
+    body = body.replace("\\begin{tabular}", fit + "\n\\begin{tabular}", 1)
+    body = body.replace("\\end{tabular}\n", "\\end{tabular}}\n", 1)
+    return body.replace("\\centering\n", "\\centering\n\\small\n", 1)
 
 
 def _pct(v: float, digits: int = 1) -> str:
@@ -355,7 +640,7 @@ def _pct(v: float, digits: int = 1) -> str:
 
 def _paper(v: float) -> str:
     """The paper's number as the paper prints it (up to two decimals, no trailing zeros)."""
-    return f"{v:.2f}".rstrip("0").rstrip(".")
+    return "" if is_missing(v) else f"{v:.2f}".rstrip("0").rstrip(".")
 
 
 def _interval(lo: float, hi: float, digits: int = 1) -> str:
@@ -364,55 +649,119 @@ def _interval(lo: float, hi: float, digits: int = 1) -> str:
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _n(n_questions: Any, n_trials: Any) -> str:
+    """``questions × trials`` (empty when nothing was measured)."""
+    if is_missing(n_questions) or not int(n_questions):
+        return ""
+    return f"{int(n_questions):,} × {int(n_trials)}"
+
+
+def _paper_band(paper: float, sign: int, tolerance: float) -> str:
+    if is_missing(paper):
+        return {1: "> 0", -1: "< 0"}.get(int(sign), "—")
+    return f"{_paper(paper)} ± {tolerance:g}"
+
+
+def _factor_cell(estimate: float, lo: float, hi: float, converged: Any) -> str:
+    """Stage 07's estimate, or *not converged* instead of a number a reader should not use."""
+    if is_missing(estimate):
+        return ""
+    if converged is False:
+        return "not converged"
+    text = f"{estimate:.1f} {_interval(lo, hi)}"
+    return text if converged is True else f"{text} (convergence unknown)"
+
+
+def _short_model(models: str) -> str:
+    return "pooled" if "(pooled)" in models else models
+
+
+def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
+    """The claims table as printed (strings): paper ± tolerance, this run, raw, chance, n."""
+    return pd.DataFrame({
+        "quantity": claims["quantity"], "model": [_short_model(m) for m in claims["models"]],
+        "paper": [_paper_band(p, s, t) for p, s, t in
+                  zip(claims["paper"], claims["sign"], claims["tolerance"], strict=True)],
+        "this run": [f"{_pct(e)} {_interval(lo, hi)}".strip() for e, lo, hi in
+                     zip(claims["estimate"], claims["lo"], claims["hi"], strict=True)],
+        "raw": [_pct(v) for v in claims["raw"]],
+        "chance": [_pct(v) for v in claims["chance"]],
+        "n": [_n(q, t) for q, t in zip(claims["n_questions"], claims["n_trials"], strict=True)],
+        "factor model": [_factor_cell(e, lo, hi, c) for e, lo, hi, c in zip(
+            claims["factor_estimate"], claims["factor_lo"], claims["factor_hi"],
+            claims["factor_converged"], strict=True)],
+        "status": claims["status"]})
+
+
+def _chance_column(table: pd.DataFrame) -> list[str]:
+    """A stage-06 table's ``chance`` (fraction) as percent strings (empty when absent)."""
+    if "chance" not in table:
+        return [""] * len(table)
+    return [_pct(100 * v) for v in table["chance"]]
+
+
 def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
-                  level: float = 0.95) -> dict[str, tuple[pd.DataFrame, str]]:
-    """The paper's tables, formatted for print: ``{name: (table, caption)}``."""
+                  level: float = 0.95, converged: bool | None = None
+                  ) -> dict[str, tuple[pd.DataFrame, str]]:
+    """The paper's tables, formatted for print: ``{name: (table, caption)}``.
+
+    Every accuracy stands with its raw value, chance (1 / options) and n (questions ×
+    trials) beside Bayes@N; the caption says what is shown (the caller adds the provenance).
+    """
     pct_level = f"{100 * level:g} %"
     out: dict[str, tuple[pd.DataFrame, str]] = {}
-    shown = claims.assign(
-        paper=[_paper(p) for p in claims["paper"]],
-        estimate=[_pct(e) for e in claims["estimate"]],
-        interval=[_interval(lo, hi) for lo, hi in zip(claims["lo"], claims["hi"], strict=True)],
-        raw=[_pct(e) for e in claims["raw"]],
-        factor_model=[_pct(e) for e in claims["model_estimate"]])
-    out["claims"] = (shown[["claim", "quantity", "paper", "estimate", "interval", "raw",
-                            "factor_model", "status"]].rename(
-                                columns={"factor_model": "factor model", "estimate": "this run"}),
-                     f"The paper's headline numbers beside this run (percent or points; "
-                     f"{pct_level} credible intervals).")
+    out["claims"] = (claims_display(claims),
+                     "The paper's headline numbers (± the reproduction test's tolerance) "
+                     f"beside this run: Bayes@N with {pct_level} credible interval, raw "
+                     "accuracy, chance and n = questions × trials (percent or points).")
 
     by = tables["bayes_by_factor"]
     overall = by[by["factor"] == "all"]
     out["accuracy_by_model_arm"] = (pd.DataFrame({
         "model": overall["model"], "arm": overall["arm"],
-        "questions": overall["n_questions"].astype(int), "trials": overall["n_trials"],
-        "accuracy": [_pct(100 * v) for v in overall["mu"]],
+        "n": [_n(q, t) for q, t in zip(overall["n_questions"], overall["n_trials"],
+                                       strict=True)],
+        "chance": _chance_column(overall),
+        "raw": [_pct(100 * v) for v in overall["accuracy"]],
+        "Bayes@N": [_pct(100 * v) for v in overall["mu"]],
         "interval": [_interval(100 * lo, 100 * hi) for lo, hi in
                      zip(overall["lo"], overall["hi"], strict=True)]}),
-        f"Bayes@N accuracy (%) per model and decoding arm, {pct_level} credible intervals.")
+        f"Accuracy (%) per model and decoding arm: raw, Bayes@N with {pct_level} credible "
+        "interval, chance and n = questions × trials.")
 
     factors = tables["bayes_by_factor_pooled"]
     wide = []
     for (factor, lv), g in factors.groupby(["factor", "level"], sort=False):
-        row = {"factor": factor, "level": lv}
+        row = {"factor": factor, "level": lv,
+               "chance": " / ".join(dict.fromkeys(_chance_column(g))),
+               "n": " / ".join(dict.fromkeys(_n(q, t) for q, t in
+                                             zip(g["n_questions"], g["n_trials"],
+                                                 strict=True)))}
         for r in g.itertuples():
-            row[str(r.arm)] = f"{100 * r.mu:.1f} {_interval(100 * r.lo, 100 * r.hi)}"
+            row[f"{r.arm} raw"] = _pct(100 * r.accuracy)
+            row[f"{r.arm} Bayes@N"] = f"{100 * r.mu:.1f} {_interval(100 * r.lo, 100 * r.hi)}"
         wide.append(row)
     out["accuracy_by_factor"] = (pd.DataFrame(wide).fillna(""),
-                                 "Bayes@N accuracy (%) per factor level and arm, models "
-                                 f"pooled, {pct_level} credible intervals.")
+                                 "Accuracy (%) per factor level and arm, models pooled: raw "
+                                 f"and Bayes@N with {pct_level} credible interval; chance and "
+                                 "n = questions × trials (per arm when they differ).")
 
     eff = tables["semsam_effect"]
     out["semsam_effect"] = (pd.DataFrame({
-        "model": eff["model"], "questions": eff["n_questions"],
+        "model": eff["model"],
+        "n": [_n(q, t) for q, t in zip(eff["n_questions"], eff["n_trials"], strict=True)],
+        "chance": _chance_column(eff),
+        "baseline raw": [_pct(100 * v) for v in eff["baseline_accuracy"]],
         "baseline": [_pct(100 * v) for v in eff["baseline_mu"]],
+        "SemSam raw": [_pct(100 * v) for v in eff["semsam_accuracy"]],
         "SemSam": [_pct(100 * v) for v in eff["semsam_mu"]],
         "effect": [_pct(100 * v) for v in eff["effect_mu"]],
         "interval": [_interval(100 * lo, 100 * hi) for lo, hi in
                      zip(eff["effect_lo"], eff["effect_hi"], strict=True)],
         "fixed": eff["n_fixed"], "broken": eff["n_broken"]}),
-        "SemSam against baseline decoding on the same questions and trials: accuracy (%), "
-        f"effect (points, {pct_level} credible interval), trials fixed and broken.")
+        "SemSam against baseline decoding on the same questions and trials: raw and Bayes@N "
+        f"accuracy (%), the Bayes@N effect (points, {pct_level} credible interval), chance, "
+        "n = questions × trials, and trials fixed and broken.")
 
     un = tables["unparseable"]
     out["unparseable"] = (pd.DataFrame({
@@ -426,6 +775,9 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
 
     fe = tables.get("factor_effects")
     if fe is not None and not fe.empty:
+        fit = {True: "The fit converged.", None: "The fit's convergence is unknown (no "
+               "diagnostics).", False: "NOT CONVERGED: R-hat, ESS or divergences fail; do "
+               "not read these effects."}[converged]
         out["factor_effects"] = (pd.DataFrame({
             "term": fe["term"], "mean": [f"{v:.2f}" for v in fe["mean"]],
             "interval": [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in
@@ -433,7 +785,7 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
             "R-hat": [f"{v:.3f}" for v in fe["r_hat"]],
             "ESS": [f"{v:.0f}" for v in fe["ess_bulk"]]}),
             "Factor model: fixed effects on the logit scale (sum-to-zero deviations), "
-            "95 % intervals, R-hat and bulk ESS.")
+            f"95 % intervals, R-hat and bulk ESS. {fit}")
     return out
 
 
@@ -446,62 +798,138 @@ def macro_name(*parts: str) -> str:
     return "".join(digits.get(ch, ch) for ch in name)
 
 
-def numbers_tex(claims: pd.DataFrame, tables: Mapping[str, pd.DataFrame],
-                prefix: str = "mis") -> str:
-    """``\\newcommand`` macros for the headline numbers of the paper and of this run."""
+def _count(n: int) -> str:
+    """An integer for LaTeX with a thin-space-free thousands comma (``1{,}128``)."""
+    return f"{int(n):,}".replace(",", "{,}")
+
+
+def _headline_rows(claims: pd.DataFrame, semsam_model: str) -> pd.DataFrame:
+    """One row per claim id: the paper's model's row where several models ran, else the first."""
+    picked = []
+    for _, g in claims.groupby("id", sort=False):
+        mine = g[g["models"].str.lower().str.contains(semsam_model.lower(), regex=False)]
+        picked.append((mine if len(mine) else g).iloc[0])
+    return pd.DataFrame(picked)
+
+
+def numbers_tex(claims: pd.DataFrame, tables: Mapping[str, pd.DataFrame], prov: Provenance,
+                prefix: str = "mis", semsam_model: str = "Qwen3-VL-32B") -> str:
+    """``\\newcommand`` macros: the profile and counts, the demo switch, the headline numbers.
+
+    ``\\ifmisdemo`` is true when a smoke model (random weights) answered, so that
+    ``main.tex`` can say that it is the demo; ``\\ifmissimulated`` when the responses were
+    simulated; ``\\ifmisconverged`` when stage 07's fit converged.
+    """
     lines = ["% Generated by mislib.claims (notebook 08_paper_assets); do not edit.",
+             f"% {caption(prov)}",
              "% Percent (levels) or percentage points (differences)."]
 
     def add(name: str, value: str) -> None:
         lines.append(f"\\newcommand{{\\{prefix}{name}}}{{{value}}}")
 
-    for r in claims.itertuples():
+    for flag, value in (("demo", prov.smoke), ("simulated", prov.simulated),
+                        ("converged", prov.converged is True)):
+        lines += [f"\\newif\\if{prefix}{flag}", f"\\{prefix}{flag}{'true' if value else 'false'}"]
+    add("Profile", latex_escape(prov.profile))
+    add("Models", latex_escape(", ".join(prov.models)))
+    add("RunIds", latex_escape(", ".join(prov.run_ids)))
+    add("Provenance", latex_escape(prov.label()))
+    add("NQuestionsGenerated", _count(prov.n_questions_generated))
+    add("NQuestionsAsked", _count(prov.n_questions_asked))
+    add("NTrials", str(prov.n_trials))
+    add("NModels", str(len(prov.models)))
+    add("NResponses", _count(len(tables["scored"])))
+    add("Tolerance", f"{float(claims['tolerance'].iat[0]):g}" if len(claims) else "")
+    counts = claims["status"].value_counts()
+    for status in STATUSES:
+        add("N" + macro_name(status), str(int(counts.get(status, 0))))
+    for r in _headline_rows(claims, semsam_model).itertuples():
         base = macro_name(r.id)
-        add(base + "Paper", _paper(r.paper))
+        add(base + "Paper", _paper(r.paper) or "n/a")
+        add(base + "Model", latex_escape(_short_model(r.models)) or "n/a")
         add(base + "Run", _pct(r.estimate) or "n/a")
         add(base + "RunCI", _interval(r.lo, r.hi) or "n/a")
+        add(base + "Raw", _pct(r.raw) or "n/a")
+        add(base + "Chance", _pct(r.chance) or "n/a")
+        add(base + "N", latex_escape(_n(r.n_questions, r.n_trials)) or "n/a")
         add(base + "Status", r.status)
-    scored = tables["scored"]
-    add("NQuestions", f"{scored['question_id'].nunique():,}".replace(",", "{,}"))
-    add("NModels", str(scored["model"].nunique()))
-    add("NTrials", str(int(scored["trial"].max()) + 1 if len(scored) else 0))
-    add("NResponses", f"{len(scored):,}".replace(",", "{,}"))
     by = tables["bayes_by_factor_pooled"]
-    for r in by[by["factor"] == "all"].itertuples():
-        add("Acc" + macro_name(str(r.arm)), _pct(100 * r.mu))
+    overall = by[by["factor"] == "all"].set_index("arm")
+    for arm in ARMS:
+        r = overall.loc[arm] if arm in overall.index else None
+        add("Acc" + macro_name(arm), "n/a" if r is None else _pct(100 * r["mu"]))
+        add("Acc" + macro_name(arm) + "CI",
+            "n/a" if r is None else _interval(100 * r["lo"], 100 * r["hi"]))
+        add("Raw" + macro_name(arm), "n/a" if r is None else _pct(100 * r["accuracy"]))
+        add("Chance" + macro_name(arm),
+            "n/a" if r is None or "chance" not in r else _pct(100 * r["chance"]) or "n/a")
     return "\n".join(lines) + "\n"
 
 
+BAYES_AT_N = (
+    "**Bayes@N.** Each question was asked N times. Bayes@N puts a uniform Beta(1, 1) prior "
+    "on a question's accuracy and updates it with its N trials: k correct answers give the "
+    "posterior mean (k + 1) / (N + 2). `this run` is the average of these means over the "
+    "questions, with scorio's normal-approximation credible interval. The data's weight is "
+    "N / (N + 2), the prior's (a pull towards 50 %) 2 / (N + 2): with N = 2 a question "
+    "answered wrongly both times counts 25 % and one answered rightly both times 75 %, so a "
+    "model that is always wrong scores 25 %, not 0 %. `raw` is the plain share of correct "
+    "trials and `chance` the accuracy of guessing (the mean of 1 / number of answer "
+    "options); `n` is questions × trials. If a paper number is a plain accuracy, Bayes@N "
+    "pulls this run's value towards 50 % by the same factor (N = 5: a 13-point difference "
+    "shows as 9.3 points).")
+
+
 def claims_markdown(claims: pd.DataFrame, context: Mapping[str, Any]) -> str:
-    """``paper/claims.md``: one section per headline claim with its quantities."""
+    """``paper/claims.md``: the provenance, the rules, Bayes@N, then one section per claim."""
+    prov: Provenance = context["provenance"]
+    tol = context.get("tolerance", 5.0)
     lines = ["# Headline claims of the paper beside this run", "",
-             f"Profile `{context.get('profile')}`; models: {context.get('models')}; "
-             f"claims arm `{context.get('arm')}`; {context.get('trials')} trials per question; "
-             f"{100 * context.get('level', 0.95):g} % credible intervals (Bayes@N).", ""]
-    if context.get("warning"):
-        lines += [f"> **{context['warning']}**", ""]
-    lines += ["Status: a level is *reproduced* when the paper's value lies in this run's "
-              "interval; a difference when it has the paper's sign and its interval excludes "
-              "zero; *not measurable* when this run has no such questions. `this run` is the "
-              "Bayes@N posterior mean (each question's accuracy shrunk towards 50 % by "
-              "N/(N+2) for N trials); `raw` is the plain accuracy of the same trials. "
-              "`factor model` is "
-              "stage 07's population-averaged estimate of the same contrast where it has one "
-              "(it pools both arms and every ablation, so its scope is wider than the "
-              "Bayes@N column's).",
-              ""]
+             f"{caption(prov)} Claims arm `{context.get('arm')}` (models pooled) for the "
+             f"factor claims; {100 * context.get('level', 0.95):g} % credible intervals.", ""]
+    if prov.smoke:
+        lines += ["> **The demo's smoke model has random weights: its answers are noise. "
+                  "These numbers test the pipeline, not the paper; no claim is assessed.**",
+                  ""]
+    if prov.simulated:
+        lines += ["> **Simulated responses (mislib.simulate): these numbers test the pipeline "
+                  "only.**", ""]
+    if prov.converged is False:
+        lines += ["> **Stage 07's factor model did not converge (R-hat, ESS or divergences): "
+                  "its column says *not converged*.**", ""]
+    elif prov.converged is None:
+        lines += ["> Stage 07's diagnostics are missing: the factor model's convergence is "
+                  "unknown.", ""]
+    lines += [
+        f"**The reproduction test** (tolerance ± {tol:g} percent or points, "
+        f"`[paper] tolerance_points`). A level is *reproduced* when this run's interval lies "
+        "inside the paper's value ± the tolerance, *contradicted* when it lies entirely "
+        "outside that band, *inconclusive* otherwise (wider than the band or across its "
+        "edge). A difference is *reproduced* only when its interval also excludes 0 on the "
+        "side of the paper's sign; it is *contradicted* when it lies outside the band or "
+        "excludes 0 on the other side. Where the paper gives a direction but no number "
+        "(`> 0`), only the side of 0 is tested. A claim is *not assessed* when the smoke "
+        "model answered it, when it rests on fewer than "
+        f"{context.get('min_questions', 30)} questions (`[paper] min_questions`), or when "
+        "the paper's number is another model's; *not measurable* when this run has no such "
+        "questions or arms. The SemSam claims are evaluated for every model that ran both "
+        "arms; the paper's numbers are its model's (`paper model`).", "",
+        BAYES_AT_N, "",
+        "`factor model` is stage 07's population-averaged estimate of the same contrast "
+        "where it has one (it pools both arms and every ablation, so its scope is wider); "
+        "it reads *not converged* when that fit did not converge.", ""]
     counts = claims["status"].value_counts()
     lines += ["Summary: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES) + ".", ""]
     for claim, g in claims.groupby("claim", sort=False):
         lines += [f"## {claim}", ""]
-        shown = pd.DataFrame({
-            "quantity": g["quantity"], "paper": [_paper(v) for v in g["paper"]],
-            "this run": [_pct(v) for v in g["estimate"]],
-            "interval": [_interval(lo, hi) for lo, hi in zip(g["lo"], g["hi"], strict=True)],
-            "raw": [_pct(v) for v in g["raw"]],
-            "factor model": [_pct(v) for v in g["model_estimate"]],
-            "status": g["status"], "note": g["note"]})
+        shown = claims_display(g).drop(columns=["status"])
+        shown.insert(1, "paper model", g["paper_model"].to_numpy())
+        shown["status"] = g["status"].to_numpy()
+        shown["why"] = g["reason"].to_numpy()
         lines += [markdown_table(shown)]
+        sources = dict.fromkeys(f"{q}: {s}" for q, s in
+                                zip(g["quantity"], g["source"], strict=True))
+        lines += ["Sources: " + "; ".join(sources) + ".", ""]
     return "\n".join(lines)
 
 
@@ -514,20 +942,16 @@ def _fingerprint(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_context(scored: pd.DataFrame, root: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Who answered: the models, whether any run was simulated or used the smoke model."""
-    from mislib.scoring import read_run_records
-
-    models = sorted(scored["model"].astype(str).unique())
-    runs = read_run_records(root, scored["run_id"].astype(str).unique())
-    warning = ""
-    if runs["simulated"].any():
-        warning = "Simulated responses (mislib.simulate): these numbers test the pipeline only."
-    elif any(m.startswith("smoke:") for m in models):
-        warning = ("The demo's smoke model is randomly initialised: its answers are noise, "
-                   "so these numbers test the pipeline, not the paper.")
-    return {"models": ", ".join(f"`{m}`" for m in models), "warning": warning,
-            "trials": int(scored["trial"].max()) + 1 if len(scored) else 0}
+def read_converged(root: str | os.PathLike | None = None) -> bool | None:
+    """:func:`fit_converged` of stage 07's ``factor_diagnostics.json``; None when it is absent."""
+    path = project_paths(root).analysis / FACTOR_DIAGNOSTICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        diagnostics = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return fit_converged(diagnostics)
 
 
 def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
@@ -535,13 +959,16 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
                        **overrides: Any) -> dict[str, Any]:
     """Stage 08's tables: ``paper/claims.md``, ``paper/numbers.tex``, ``paper/tables/*``.
 
-    Reads stage 06's ``scored, bayes_by_factor, semsam_effect, unparseable`` (required) and
-    stage 07's ``factor_effects, contrasts`` (required: notebook 08 runs after 07).
+    Reads stage 03's ``questions.parquet`` (the generated questions), stage 06's
+    ``scored, bayes_by_factor, semsam_effect, unparseable`` and stage 07's
+    ``factor_effects, contrasts`` (required: notebook 08 runs after 07) and its
+    ``factor_diagnostics.json`` (whether the fit converged; unknown when absent).
 
     Returns
     -------
-    dict with ``claims`` (the DataFrame of :func:`evaluate_claims`) and ``paths`` (every
-    file written).
+    dict with ``claims`` (the DataFrame of :func:`evaluate_claims`), ``provenance``
+    (:class:`mislib.provenance.Provenance` of the numbers) and ``paths`` (every file
+    written).
     """
     params = stage_params(profile, "paper", **overrides)
     level = float(stage_params(profile, "scoring").get("credible_level", 0.95))
@@ -549,43 +976,71 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
     inputs = {Path(name).stem: paths.analysis / name for name in
               (SCORED_FILE, BAYES_BY_FACTOR_FILE, SEMSAM_EFFECT_FILE, UNPARSEABLE_FILE,
                FACTOR_EFFECTS_FILE, CONTRASTS_FILE)}
+    inputs["questions"] = paths.benchmark / QUESTIONS_FILE
     for name, path in inputs.items():
         if not path.is_file():
-            stage = "07 (07_factor_analysis)" if name in ("factor_effects", "contrasts") \
-                else "06 (06_scoring)"
+            stage = {"factor_effects": "07 (07_factor_analysis)",
+                     "contrasts": "07 (07_factor_analysis)",
+                     "questions": "03 (03_question_generation)"}.get(name, "06 (06_scoring)")
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
+    diagnostics = paths.analysis / FACTOR_DIAGNOSTICS_FILE
     # Paths relative to paper/ (the stamp .paper.stage.json lives there, git-ignored); the
     # files are written aside and moved in together, the stamp last (mislib.stage).
     tables_dir = paths.tables.relative_to(paths.paper).as_posix()
     outputs = [CLAIMS_FILE, NUMBERS_FILE, f"{tables_dir}/.claims.json"] + [
         f"{tables_dir}/{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
-    stamp_params = {**params, "level": level, "inputs": _fingerprint(list(inputs.values()))}
+    stamp_params = {**params, "level": level,
+                    "inputs": _fingerprint([*inputs.values(), diagnostics])}
     run = StageRun(paths.paper, "paper", stamp_params, outputs)
     if not force and run.fresh():
-        return {"claims": pd.read_json(paths.tables / ".claims.json"),
+        saved = json.loads((paths.tables / ".claims.json").read_text())
+        return {"claims": pd.DataFrame.from_records(saved["claims"], columns=CLAIM_COLUMNS),
+                "provenance": _provenance_from_record(saved["provenance"]),
                 "paths": [paths.paper / o for o in outputs if not o.endswith(".claims.json")]}
 
-    tables = {name: pd.read_parquet(path) for name, path in inputs.items()}
+    tables = {name: pd.read_parquet(path) for name, path in inputs.items()
+              if name != "questions"}
     scored = tables["scored"]
-    pooled = bayes_by_factor(scored, QUESTION_FACTORS, level, per_model=False)
-    tables["bayes_by_factor_pooled"] = pooled
-    claims = evaluate_claims(scored, tables["semsam_effect"], tables["contrasts"],
-                             arm=str(params["claims_arm"]),
+    tables["bayes_by_factor_pooled"] = bayes_by_factor(scored, QUESTION_FACTORS, level,
+                                                       per_model=False)
+    converged = read_converged(root)
+    prov = Provenance.from_scored(scored, params["profile"], root, converged=converged)
+    claims = evaluate_claims(scored, tables["contrasts"], arm=str(params["claims_arm"]),
                              semsam_model=str(params["semsam_claim_model"]),
-                             prompt_baseline=str(params["prompt_baseline"]), level=level)
-    context = {**run_context(scored, root), "profile": params["profile"],
-               "arm": params["claims_arm"], "level": level}
+                             prompt_baseline=str(params["prompt_baseline"]), level=level,
+                             tolerance=float(params["tolerance_points"]),
+                             min_questions=int(params["min_questions"]), converged=converged)
+    context = {"provenance": prov, "arm": params["claims_arm"], "level": level,
+               "tolerance": float(params["tolerance_points"]),
+               "min_questions": int(params["min_questions"])}
 
     written = []
+    source = caption(prov)
     with run:
-        for name, (table, caption) in format_tables(tables, claims, level).items():
-            run.path(f"{tables_dir}/{name}.tex").write_text(latex_table(table, caption, name))
+        for name, (table, what) in format_tables(tables, claims, level, converged).items():
+            run.path(f"{tables_dir}/{name}.tex").write_text(
+                latex_table(table, f"{what} {source}", name))
             run.path(f"{tables_dir}/{name}.md").write_text(
-                f"{caption}\n\n{markdown_table(table)}")
+                f"{what}\n\n{source}\n\n{markdown_table(table)}")
             written += [paths.tables / f"{name}.tex", paths.tables / f"{name}.md"]
-        run.path(NUMBERS_FILE).write_text(numbers_tex(claims, tables))
+        run.path(NUMBERS_FILE).write_text(numbers_tex(
+            claims, tables, prov, semsam_model=str(params["semsam_claim_model"])))
         run.path(CLAIMS_FILE).write_text(claims_markdown(claims, context))
-        claims.to_json(run.path(f"{tables_dir}/.claims.json"), orient="records", indent=1)
+        saved = {"provenance": _provenance_record(prov),
+                 "claims": json.loads(claims.to_json(orient="records"))}
+        run.path(f"{tables_dir}/.claims.json").write_text(json.dumps(saved, indent=1))
     written += [paths.paper / NUMBERS_FILE, paths.paper / CLAIMS_FILE]
-    return {"claims": claims, "paths": written, "context": json.loads(json.dumps(
-        context, default=str))}
+    return {"claims": claims, "provenance": prov, "paths": written}
+
+
+def _provenance_record(prov: Provenance) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(prov)))
+
+
+def _provenance_from_record(record: Mapping[str, Any]) -> Provenance:
+    """The :class:`Provenance` that :func:`_provenance_record` wrote (lists back to tuples)."""
+    fields = dict(record)
+    for key in ("models", "run_ids"):
+        fields[key] = tuple(fields.get(key, ()))
+    fields["counts"] = tuple(tuple(pair) for pair in fields.get("counts", ()))
+    return Provenance(**fields)

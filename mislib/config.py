@@ -334,6 +334,8 @@ class PaperTable(_Table):
     claims_arm: Literal[*ARMS]
     semsam_claim_model: str
     prompt_baseline: Literal[*PROMPTS]
+    tolerance_points: Annotated[float, Field(gt=0)]
+    min_questions: Count
 
 
 #: Profile table -> its schema. A new stage table is one more entry here.

@@ -84,8 +84,10 @@ LEVEL_ORDER: dict[str, tuple[str, ...]] = {
 RECORD_STATUSES = ("ok", "missing_input", "unknown_family", "oom")
 #: ``parse_status`` of a parsed answer (:func:`mislib.answers.parse_answer`).
 PARSE_STATUSES = ("ok", "unparseable", "ambiguous")
-#: ``status`` of a paper claim checked by stage 08 (:mod:`mislib.claims`).
-CLAIM_STATUSES = ("reproduced", "not reproduced", "not measurable")
+#: ``status`` of a paper claim checked by stage 08 (:mod:`mislib.claims`, whose docstring
+#: states the rules): decided against the paper's value ± a tolerance, or not decided.
+CLAIM_STATUSES = ("reproduced", "contradicted", "inconclusive", "not assessed",
+                  "not measurable")
 
 
 def is_missing(value: Any) -> bool:

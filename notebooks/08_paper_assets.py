@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: MIS-Ground (mislib)
 #     language: python
@@ -18,12 +20,16 @@
 # stages 06 (Bayes@N accuracies, the paired SemSam effect, parse outcomes) and 07 (the
 # hierarchical factor model): the figures go to `figures/08_*.png|pdf`, the tables to
 # `paper/tables/*.tex` (booktabs) and `*.md`, the headline numbers to LaTeX macros in
-# `paper/numbers.tex`, and `paper/claims.md` sets each headline claim of the paper beside
-# this run's estimate, marked *reproduced*, *not reproduced* or *not measurable* with this
-# profile.
+# `paper/numbers.tex` (with the profile and the counts), and `paper/claims.md` puts each
+# headline claim of the paper to a reproduction test: *reproduced* when this run's credible
+# interval lies inside the paper's value ± the profile's `[paper] tolerance_points`,
+# *contradicted* when it lies outside, *inconclusive* when it is wider or overlaps the edge,
+# *not assessed* for the smoke model or a cell with fewer than `[paper] min_questions`
+# questions, *not measurable* when this run has no such questions (the rules in full:
+# `mislib.claims`).
 #
-# With the demo profile the model is the randomly initialised smoke model: the numbers test
-# the pipeline and are not expected to reproduce the paper.
+# With the demo profile the model is the randomly initialised smoke model: its answers are
+# noise, so no claim is assessed and every figure and table says so.
 
 # %% tags=["parameters"]
 profile = "demo"
@@ -31,18 +37,24 @@ force = False
 claims_arm = None          # e.g. "semsam"; None: as in the profile
 semsam_claim_model = None  # e.g. "Qwen3-VL-8B"; None: as in the profile
 prompt_baseline = None     # the prompt level meaning no visual prompt; None: as in the profile
+tolerance_points = None    # the reproduction test's band, ± points; None: as in the profile
+min_questions = None       # fewest questions a claim is assessed on; None: as in the profile
 
 # %%
 from IPython.display import Image, Markdown, display
 
 from mislib.claims import write_paper_assets
+from mislib.claims_figure import save_claims_figure
 from mislib.plots import make_figures
 
 figures = make_figures(profile, prompt_baseline=prompt_baseline)
 assets = write_paper_assets(profile, force=force, claims_arm=claims_arm,
                             semsam_claim_model=semsam_claim_model,
-                            prompt_baseline=prompt_baseline)
+                            prompt_baseline=prompt_baseline,
+                            tolerance_points=tolerance_points, min_questions=min_questions)
 claims = assets["claims"]
+figures["claims_vs_paper"] = save_claims_figure(claims, assets["provenance"])
+print(assets["provenance"].label())
 sorted(figures)
 
 
@@ -115,22 +127,37 @@ else:
 show("factor_forest")
 
 # %% [markdown]
-# ## The paper's headline claims beside this run
+# ## The paper's headline claims against this run
 #
-# `estimate` is the Bayes@N posterior mean (in the profile's claims arm, models pooled),
-# `raw` the plain accuracy of the same trials, `model_estimate` stage 07's
-# population-averaged estimate of the same contrast where it has one.
+# One row per claim quantity: the paper's value (diamond) in its tolerance band (grey), this
+# run's Bayes@N estimate and credible interval coloured by the test's status, the raw
+# accuracy (cross) and chance (tick). The SemSam rows are per model: the paper's numbers
+# are Qwen3-VL-32B's, so another model's accuracies are not assessed and its SemSam gain is
+# tested for the sign only.
 
 # %%
-claims[["claim", "quantity", "paper", "estimate", "lo", "hi", "raw", "model_estimate",
-        "status", "note"]].round(2)
+show("claims_vs_paper")
+
+# %% [markdown]
+# The table behind it: `estimate` is the Bayes@N posterior mean (each question's
+# (k + 1) / (N + 2) for k of N trials correct, averaged; with few trials pulled towards
+# 50 %), `raw` the plain accuracy of the same trials, `chance` the accuracy of guessing,
+# `n_questions` × `n_trials` the trials behind them, `factor_*` stage 07's estimate of the
+# same contrast (`factor_converged` False: that fit did not converge, do not read it), and
+# `reason` why the status was given.
+
+# %%
+claims[["claim", "quantity", "models", "paper", "estimate", "lo", "hi", "raw", "chance",
+        "n_questions", "n_trials", "factor_estimate", "factor_converged", "status",
+        "reason"]].round(2)
 
 # %%
 counts = claims["status"].value_counts()
 display(Markdown("\n".join(f"- **{status}**: {n} quantities" for status, n in counts.items())))
 
 # %% [markdown]
-# The same table, grouped by claim and with notes, is `paper/claims.md`; the files written:
+# The same table, grouped by claim with the paper's sources, is `paper/claims.md`; the files
+# written:
 
 # %%
 from mislib.paths import project_paths
