@@ -363,23 +363,25 @@ def status_reason(status: str, kind: str, paper: float, lo: float, hi: float,
     return f"interval {interval} overlaps the edge of the band {band}"
 
 
-def fit_converged(diagnostics: Mapping[str, Any], min_ess: float = 400.0) -> bool:
+def fit_converged(diagnostics: Mapping[str, Any]) -> bool:
     """Whether stage 07's fit converged, from its ``factor_diagnostics.json``.
 
-    A ``converged`` entry, when the fit wrote one, decides; otherwise every R-hat at most
-    1.01 (``rhat_ok``), no divergent transition and a bulk ESS of at least ``min_ess``
-    (Vehtari et al. 2021: 100 per chain for four chains).
+    The fit's own ``converged`` entry decides (:mod:`mislib.analysis` sets it from R-hat, ESS
+    and divergences). A file written before that entry existed is judged by the same rule
+    from what it has: every R-hat at most 1.01 (``rhat_ok``), no divergent transition and a
+    bulk ESS of at least 100 per chain (Vehtari et al. 2021).
 
-    >>> fit_converged({"rhat_ok": True, "divergences": 0, "min_ess_bulk": 812.0})
-    True
-    >>> fit_converged({"rhat_ok": False, "divergences": 0, "min_ess_bulk": 812.0})
+    >>> fit_converged({"converged": False, "rhat_ok": True})
     False
+    >>> fit_converged({"rhat_ok": True, "divergences": 0, "min_ess_bulk": 812.0, "chains": 2})
+    True
     """
     if "converged" in diagnostics:
         return bool(diagnostics["converged"])
     try:
         return (bool(diagnostics["rhat_ok"]) and int(diagnostics["divergences"]) == 0
-                and float(diagnostics["min_ess_bulk"]) >= min_ess)
+                and float(diagnostics["min_ess_bulk"])
+                >= 100 * int(diagnostics.get("chains", 4)))
     except KeyError as err:
         raise ValueError(f"factor diagnostics lack {err.args[0]!r}: rerun stage 07 "
                          "(07_factor_analysis)") from None
@@ -927,9 +929,16 @@ def claims_markdown(claims: pd.DataFrame, context: Mapping[str, Any]) -> str:
         shown["status"] = g["status"].to_numpy()
         shown["why"] = g["reason"].to_numpy()
         lines += [markdown_table(shown)]
-        sources = dict.fromkeys(f"{q}: {s}" for q, s in
-                                zip(g["quantity"], g["source"], strict=True))
-        lines += ["Sources: " + "; ".join(sources) + ".", ""]
+        by_source: dict[str, list[str]] = {}
+        for quantity, source in zip(g["quantity"], g["source"], strict=True):
+            by_source.setdefault(source, [])
+            if quantity not in by_source[source]:
+                by_source[source].append(quantity)
+        if len(by_source) == 1:
+            lines += [f"Paper source: {next(iter(by_source))}.", ""]
+        else:
+            lines += ["Paper sources: " + "; ".join(f"{', '.join(q)}: {src}" for src, q in
+                                                    by_source.items()) + ".", ""]
     return "\n".join(lines)
 
 

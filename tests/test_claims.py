@@ -106,12 +106,13 @@ def test_claim_status_rejects_what_it_cannot_decide(args, match):
 
 
 def test_fit_converged_binds_r_hat_divergences_and_ess():
-    ok = {"rhat_ok": True, "divergences": 0, "min_ess_bulk": 900.0}
+    ok = {"rhat_ok": True, "divergences": 0, "min_ess_bulk": 900.0, "chains": 2}
     assert C.fit_converged(ok)
     assert not C.fit_converged({**ok, "rhat_ok": False})
     assert not C.fit_converged({**ok, "divergences": 3})
-    assert not C.fit_converged({**ok, "min_ess_bulk": 50.0})
+    assert not C.fit_converged({**ok, "min_ess_bulk": 150.0})  # < 100 per chain
     assert not C.fit_converged({**ok, "converged": False})  # the fit's own verdict decides
+    assert C.fit_converged({"converged": True})
     with pytest.raises(ValueError, match="rhat_ok"):
         C.fit_converged({"divergences": 0})
 
