@@ -28,6 +28,14 @@ from mislib.paths import QUESTIONS_FILE, project_paths
 
 #: The model id under which profiles name the smoke model.
 SMOKE_MODEL_ID = "smoke:tiny-qwen3-vl"
+#: The same weights with a thinking chat template (the assistant turn opens ``<think>``, as
+#: Qwen3-VL-*-Thinking's does), for the reasoning-budget path (:mod:`mislib.inference.thinking`).
+SMOKE_THINKING_MODEL_ID = "smoke:tiny-qwen3-vl-thinking"
+#: Smoke model id -> its folder's name under ``.cache/smoke/``.
+SMOKE_MODELS = {SMOKE_MODEL_ID: "tiny-qwen3-vl", SMOKE_THINKING_MODEL_ID: "tiny-qwen3-vl-thinking"}
+#: The generation prompt of the chat template, and the thinking variant's.
+ASSISTANT_TURN = "'<|im_start|>assistant\\n'"
+THINKING_ASSISTANT_TURN = "'<|im_start|>assistant\\n<think>\\n'"
 SMOKE_SEED = 20261125
 #: Qwen3-VL's vocabulary: 151,643 BPE tokens, then special tokens, padded to 151,936 rows.
 VOCAB_SIZE = 151_936
@@ -78,7 +86,8 @@ def smoke_spec() -> dict[str, Any]:
             "image_size": IMAGE_SIZE, "video_size": VIDEO_SIZE, "format": 1}
 
 
-def smoke_model_dir(root: str | os.PathLike | None = None) -> Path:
+def smoke_model_dir(root: str | os.PathLike | None = None,
+                    model_id: str = SMOKE_MODEL_ID) -> Path:
     """The folder of the tiny Qwen3-VL, built on first use under ``.cache/smoke/``.
 
     Parameters
@@ -86,6 +95,10 @@ def smoke_model_dir(root: str | os.PathLike | None = None) -> Path:
     root : path, optional
         Project root (default: the repository); the model lives in
         ``<root>/.cache/smoke/tiny-qwen3-vl/``.
+    model_id : str
+        :data:`SMOKE_MODEL_ID`, or :data:`SMOKE_THINKING_MODEL_ID` for the same weights
+        with a chat template whose assistant turn opens ``<think>`` (in
+        ``tiny-qwen3-vl-thinking/``).
 
     Returns
     -------
@@ -101,18 +114,26 @@ def smoke_model_dir(root: str | os.PathLike | None = None) -> Path:
     killed mid-build never leaves a half-written model that later calls would trust; the
     folder is rebuilt when :func:`smoke_spec` changes.
     """
-    folder = project_paths(root).cache / "smoke" / "tiny-qwen3-vl"
-    want = config_hash(smoke_spec())
+    if model_id not in SMOKE_MODELS:
+        raise ValueError(f"unknown smoke model {model_id!r}; smoke models: {sorted(SMOKE_MODELS)}")
+    folder = project_paths(root).cache / "smoke" / SMOKE_MODELS[model_id]
+    thinking = model_id == SMOKE_THINKING_MODEL_ID
+    want = config_hash({**smoke_spec(), "thinking": True} if thinking else smoke_spec())
     marker = folder / "smoke.json"
     if marker.is_file() and json.loads(marker.read_text()).get("spec_hash") == want:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-qwen3-vl-", dir=folder.parent))
+    base = smoke_model_dir(root) if thinking else None  # the weights are the instruct's
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        _build(staging)
+        if base is None:
+            _build(staging)
+        else:
+            _build_thinking(base, staging)
         (staging / "smoke.json").write_text(json.dumps(
-            {"model_id": SMOKE_MODEL_ID, "spec_hash": want, "spec": smoke_spec(),
-             "note": "randomly initialised; its answers are noise"}, indent=2))
+            {"model_id": model_id, "spec_hash": want, "spec": smoke_spec(),
+             "thinking": thinking, "note": "randomly initialised; its answers are noise"},
+            indent=2))
         if folder.exists():  # a stale build (older spec): replace it
             shutil.rmtree(folder, ignore_errors=True)
         try:
@@ -177,6 +198,20 @@ def _build(out: Path) -> None:
                                  video_processor=video_processor,
                                  chat_template=tokenizer.chat_template)
     processor.save_pretrained(out)
+
+
+def _build_thinking(base: Path, out: Path) -> None:
+    """Copy the smoke model's files from ``base`` to ``out`` with a thinking chat template:
+    the assistant turn of the generation prompt opens a ``<think>`` block."""
+    for path in base.iterdir():
+        if path.is_file() and path.name != "smoke.json":
+            shutil.copy2(path, out / path.name)
+    template = (out / "chat_template.jinja").read_text()
+    if template.count(ASSISTANT_TURN) != 1:
+        raise ValueError(f"{base / 'chat_template.jinja'}: expected one generation prompt "
+                         f"{ASSISTANT_TURN}, found {template.count(ASSISTANT_TURN)}")
+    (out / "chat_template.jinja").write_text(
+        template.replace(ASSISTANT_TURN, THINKING_ASSISTANT_TURN))
 
 
 def write_smoke_benchmark(root: str | os.PathLike | None = None, n_questions: int = 24,

@@ -126,12 +126,11 @@ class Generation:
     text : decoded answer (special tokens removed).
     n_tokens : generated tokens up to and including the end-of-turn token.
     token_ids : those tokens (for cross-backend identity checks).
-    thinking_tokens, answer_tokens : of ``n_tokens``, those of the ``<think>`` block (its
-        closing marker included) and those after it; None where the run has no reasoning
-        budget.
+    thinking_tokens, answer_tokens : of ``n_tokens``, those up to and including the first
+        ``</think>`` (a forced one too) and those after it; None where the run has no
+        reasoning budget.
     forced_answer : whether the budget ran out inside the block and the backend closed it
-        and appended ``Answer:`` (those appended tokens count as answer tokens); None
-        without a budget.
+        and appended ``Answer:``; None without a budget.
     """
 
     text: str

@@ -52,18 +52,19 @@ def resolve_model(model_id: str, root: str | os.PathLike | None = None) -> tuple
     """Where to load ``model_id`` from, and its revision.
 
     ``smoke:tiny-qwen3-vl`` is the demo's randomly initialised model (built on first use,
-    revision = its spec hash); an existing folder is loaded as is (revision = a hash of its
+    revision = its spec hash), ``smoke:tiny-qwen3-vl-thinking`` the same with a thinking
+    chat template; an existing folder is loaded as is (revision = a hash of its
     ``config.json`` and weight index); anything else is a Hugging Face hub id, loaded from
     the local cache when offline (the backend replaces the revision with the commit hash it
     loaded when it can).
     """
-    from mislib.smoke import SMOKE_MODEL_ID, smoke_model_dir
+    from mislib.smoke import SMOKE_MODELS, smoke_model_dir
 
-    if model_id == SMOKE_MODEL_ID:
-        folder = smoke_model_dir(root)
+    if model_id in SMOKE_MODELS:
+        folder = smoke_model_dir(root, model_id)
         return str(folder), json.loads((folder / "smoke.json").read_text())["spec_hash"]
     if model_id.startswith("smoke:"):
-        raise ValueError(f"unknown smoke model {model_id!r}; the only one is {SMOKE_MODEL_ID!r}")
+        raise ValueError(f"unknown smoke model {model_id!r}; smoke models: {sorted(SMOKE_MODELS)}")
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         digest = hashlib.sha256()

@@ -39,6 +39,10 @@ class SemSamLogitsProcessor(LogitsProcessor):
     seed : int or sequence of int
         One seed per batch row (one per (question, trial), the same in every arm); an int
         is used for every row.
+    step_offset : int or sequence of int
+        Tokens each row generated before this ``generate`` call (a continued sequence, as
+        in budget forcing, :mod:`mislib.inference.thinking`): draws are keyed by the tokens
+        generated in all, so a continuation never repeats the first call's numbers.
 
     Examples
     --------
@@ -50,7 +54,8 @@ class SemSamLogitsProcessor(LogitsProcessor):
 
     def __init__(self, table: NeighborTable | None, temperature: float, top_k: int,
                  top_p: float, mode: str = "argmax", arm: str = "semsam",
-                 seed: int | Sequence[int] = 0) -> None:
+                 seed: int | Sequence[int] = 0,
+                 step_offset: int | Sequence[int] = 0) -> None:
         check_rule(temperature, top_k, top_p, mode)
         if arm not in ARMS:
             raise ValueError(f"unknown arm {arm!r}; arms: {ARMS}")
@@ -63,6 +68,10 @@ class SemSamLogitsProcessor(LogitsProcessor):
         self.seeds = None if isinstance(seed, int) else torch.tensor([int(s) for s in seed],
                                                                      dtype=torch.long)
         self.seed = int(seed) if isinstance(seed, int) else None
+        self.offsets = torch.as_tensor(step_offset, dtype=torch.long)
+        if self.offsets.ndim > 1 or (self.offsets.ndim == 1 and self.seeds is not None
+                                     and self.offsets.numel() != self.seeds.numel()):
+            raise ValueError("step_offset must be an int or one int per seed")
         self.reset()
 
     def reset(self) -> None:
@@ -79,7 +88,7 @@ class SemSamLogitsProcessor(LogitsProcessor):
             self._prompt_len = int(input_ids.shape[1])
         step = int(input_ids.shape[1]) - self._prompt_len
         seeds = self.seeds if self.seeds is not None else torch.full((batch,), self.seed)
-        uniforms = keyed_uniforms(seeds, torch.full((batch,), step))
+        uniforms = keyed_uniforms(seeds, torch.full((batch,), step) + self.offsets)
         if self.table is not None:
             self.table = self.table.to(scores.device)
         token = select_next_token(scores, self.table, temperature=self.temperature,

@@ -8,7 +8,10 @@ reaches it in two ways:
   table **by path** (each worker process loads it) and the rule's settings
   ``temperature, top_k, top_p, mode`` (:func:`engine_config` writes this mapping);
 - per request, ``SamplingParams(temperature=0, seed=SEED, extra_args={"semsam_arm": ARM})``:
-  the arm (``baseline``, ``greedy`` or ``semsam``) and the (question, trial) seed.
+  the arm (``baseline``, ``greedy`` or ``semsam``) and the (question, trial) seed; and,
+  for a continued sequence (budget forcing, :mod:`mislib.inference.thinking`),
+  ``extra_args={STEP_OFFSET_KEY: n}``: the tokens generated before this request's prompt
+  ended, added to the count that keys the draws.
 
 Requests without ``semsam_arm`` pass untouched. For the others the processor decides the
 token with :func:`mislib.semsam.rule.select_next_token`, with uniform numbers keyed by (seed,
@@ -40,6 +43,17 @@ from mislib.semsam.table import NeighborTable
 CONFIG_KEY = "semsam"
 #: Key of the per-request arm in ``SamplingParams.extra_args``.
 ARM_KEY = "semsam_arm"
+#: Key of the per-request count of tokens generated before the prompt ended (default 0).
+STEP_OFFSET_KEY = "semsam_step_offset"
+
+
+def request_step_offset(params: SamplingParams) -> int:
+    """The tokens a continued request generated before its prompt ended (0 if none)."""
+    offset = (params.extra_args or {}).get(STEP_OFFSET_KEY, 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"extra_args[{STEP_OFFSET_KEY!r}] = {offset!r}: should be an "
+                         "integer >= 0")
+    return offset
 
 
 def engine_config(table_path: str | None, temperature: float, top_k: int, top_p: float,
@@ -110,11 +124,12 @@ class SemSamV1LogitsProcessor(LogitsProcessor):
         self.rule, table = read_engine_config(getattr(vllm_config, "additional_config", None))
         self.table = table.to(device) if table is not None else None
         self.device = device
-        # persistent-batch index -> (seed, arm code, the request's live output token list)
-        self.requests: dict[int, tuple[int, int, list[int]]] = {}
+        # persistent-batch index -> (seed, arm code, the request's live output token list,
+        # tokens generated before its prompt ended)
+        self.requests: dict[int, tuple[int, int, list[int], int]] = {}
 
     def _new_state(self, params: SamplingParams, _prompt: list[int] | None,
-                   output_ids: list[int]) -> tuple[int, int, list[int]] | None:
+                   output_ids: list[int]) -> tuple[int, int, list[int], int] | None:
         arm = request_arm(params)
         if arm is None:
             return None
@@ -124,7 +139,7 @@ class SemSamV1LogitsProcessor(LogitsProcessor):
         if arm == "semsam" and self.table is None:
             raise ValueError(f"the semsam arm needs additional_config[{CONFIG_KEY!r}]"
                              "['table'] (the neighbour table's path)")
-        return int(params.seed), ARMS.index(arm), output_ids
+        return int(params.seed), ARMS.index(arm), output_ids, request_step_offset(params)
 
     def is_argmax_invariant(self) -> bool:
         """False: the processor changes which token greedy sampling takes."""
@@ -140,9 +155,10 @@ class SemSamV1LogitsProcessor(LogitsProcessor):
         if not rows:
             return logits
         states = [self.requests[i] for i in rows]
-        seeds = torch.tensor([s for s, _, _ in states], dtype=torch.long)
-        steps = torch.tensor([len(out) for _, _, out in states], dtype=torch.long)
-        codes = [a for _, a, _ in states]
+        seeds = torch.tensor([s for s, _, _, _ in states], dtype=torch.long)
+        steps = torch.tensor([len(out) + offset for _, _, out, offset in states],
+                             dtype=torch.long)
+        codes = [a for _, a, _, _ in states]
         arm = ARMS[codes[0]] if len(set(codes)) == 1 else torch.tensor(codes, device=logits.device)
         index = torch.tensor(rows, dtype=torch.long, device=logits.device)
         picked = logits.index_select(0, index)

@@ -31,7 +31,12 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 from mislib.semsam.rule import ARMS, keyed_uniforms, select_next_token
-from mislib.semsam.vllm_v1 import CONFIG_KEY, read_engine_config, request_arm
+from mislib.semsam.vllm_v1 import (
+    CONFIG_KEY,
+    read_engine_config,
+    request_arm,
+    request_step_offset,
+)
 
 _PASS = -1  # slot code: the request is not SemSam's
 
@@ -59,8 +64,10 @@ class SemSamV2LogitsProcessor(LogitsProcessor):
         # host copies (written by add_request), device copies (read by apply)
         self._arm = np.full(slots, _PASS, dtype=np.int64)
         self._seed = np.zeros(slots, dtype=np.int64)
+        self._offset = np.zeros(slots, dtype=np.int64)  # tokens generated before the prompt ended
         self.arm = torch.full((slots,), _PASS, dtype=torch.long, device=self.device)
         self.seed = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.offset = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._dirty = False
 
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
@@ -74,6 +81,7 @@ class SemSamV2LogitsProcessor(LogitsProcessor):
                              "['table'] (the neighbour table's path)")
         self._arm[req_idx] = _PASS if arm is None else ARMS.index(arm)
         self._seed[req_idx] = 0 if arm is None else int(sampling_params.seed)
+        self._offset[req_idx] = 0 if arm is None else request_step_offset(sampling_params)
         self._dirty = True
         return arm is not None
 
@@ -81,6 +89,7 @@ class SemSamV2LogitsProcessor(LogitsProcessor):
         if self._dirty:
             self.arm.copy_(torch.from_numpy(self._arm), non_blocking=True)
             self.seed.copy_(torch.from_numpy(self._seed), non_blocking=True)
+            self.offset.copy_(torch.from_numpy(self._offset), non_blocking=True)
             self._dirty = False
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
@@ -90,7 +99,7 @@ class SemSamV2LogitsProcessor(LogitsProcessor):
         arm = self.arm[slot]
         mine = arm != _PASS
         prompt_len = self.req_states.prompt_len.gpu.to(self.device)[slot].long()
-        steps = ctx.pos.long() + 1 - prompt_len
+        steps = ctx.pos.long() + 1 - prompt_len + self.offset[slot]
         token = select_next_token(logits, self.table, arm=arm.clamp_min(0),
                                   uniforms=keyed_uniforms(self.seed[slot], steps),
                                   **self.rule)

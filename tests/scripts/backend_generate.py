@@ -39,7 +39,10 @@ def main(backend_name: str, job_file: str, out_file: str) -> None:
         decode = DecodeSettings(arm=arm, **job["decode"])
         t0 = time.perf_counter()
         out["arms"][arm] = [{"text": g.text, "n_tokens": g.n_tokens,
-                             "token_ids": list(g.token_ids)}
+                             "token_ids": list(g.token_ids),
+                             "thinking_tokens": g.thinking_tokens,
+                             "answer_tokens": g.answer_tokens,
+                             "forced_answer": g.forced_answer}
                             for g in backend.generate(requests, decode)]
         out["seconds"][arm] = time.perf_counter() - t0
     out["seconds"]["total"] = time.perf_counter() - start

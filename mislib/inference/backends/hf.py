@@ -18,6 +18,14 @@ import numpy as np
 
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
+from mislib.inference.thinking import (
+    cut_at_stop,
+    forced_suffix_ids,
+    plan_phase_two,
+    prompt_opens_think,
+    think_markers,
+    thinking_split,
+)
 
 
 def processor_settings(processor: Any, has_video: bool, video_fps: float | None) -> dict[str, Any]:
@@ -236,42 +244,110 @@ class HFBackend:
             self._tables[path] = NeighborTable.load(path).to(self.device)
         return self._tables[path]
 
-    def logits_processor(self, requests: Sequence[Request], decode: DecodeSettings):
-        """The decision rule of one batch, one seed per request."""
+    def logits_processor(self, requests: Sequence[Request], decode: DecodeSettings,
+                         step_offset: Sequence[int] | int = 0):
+        """The decision rule of one batch, one seed (and count of tokens generated before
+        this call, for a continued sequence) per request."""
         from transformers import LogitsProcessorList
 
         from mislib.semsam import SemSamLogitsProcessor
 
         return LogitsProcessorList([SemSamLogitsProcessor(
             self._table(decode.table_path), **decode.rule_params(),
-            seed=[r.seed for r in requests])])
+            seed=[r.seed for r in requests], step_offset=step_offset)])
+
+    def _decode(self, inputs: Any, requests: Sequence[Request], decode: DecodeSettings,
+                max_new_tokens: int, stop_ids: Sequence[int],
+                step_offset: Sequence[int] | int = 0) -> list[list[int]]:
+        """One ``generate`` call: each row's new tokens up to and including its first stop
+        token (padding after it dropped)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
+                temperature=None, top_k=None, top_p=None, num_beams=1,
+                logits_processor=self.logits_processor(requests, decode, step_offset),
+                eos_token_id=list(stop_ids), pad_token_id=self.tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu().tolist()
+        return [cut_at_stop(row, stop_ids) for row in new]
 
     def generate(self, requests: Sequence[Request],
                  decode: DecodeSettings) -> list[Generation]:
         """Decode each request; the token count includes the end-of-turn token and
         excludes padding after it.
 
-        ``do_sample=False`` and no warpers: the logits processor makes every choice.
+        ``do_sample=False`` and no warpers: the logits processor makes every choice. With
+        a reasoning budget the decode runs in two phases (budget forcing,
+        :mod:`mislib.inference.thinking`).
         """
-        import torch
-
         if not requests:
             return []
+        if decode.reasoning_budget:
+            return self._generate_budgeted(requests, decode)
+        rows = self._decode(self.prepare(requests), requests, decode,
+                            decode.max_new_tokens, self.eos_ids)
+        return [Generation(self.tokenizer.decode(row, skip_special_tokens=True), len(row),
+                           tuple(row)) for row in rows]
+
+    def _generate_budgeted(self, requests: Sequence[Request],
+                           decode: DecodeSettings) -> list[Generation]:
+        """Budget forcing: think for at most ``reasoning_budget`` tokens (stopping at
+        ``</think>``), then answer, with ``</think>`` and ``Answer:`` appended to a block
+        the budget cut off; the second phase continues the first phase's sequences."""
+        markers = think_markers(self.tokenizer, self.model_id)
+        suffix = forced_suffix_ids(self.tokenizer)
+        opened = prompt_opens_think(self.processor.apply_chat_template(
+            self._conversation("", None), tokenize=False, add_generation_prompt=True))
         inputs = self.prepare(requests)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=int(decode.max_new_tokens), do_sample=False,
-                temperature=None, top_k=None, top_p=None, num_beams=1,
-                logits_processor=self.logits_processor(requests, decode),
-                pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        first = self._decode(inputs, requests, decode, decode.reasoning_budget,
+                             [*self.eos_ids, markers[1]])
+        plans = [plan_phase_two(row, decode.reasoning_budget, self.eos_ids, markers, opened,
+                                decode.max_new_tokens, decode.forced_answer_tokens, suffix)
+                 for row in first]
+        tokens = [row + list(plan.append) for row, plan in zip(first, plans, strict=True)]
+        # second phase, grouped by budget (answer after a closed block, or forced answer)
+        for budget in sorted({p.max_tokens for p in plans if p.action != "done"}):
+            index = [i for i, p in enumerate(plans) if p.action != "done"
+                     and p.max_tokens == budget]
+            subset = [requests[i] for i in index]
+            more = self._decode(self._continued(self.prepare(subset), [tokens[i] for i in index]),
+                                subset, decode, budget, self.eos_ids,
+                                [len(tokens[i]) for i in index])
+            for i, row in zip(index, more, strict=True):
+                tokens[i] = tokens[i] + row
         results = []
-        for row in new.tolist():
-            n = len(row)
-            for i, token in enumerate(row):
-                if token in self.eos_ids:
-                    n = i + 1
-                    break
-            results.append(Generation(self.tokenizer.decode(row[:n], skip_special_tokens=True),
-                                      n, tuple(row[:n])))
+        for row, plan in zip(tokens, plans, strict=True):
+            thinking, answer = thinking_split(row, markers, opened)
+            results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True),
+                                      len(row), tuple(row), thinking_tokens=thinking,
+                                      answer_tokens=answer, forced_answer=plan.forced))
         return results
+
+    def _continued(self, inputs: Any, prefixes: Sequence[Sequence[int]]) -> Any:
+        """``inputs`` (left-padded prompts) with each row's ``prefixes`` appended: the
+        sequences a second phase continues. Per-token inputs other than the ids (the
+        attention mask, Qwen3-VL's ``mm_token_type_ids``) grow with text tokens."""
+        import torch
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        per_token = [k for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
+                     and isinstance(v, torch.Tensor) and v.shape[:2] == ids.shape]
+        rows = []
+        for i, prefix in enumerate(prefixes):
+            keep = mask[i].bool()
+            extra = torch.tensor(list(prefix), dtype=ids.dtype, device=ids.device)
+            rows.append({"input_ids": torch.cat([ids[i][keep], extra]),
+                         **{k: torch.cat([inputs[k][i][keep], torch.zeros_like(extra)])
+                            for k in per_token}})
+        width = max(len(r["input_ids"]) for r in rows)
+        out = dict(inputs)
+        pad = self.tokenizer.pad_token_id
+        out["input_ids"] = torch.stack([torch.cat([r["input_ids"].new_full(
+            (width - len(r["input_ids"]),), pad), r["input_ids"]]) for r in rows])
+        out["attention_mask"] = torch.stack([torch.cat([mask.new_zeros(
+            width - len(r["input_ids"])), mask.new_ones(len(r["input_ids"]))]) for r in rows])
+        for k in per_token:
+            out[k] = torch.stack([torch.cat([r[k].new_zeros(width - len(r[k])), r[k]])
+                                  for r in rows])
+        return out

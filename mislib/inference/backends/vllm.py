@@ -38,6 +38,13 @@ import vllm  # here, not lazily: outside .venv-vllm the registry then says what 
 from mislib.inference.backends.hf import processor_settings, set_pixel_budget, stack_mode
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
+from mislib.inference.thinking import (
+    forced_suffix_ids,
+    plan_phase_two,
+    prompt_opens_think,
+    think_markers,
+    thinking_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +290,8 @@ class VLLMBackend:
             raise ValueError("the semsam arm needs the neighbour table: "
                              "DecodeSettings.table_path is None")
         llm = self._engine(decode)
+        if decode.reasoning_budget:
+            return self._generate_budgeted(llm, requests, decode)
         params = [SamplingParams(temperature=0.0, seed=int(r.seed),
                                  max_tokens=int(decode.max_new_tokens),
                                  skip_special_tokens=True, extra_args={ARM_KEY: decode.arm})
@@ -297,3 +306,66 @@ class VLLMBackend:
             results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True),
                                       len(tokens), tokens))
         return results
+
+    def _generate_budgeted(self, llm: Any, requests: Sequence[Request],
+                           decode: DecodeSettings) -> list[Generation]:
+        """Budget forcing in two ``generate`` calls (:mod:`mislib.inference.thinking`):
+        first at most ``reasoning_budget`` tokens, stopping at ``</think>``; then the
+        requests that go on, their prompts extended by the first call's tokens (and the
+        forced ``</think>`` + ``Answer:``), with SemSam's draws keyed past them."""
+        from vllm import SamplingParams
+
+        from mislib.semsam.vllm_v1 import ARM_KEY, STEP_OFFSET_KEY
+
+        markers = think_markers(self.tokenizer, self.model_id)
+        suffix = forced_suffix_ids(self.tokenizer)
+        prompts = [self.prompt(r) for r in requests]
+        opened = [prompt_opens_think(p["prompt"]) for p in prompts]
+        eos = self._eos_ids()
+        first_params = [SamplingParams(temperature=0.0, seed=int(r.seed),
+                                       max_tokens=int(decode.reasoning_budget),
+                                       stop_token_ids=[markers[1]], skip_special_tokens=True,
+                                       extra_args={ARM_KEY: decode.arm}) for r in requests]
+        first = []
+        for out in llm.generate(prompts, first_params, use_tqdm=False):
+            completion = out.outputs[0]
+            tokens = [int(t) for t in completion.token_ids]
+            if completion.stop_reason == markers[1] and tokens[-1:] != [markers[1]]:
+                tokens.append(markers[1])  # a stop token vLLM left out of the output
+            first.append(tokens)
+        plans = [plan_phase_two(row, decode.reasoning_budget, eos, markers, o,
+                                decode.max_new_tokens, decode.forced_answer_tokens, suffix)
+                 for row, o in zip(first, opened, strict=True)]
+        tokens = [row + list(plan.append) for row, plan in zip(first, plans, strict=True)]
+        index = [i for i, plan in enumerate(plans) if plan.action != "done"]
+        if index:
+            # the prompt as token ids (placeholders not expanded: vLLM expands them with
+            # the media, as it does for the text prompt) followed by what was generated
+            continued = []
+            for i in index:
+                prompt = {k: v for k, v in prompts[i].items() if k != "prompt"}
+                prompt["prompt_token_ids"] = self.tokenizer.encode(
+                    prompts[i]["prompt"], add_special_tokens=False) + tokens[i]
+                continued.append(prompt)
+            params = [SamplingParams(temperature=0.0, seed=int(requests[i].seed),
+                                     max_tokens=int(plans[i].max_tokens),
+                                     skip_special_tokens=True,
+                                     extra_args={ARM_KEY: decode.arm,
+                                                 STEP_OFFSET_KEY: len(tokens[i])})
+                      for i in index]
+            for i, out in zip(index, llm.generate(continued, params, use_tqdm=False),
+                              strict=True):
+                tokens[i] = tokens[i] + [int(t) for t in out.outputs[0].token_ids]
+        results = []
+        for row, plan, o in zip(tokens, plans, opened, strict=True):
+            thinking, answer = thinking_split(row, markers, o)
+            results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True),
+                                      len(row), tuple(row), thinking_tokens=thinking,
+                                      answer_tokens=answer, forced_answer=plan.forced))
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        """End-of-turn ids: the generation config's and the tokenizer's (as the hf backend)."""
+        eos = self.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})

@@ -1,0 +1,223 @@
+"""mislib.inference.thinking: thinking models under a fixed reasoning budget (budget forcing),
+on the hf backend with the smoke thinking model, through the runner, and on vllm."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from test_inference import _new_root, seeded_table  # noqa: F401  (the module's table fixture)
+from test_inference_vllm import ENGINE_OPTIONS, VLLM_PYTHON, require_vllm, vllm_env
+
+from mislib.answers import parse_answer
+from mislib.config import load_profile
+from mislib.inference import run_inference, store
+from mislib.inference.protocol import DecodeSettings, Request
+from mislib.inference.thinking import (
+    FORCED_SUFFIX,
+    cut_at_stop,
+    plan_phase_two,
+    prompt_opens_think,
+    thinking_split,
+)
+from mislib.paths import REPO_ROOT
+from mislib.smoke import SMOKE_MODEL_ID, SMOKE_THINKING_MODEL_ID
+
+OPEN, CLOSE, EOS = 10, 11, 2
+QUESTION = {"family": "relation_2d", "form": "closed_true", "terminology": "anatomical",
+            "choices": ["True", "False"], "answer": "True"}
+ASK = "Is A above B? End your reply with a line 'Answer: True' or 'Answer: False'."
+
+
+# ------------------------------------------------------------------ the plan (pure)
+@pytest.mark.parametrize(("tokens", "opened", "action", "append", "max_tokens"), [
+    ([5, 6, EOS], True, "done", (), 0),            # ended its turn inside the budget
+    ([5, CLOSE], True, "answer", (), 8),          # closed the block: its own answer follows
+    ([5, 6, 7, 8], True, "force", (CLOSE, 99), 3),  # budget spent inside the block
+    ([OPEN, 6, 7, 8], False, "force", (CLOSE, 99), 3),  # a block the model opened itself
+    ([5, 6, 7, 8], False, "rest", (), 4),         # no block at all: the rest of the answer
+])
+def test_the_second_phase_follows_from_where_the_first_stopped(tokens, opened, action,
+                                                               append, max_tokens):
+    plan = plan_phase_two(tokens, budget=4, eos_ids=[EOS], markers=(OPEN, CLOSE),
+                          opened_in_prompt=opened, max_new_tokens=8, forced_answer_tokens=3,
+                          suffix=[CLOSE, 99])
+    assert (plan.action, plan.append, plan.max_tokens) == (action, append, max_tokens)
+    assert plan.forced == (action == "force")
+
+
+def test_thinking_runs_to_the_first_close_and_an_unclosed_block_is_all_thinking():
+    assert thinking_split([5, 6, CLOSE, 7, EOS], (OPEN, CLOSE), True) == (3, 2)
+    assert thinking_split([5, 6, 7], (OPEN, CLOSE), True) == (3, 0)
+    assert thinking_split([5, 6, 7], (OPEN, CLOSE), False) == (0, 3)
+    assert cut_at_stop([5, CLOSE, 0, 0], [CLOSE, EOS]) == [5, CLOSE]
+
+
+def test_a_prompt_that_opens_the_block_is_recognised():
+    assert prompt_opens_think("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_think("<|im_start|>assistant\n")
+
+
+def test_a_closed_think_block_and_a_forced_answer_line_parse_as_before():
+    assert parse_answer("<think>maybe False</think>\nAnswer: True", QUESTION) == ("True", "ok")
+    # the prompt opened the block: the output holds its end only, forced or not
+    assert parse_answer("A is higher, so" + FORCED_SUFFIX + " True", QUESTION) == ("True", "ok")
+    assert parse_answer("Answer: False, hmm" + FORCED_SUFFIX + " True", QUESTION) == \
+        ("True", "ok")
+    # still open (no budget forcing): no answer
+    assert parse_answer("<think>Answer: True", QUESTION)[1] == "unparseable"
+
+
+def test_semsam_draws_of_a_continued_sequence_are_keyed_past_the_first_phase():
+    from mislib.semsam import SemSamLogitsProcessor
+
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    seeds = list(range(100, 106))
+    rule = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "mode": "sample", "arm": "baseline"}
+    plain = SemSamLogitsProcessor(None, **rule, seed=seeds)
+    plain(torch.zeros(6, 10, dtype=torch.long), scores)  # step 0 fixes the prompt length
+    at_step_5 = plain(torch.zeros(6, 15, dtype=torch.long), scores).argmax(1)
+    continued = SemSamLogitsProcessor(None, **rule, seed=seeds, step_offset=[5] * 6)
+    first_of_continuation = continued(torch.zeros(6, 15, dtype=torch.long), scores).argmax(1)
+    fresh = SemSamLogitsProcessor(None, **rule, seed=seeds)
+    at_step_0 = fresh(torch.zeros(6, 15, dtype=torch.long), scores).argmax(1)
+    assert torch.equal(first_of_continuation, at_step_5)
+    assert not torch.equal(at_step_0, at_step_5)  # so the offset is what made them equal
+
+
+# ------------------------------------------------------------------ the hf backend
+@pytest.fixture(scope="module")
+def thinking_hf(smoke_root, seeded_table):  # noqa: F811
+    from mislib.inference.registry import load_backend
+    from mislib.inference.runner import semsam_table
+
+    backend = load_backend("hf", SMOKE_THINKING_MODEL_ID, root=smoke_root, device="cpu")
+    table, path = semsam_table(backend, load_profile("demo")["semsam"]["k"], root=smoke_root,
+                               progress=False)
+    return backend, str(path)
+
+
+def _decode(path, **kw):
+    base = {"arm": "semsam", "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+            "max_new_tokens": 6, "table_path": path}
+    return DecodeSettings(**{**base, **kw})
+
+
+def test_the_smoke_thinking_model_opens_a_think_block_in_its_prompt(thinking_hf):
+    backend, _ = thinking_hf
+    prompt = backend.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False,
+        add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_hf_budget_forcing_closes_the_block_and_records_the_counts(thinking_hf):
+    from PIL import Image
+
+    backend, path = thinking_hf
+    requests = [Request("q1", t, 1000 + t, ASK, Image.new("RGB", (48, 48)) if t else None)
+                for t in range(3)]
+    budget, forced_tokens = 5, 3
+    out = backend.generate(requests, _decode(path, reasoning_budget=budget,
+                                             forced_answer_tokens=forced_tokens))
+    suffix = backend.tokenizer.encode(FORCED_SUFFIX, add_special_tokens=False)
+    close = backend.tokenizer.convert_tokens_to_ids("</think>")
+    # the random model never closes its block within 5 tokens: every answer is forced
+    for g in out:
+        assert g.forced_answer is True
+        assert "</think>\n\nAnswer:" in g.text
+        assert list(g.token_ids[budget: budget + len(suffix)]) == suffix
+        assert g.thinking_tokens == budget + suffix.index(close) + 1
+        assert g.thinking_tokens + g.answer_tokens == g.n_tokens == len(g.token_ids)
+        assert 1 <= g.n_tokens - budget - len(suffix) <= forced_tokens
+    # the thinking part is what a plain decode of `budget` tokens gives: forcing changes
+    # nothing before the budget is spent
+    plain = backend.generate(requests, _decode(path, max_new_tokens=budget))
+    assert [g.token_ids[:budget] for g in out] == [p.token_ids for p in plain]
+    assert all(p.thinking_tokens is None and p.forced_answer is None for p in plain)
+
+
+# ------------------------------------------------------------------ through the runner
+def _thinking_profile(budget: int):
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["name"] = "test"
+    prof["inference"].update({"max_new_tokens": 4, "batch_size": 4, "n_trials": 1,
+                              "limit": 4, "models": ["think"]})
+    prof["models"] = {"think": {"id": SMOKE_THINKING_MODEL_ID, "thinks": True,
+                                "reasoning_budget": budget, "forced_answer_tokens": 2,
+                                "semsam_mode": "sample"}}
+    return prof
+
+
+def test_a_thinking_entry_runs_with_its_budget_and_its_records_say_so(smoke_root, tmp_path):
+    root = _new_root(tmp_path / "think", smoke_root)
+    run = run_inference(_thinking_profile(3), arm="semsam", root=root, progress=False)
+    frame = pd.read_parquet(run.responses)
+    assert run.run_id.startswith("think-semsam-") and set(frame["model"]) == {"think"}
+    ok = frame[frame["status"] == "ok"]
+    assert len(ok) and ok["forced_answer"].all()
+    assert (ok["thinking_tokens"] == 3 + 2).all()  # 3 + "\n" and "</think>"
+    assert (ok["thinking_tokens"] + ok["answer_tokens"] == ok["n_tokens"]).all()
+    assert ok["raw_text"].str.contains("</think>\n\nAnswer:", regex=False).all()
+    identity = json.loads((run.run_dir / "run.json").read_text())
+    assert identity["decode"]["reasoning_budget"] == 3 and identity["decode"]["mode"] == "sample"
+    assert identity["model_settings"] == {"id": SMOKE_THINKING_MODEL_ID}
+    other = run_inference(_thinking_profile(4), arm="semsam", root=root, progress=False)
+    assert other.run_id != run.run_id  # the budget changes answers: another run
+
+
+def test_records_without_the_thinking_columns_still_compact(tmp_path):
+    run_dir = tmp_path / "old-run"
+    (run_dir / "shards").mkdir(parents=True)
+    old = {k: v for k, v in store.make_record(("q1", 0), "old-run", SMOKE_MODEL_ID, "baseline",
+                                              7, raw_text="Answer: True", n_tokens=3).items()
+           if k not in ("thinking_tokens", "answer_tokens", "forced_answer")}
+    (run_dir / "shards" / "old.jsonl").write_text(json.dumps(old) + "\n")
+    frame = store.compact(run_dir)
+    assert frame.loc[0, "raw_text"] == "Answer: True"
+    assert frame[["thinking_tokens", "answer_tokens", "forced_answer"]].isna().all().all()
+    assert str(frame["forced_answer"].dtype) == "boolean"
+
+
+# ------------------------------------------------------------------ vllm, as hf does
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_vllm_budget_forcing_gives_the_hf_backends_tokens_and_counts(smoke_root, tmp_path,
+                                                                     seeded_table):  # noqa: F811
+    """One engine start: the same thinking requests (text and image) through both backends,
+    each in a fresh process (tests/scripts/backend_generate.py)."""
+    from mislib.inference.registry import resolve_model
+
+    require_vllm()
+    root = _new_root(tmp_path / "vllm_think", smoke_root, n_questions=12)
+    frame = pd.read_parquet(root / "data" / "benchmark" / "questions.parquet")
+    rows = frame[frame["dims"] == "2d"].head(3).to_dict("records")
+    table = smoke_root / ".cache" / "semsam" / f"{seeded_table}.safetensors"
+    job = {"source": resolve_model(SMOKE_THINKING_MODEL_ID, smoke_root)[0],
+           "model_id": SMOKE_THINKING_MODEL_ID, "benchmark": str(root / "data" / "benchmark"),
+           "arms": ["semsam"], "options": ENGINE_OPTIONS,
+           "decode": {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "max_new_tokens": 6,
+                      "mode": "sample", "k": 32, "table_path": str(table),
+                      "table_key": table.stem, "reasoning_budget": 5,
+                      "forced_answer_tokens": 3},
+           "questions": [{"question_id": r["question_id"], "trial": t, "seed": 500 + t,
+                          "text": r["text"], "choices": list(r["choices"]),
+                          "image_path": r["image_path"], "dims": r["dims"]}
+                         for r in rows for t in (0, 1)]}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(job, default=str))
+    outputs = {}
+    for backend, python in (("hf", sys.executable), ("vllm", str(VLLM_PYTHON))):
+        out_file = tmp_path / f"{backend}.json"
+        proc = subprocess.run([python, str(REPO_ROOT / "tests/scripts/backend_generate.py"),
+                               backend, str(job_file), str(out_file)], env=vllm_env(root),
+                              capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs[backend] = json.loads(out_file.read_text())["arms"]["semsam"]
+    assert outputs["vllm"] == outputs["hf"]
+    assert all(g["forced_answer"] and "Answer:" in g["text"] for g in outputs["vllm"])
