@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from mislib.claims import ARM_CLAIMS
 from mislib.provenance import Provenance
 from mislib.vocabulary import CLAIM_STATUSES, is_missing
 
@@ -32,13 +33,15 @@ STATUS_COLOURS: Mapping[str, str] = {
     "not assessed": "#7f7f7f", "not measurable": "#c7c7c7"}
 #: File name (without notebook prefix and suffix) under ``figures/``.
 FIGURE_NAME = "claims_vs_paper"
-_NEEDED = ("quantity", "kind", "models", "paper", "sign", "tolerance", "estimate", "lo", "hi",
-           "raw", "chance", "status")
+_PER_MODEL = {c.id for c in ARM_CLAIMS}
+_NEEDED = ("id", "quantity", "kind", "models", "paper", "sign", "tolerance", "estimate", "lo",
+           "hi", "raw", "chance", "status")
 
 
 def _row_label(row: pd.Series) -> str:
+    """The quantity, and for a decoding claim (one row per model) the model's name."""
     models = str(row["models"])
-    if "(pooled)" in models or not models:
+    if row["id"] not in _PER_MODEL or not models:
         return str(row["quantity"])
     return f"{row['quantity']} · {models.split('/')[-1]}"
 

@@ -68,11 +68,20 @@ def show(name: str) -> None:
 # %% [markdown]
 # ## Accuracy by factor
 #
-# Bayes@N accuracy with credible intervals for every level of every benchmark factor, one
-# colour per model × arm.
+# Notebook 06's figure, reused: Bayes@N accuracy with credible intervals for every level of
+# every benchmark factor, raw accuracy, chance and n beside it.
 
 # %%
 show("accuracy_by_factor")
+
+# %% [markdown]
+# ## Accuracy per decoding arm
+#
+# Each model's accuracy in each arm (notebook 06's figure): Bayes@N with its interval, raw
+# accuracy, chance and n.
+
+# %%
+show("accuracy_by_arm")
 
 # %% [markdown]
 # ## Display convention × terminology
@@ -120,8 +129,8 @@ else:
 # %% [markdown]
 # ## The factor model's fixed effects
 #
-# Stage 07's sum-to-zero deviations on the logit scale with 95 % intervals; hollow points
-# mark terms whose R-hat exceeds 1.01.
+# Notebook 07's figure, reused: sum-to-zero deviations on the logit scale with 95 %
+# intervals; it says *not converged* when the fit did not converge.
 
 # %%
 show("factor_forest")

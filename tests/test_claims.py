@@ -13,7 +13,7 @@ import pytest
 
 from mislib import claims as C
 from mislib.scoring import score_runs
-from mislib.simulate import scored_table, simulate_study, write_study
+from mislib.simulate import simulate_study, write_study
 from tests.conftest import require
 
 # The paper's headline numbers as issue 7 lists them.
@@ -248,10 +248,12 @@ def test_factor_model_columns_say_not_converged_when_the_fit_did_not_converge():
 
 @pytest.fixture(scope="module")
 def three_arms():
+    from mislib.scoring import rescore
+
     study = simulate_study(n_questions=600, n_trials=3, seed=5,
                            models=("sim-a", "Qwen3-VL-32B-Instruct"),
                            arms=("baseline", "greedy", "semsam"))
-    return scored_table(study)
+    return rescore(study.responses, study.questions, progress=False)
 
 
 def test_semsam_claims_are_evaluated_for_every_model_that_ran_both_arms(three_arms):
@@ -455,6 +457,11 @@ def test_claims_figure_draws_paper_band_and_run_per_claim(three_arms, tmp_root):
     levels, diffs = fig.axes[:2]
     assert len(levels.get_yticks()) == int((table["kind"] == "level").sum())
     assert len(diffs.get_yticks()) == int((table["kind"] == "difference").sum())
+    labels = [t.get_text() for t in levels.get_yticklabels()]
+    assert "accuracy with SemSam · sim-a" in labels  # a decoding claim names its model
+    assert "plane-naming questions" in labels  # a factor claim pools the models
+    chance_ticks = [line for line in levels.get_lines() if line.get_marker() == "|"]
+    assert len(chance_ticks) == int((table["kind"] == "level").sum())
     colours = {line.get_color() for ax in fig.axes for line in ax.get_lines()}
     for status in set(table["status"]) - {"not measurable"}:
         assert STATUS_COLOURS[status] in colours, status
