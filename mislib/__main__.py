@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default data/results)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per visible GPU, 1 without GPUs)")
+    p.add_argument("--backend", default=None,
+                   help="inference backend of every worker (default: the profile's); the "
+                        "workers run under this Python, so launch vllm runs from .venv-vllm")
     p.add_argument("--gpus-per-worker", type=int, default=None,
                    help="GPUs each worker sees (default 1; more for tensor-parallel models)")
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from mislib.inference import workers
 
         kwargs = {"workers": args.workers, "models": args.model, "arms": args.arm,
-                  "limit": args.limit, "out": args.out}
+                  "limit": args.limit, "out": args.out, "backend": args.backend}
         if args.ray:
             runs = workers.launch_ray(args.profile, address=args.ray,
                                       gpus_per_worker=args.gpus_per_worker, **kwargs)

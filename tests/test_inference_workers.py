@@ -133,6 +133,16 @@ def test_a_failing_worker_is_named_with_its_log(tmp_path, monkeypatch):
         launch_local(tmp_path / "no-such-profile.toml", workers=2, root=tmp_path)
 
 
+def test_the_launcher_gives_its_backend_to_every_worker(smoke_root, tmp_path, monkeypatch):
+    root = _new_root(tmp_path / "root", smoke_root, n_questions=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(RuntimeError, match=r"worker \d of 2 exited"):
+        launch_local(_write_profile(tmp_path), workers=2, root=root, backend="no-such-backend")
+    # the first worker to fail stops the other, which may not have got as far
+    logs = sorted((root / "data" / "results" / "logs").glob("*-w*of2-*.log"))
+    assert any("no-such-backend" in log.read_text() for log in logs)
+
+
 def _start_local_ray(ray, attempts: int = 2) -> None:
     """A local two-CPU cluster (not local mode: actors are processes). Ray's Python side
     gives its node 30 s to register, which a loaded two-core machine can miss once."""

@@ -88,7 +88,7 @@ def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None
                  models: Sequence[str] | None = None, arms: Sequence[str] | None = None,
                  limit: int | None = None, out: str | os.PathLike | None = None,
                  root: str | os.PathLike | None = None, gpus_per_worker: int = 1,
-                 poll_s: float = 1.0) -> list[Path]:
+                 poll_s: float = 1.0, backend: str | None = None) -> list[Path]:
     """Run the profile's models and arms with ``workers`` processes on this machine.
 
     Parameters
@@ -101,6 +101,9 @@ def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None
     root : project root (``$MISGROUND_ROOT`` for the workers).
     gpus_per_worker : GPUs per worker process (more than 1 for tensor parallel models).
     poll_s : how often the launcher checks on its workers.
+    backend : the inference backend of every worker (default: the profile's). The workers
+        run under this launcher's Python, so launch a ``vllm`` run from the vLLM environment
+        (``.venv-vllm/bin/python -m mislib launch --backend vllm``).
 
     Returns
     -------
@@ -130,6 +133,8 @@ def launch_local(profile: str | os.PathLike = "demo", workers: int | None = None
             cmd += ["--arm", arm]
         if limit is not None:
             cmd += ["--limit", str(int(limit))]
+        if backend is not None:
+            cmd += ["--backend", backend]
         cmd += ["--out", str(results)]
         env = {**os.environ, "MISGROUND_ROOT": str(paths.root), "TQDM_DISABLE": "1"}
         if groups[i]:
@@ -185,7 +190,8 @@ def launch_ray(profile: str | os.PathLike | Mapping[str, Any] = "demo",
                arms: Sequence[str] | None = None, limit: int | None = None,
                out: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
                address: str | None = None, gpus_per_worker: float | None = None,
-               cpus_per_worker: float = 1, **init_kwargs: Any) -> list[Path]:
+               cpus_per_worker: float = 1, backend: str | None = None,
+               **init_kwargs: Any) -> list[Path]:
     """Run the profile's models and arms as ``workers`` Ray actors, then compact.
 
     Parameters
@@ -202,6 +208,7 @@ def launch_ray(profile: str | os.PathLike | Mapping[str, Any] = "demo",
     gpus_per_worker : GPUs per actor (default 1 when the cluster has GPUs, else 0); more
         than 1 for a backend that shards a model over GPUs (tensor parallel).
     cpus_per_worker : CPUs reserved per actor.
+    backend : the inference backend of every actor (default: the profile's).
     **init_kwargs : passed to ``ray.init`` (e.g. ``num_cpus`` for a local cluster).
 
     Returns
@@ -222,7 +229,7 @@ def launch_ray(profile: str | os.PathLike | Mapping[str, Any] = "demo",
     paths = project_paths(root)
     results = Path(out) if out is not None else paths.results
     kwargs = {"models": models, "arms": arms, "limit": limit, "out": str(results),
-              "root": str(paths.root)}
+              "root": str(paths.root), "backend": backend}
     actor = ray.remote(num_gpus=gpus_per_worker, num_cpus=cpus_per_worker)(_RayWorker)
     actors = [actor.remote() for _ in range(n)]
     try:
