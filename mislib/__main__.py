@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", choices=ARMS, default=None,
                    help="an arm to run (repeatable; default: the profile's arms)")
     p.add_argument("--model", action="append", default=None,
-                   help="a model id to run (repeatable; default: the profile's models)")
+                   help="a model to run: a [models.<name>] entry or a model id "
+                        "(repeatable; default: the profile's models)")
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many questions (adds to the run, never shrinks it)")
     p.add_argument("--out", default=None, help="results folder (default data/results)")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arm", action="append", choices=ARMS, default=None,
                    help="an arm to run (repeatable; default: the profile's arms)")
     p.add_argument("--model", action="append", default=None,
-                   help="a model id to run (repeatable; default: the profile's models)")
+                   help="a model to run: a [models.<name>] entry or a model id "
+                        "(repeatable; default: the profile's models)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions")
     p.add_argument("--out", default=None, help="results folder (default data/results)")
     p.add_argument("--workers", type=int, default=None,

@@ -5,6 +5,8 @@ The package's parts (see ``docs/design.md``, Inference):
 - :mod:`~mislib.inference.protocol` — the ``Backend`` protocol, ``Request``,
   ``DecodeSettings``, ``Generation``, ``Capabilities``, the arms;
 - :mod:`~mislib.inference.registry` — backends by name (imported lazily) and model sources;
+- :mod:`~mislib.inference.models` — the model registry of a profile (``[models.<name>]``);
+- :mod:`~mislib.inference.thinking` — budget forcing for thinking models;
 - :mod:`~mislib.inference.prompts` — the user text and media of a question;
 - :mod:`~mislib.inference.store` — the result store (run identity, shards, compaction,
   run discovery), the module later stages read;
@@ -17,6 +19,7 @@ Importing this package imports neither torch nor vLLM nor an HTTP client; a back
 module is imported when a run asks for it.
 """
 
+from mislib.inference.models import ModelEntry, model_entries, model_entry
 from mislib.inference.prompts import input_kind, load_media, question_prompt
 from mislib.inference.protocol import (
     ARMS,
@@ -50,9 +53,9 @@ from mislib.inference.store import (
 
 __all__ = [
     "ARMS", "BACKENDS", "RESPONSE_COLUMNS", "Backend", "Capabilities", "DecodeSettings",
-    "Generation", "InferenceRun", "Request", "ShardWriter", "backend_class", "compact",
-    "compact_run", "current_runs", "input_kind", "list_runs", "load_backend", "load_media",
-    "question_prompt", "read_shards", "resolve_model", "run_inference", "run_profile",
-    "select_questions", "semsam_table", "summarise_runs", "trial_seed", "worker_of",
-    "worker_share",
+    "Generation", "InferenceRun", "ModelEntry", "Request", "ShardWriter", "backend_class",
+    "compact", "compact_run", "current_runs", "input_kind", "list_runs", "load_backend",
+    "load_media", "model_entries", "model_entry", "question_prompt", "read_shards",
+    "resolve_model", "run_inference", "run_profile", "select_questions", "semsam_table",
+    "summarise_runs", "trial_seed", "worker_of", "worker_share",
 ]

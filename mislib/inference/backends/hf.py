@@ -104,8 +104,11 @@ class HFBackend:
     """A transformers image-text-to-text model with its own processor and chat template.
 
     Loads Qwen3-VL checkpoints as ``Qwen3VLForConditionalGeneration`` and any other VLM
-    through ``AutoModelForImageTextToText``; safetensors only, ``trust_remote_code=False``.
-    On CUDA it runs in bf16 with sdpa attention, on CPU in fp32. 2D questions pass a
+    through ``AutoModelForImageTextToText``; safetensors only, and no code of the model's
+    repository unless ``trust_remote_code``. On CUDA it runs in bf16 with sdpa attention, on
+    CPU in fp32 (unless ``dtype`` says otherwise). With a reasoning budget
+    (``DecodeSettings.reasoning_budget``) it decodes in two phases, forcing the answer of a
+    thinking model whose budget ran out (:mod:`mislib.inference.thinking`). 2D questions pass a
     picture; 3D stacks pass their frames as a video (``do_sample_frames=False`` and
     metadata ``fps``, so every frame given is used and time stamps are frame numbers);
     models without a video processor get the frames as a sequence of pictures.

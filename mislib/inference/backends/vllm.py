@@ -11,7 +11,9 @@ Every arm decodes through SemSam's vLLM logits processor (:mod:`mislib.semsam.vl
 the V1 model runner, used on CPU and with ``VLLM_USE_V2_MODEL_RUNNER=0``;
 :mod:`mislib.semsam.vllm_v2` for Model Runner V2, the CUDA default) with temperature 0: the
 processor decides each token with the same pure rule as the hf backend, draws keyed by
-(request seed, tokens generated so far), so both backends answer alike. The neighbour table
+(request seed, tokens generated so far), so both backends answer alike. With a reasoning
+budget both decode a thinking model in the same two phases (budget forcing,
+:mod:`mislib.inference.thinking`). The neighbour table
 reaches the engine's workers by path (``additional_config``); each request carries its arm
 and seed (``SamplingParams(extra_args=..., seed=...)``). The engine starts on the first
 :meth:`VLLMBackend.generate` and is kept for every arm of the model.
