@@ -94,7 +94,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mislib.config import file_digest, stage_params
 from mislib.geometry import (
@@ -1172,19 +1172,26 @@ def answer_balance(questions: pd.DataFrame) -> pd.DataFrame:
             .rename("questions").reset_index())
 
 
-def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FIGURE_FACTORS):
+def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FIGURE_FACTORS,
+                  columns: int = 4, width: float = 7.5):
     """Questions per level of each factor, one bar panel per factor (``—``: the factor does
-    not apply, e.g. terminology of a plane question). Returns a matplotlib Figure."""
+    not apply, e.g. terminology of a plane question), as a grid of ``columns`` panels a row,
+    ``width`` inches wide (a page). Returns a matplotlib Figure."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(factors), figsize=(2.1 * len(factors), 2.8), sharey=True,
+    columns = max(1, min(columns, len(factors)))
+    n_rows = -(-len(factors) // columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(width, 2.3 * n_rows), sharey=True,
                              squeeze=False)
-    for ax, factor in zip(axes[0], factors, strict=True):
+    for ax in axes.flat[len(factors):]:
+        ax.set_visible(False)
+    for ax, factor in zip(axes.flat, factors, strict=False):
         counts = questions[factor].fillna("—").value_counts().sort_index()
         ax.bar(range(len(counts)), counts.to_numpy(), color="#4477AA")
         ax.set_xticks(range(len(counts)), counts.index, rotation=60, ha="right", fontsize=7)
         ax.set_title(factor, fontsize=9)
-    axes[0, 0].set_ylabel("questions")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("questions")
     fig.tight_layout()
     return fig
 

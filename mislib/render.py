@@ -1253,8 +1253,11 @@ def contact_sheet_for(volume_id: str, params: dict[str, Any],
 
 
 def stack_strip(benchmark: str | os.PathLike, renders: pd.DataFrame, render_id: str,
-                n_show: int = 8):
-    """Every k-th frame of a stored 3D stack in a row, frame numbers and letters' span.
+                n_show: int = 8, columns: int = 4, width: float = 7.5):
+    """``n_show`` evenly spaced frames of a stored 3D stack, frame numbers and letters' span.
+
+    The frames are laid out in reading order as a grid of ``columns`` a row, ``width``
+    inches wide (a page), so the letters stay readable at page width.
 
     Returns a matplotlib Figure.
     """
@@ -1267,9 +1270,15 @@ def stack_strip(benchmark: str | os.PathLike, renders: pd.DataFrame, render_id: 
     frames = sorted(folder.glob("frame_*.png"))
     picks = np.unique(np.round(np.linspace(0, len(frames) - 1, min(n_show, len(frames))))
                       .astype(int))
-    fig, axes = plt.subplots(1, len(picks), figsize=(2.2 * len(picks), 2.6), squeeze=False)
+    columns = max(1, min(columns, len(picks)))
+    n_rows = -(-len(picks) // columns)
+    panel = width / columns
+    fig, axes = plt.subplots(n_rows, columns, figsize=(width, (panel + 0.3) * n_rows + 0.6),
+                             squeeze=False)
+    for ax in axes.flat[len(picks):]:
+        ax.set_visible(False)
     m = screen_mapping(rows["plane"].iloc[0], rows["convention"].iloc[0])
-    for ax, i in zip(axes[0], picks, strict=True):
+    for ax, i in zip(axes.flat, picks, strict=False):
         with Image.open(frames[i]) as img:
             ax.imshow(np.asarray(img))
         ax.set_title(f"frame {i}", fontsize=9)

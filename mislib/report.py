@@ -329,7 +329,7 @@ def build_report(profile: str = "demo", root: str | os.PathLike | None = None,
     ReportError : no executed notebooks in ``build/notebooks/<profile>/`` (run
         ``make reproduce`` first) or an unreadable notebook.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     paths = project_paths(root)
     name = Path(profile).stem if str(profile).endswith(".toml") else str(profile)

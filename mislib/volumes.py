@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mislib import demo_cases, geometry, phantoms, structures
 from mislib.config import config_hash, read_stamp, stage_params
@@ -1065,10 +1065,11 @@ def orientation_figure(volumes: pd.DataFrame, prepared: str | os.PathLike):
 
 
 def slices_figure(volumes: pd.DataFrame, slices: pd.DataFrame, prepared: str | os.PathLike,
-                  columns: int = 4):
+                  columns: int = 4, width: float = 7.5):
     """Every chosen slice (``slices.parquet``) of the canonical volumes with its labelled
-    structures overlaid, ``columns`` panels a row. CT is shown in a soft-tissue window
-    (W 400, L 40 HU), MRI between its 1st and 99th percentiles.
+    structures overlaid, as a grid of ``columns`` panels a row, ``width`` inches wide (a
+    page: the panels stay readable when the figure is shown at page width). CT is shown in
+    a soft-tissue window (W 400, L 40 HU), MRI between its 1st and 99th percentiles.
 
     Returns a matplotlib Figure.
     """
@@ -1076,8 +1077,11 @@ def slices_figure(volumes: pd.DataFrame, slices: pd.DataFrame, prepared: str | o
     import nibabel as nib
 
     vols = volumes.set_index("volume_id")
+    columns = max(1, min(columns, len(slices)))
     rows = max(1, -(-len(slices) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    panel = width / columns
+    fig, axes = plt.subplots(rows, columns, figsize=(width, (panel + 0.35) * rows),
+                             squeeze=False)
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for ax in axes.ravel():
         ax.set_axis_off()

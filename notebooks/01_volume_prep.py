@@ -41,11 +41,14 @@ slices_per_volume = None     # None: as in the profile
 min_component_area_mm2 = None
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from mislib import volumes
-from mislib.paths import figure_path, project_paths
+from mislib.paths import project_paths
+from mislib.plots import save_figure
+from mislib.provenance import Provenance
+
+NOTEBOOK = "01_volume_prep"
 
 volume_table = volumes.prepare(profile, force=force, sources=sources,
                                slices_per_volume=slices_per_volume,
@@ -54,6 +57,10 @@ prepared = project_paths().prepared
 components = pd.read_parquet(prepared / "components.parquet")
 slices = pd.read_parquet(prepared / "slices.parquet")
 rejected = pd.read_parquet(prepared / "rejected.parquet")
+# Before inference there is no model or run: the figures' stamp names the profile and counts.
+provenance = Provenance.from_profile(profile, {"volumes": len(volume_table),
+                                               "structures": len(components),
+                                               "slices": len(slices)})
 
 # %% [markdown]
 # ## Sources and their storage orientations
@@ -76,8 +83,8 @@ volume_table[["volume_id", "source", "layout", "modality", "storage_axcodes", "s
 
 # %%
 fig = volumes.orientation_figure(volume_table, prepared)
-fig.savefig(figure_path("01_volume_prep", "orientations"), dpi=120)
-plt.show()
+save_figure(fig, "orientations", notebook=NOTEBOOK, provenance=provenance, dpi=120)
+fig
 
 # %% [markdown]
 # ## The component table
@@ -115,8 +122,8 @@ slices[["slice_id", "plane", "index", "position_mm", "n_components", "components
 
 # %%
 fig = volumes.slices_figure(volume_table, slices, prepared)
-fig.savefig(figure_path("01_volume_prep", "slices"), dpi=120)
-plt.show()
+save_figure(fig, "slices", notebook=NOTEBOOK, provenance=provenance, dpi=150)
+fig
 
 # %% [markdown]
 # ## Rejected inputs

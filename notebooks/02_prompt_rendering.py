@@ -34,13 +34,17 @@
 # the question generator uses for the ground truth too.
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
+from IPython.display import display
 
 from mislib import render
 from mislib.config import stage_params
 from mislib.geometry import CONVENTIONS, PLANES, screen_mapping
-from mislib.paths import figure_path, project_paths
+from mislib.paths import project_paths
+from mislib.plots import save_figure
+from mislib.provenance import Provenance
+
+NOTEBOOK = "02_prompt_rendering"
 
 # %% tags=["parameters"]
 profile = "demo"
@@ -86,6 +90,10 @@ skipped = pd.read_parquet(paths.benchmark / "skipped.parquet")
 per_render = renders.drop_duplicates("render_id")
 print(f"{per_render.render_id.nunique()} renders of {renders.slice_id.nunique()} slices "
       f"from {renders.volume_id.nunique()} volumes; {int(per_render.n_frames.sum())} PNG files")
+# Before inference there is no model or run: the figures' stamp names the profile and counts.
+provenance = Provenance.from_profile(profile, {"volumes": renders.volume_id.nunique(),
+                                               "slices": renders.slice_id.nunique(),
+                                               "renders": per_render.render_id.nunique()})
 per_render.groupby(["dims", "convention", "prompt", "background"]).size().unstack("background")
 
 # %%
@@ -107,10 +115,9 @@ sheets = {source: volumes[volumes.source == source].volume_id.iloc[0]
           if (volumes.source == source).any()} or {"first": volumes.volume_id.iloc[0]}
 for source, volume_id in sheets.items():
     fig = render.contact_sheet_for(volume_id, params)
-    for suffix in (".png", ".pdf"):
-        fig.savefig(figure_path("02_prompt_rendering", f"contact_sheet_{source}",
-                                suffix=suffix), dpi=150)
-    plt.show()
+    save_figure(fig, f"contact_sheet_{source}", notebook=NOTEBOOK, provenance=provenance,
+                dpi=150)
+    display(fig)
 
 # %% [markdown]
 # In the standard axial view (first row) the patient's right is on the image left and
@@ -124,16 +131,16 @@ for source, volume_id in sheets.items():
 #
 # A stack spans every labelled structure of its slice along the through-plane axis, with an
 # even number of frames in the order the convention defines; letters appear on every frame
-# where the structure is visible, and `frame_first`/`frame_last` record that span.
+# where the structure is visible, and `frame_first`/`frame_last` record that span. Eight
+# evenly spaced frames, in reading order:
 
 # %%
 stacks = per_render[(per_render.dims == "3d") & (per_render.prompt == "mask")
                     & (per_render.background == "scan")]
 if len(stacks):
     fig = render.stack_strip(paths.benchmark, renders, stacks.render_id.iloc[0])
-    for suffix in (".png", ".pdf"):
-        fig.savefig(figure_path("02_prompt_rendering", "stack_strip", suffix=suffix), dpi=150)
-    plt.show()
+    save_figure(fig, "stack_strip", notebook=NOTEBOOK, provenance=provenance, dpi=150)
+    display(fig)
 
 # %% [markdown]
 # ## Check: patient left is on the viewer's right in the standard axial view

@@ -46,7 +46,11 @@ import pandas as pd
 from mislib import questions as qgen
 from mislib import validity
 from mislib.config import stage_params
-from mislib.paths import figure_path, project_paths
+from mislib.paths import project_paths
+from mislib.plots import save_figure
+from mislib.provenance import Provenance
+
+NOTEBOOK = "03_question_generation"
 
 # %% tags=["parameters"]
 profile = "demo"
@@ -74,7 +78,6 @@ overrides = dict(margin_mm=margin_mm, families=families, forms=forms,
                  exclude_answer_in_name=exclude_answer_in_name)
 params = stage_params(profile, "questions", **overrides)
 paths = project_paths()
-paths.figures.mkdir(parents=True, exist_ok=True)
 {k: v for k, v in params.items() if k != "profile"}
 
 # %% [markdown]
@@ -89,6 +92,9 @@ paths.figures.mkdir(parents=True, exist_ok=True)
 
 # %%
 questions = qgen.generate(profile, force=force, **overrides)
+# Before inference there is no model or run: the figures' stamp names the profile and counts.
+provenance = Provenance.from_profile(profile, {"renders": questions.render_id.nunique()},
+                                     n_questions_generated=len(questions))
 qgen.factor_counts(questions, rows=("source", "family"), columns=("ablation",))
 
 # %% [markdown]
@@ -116,7 +122,8 @@ validity.read_report()
 renders = pd.read_parquet(paths.benchmark / "renders.parquet")
 fig = validity.example_gallery(questions, renders, paths.benchmark,
                                per_source=examples_per_source)
-fig.savefig(figure_path("03_question_generation", "examples"), dpi=110, bbox_inches="tight")
+save_figure(fig, "examples", notebook=NOTEBOOK, provenance=provenance, dpi=110)
+fig
 
 # %% [markdown]
 # Each letter sits on its own mark; blank-background questions in anatomical terms carry
@@ -135,7 +142,8 @@ qgen.answer_balance(questions).pivot_table(
 
 # %%
 fig = qgen.factor_figure(questions)
-fig.savefig(figure_path("03_question_generation", "factor_counts"), dpi=150)
+save_figure(fig, "factor_counts", notebook=NOTEBOOK, provenance=provenance, dpi=150)
+fig
 
 # %% [markdown]
 # Questions per level of each factor.
@@ -144,7 +152,8 @@ fig.savefig(figure_path("03_question_generation", "factor_counts"), dpi=150)
 
 # %%
 fig = qgen.separation_figure(questions, params["margin_mm"])
-fig.savefig(figure_path("03_question_generation", "separation"), dpi=150)
+save_figure(fig, "separation", notebook=NOTEBOOK, provenance=provenance, dpi=150)
+fig
 
 # %% [markdown]
 # The separation along the asked axis of every relation question; none lies left of the

@@ -54,7 +54,10 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from mislib.inference import run_profile, summarise_runs
-from mislib.paths import figure_path
+from mislib.plots import save_figure
+from mislib.provenance import Provenance, caption
+
+NOTEBOOK = "04_inference"
 
 runs = run_profile(profile, models=models, arms=arms, limit=limit, force=force,
                    n_trials=n_trials, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -95,6 +98,8 @@ pd.Series({"model": record["model"], "revision": record["revision"],
 
 # %%
 responses = pd.concat([run.selected() for run in runs], ignore_index=True)
+provenance = Provenance.from_scored(responses, profile)
+display(Markdown(caption(provenance)))
 side = (responses.pivot_table(index=["model", "question_id", "trial"], columns="arm",
                               values="raw_text", aggfunc="first")
         .head(8))
@@ -117,8 +122,8 @@ counts.plot.bar(stacked=True, ax=ax_parse, rot=0)
 ax_parse.set_ylabel("records")
 ax_parse.set_title("parse outcome per arm")
 fig.tight_layout()
-fig.savefig(figure_path("04_inference", "throughput"), dpi=150)
-fig.savefig(figure_path("04_inference", "throughput", suffix=".pdf"))
+save_figure(fig, "throughput", notebook=NOTEBOOK, provenance=provenance, dpi=150)
+fig
 
 # %% [markdown]
 # Left: records per second of generation for each arm, over the sessions that produced

@@ -44,11 +44,10 @@ top_p = None
 timing_rounds = None  # rounds of the decode-step timing (None: 5 for demo, 30 otherwise)
 
 # %%
-import warnings
-
 from mislib import explain
 from mislib.config import stage_params
 from mislib.plots import save_figure
+from mislib.provenance import Provenance
 
 NOTEBOOK = "05_semsam"
 params = stage_params(profile, "semsam", k=k, temperature=temperature, top_k=top_k,
@@ -56,8 +55,6 @@ params = stage_params(profile, "semsam", k=k, temperature=temperature, top_k=top
 rule = {"temperature": params["temperature"], "top_k": params["top_k"],
         "top_p": params["top_p"]}
 rounds = timing_rounds or (5 if params["profile"] == "demo" else 30)
-# Some neighbours are CJK or Cyrillic tokens that the default font draws as boxes.
-warnings.filterwarnings("ignore", message="Glyph .* missing from font")
 params
 
 # %% [markdown]
@@ -72,36 +69,55 @@ params
 table, tokenizer, seconds = explain.wordllama_table(params["k"], force=force)
 print(f"{int(table.content_mask.sum()):,} content tokens of {table.num_embeddings:,}; "
       f"table {tuple(table.ids.shape)} ready in {seconds:.1f} s; key {table.key}")
+# No model answered here: the stamp names the profile, the embeddings and k.
+provenance = Provenance.from_profile(
+    profile, {"content tokens of WordLlama's Llama-2 vocabulary": int(table.content_mask.sum()),
+              "neighbours per token (k)": table.k})
 
 # %% [markdown]
 # ## Neighbourhoods of direction words
 #
-# The eight words the benchmark's answers use. Each row lists a word's nearest content
-# tokens and their cosines (the word itself first, cosine 1).
+# The eight words the benchmark's answers use, each with the `k` neighbours the rule reads
+# for it (the table's `k`, from the profile's `[semsam] k`): the word itself first
+# (cosine 1), then its nearest content tokens. `antonym` marks a neighbour that is the
+# word's antonym in a small curated list (`explain.ANTONYM_PAIRS`: left/right,
+# superior/inferior, anterior/posterior, medial/lateral, above/below, true/false, …).
 
 # %%
 hoods = explain.neighbourhoods(table, tokenizer)
+print(f"k = {table.k}: the {table.k - 1} nearest content tokens besides the word itself")
+hoods[hoods["antonym"]]
+
+# %%
 hoods.pivot(index="rank", columns="word", values="neighbour")[list(explain.DIRECTION_WORDS)]
 
 # %%
-fig = explain.neighbourhood_figure(hoods, params["k"])
-save_figure(fig, "neighbourhoods", notebook=NOTEBOOK)
+fig = explain.neighbourhood_figure(hoods, table.k)
+save_figure(fig, "neighbourhoods", notebook=NOTEBOOK, provenance=provenance)
 fig
 
 # %% [markdown]
-# Direction words sit next to their synonyms and their morphological variants, and often
-# next to their antonyms too (*left*/*right* share contexts). Negative cosines never add
-# to a score; a neighbourhood that holds an antonym adds that antonym's probability, which
-# is why the rule works on the *candidates' own* distribution rather than on any fixed
-# synonym list.
+# Direction words sit next to their synonyms and their morphological variants, and several
+# next to their antonyms (red): *superior*/*inferior*, *anterior*/*posterior* and
+# *above*/*below* are each other's nearest or near neighbours, because they share contexts.
+# Every neighbour with a positive cosine adds its probability to the word's score, an
+# antonym as much as a synonym; negative cosines add nothing. That is why the rule works on
+# the *candidates' own* distribution rather than on any fixed synonym list, and why a
+# neighbourhood holding an antonym can let the rule pick against the evidence. Tokens in
+# other scripts (Cyrillic, CJK, Hangul) are drawn with DejaVu Sans and Noto Sans CJK
+# (`explain.token_fonts`); a character no installed font draws would be named under the
+# figure.
 #
 # ## One decode step where re-scoring changes the choice
 #
 # A hand-made next-token distribution for *"The liver lies ___ the diaphragm"*: *above* is
 # the single most probable token, but *below*, *beneath*, *under* and *inferior* together
-# hold more mass. The table lists the candidates with their probability and neighbourhood
-# score, and marks the token the rule itself (`mislib.semsam.select_next_token`) picks in
-# each arm, all three with the same keyed random number.
+# hold more mass. The table is the rule's own computation, nothing re-implemented: the
+# `top_k` tokens of `mislib.semsam.candidates` with `candidate` marking the set `I` that
+# top-p keeps, `content` whether the table re-scores the token, its probability `p` and
+# neighbourhood score (`mislib.semsam.semantic_scores`), and the token
+# `mislib.semsam.select_next_token` picks in each arm, all three with the same keyed random
+# number.
 
 # %%
 step = explain.decode_step(explain.example_logits(tokenizer, table.num_embeddings), table,
@@ -110,12 +126,13 @@ step.head(10)
 
 # %%
 fig = explain.decode_step_figure(step)
-save_figure(fig, "decode_step", notebook=NOTEBOOK)
+save_figure(fig, "decode_step", notebook=NOTEBOOK, provenance=provenance)
 fig
 
 # %% [markdown]
 # The score of *below* collects the probability of *beneath*, *under* and *inferior*
-# (its neighbours), while *above* has fewer probable neighbours, so the `semsam` arm emits
+# (its neighbours; a neighbour counts whether or not it is itself a candidate), while
+# *above* has fewer probable neighbours, so the `semsam` arm emits
 # *below* where `greedy` emits *above* and `baseline` draws from the candidates. Only the
 # candidates' neighbours are read: one gather of `|I| × k` entries.
 #
@@ -135,7 +152,7 @@ wide.round(3)
 
 # %%
 fig = explain.overhead_figure(wide)
-save_figure(fig, "overhead", notebook=NOTEBOOK)
+save_figure(fig, "overhead", notebook=NOTEBOOK, provenance=provenance)
 fig
 
 # %% [markdown]

@@ -56,6 +56,28 @@ def test_notebook_matches_its_jupytext_pair(path):
     assert cells(a) == cells(b), f"{path.name} and {script.name} differ: run `make notebooks-sync`"
 
 
+#: Notebooks whose saved figures this test checks (07 and 08 save through mislib functions
+#: with their own tests: plots.factor_analysis_figures, plots.make_figures).
+STAMPED = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05", "06"}]
+
+
+@pytest.mark.parametrize("path", STAMPED, ids=lambda p: p.name)
+def test_every_figure_a_notebook_saves_carries_the_provenance_stamp(path):
+    """Figures are saved only through plots.save_figure, and every call passes provenance=."""
+    import ast
+
+    tree = ast.parse(path.with_suffix(".py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    name = lambda c: getattr(c.func, "attr", getattr(c.func, "id", ""))  # noqa: E731
+    assert not [c for c in calls if name(c) in ("savefig", "figure_path")], \
+        f"{path.name} saves a figure around save_figure (no provenance stamp)"
+    saves = [c for c in calls if name(c) == "save_figure"]
+    assert saves, f"{path.name} saves no figure"
+    for call in saves:
+        assert "provenance" in {k.arg for k in call.keywords}, \
+            f"{path.name} line {call.lineno}: save_figure without provenance="
+
+
 def test_a_failing_cell_stops_reproduce_and_names_notebook_and_cell(tmp_path):
     from mislib.notebooks import NotebookFailed, reproduce
 

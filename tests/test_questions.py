@@ -696,3 +696,22 @@ def test_generate_writes_the_validity_report_beside_the_questions(inputs):
     assert list(report.columns) == ["rule", "checked", "violations", "description"]
     assert report.set_index("rule").loc["ground_truth", "checked"] > 0
     assert report.violations.sum() == 0, report.to_string()
+
+
+def test_factor_figure_is_a_grid_of_one_panel_per_factor():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mislib.questions import FIGURE_FACTORS, factor_figure
+
+    rng = np.random.default_rng(0)
+    questions = pd.DataFrame({f: rng.choice(["a", "b", None], 30) for f in FIGURE_FACTORS})
+    fig = factor_figure(questions, columns=4)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == list(FIGURE_FACTORS)
+    rows = {round(ax.get_position().y0, 3) for ax in shown}
+    assert len(rows) == -(-len(FIGURE_FACTORS) // 4) > 1
+    assert sum(bar.get_height() for bar in shown[0].patches) == 30  # every question counted
+    plt.close(fig)

@@ -841,3 +841,21 @@ def test_a_forced_render_that_fails_keeps_the_old_images_and_their_stamp(tmp_pat
     again = render.render_benchmark("demo", root=root, **FAST)  # fresh: read back
     pd.testing.assert_frame_equal(again, first)
     assert _tree_digest(bench) == before
+
+
+def test_stack_strip_lays_the_frames_out_as_a_grid_of_rows(rendered, synth_root):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    renders, _ = rendered
+    stack = renders[renders.dims == "3d"].render_id.iloc[0]
+    fig = render.stack_strip(synth_root / "data" / "benchmark", renders, stack, n_show=6,
+                             columns=4)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [f"frame {i}" for i in range(FRAMES)]
+    rows = {round(ax.get_position().y0, 3) for ax in shown}
+    assert len(rows) == 2  # 6 frames, 4 a row
+    assert fig.get_size_inches()[0] == pytest.approx(7.5)  # page width
+    plt.close(fig)

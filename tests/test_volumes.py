@@ -618,6 +618,8 @@ def test_notebook_01_figures_show_every_volume_and_every_slice(demo_root):
     fig = volumes.slices_figure(vols, slices, prepared, columns=4)
     titled = [a for a in fig.axes if a.get_title()]
     assert len(titled) == len(slices) and len(fig.axes) % 4 == 0
+    assert len(slices) > 4 and len({round(a.get_position().y0, 3) for a in titled}) > 1
+    assert fig.get_size_inches()[0] == pytest.approx(7.5)  # a grid at page width
 
 
 def test_dicom_series_and_its_las_label_map_land_on_the_same_voxels(demo_root):

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mislib.export._common import ImageCache, input_kind, none, slug
 

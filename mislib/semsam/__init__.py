@@ -32,6 +32,7 @@ from mislib.semsam.rule import (
     ARMS,
     MODES,
     arm_codes,
+    candidates,
     check_rule,
     keyed_uniforms,
     one_hot_logits,
@@ -50,7 +51,8 @@ from mislib.semsam.table import (
 )
 
 __all__ = ["ARMS", "MODES", "TABLE_FORMAT", "NeighborTable", "SemSamLogitsProcessor",
-           "arm_codes", "build_neighbor_table", "cached_neighbor_table", "check_rule",
+           "arm_codes", "build_neighbor_table", "cached_neighbor_table", "candidates",
+           "check_rule",
            "content_token_mask", "keyed_uniforms", "load_wordllama", "one_hot_logits",
            "select_next_token", "semantic_scores", "table_key", "time_decode_step"]
 

@@ -222,13 +222,7 @@ def select_next_token(logits: torch.Tensor, table: NeighborTable | None, *,
     inv_t = 1.0 / temperature
     top_z = top_logits.float()
     z_max = top_z[:, :1]
-    # p up to the common factor exp(z_max / T) / sum exp(z / T), which no decision needs.
-    q = torch.exp((top_z - z_max) * inv_t)
-    keep = q > 0
-    if top_p < 1.0:
-        p_top = q / q.sum(-1, keepdim=True)
-        keep &= (p_top.cumsum(-1) - p_top) < top_p
-    keep[:, 0] = True
+    q, keep = _top_p(top_z, inv_t, top_p)
     chosen = _inverse_cdf(q.masked_fill(~keep, 0.0), u)  # the default rule
     if "semsam" in uses:
         ids, weights = table.ids[cand], table.weights[cand]
@@ -246,6 +240,36 @@ def select_next_token(logits: torch.Tensor, table: NeighborTable | None, *,
     if codes is not None and "greedy" in uses:
         chosen = chosen.masked_fill(codes == ARMS.index("greedy"), 0)
     return cand.gather(1, chosen[:, None]).squeeze(1)
+
+
+def _top_p(top_z: torch.Tensor, inv_t: float, top_p: float) -> tuple[torch.Tensor,
+                                                                    torch.Tensor]:
+    """``(q, keep)`` of sorted top-k logits ``[B, M]``: ``p`` up to a per-row factor, and
+    the candidates top-p keeps (the most probable one always)."""
+    # p up to the common factor exp(z_max / T) / sum exp(z / T), which no decision needs.
+    q = torch.exp((top_z - top_z[:, :1]) * inv_t)
+    keep = q > 0
+    if top_p < 1.0:
+        p_top = q / q.sum(-1, keepdim=True)
+        keep &= (p_top.cumsum(-1) - p_top) < top_p
+    keep[:, 0] = True
+    return q, keep
+
+
+def candidates(logits: torch.Tensor, *, temperature: float, top_k: int,
+               top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate set ``I`` of each row, as :func:`select_next_token` forms it.
+
+    Returns
+    -------
+    (ids, kept) : ``[B, M]`` token ids of the ``M = min(top_k, V)`` most probable tokens
+        (most probable first) and a ``[B, M]`` boolean mask of those top-p keeps.
+    """
+    check_rule(temperature, top_k, top_p, "argmax")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+    top_logits, cand = _topk(logits, min(top_k, logits.shape[1]))
+    return cand, _top_p(top_logits.float(), 1.0 / temperature, top_p)[1]
 
 
 def one_hot_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

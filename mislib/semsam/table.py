@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 #: Bumped whenever the table build changes in a way that changes its output, so cached
 #: tables built by older code are not reused.
