@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+from test_inference import _new_root, seeded_table  # noqa: F401  (the module's table fixture)
 
 from mislib.config import ModelEntry, ProfileError, check_profile, load_profile
 from mislib.inference.models import (
@@ -141,3 +142,65 @@ def test_the_hf_backend_refuses_a_saved_model_whose_config_maps_remote_code(smok
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="needs code from its own repository"):
         HFBackend(str(folder), model_id="tiny-remote", device="cpu")
+
+
+def test_an_entrys_pixel_budget_dtype_and_stack_mode_reach_the_hf_backend(smoke_root):
+    import numpy as np
+
+    from mislib.inference.backends.hf import HFBackend
+    from mislib.inference.protocol import Request
+    from mislib.inference.registry import resolve_model
+    from mislib.smoke import SMOKE_MODEL_ID
+
+    source = resolve_model(SMOKE_MODEL_ID, smoke_root)[0]
+    own = HFBackend(source, model_id="own", device="cpu")
+    entry = ModelEntry(id=SMOKE_MODEL_ID, dtype="float32", min_pixels=32 * 32,
+                       max_pixels=64 * 64, stack_as="images")
+    backend = HFBackend(source, model_id="tuned", device="cpu",
+                        **local_backend_options(entry))
+    assert backend.settings()["image_processor"]["size"] == {"shortest_edge": 1024,
+                                                             "longest_edge": 4096}
+    assert own.settings()["image_processor"]["size"]["longest_edge"] == 160 * 160
+    assert (backend.settings()["video_as"], own.settings()["video_as"]) == ("images", "video")
+    # a 4-frame stack goes in as 4 pictures of at most 64 x 64 pixels (16 patches each)
+    stack = np.zeros((4, 96, 96, 3), dtype=np.uint8)
+    inputs = backend.prepare([Request("q", 0, 1, "where?", stack)])
+    assert "pixel_values_videos" not in inputs
+    assert inputs["image_grid_thw"].shape[0] == 4
+    assert (inputs["image_grid_thw"][:, 1] * inputs["image_grid_thw"][:, 2] <= 16).all()
+
+
+def test_a_pixel_budget_for_a_processor_without_one_is_refused():
+    from types import SimpleNamespace
+
+    from mislib.inference.backends.hf import set_pixel_budget
+
+    processor = SimpleNamespace(image_processor=SimpleNamespace(size={"height": 224,
+                                                                      "width": 224}))
+    with pytest.raises(ValueError, match="has none"):
+        set_pixel_budget(processor, None, 4096, "org/clip-like")
+
+
+def test_an_entrys_frames_per_stack_thins_the_stacks_and_names_a_new_run(smoke_root, tmp_path,
+                                                                        seeded_table):  # noqa: F811
+    import numpy as np
+
+    from mislib.inference import run_inference
+
+    root = _new_root(tmp_path / "frames", smoke_root, n_questions=12)  # 4-frame stacks
+    prof = _with_models(two={"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2})
+    prof["inference"].update({"max_new_tokens": 2, "n_trials": 1, "limit": 0,
+                              "models": ["two"]})
+    seen = []
+
+    def hook(generate):
+        def spy(requests, decode):
+            seen.extend(r.media.shape[0] for r in requests if isinstance(r.media, np.ndarray))
+            return generate(requests, decode)
+        return spy
+
+    run = run_inference(prof, arm="greedy", root=root, progress=False, generate_hook=hook)
+    assert seen and set(seen) == {2}
+    identity = json.loads((run.run_dir / "run.json").read_text())
+    assert identity["model_settings"] == {"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2}
+    assert run.run_id.startswith("two-greedy-")
