@@ -31,10 +31,10 @@ percent for a level, points for a difference). With ``[lo, hi]`` this run's inte
 Before any of that a claim is *not measurable* when this run has no such questions (or no
 model ran both arms), and *not assessed* when a smoke model (random weights,
 :func:`mislib.provenance.is_smoke_model`) answered any of its questions, when either side has
-fewer than ``[paper] min_questions`` questions (a (model, question) pair counts as one when
-models are pooled), when the paper states nothing to compare with (greedy against baseline),
-or when the paper's number is another model's accuracy (the SemSam accuracies are
-Qwen3-VL-32B's; the SemSam gain of any other model is tested for its sign only).
+fewer than ``[paper] min_questions`` distinct questions, when the paper states nothing to
+compare with (greedy against baseline), or when the paper's number is another model's
+accuracy (the SemSam accuracies are Qwen3-VL-32B's; the SemSam gain of any other model is
+tested for its sign only).
 
 Bayes@N (what ``estimate`` is): per question a uniform Beta(1, 1) prior updated by its N
 trials, so a question answered correctly k times has posterior mean (k + 1) / (N + 2); the
@@ -403,7 +403,10 @@ def _subset(scored: pd.DataFrame, select: Mapping[str, str], baseline: str) -> p
 
 def _estimate(rows: pd.DataFrame, level: float) -> dict[str, float] | None:
     """Bayes@N (mu, sigma, lo, hi), raw accuracy, chance (percent; NaN without the scored
-    table's ``n_options``), questions and trials of some scored rows; None if empty."""
+    table's ``n_options``), questions and trials of some scored rows; None if empty.
+
+    ``n_questions`` counts Bayes@N's rows ((model, question) pairs when models are pooled);
+    ``n_distinct`` the distinct questions, which ``min_questions`` is held against."""
     if rows.empty:
         return None
     cell = bayes_by(rows.assign(_all="all"), ["_all"], level)
@@ -413,7 +416,8 @@ def _estimate(rows: pd.DataFrame, level: float) -> dict[str, float] | None:
     return {"mu": float(r["mu"]), "sigma": float(r["sigma"]), "lo": float(r["lo"]),
             "hi": float(r["hi"]), "n_questions": int(r["n_questions"]),
             "n_trials": int(r["n_trials"]), "raw": float(r["accuracy"]),
-            "chance": 100 * float(r.get("chance", math.nan))}
+            "chance": 100 * float(r.get("chance", math.nan)),
+            "n_distinct": int(rows["question_id"].nunique())}
 
 
 def _contrast_lookup(contrasts: pd.DataFrame | None, name: str | None) -> tuple[float, ...]:
@@ -517,7 +521,7 @@ def evaluate_claims(scored: pd.DataFrame, contrasts: pd.DataFrame | None = None,
         if b is None:
             est = {k: a[k] for k in ("mu", "lo", "hi", "raw", "chance", "n_questions",
                                      "n_trials")}
-            n_min = a["n_questions"]
+            n_min = a["n_distinct"]
         else:
             # Different questions on each side: independent posteriors.
             mu, sigma = a["mu"] - b["mu"], math.hypot(a["sigma"], b["sigma"])
@@ -525,7 +529,7 @@ def evaluate_claims(scored: pd.DataFrame, contrasts: pd.DataFrame | None = None,
                    "raw": a["raw"] - b["raw"], "chance": a["chance"] - b["chance"],
                    "n_questions": a["n_questions"] + b["n_questions"],
                    "n_trials": max(a["n_trials"], b["n_trials"])}
-            n_min = min(a["n_questions"], b["n_questions"])
+            n_min = min(a["n_distinct"], b["n_distinct"])
         row.update(estimate=100 * est["mu"], lo=100 * est["lo"], hi=100 * est["hi"],
                    raw=100 * est["raw"], chance=est["chance"],
                    n_questions=est["n_questions"], n_trials=est["n_trials"],

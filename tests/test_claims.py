@@ -167,6 +167,11 @@ def test_the_smoke_model_and_thin_cells_are_not_assessed():
     row = _row(C.evaluate_claims(thin, min_questions=30), "plane_naming")
     assert row["status"] == "not assessed" and "min_questions" in row["reason"]
     assert row["n_questions"] == 12  # measured and shown, just not judged
+    # pooling models does not make a thin cell thick: the same 12 questions × 3 models
+    pooled = pd.concat([_scored([(PLANE, at_paper)], n_questions=12, model=m, seed=i)
+                        for i, m in enumerate(("a", "b", "c"))])
+    row = _row(C.evaluate_claims(pooled, min_questions=30), "plane_naming")
+    assert row["n_questions"] == 36 and row["status"] == "not assessed"
 
 
 def test_differences_with_the_wrong_sign_or_an_interval_holding_zero_are_not_reproduced():
