@@ -163,7 +163,7 @@ def _points(ax: plt.Axes, table: pd.DataFrame, x: str, hue: str | None,
     ax.set_xlim(-0.6, len(x_order) - 0.4)
 
 
-def _key_handles(raw: bool, chance: bool) -> list[Any]:
+def _key_handles(raw: bool, chance: bool, raw_label: str = "raw accuracy") -> list[Any]:
     """Legend entries for the marks every series shares: Bayes@N, raw accuracy, chance."""
     from matplotlib.lines import Line2D
 
@@ -171,7 +171,7 @@ def _key_handles(raw: bool, chance: bool) -> list[Any]:
                       label="Bayes@N, credible interval")]
     if raw:
         handles.append(Line2D([], [], color="0.2", marker="x", linestyle="none",
-                              markersize=5, markeredgewidth=1.4, label="raw accuracy"))
+                              markersize=5, markeredgewidth=1.4, label=raw_label))
     if chance:
         handles.append(Line2D([], [], color="0.45", linestyle="--", linewidth=0.9,
                               label="chance (1 / options)"))
@@ -325,7 +325,8 @@ def interaction(cells: pd.DataFrame, x: str, hue: str, col: str = "arm",
     else:
         _percent_axis(axes[0, 0])
     handles, labels = axes[0, -1].get_legend_handles_labels()
-    keys = _key_handles("accuracy" in cells, "chance" in cells and not difference)
+    keys = _key_handles("accuracy" in cells, "chance" in cells and not difference,
+                        "raw difference" if difference else "raw accuracy")
     axes[0, -1].legend(handles + keys, labels + [h.get_label() for h in keys], title=hue,
                        loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=True,
                        fontsize="small")

@@ -132,6 +132,17 @@ def test_visual_prompt_effect_draws_differences_from_the_no_prompt_baseline():
     plt.close(fig)
 
 
+def test_visual_prompt_effect_draws_the_raw_difference_beside_the_bayes_difference():
+    cells = _prompt_cells(["none", "mask"]).assign(accuracy=[0.7, 0.5, 0.9, 0.4],
+                                                   n_questions=10, n_trials=2)
+    fig = plots.visual_prompt_effect(cells, baseline="none")
+    ax = fig.axes[0]
+    assert [line.get_ydata()[0] for line in _raw_markers(ax)] == pytest.approx([20.0, -10.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mask\nn 10×2"]
+    assert "raw difference" in [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    plt.close(fig)
+
+
 def test_visual_prompt_effect_without_a_baseline_level_says_so():
     fig = plots.visual_prompt_effect(_prompt_cells(["mask", "box", "point"]), baseline="none")
     assert "no 'none' baseline" in fig._suptitle.get_text()
