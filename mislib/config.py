@@ -276,6 +276,14 @@ def model_table_errors(name: str, values: Any) -> list[str]:
         return [f"{where} should be a table, got {_show(values)}"]
     if "name" in values:
         return [f"{where} name: the table's key is the model's name; remove the key"]
+    smoke_id = str(values.get("id", "")).startswith("smoke:")
+    if smoke_id != str(name).startswith("smoke:"):
+        # records carry the entry's name; "smoke:" is how figures and tables know that a
+        # model's weights are random and its answers noise
+        return [f"{where} id = {_show(values.get('id'))}: " + (
+            "a smoke model's entry is named smoke:<name> (e.g. [models.\"smoke:thinking\"]) "
+            "so that its records say its answers are noise" if smoke_id else
+            "only a smoke model's entry may be named smoke:<name>")]
     try:
         ModelEntry.model_validate({**values, "name": str(name)})
     except ValidationError as err:

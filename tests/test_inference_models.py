@@ -81,6 +81,7 @@ def test_the_paper_profile_lists_the_roster():
     ({"dtype": "float32"}, "[models.bad] id: missing"),
     ({"id": "m", "backend": "tgi"}, "[models.bad] backend = 'tgi'"),
     ({"id": "m", "name": "other"}, "[models.bad] name: the table's key"),
+    ({"id": "smoke:tiny-qwen3-vl"}, "a smoke model's entry is named smoke:<name>"),
 ])
 def test_a_bad_entry_is_a_profile_error_naming_table_and_key(table, expected):
     with pytest.raises(ProfileError) as err:
@@ -101,7 +102,7 @@ def test_a_bad_entry_stops_the_cli_with_exit_code_2(tmp_path, capsys, monkeypatc
 
     text = (load_profile.__globals__["PROFILE_DIR"] / "demo.toml").read_text()
     path = tmp_path / "bad.toml"
-    path.write_text(text + '\n[models.tiny]\nid = "smoke:tiny-qwen3-vl"\ndtype = "int3"\n')
+    path.write_text(text + '\n[models.tiny]\nid = "org/tiny-vlm"\ndtype = "int3"\n')
     monkeypatch.setattr(runner, "run_inference", lambda *a, **k: pytest.fail("stage 04 ran"))
     assert cli.main(["infer", "--profile", str(path)]) == 2
     assert "[models.tiny] dtype = 'int3'" in capsys.readouterr().err
@@ -188,9 +189,9 @@ def test_an_entrys_frames_per_stack_thins_the_stacks_and_names_a_new_run(smoke_r
     from mislib.inference import run_inference
 
     root = _new_root(tmp_path / "frames", smoke_root, n_questions=12)  # 4-frame stacks
-    prof = _with_models(two={"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2})
+    prof = _with_models(**{"smoke:two": {"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2}})
     prof["inference"].update({"max_new_tokens": 2, "n_trials": 1, "limit": 0,
-                              "models": ["two"]})
+                              "models": ["smoke:two"]})
     seen = []
 
     def hook(generate):
@@ -203,4 +204,4 @@ def test_an_entrys_frames_per_stack_thins_the_stacks_and_names_a_new_run(smoke_r
     assert seen and set(seen) == {2}
     identity = json.loads((run.run_dir / "run.json").read_text())
     assert identity["model_settings"] == {"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2}
-    assert run.run_id.startswith("two-greedy-")
+    assert run.run_id.startswith("smoke-two-greedy-")

@@ -147,8 +147,8 @@ def _thinking_profile(budget: int):
     prof = copy.deepcopy(load_profile("demo"))
     prof["name"] = "test"
     prof["inference"].update({"max_new_tokens": 4, "batch_size": 4, "n_trials": 1,
-                              "limit": 4, "models": ["think"]})
-    prof["models"] = {"think": {"id": SMOKE_THINKING_MODEL_ID, "thinks": True,
+                              "limit": 4, "models": ["smoke:think"]})
+    prof["models"] = {"smoke:think": {"id": SMOKE_THINKING_MODEL_ID, "thinks": True,
                                 "reasoning_budget": budget, "forced_answer_tokens": 2,
                                 "semsam_mode": "sample"}}
     return prof
@@ -158,7 +158,8 @@ def test_a_thinking_entry_runs_with_its_budget_and_its_records_say_so(smoke_root
     root = _new_root(tmp_path / "think", smoke_root)
     run = run_inference(_thinking_profile(3), arm="semsam", root=root, progress=False)
     frame = pd.read_parquet(run.responses)
-    assert run.run_id.startswith("think-semsam-") and set(frame["model"]) == {"think"}
+    assert run.run_id.startswith("smoke-think-semsam-")
+    assert set(frame["model"]) == {"smoke:think"}
     ok = frame[frame["status"] == "ok"]
     assert len(ok) and ok["forced_answer"].all()
     assert (ok["thinking_tokens"] == 3 + 2).all()  # 3 + "\n" and "</think>"
