@@ -222,3 +222,92 @@ def test_vllm_budget_forcing_gives_the_hf_backends_tokens_and_counts(smoke_root,
         outputs[backend] = json.loads(out_file.read_text())["arms"]["semsam"]
     assert outputs["vllm"] == outputs["hf"]
     assert all(g["forced_answer"] and "Answer:" in g["text"] for g in outputs["vllm"])
+
+
+# ------------------------------------------------------------------ vllm's two calls, scripted
+class _Params:
+    """Stands in for ``vllm.SamplingParams``: keeps what the backend asked for."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class _ScriptedLLM:
+    """Stands in for ``vllm.LLM``: answers each call from a script, recording the calls."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls.append((prompts, params))
+        rows = self.script.pop(0)
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, stop_reason=stop)])
+                for tokens, stop in rows]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """The vllm backend module importable without vLLM (stand-ins for the names it imports);
+    the modules imported here are dropped afterwards, so other tests see no vLLM."""
+    import types
+
+    fake = types.ModuleType("vllm")
+    fake.__version__, fake.SamplingParams, fake.LLM = "0.0-test", _Params, None
+    logits = types.ModuleType("vllm.v1.sample.logits_processor")
+    logits.BatchUpdate, logits.LogitsProcessor = object, object
+    builtin = types.ModuleType("vllm.v1.sample.logits_processor.builtin")
+    builtin.process_dict_updates = None
+    for name, module in {"vllm": fake, "vllm.v1": types.ModuleType("vllm.v1"),
+                         "vllm.v1.sample": types.ModuleType("vllm.v1.sample"),
+                         "vllm.v1.sample.logits_processor": logits,
+                         "vllm.v1.sample.logits_processor.builtin": builtin}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    yield
+    for name in ("mislib.inference.backends.vllm", "mislib.semsam.vllm_v1"):
+        sys.modules.pop(name, None)
+
+
+def test_vllm_budget_forcing_continues_each_request_as_its_first_call_ended(fake_vllm,
+                                                                            smoke_root):
+    from mislib.inference.backends.vllm import VLLMBackend
+    from mislib.inference.registry import resolve_model
+    from mislib.semsam.vllm_v1 import ARM_KEY, STEP_OFFSET_KEY
+
+    backend = VLLMBackend(resolve_model(SMOKE_THINKING_MODEL_ID, smoke_root)[0],
+                          model_id=SMOKE_THINKING_MODEL_ID, device="cpu")
+    tok = backend.tokenizer
+    close = tok.convert_tokens_to_ids("</think>")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    suffix = tok.encode(FORCED_SUFFIX, add_special_tokens=False)
+    llm = _ScriptedLLM([
+        [([11, 12, 13, 14], None),     # the budget of 4 spent inside the block: forced
+         ([11, close], close),          # closed within the budget: its own answer follows
+         ([11, 12, eos], None),         # ended its turn: done
+         ([11, 12], close)],            # stopped at </think>, left out of the output
+        [([21, eos], None), ([31, 32, eos], None), ([41, eos], None)],
+    ])
+    requests = [Request("q", t, 50 + t, ASK) for t in range(4)]
+    decode = DecodeSettings(arm="greedy", temperature=0.7, top_k=20, top_p=0.8,
+                            max_new_tokens=6, reasoning_budget=4, forced_answer_tokens=3)
+    out = backend._generate_budgeted(llm, requests, decode)
+
+    (first_prompts, first), (second_prompts, second) = llm.calls
+    assert all(p.max_tokens == 4 and p.stop_token_ids == [close] for p in first)
+    assert all(p.extra_args == {ARM_KEY: "greedy"} for p in first)
+    assert [p.seed for p in second] == [50, 51, 53]
+    prompt_ids = tok.encode(first_prompts[0]["prompt"], add_special_tokens=False)
+    assert second_prompts[0]["prompt_token_ids"] == prompt_ids + [11, 12, 13, 14] + suffix
+    assert second_prompts[1]["prompt_token_ids"] == prompt_ids + [11, close]
+    assert second_prompts[2]["prompt_token_ids"] == prompt_ids + [11, 12, close]
+    assert [p.max_tokens for p in second] == [3, 6, 6]
+    assert [p.extra_args[STEP_OFFSET_KEY] for p in second] == [4 + len(suffix), 2, 3]
+    assert [g.token_ids for g in out] == [(11, 12, 13, 14, *suffix, 21, eos),
+                                          (11, close, 31, 32, eos), (11, 12, eos),
+                                          (11, 12, close, 41, eos)]
+    assert [g.forced_answer for g in out] == [True, False, False, False]
+    assert [(g.thinking_tokens, g.answer_tokens) for g in out] == [
+        (4 + suffix.index(close) + 1, len(suffix) - suffix.index(close) - 1 + 2), (2, 3),
+        (3, 0), (3, 2)]
+    assert "</think>\n\nAnswer:" in out[0].text
