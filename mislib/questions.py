@@ -128,6 +128,7 @@ from mislib.vocabulary import (
     PROMPTS,
     QUESTION_FACTORS,
     TERMINOLOGIES,
+    ordered,
 )
 
 log = logging.getLogger(__name__)
@@ -1186,7 +1187,10 @@ def factor_figure(questions: pd.DataFrame, factors: Sequence[str] = FIGURE_FACTO
     for ax in axes.flat[len(factors):]:
         ax.set_visible(False)
     for ax, factor in zip(axes.flat, factors, strict=False):
-        counts = questions[factor].fillna("—").value_counts().sort_index()
+        counts = questions[factor].fillna("—").value_counts()
+        # the benchmark's level order (vocabulary.ordered), "—" (does not apply) last
+        counts = counts.reindex([*ordered(factor, counts.index.drop("—", errors="ignore")),
+                                 *(["—"] if "—" in counts.index else [])])
         ax.bar(range(len(counts)), counts.to_numpy(), color="#4477AA")
         ax.set_xticks(range(len(counts)), counts.index, rotation=60, ha="right", fontsize=7)
         ax.set_title(factor, fontsize=9)

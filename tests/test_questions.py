@@ -708,10 +708,14 @@ def test_factor_figure_is_a_grid_of_one_panel_per_factor():
 
     rng = np.random.default_rng(0)
     questions = pd.DataFrame({f: rng.choice(["a", "b", None], 30) for f in FIGURE_FACTORS})
+    questions["prompt"] = ["point", "none", "mask", None, "box"] * 6
     fig = factor_figure(questions, columns=4)
     shown = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == list(FIGURE_FACTORS)
     rows = {round(ax.get_position().y0, 3) for ax in shown}
     assert len(rows) == -(-len(FIGURE_FACTORS) // 4) > 1
     assert sum(bar.get_height() for bar in shown[0].patches) == 30  # every question counted
+    prompt = shown[list(FIGURE_FACTORS).index("prompt")]
+    assert [t.get_text() for t in prompt.get_xticklabels()] == ["none", "mask", "box", "point",
+                                                                "—"]  # the benchmark's order
     plt.close(fig)
