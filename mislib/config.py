@@ -326,6 +326,7 @@ class AnalysisTable(_Table):
     draws: Count
     tune: NonNegative
     chains: Count
+    target_accept: Annotated[float, Field(gt=0, lt=1)]
     contrast_draws: Count
     ppc_draws: NonNegative
 

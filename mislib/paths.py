@@ -42,6 +42,8 @@ CONTRASTS_FILE = "contrasts.parquet"
 PPC_FILE = "ppc.parquet"
 FACTOR_DIAGNOSTICS_FILE = "factor_diagnostics.json"
 FACTOR_POSTERIOR_FILE = "factor_posterior.zarr"
+RECOVERY_FILE = "recovery.parquet"
+RECOVERY_DIAGNOSTICS_FILE = "recovery_diagnostics.json"
 #: Stage 08, under ``paper/``.
 CLAIMS_FILE = "claims.md"
 NUMBERS_FILE = "numbers.tex"

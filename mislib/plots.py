@@ -560,14 +560,16 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
 
 
 # ----------------------------------------------------------------------------------------
-# Notebook 07: the factor model's diagnostics, traces and predictive check
+# Notebook 07 (the analysis lane's section): the factor model's diagnostics, traces,
+# predictive check and recovery study
 # ----------------------------------------------------------------------------------------
-def diagnostics_figure(effects: pd.DataFrame, sds: pd.DataFrame, title: str = "") -> plt.Figure:
+def diagnostics_figure(effects: pd.DataFrame, sds: pd.DataFrame, title: str = "",
+                       ess_min: float | None = None) -> plt.Figure:
     """Histograms of R-hat and bulk ESS of every fixed effect and random-intercept SD.
 
     ``effects`` and ``sds`` are ``factor_effects.parquet`` and ``factor_sd.parquet``
-    (``r_hat, ess_bulk``); the dashed line is the convergence bound
-    :data:`mislib.analysis.RHAT_MAX`.
+    (``r_hat, ess_bulk``); the dashed lines are the convergence bounds
+    :data:`mislib.analysis.RHAT_MAX` and, when given, ``ess_min``.
     """
     df = pd.concat([effects, sds], ignore_index=True)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
@@ -576,6 +578,9 @@ def diagnostics_figure(effects: pd.DataFrame, sds: pd.DataFrame, title: str = ""
     axes[0].set_xlabel("R-hat (rank-normalised, split)")
     axes[0].legend(fontsize=7)
     axes[1].hist(df["ess_bulk"], bins=30, color="C1")
+    if ess_min is not None:
+        axes[1].axvline(ess_min, color="C3", ls="--", label=f"ESS = {ess_min:.0f}")
+        axes[1].legend(fontsize=7)
     axes[1].set_xlabel("bulk ESS")
     for ax in axes:
         ax.set_ylabel("parameters")
@@ -610,22 +615,84 @@ def traces_figure(posterior: Any, names: Sequence[str] | None = None,
 
 
 def ppc_figure(ppc: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Observed accuracy per cell (dots; red outside) against its 95 % predictive band.
+    """Observed minus replicated accuracy per cell, against the replicates' 95 % band.
 
-    ``ppc`` is ``ppc.parquet`` (``cell, observed, pp_lo95, pp_hi95, inside``).
+    ``ppc`` is ``ppc.parquet`` (``cell, observed, pp_mean, pp_lo95, pp_hi95, inside``).
+    Each row is centred on the replicates' mean, so a misfit reads as distance from 0 in
+    percentage points whatever the accuracy: grey bars are the band, dots the observed
+    residuals, red when outside the band; a cell of a factor the model leaves out
+    (``in_model`` false) is labelled ``(not in model)``.
     """
+    _check_columns(ppc, ["cell", "observed", "pp_mean", "pp_lo95", "pp_hi95", "inside"],
+                   "ppc table")
     df = ppc.iloc[::-1]
-    fig, ax = plt.subplots(figsize=(6.5, 0.2 * len(df) + 1.0))
+    fig, ax = plt.subplots(figsize=(6.5, 0.2 * len(df) + 1.2))
     y = np.arange(len(df))
-    ax.hlines(y, df["pp_lo95"], df["pp_hi95"], color="0.7", lw=4, label="95 % predictive")
+    centre = df["pp_mean"].to_numpy()
+    ax.hlines(y, 100 * (df["pp_lo95"] - centre), 100 * (df["pp_hi95"] - centre), color="0.7",
+              lw=4, label="95 % of replicates")
+    ax.axvline(0, color="0.3", lw=0.8)
     colors = np.where(df["inside"], "C0", "C3")
-    ax.scatter(df["observed"], y, s=12, c=colors, zorder=3, label="observed")
-    ax.set_yticks(y, df["cell"].str.removeprefix("p[").str.removesuffix("]"), fontsize=7)
+    ax.scatter(100 * (df["observed"] - centre), y, s=12, c=colors, zorder=3,
+               label="observed (red: outside)")
+    labels = df["cell"].str.removeprefix("p[").str.removesuffix("]")
+    if "in_model" in df:
+        labels = labels.where(df["in_model"], labels + " (not in model)")
+    ax.set_yticks(y, labels, fontsize=7)
     ax.set_ylim(-0.7, len(df) - 0.3)
-    ax.set_xlabel("accuracy")
+    ax.set_xlabel("observed − mean replicated accuracy (percentage points)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
+    outside = int((~df["inside"]).sum())
+    ax.set_title(f"{title}\n{outside} of {len(df)} cells outside their band "
+                 f"(about {0.05 * len(df):.0f} expected by chance)".strip(), fontsize=9)
+    return fig
+
+
+def recovery_figure(table: pd.DataFrame, title: str = "",
+                    headline: Sequence[str] = ()) -> plt.Figure:
+    """Planted against recovered fixed effects (logit scale) with 95 % intervals.
+
+    ``table`` is ``recovery.parquet`` (``term, planted, mean, lo95, hi95, covered``). Left:
+    every effect, recovered mean and interval against the planted value, on the identity
+    line when recovered; red where the interval misses it. Right: the ``headline`` terms
+    (the paper's findings) as a forest, planted value as a cross. The title gives the
+    coverage.
+    """
+    _check_columns(table, ["term", "planted", "mean", "lo95", "hi95", "covered"],
+                   "recovery table")
+    rows = table[table["term"].isin(headline)] if len(headline) else table.iloc[:0]
+    fig, axes = plt.subplots(1, 2 if len(rows) else 1, figsize=(11 if len(rows) else 5.5, 4.6),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 1.2]}
+                             if len(rows) else None)
+    ax = axes[0, 0]
+    for covered, colour, what in ((True, "C0", "interval covers the planted value"),
+                                  (False, "C3", "interval misses it")):
+        part = table[table["covered"] == covered]
+        ax.errorbar(part["planted"], part["mean"],
+                    yerr=[part["mean"] - part["lo95"], part["hi95"] - part["mean"]], fmt="o",
+                    ms=3, lw=0.8, color=colour, label=f"{what} ({len(part)})")
+    lim = [min(table["planted"].min(), table["lo95"].min()) - 0.05,
+           max(table["planted"].max(), table["hi95"].max()) + 0.05]
+    ax.plot(lim, lim, color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("planted effect (logit)")
+    ax.set_ylabel("recovered: posterior mean and 95 % interval (logit)")
+    ax.legend(fontsize=7, loc="upper left")
+    if len(rows):
+        fx = axes[0, 1]
+        rows = rows.set_index("term").loc[[t for t in headline if t in set(rows["term"])]]
+        y = np.arange(len(rows))[::-1]
+        fx.hlines(y, rows["lo95"], rows["hi95"], color="C0", lw=2)
+        fx.scatter(rows["mean"], y, color="C0", s=14, zorder=3, label="recovered (95 %)")
+        fx.scatter(rows["planted"], y, color="k", marker="x", s=30, zorder=4, label="planted")
+        fx.axvline(0, color="0.5", lw=0.8)
+        fx.set_yticks(y, rows.index, fontsize=7)
+        fx.set_xlabel("effect (logit)")
+        fx.set_title("the paper's findings, planted", fontsize=8)
+        fx.legend(fontsize=7, loc="lower right")
+    n_in = int(table["covered"].sum())
+    fig.suptitle(f"{title}\ncoverage: {n_in} of {len(table)} planted effects "
+                 f"({n_in / len(table):.0%}) inside their 95 % intervals".strip(), fontsize=9)
+    fig.tight_layout()
     return fig
 
 
@@ -634,12 +701,15 @@ def factor_analysis_figures(fit: Any, label: str) -> dict[str, plt.Figure]:
 
     ``fit`` is a :class:`mislib.analysis.FactorAnalysis` (or FactorFit); ``label`` says what
     was analysed and goes into every title, so a simulated study is never mistaken for the
-    benchmark.
+    benchmark. Whether the fit converged is stamped by :func:`save_figure`'s
+    ``provenance`` (``Provenance(converged=...)``).
     """
     forest = factor_forest(fit.effects)
     forest.axes[0].set_title(f"Factor effects — {label}", fontsize=9)
+    diag = getattr(fit, "diagnostics", None) or {}
+    ess_min = (diag.get("thresholds") or {}).get("ess_bulk_min")
     return {
-        "diagnostics": diagnostics_figure(fit.effects, fit.sds,
+        "diagnostics": diagnostics_figure(fit.effects, fit.sds, ess_min=ess_min,
                                           title=f"Sampler diagnostics — {label}"),
         "traces": traces_figure(fit.posterior, title="Traces of the intercept and "
                                 f"random-intercept SDs — {label}"),

@@ -34,6 +34,8 @@ MIN_COVERAGE = 0.85
 # Long enough that the R-hat <= 1.01 check is not at the edge of its own noise (max
 # fixed-effect R-hat 1.004-1.006 over three seeds at this length).
 FIT = {"draws": 3000, "tune": 1000, "chains": 2}
+#: The recovery study's settings in notebook 07's parameters cell (the demo runs these).
+NOTEBOOK_RECOVERY = {"n_questions": 600, "n_trials": 5, "draws": 2000, "seed": 1}
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +382,8 @@ def test_settings_from_params_splits_the_profile_table_and_ignores_other_keys():
     assert sampler == SamplerSettings(draws=10, seed=3)
 
 
-@pytest.mark.parametrize("module", ["data", "design", "model", "fit", "contrasts", "stage"])
+@pytest.mark.parametrize("module", ["data", "design", "model", "fit", "contrasts", "stage",
+                                    "recovery"])
 def test_docstring_examples_of_the_analysis_package_run(module):
     import doctest
     import importlib
@@ -437,3 +440,228 @@ def test_a_forced_refit_that_fails_while_writing_keeps_the_old_outputs_fresh(
         monkeypatch.setattr(owner, name, real)
         assert state() == before, f"{name} failing at call {fail_at}"
         assert run_factor_analysis("demo", root=root, progress=False, **FIT).reused
+
+
+# ---- diagnostics that bind ------------------------------------------------------------------
+def _diag(**changes):
+    """A fit's diagnostics with every check passing, then ``changes``."""
+    ok = {"max R-hat": 1.002, "min bulk ESS": 900.0, "min tail ESS": 700.0, "worst": "x"}
+    d = {"divergences": 0, "chains": 2, "tune": 500, "draws": 500, "target_accept": 0.8,
+         "centred": [], "groups": {"question": 600, "volume": 60},
+         "trials_per_level": {"question": 20.0, "volume": 200.0},
+         "parts": {"fixed effects": dict(ok), "sd[question]": dict(ok), "sd[volume]": dict(ok),
+                   "intercepts[question]": dict(ok), "intercepts[volume]": dict(ok),
+                   "intercept means[volume]": dict(ok)}}
+    for key, value in changes.items():
+        if key in d["parts"]:
+            d["parts"][key] = {**d["parts"][key], **value}
+        else:
+            d[key] = value
+    return d
+
+
+def test_convergence_checks_fail_on_r_hat_ess_or_divergences_and_say_where():
+    from mislib.analysis import ESS_MIN_PER_CHAIN, RHAT_MAX, convergence_checks
+    from mislib.analysis.fit import convergence_problems
+
+    assert convergence_checks(_diag())["ok"].all()
+    bad = {"R-hat": _diag(**{"sd[volume]": {"max R-hat": RHAT_MAX + 0.005}}),
+           "bulk ESS": _diag(**{"fixed effects": {"min bulk ESS": 2 * ESS_MIN_PER_CHAIN - 1}}),
+           "tail ESS": _diag(**{"intercept means[volume]": {"min tail ESS": 50.0}}),
+           "divergent": _diag(divergences=3)}
+    for word, diag in bad.items():
+        problems = convergence_problems(convergence_checks(diag))
+        assert len(problems) == 1 and word in problems[0], (word, problems)
+    # the bound scales with the chains (100 per chain); single intercepts' ESS is not bound
+    assert not convergence_checks(_diag(chains=4, **{"fixed effects": {"min bulk ESS": 300.0}})
+                                  )["ok"].all()
+    assert convergence_checks(_diag(**{"intercepts[question]": {"min bulk ESS": 5.0}}))["ok"].all()
+
+
+def test_convergence_advice_names_target_accept_the_group_and_longer_chains():
+    from mislib.analysis import convergence_advice
+
+    assert convergence_advice(_diag()) == []
+    divergent = " ".join(convergence_advice(_diag(divergences=4)))
+    assert "target_accept" in divergent and "0.95" in divergent
+    volume = convergence_advice(_diag(**{"sd[volume]": {"max R-hat": 1.03}}))
+    assert any("group volume" in a and "centred = ['volume']" in a for a in volume), volume
+    assert any("tune = 1000" in a and "draws = 1000" in a for a in volume), volume
+    already = convergence_advice(_diag(centred=["volume"], **{"intercepts[volume]": {
+        "max R-hat": 1.03}}))
+    assert any("non-centred" in a for a in already), already
+
+
+@pytest.fixture(scope="module")
+def unconverged(tmp_path_factory):
+    """Stage 07 on a study sampled far too briefly (30 draws): it cannot pass its checks."""
+    root = tmp_path_factory.mktemp("short")
+    small = simulate_study(n_questions=150, n_trials=2, seed=5)
+    write_study(small, root=root, scored=True)
+    return root, run_factor_analysis("demo", root=root, progress=False, draws=30, tune=30,
+                                     groups=["question"])
+
+
+def test_a_fit_that_did_not_converge_is_flagged_on_disk_with_reasons_and_advice(unconverged):
+    from mislib.analysis import read_convergence
+
+    root, fa = unconverged
+    assert fa.converged is False
+    verdict = read_convergence(root)
+    assert verdict["converged"] is False and verdict["convergence_problems"]
+    assert any("ESS" in p for p in verdict["convergence_problems"])
+    assert any("draws" in a for a in verdict["advice"])
+    assert verdict["thresholds"]["ess_bulk_min"] == 200 and verdict["thresholds"]["r_hat_max"] == 1.01
+    # read back, the verdict is the same
+    again = run_factor_analysis("demo", root=root, progress=False, draws=30, tune=30,
+                                groups=["question"])
+    assert again.reused and again.converged is False
+    assert read_convergence(root.parent / "nothing-here") is None
+
+
+def test_figures_of_a_fit_that_did_not_converge_are_stamped_not_converged(unconverged):
+    from mislib.analysis import convergence_report, fit_provenance
+    from mislib.plots import factor_analysis_figures, save_figure
+
+    root, fa = unconverged
+    prov = fit_provenance(fa, "demo", root=root)
+    assert prov.converged is False and prov.simulated
+    fig = factor_analysis_figures(fa, "short")["forest"]
+    save_figure(fig, "forest", root=root, notebook="07_factor_analysis", provenance=prov)
+    assert any(t.get_text() == "NOT CONVERGED" for t in fig.texts)
+    assert (root / "figures").rglob("07_forest.png")
+    report = convergence_report(fa.diagnostics)
+    assert report.startswith("**NOT CONVERGED**") and "What to change" in report
+
+
+def test_the_well_specified_fit_passes_its_convergence_checks(fitted):
+    from mislib.analysis import convergence_checks
+
+    _, result = fitted
+    checks = convergence_checks(result.diagnostics)
+    assert result.converged, checks[~checks["ok"]]
+    assert result.diagnostics["convergence_problems"] == []
+
+
+# ---- a predictive check that can fail ----------------------------------------------------
+@pytest.fixture(scope="module")
+def reversal():
+    """A study with a strong convention × terminology reversal, fitted by a model with the
+    interaction and by one without it (everything else the same)."""
+    from mislib.analysis import ModelSpec, SamplerSettings, fit_factor_model
+
+    effects = {("convention", "terminology"): {("standard", "anatomical"): 0.6,
+                                               ("standard", "colloquial"): -0.6,
+                                               ("storage", "anatomical"): -0.6,
+                                               ("storage", "colloquial"): 0.6}}
+    study = simulate_study(n_questions=400, n_trials=3, seed=8, interactions=effects)
+    scored = scored_table(study)
+    sampler = SamplerSettings(draws=400, tune=400, seed=1)
+    fits = {}
+    for name, inter in (("with", ["convention:terminology"]), ("without", [])):
+        spec = ModelSpec(interactions=inter, groups=("question",))
+        fits[name] = fit_factor_model(scored, spec, sampler, progress=False)
+    return fits
+
+
+def test_the_predictive_check_flags_an_interaction_the_model_omits(reversal):
+    ppc = reversal["without"].ppc.set_index("cell")
+    cells = ppc[ppc["factors"] == "convention:terminology"]
+    assert len(cells) == 4 and not cells["in_model"].any()  # checked though not in the model
+    assert not cells["inside"].any(), cells
+    assert (cells["p_value"] < 0.05).all()
+    assert cells.loc["p[convention=standard,terminology=anatomical]", "residual"] > 0.05
+    assert cells.loc["p[convention=storage,terminology=anatomical]", "residual"] < -0.05
+    assert set(cells.index) <= set(reversal["without"].diagnostics["ppc_outside"])
+
+
+def test_the_predictive_check_passes_the_model_with_the_interaction(reversal):
+    ppc = reversal["with"].ppc
+    cells = ppc[ppc["factors"] == "convention:terminology"]
+    assert cells["in_model"].all() and cells["inside"].all(), cells
+    assert (~ppc["inside"]).mean() <= 0.1, ppc[~ppc["inside"]]
+    # residual is observed minus the mean replicate, and the band holds the mean
+    assert np.allclose(ppc["residual"], ppc["observed"] - ppc["pp_mean"])
+    assert ((ppc["pp_lo95"] <= ppc["pp_mean"]) & (ppc["pp_mean"] <= ppc["pp_hi95"])).all()
+
+
+def test_check_cells_cover_every_level_and_skip_null_rows():
+    from mislib.analysis import check_cells
+
+    check = pd.DataFrame({"terminology": ["anatomical", None, "colloquial"],
+                          "convention": ["standard", "storage", "storage"]})
+    cells = {name: mask.tolist() for name, _, mask in
+             check_cells(check, ["convention:terminology"])}
+    assert cells["p[terminology=anatomical]"] == [True, False, False]
+    assert cells["p[convention=storage,terminology=colloquial]"] == [False, False, True]
+    assert "p[convention=storage,terminology=anatomical]" not in cells  # no such row
+
+
+# ---- the recovery study --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def recovery(tmp_path_factory):
+    """The recovery study exactly as notebook 07 runs it in the demo."""
+    from mislib.analysis import run_recovery
+
+    root = tmp_path_factory.mktemp("recovery")
+    return root, run_recovery("demo", root=root, progress=False, **NOTEBOOK_RECOVERY)
+
+
+def test_the_recovery_study_covers_at_least_90_percent_of_planted_effects(recovery):
+    root, rec = recovery
+    table = pd.read_parquet(project_paths(root).analysis / "recovery.parquet")
+    assert list(table.columns[:5]) == ["term", "planted", "mean", "lo95", "hi95"]
+    print(f"recovery study: {int(table['covered'].sum())}/{len(table)} = "
+          f"{table['covered'].mean():.1%} of planted effects inside their 95 % intervals; "
+          f"fit {rec.diagnostics['seconds']}; converged {rec.converged}")
+    assert table["covered"].mean() >= 0.9, table[~table["covered"]]
+    assert rec.coverage == pytest.approx(table["covered"].mean())
+    assert np.corrcoef(table["mean"], table["planted"])[0, 1] > 0.9  # not just wide intervals
+    planted = table.set_index("term")["planted"]
+    # the paper's findings are planted, the no-prompt level among them
+    assert planted["convention[standard]:terminology[anatomical]"] > 0
+    assert planted["convention[storage]:terminology[anatomical]"] < 0
+    assert planted["prompt[none]:terminology[anatomical]"] > 0
+    assert planted["prompt[box]:terminology[anatomical]"] < 0
+    assert planted["ablation[text_only]:terminology[anatomical]"] > 0
+    assert planted["arm[semsam]"] > 0
+    assert rec.converged, rec.diagnostics["convergence_problems"]
+
+
+def test_the_recovery_study_is_reused_when_fresh_and_drawn_with_its_coverage(recovery):
+    from mislib.analysis import run_recovery
+    from mislib.plots import recovery_figure
+    from mislib.simulate import HEADLINE_TERMS
+
+    root, rec = recovery
+    again = run_recovery("demo", root=root, progress=False, **NOTEBOOK_RECOVERY)
+    assert again.reused and again.coverage == rec.coverage
+    fig = recovery_figure(again.table, headline=HEADLINE_TERMS)
+    n_in = int(again.table["covered"].sum())
+    assert f"{n_in} of {len(again.table)}" in fig._suptitle.get_text()
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == list(HEADLINE_TERMS)
+    prov = again.provenance("demo")
+    assert prov.simulated and prov.converged == rec.converged
+    assert prov.n_questions_asked == NOTEBOOK_RECOVERY["n_questions"]
+
+
+def test_the_recovery_settings_tested_are_the_notebooks_and_the_defaults():
+    from mislib.analysis.recovery import DEFAULTS
+    from mislib.paths import REPO_ROOT
+
+    text = (REPO_ROOT / "notebooks" / "07_factor_analysis.py").read_text()
+    names = {"n_questions": "recovery_questions", "n_trials": "recovery_trials",
+             "draws": "recovery_draws", "seed": "recovery_seed"}
+    for key, name in names.items():
+        found = re.search(rf"^{name} = (\d+)", text, re.MULTILINE)
+        assert found and int(found.group(1)) == NOTEBOOK_RECOVERY[key] == DEFAULTS[key], name
+
+
+def test_recovery_table_names_a_term_with_no_planted_value():
+    from mislib.analysis import recovery_table
+
+    truth = pd.DataFrame({"term": ["Intercept"], "value": [0.4]})
+    effects = pd.DataFrame({"term": ["Intercept", "dims[2d]"], "mean": [0.3, 0.0],
+                            "lo95": [0.1, -0.1], "hi95": [0.5, 0.1]})
+    with pytest.raises(ValueError, match=r"dims\[2d\]"):
+        recovery_table(truth, effects)

@@ -64,7 +64,19 @@ The package, in the order the data flows through it
 :mod:`~mislib.analysis.contrasts`
     probability-scale contrasts and the posterior predictive check.
 :mod:`~mislib.analysis.stage`
-    stage 07 on disk (:func:`run_factor_analysis`). Its figures are in :mod:`mislib.plots`.
+    stage 07 on disk (:func:`run_factor_analysis`). Its figures are in :mod:`mislib.plots`
+    (the section "Notebook 07").
+:mod:`~mislib.analysis.recovery`
+    the recovery study: planted effects shaped like the paper's, refitted
+    (:func:`run_recovery`, ``recovery.parquet``).
+
+Convergence binds
+-----------------
+A fit is ``converged`` when R-hat <= :data:`RHAT_MAX` (1.01) everywhere, bulk and tail ESS
+>= :data:`ESS_MIN_PER_CHAIN` (100) per chain for the fixed effects, SDs and intercept means,
+and there is no divergence (:func:`convergence_checks`). The verdict, the failed checks and
+what to change (:func:`convergence_advice`) are in ``factor_diagnostics.json``; figures of
+a fit that did not converge are stamped NOT CONVERGED.
 
 Outputs (``data/analysis/``)
 ----------------------------
@@ -100,14 +112,19 @@ Outputs (``data/analysis/``)
       mask, box, point; ablation: none, text_only, blank; ...), so read ``-mean`` for the
       other direction.
 ``ppc.parquet``
-    The posterior predictive check per factor level and interaction cell: ``cell`` (named
-    like the contrasts), ``factors, observed, n_trials, pp_mean, pp_lo95, pp_hi95, inside``.
-    Replicates use new random intercepts (a *mixed* predictive check), so a cell outside its
-    band means the factor structure misses something, not that one question is odd.
+    The posterior predictive check per level of every benchmark factor (in the model or
+    not) and per cell of the model's and the default interactions: ``cell`` (named like
+    the contrasts), ``factors, in_model, observed, n_trials, pp_mean, pp_lo95, pp_hi95,
+    residual`` (observed − mean replicate), ``p_value`` (two-sided posterior predictive),
+    ``inside`` (observed in the 95 % band). Replicates use new random intercepts (a
+    *mixed* predictive check), so a cell outside its band means the factor structure
+    misses something (an omitted factor or interaction), not that one question is odd.
 ``factor_diagnostics.json``
-    Divergences, the largest R-hat and smallest bulk/tail ESS (fixed effects, random-effect
-    SDs, every random intercept and the random intercepts' means ``mean_<group>`` per cell
-    of :class:`GroupCells`), sampling settings, sizes, timings, dropped terms.
+    ``converged`` (bool), ``convergence_problems`` (the failed checks, one sentence each),
+    ``advice`` (what to change in ``[analysis]``), ``thresholds``; divergences, R-hat and
+    bulk/tail ESS per part (``parts``: fixed effects, each SD, each group's intercepts and
+    their means ``mean_<group>`` per cell of :class:`GroupCells`), sampling settings, sizes,
+    timings, dropped terms, ``ppc_outside`` (the cells outside their band).
 ``factor_posterior.zarr``
     The posterior of the fixed effects and SDs (no per-question intercepts) with sample
     stats, for trace and rank plots.
@@ -119,7 +136,7 @@ Outputs (``data/analysis/``)
 (['arm', 'model', 'modality'], True)
 """
 
-from mislib.analysis.contrasts import compute_contrasts, posterior_predictive_check
+from mislib.analysis.contrasts import check_cells, compute_contrasts, posterior_predictive_check
 from mislib.analysis.data import (
     FACTORS,
     GROUPS,
@@ -138,20 +155,27 @@ from mislib.analysis.design import (
 )
 from mislib.analysis.fit import (
     DIAG_LEVELS,
+    ESS_MIN_PER_CHAIN,
     RHAT_MAX,
     FactorFit,
     ModelSpec,
     SamplerSettings,
+    convergence_advice,
+    convergence_checks,
     fit_factor_model,
     settings_from_params,
 )
 from mislib.analysis.model import build_model, resolve_centred
+from mislib.analysis.recovery import Recovery, recovery_table, run_recovery
 from mislib.analysis.stage import (
     OUTPUTS,
     FactorAnalysis,
     claim_contrasts,
+    convergence_report,
     diagnostics_summary,
+    fit_provenance,
     load_scored,
+    read_convergence,
     read_outputs,
     run_factor_analysis,
     stamp_params,
@@ -161,12 +185,15 @@ from mislib.analysis.stage import (
 from mislib.vocabulary import LEVEL_ORDER, structure_pair
 
 __all__ = [
-    "DIAG_LEVELS", "FACTORS", "GROUPS", "INTERACTIONS", "LEVEL_ORDER", "MIN_QUESTIONS_PER_LEVEL",
-    "OUTPUTS", "RHAT_MAX", "FactorAnalysis", "FactorData", "FactorFit", "FixedDesign",
-    "GroupCells", "ModelSpec", "SamplerSettings", "aggregate_trials", "build_model",
-    "claim_contrasts", "compute_contrasts", "diagnostics_summary", "fit_factor_model",
-    "fixed_design", "group_cells", "load_scored", "posterior_predictive_check",
-    "prepare_factor_data", "read_outputs", "resolve_centred", "run_factor_analysis",
+    "DIAG_LEVELS", "ESS_MIN_PER_CHAIN", "FACTORS", "GROUPS", "INTERACTIONS", "LEVEL_ORDER",
+    "MIN_QUESTIONS_PER_LEVEL", "OUTPUTS", "RHAT_MAX", "FactorAnalysis", "FactorData",
+    "FactorFit", "FixedDesign", "GroupCells", "ModelSpec", "Recovery", "SamplerSettings",
+    "aggregate_trials", "build_model", "check_cells", "claim_contrasts", "compute_contrasts",
+    "convergence_advice", "convergence_checks", "convergence_report", "diagnostics_summary",
+    "fit_factor_model",
+    "fit_provenance", "fixed_design", "group_cells", "load_scored",
+    "posterior_predictive_check", "prepare_factor_data", "read_convergence", "read_outputs",
+    "recovery_table", "resolve_centred", "run_factor_analysis", "run_recovery",
     "settings_from_params", "stamp_params", "structure_pair", "sum_to_zero_basis",
     "write_outputs", "write_simulated_study",
 ]

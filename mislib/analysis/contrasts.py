@@ -17,11 +17,13 @@ differences of two such cells that differ in one factor; names come from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
 from mislib.analysis.data import FactorData, patterns
-from mislib.vocabulary import cell_name, difference_name, interaction_name
+from mislib.vocabulary import cell_name, difference_name, interaction_name, ordered
 
 
 def _flat_draws(post, name: str) -> np.ndarray:
@@ -143,28 +145,87 @@ def compute_contrasts(post, data: FactorData, max_draws: int = 1000) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def posterior_predictive_check(post, data: FactorData, n_draws: int = 200,
-                               seed: int = 0) -> pd.DataFrame:
-    """Observed accuracy per level and interaction cell against mixed posterior replicates.
+def check_cells(check: pd.DataFrame, interactions: Sequence[str | tuple[str, str]] = ()
+                ) -> list[tuple[str, str, np.ndarray]]:
+    """The cells a predictive check compares: ``(name, factors, mask over rows)``.
+
+    Every level of every column of ``check`` with two or more observed levels, and every
+    cell of the ``interactions`` (``"f1:f2"``) whose two columns are there; a row where a
+    factor is null (it does not apply) is in none of that factor's cells.
+
+    >>> check = pd.DataFrame({"dims": ["2d", "3d", "3d"], "form": ["open"] * 3})
+    >>> [(name, int(mask.sum())) for name, _, mask in check_cells(check)]
+    [('p[dims=2d]', 1), ('p[dims=3d]', 2)]
+    """
+    cols = {c: check[c].astype(object).where(check[c].notna()) for c in check.columns}
+    levels = {c: ordered(c, v) for c, v in cols.items()}
+    out = []
+    for c, lv in levels.items():
+        if len(lv) < 2:
+            continue
+        for level in lv:
+            out.append((cell_name(**{c: level}), c, (cols[c] == level).to_numpy()))
+    for item in interactions:
+        f1, f2 = item.split(":") if isinstance(item, str) else item
+        if f1 not in cols or f2 not in cols or min(len(levels[f1]), len(levels[f2])) < 2:
+            continue
+        for a in levels[f1]:
+            for b in levels[f2]:
+                mask = ((cols[f1] == a) & (cols[f2] == b)).to_numpy()
+                if mask.any():
+                    out.append((cell_name(**{f1: a, f2: b}), interaction_name(f1, f2), mask))
+    return out
+
+
+def posterior_predictive_check(post, data: FactorData, n_draws: int = 200, seed: int = 0,
+                               check: pd.DataFrame | None = None,
+                               interactions: Sequence[str | tuple[str, str]] | None = None,
+                               ) -> pd.DataFrame:
+    """Observed accuracy per factor level and cell against mixed posterior replicates.
 
     For each of ``n_draws`` thinned posterior draws: new random intercepts for every
     question, pair and volume from their fitted SDs, then ``k_rep ~ Binomial(n, p)`` per
-    (model, arm, question) row, aggregated to each cell's accuracy.
+    (model, arm, question) row, aggregated to each cell's accuracy. The cells come from
+    ``check`` (one row per row of ``data.obs``, one column per factor to check; default:
+    the model's factors), so a factor the model leaves out is checked too: its levels'
+    replicates all share one accuracy, and an effect the model omits shows as observed
+    accuracies outside their bands.
+
+    The scale shows misfit: ``residual`` is the observed minus the mean replicated
+    accuracy, ``p_value`` the two-sided posterior predictive p-value
+    ``2·min(P(rep ≥ obs), P(rep ≤ obs))`` (capped at 1; ties count on both sides), and
+    ``inside`` whether the observed accuracy lies in the central 95 % replicated band.
+
+    Parameters
+    ----------
+    interactions : cells of these pairs of ``check`` columns are checked too (default: the
+        model's interactions and arm × model).
+
+    Returns
+    -------
+    DataFrame ``cell, factors, in_model, observed, n_trials, pp_mean, pp_lo95, pp_hi95,
+    residual, p_value, inside``; ``in_model`` says whether the cell's factor (or
+    interaction) is a term of the model.
     """
     rng = np.random.default_rng(seed)
     n_total = _flat_draws(post, "Intercept").shape[0]
     draw_index = np.unique(np.linspace(0, n_total - 1, min(n_draws, n_total)).astype(int))
-    codes, inverse, counts = patterns(data)
+    codes, inverse, _ = patterns(data)
     eta_pattern = _eta_fixed(post, data, codes, draw_index)
     n = data.obs["n"].to_numpy()
     k = data.obs["k"].to_numpy()
-    col = {f: j for j, f in enumerate(data.factors)}
-    cells = _cells(data)
-    cell_of_obs = [(name, factors, np.all([codes[inverse, col[f]] == c
-                                          for f, c in assign.items()], axis=0))
-                   for name, factors, assign in cells]
-    cell_of_obs = [(name, factors, m) for name, factors, m in cell_of_obs if n[m].sum() > 0]
-    onehot = np.stack([m for _, _, m in cell_of_obs], axis=1).astype(float)  # [n_obs, n_cell]
+    if check is None:
+        check = data.obs[data.factors]
+    if len(check) != len(data.obs):
+        raise ValueError(f"check has {len(check)} rows, the data {len(data.obs)}: one row "
+                         "per (model, arm, question) row of data.obs")
+    if interactions is None:
+        interactions = [*data.interactions, ("arm", "model")]
+    cells = [(name, factors, mask) for name, factors, mask in
+             check_cells(check.reset_index(drop=True), interactions) if n[mask].sum() > 0]
+    if not cells:
+        raise ValueError("no factor in the check has two observed levels: nothing to check")
+    onehot = np.stack([m for _, _, m in cells], axis=1).astype(float)  # [n_obs, n_cell]
     sds = {g: _flat_draws(post, f"sd_{g}")[draw_index] for g in data.group_codes}
     rep = np.empty((len(draw_index), onehot.shape[1]))
     for s in range(len(draw_index)):
@@ -177,7 +238,12 @@ def posterior_predictive_check(post, data: FactorData, n_draws: int = 200,
         rep[s] = (k_rep @ onehot) / (n @ onehot)
     observed = (k @ onehot) / (n @ onehot)
     lo, hi = np.quantile(rep, [0.025, 0.975], axis=0)
+    p_value = np.minimum(1.0, 2.0 * np.minimum((rep >= observed).mean(0),
+                                               (rep <= observed).mean(0)))
+    terms = {*data.factors, *(interaction_name(a, b) for a, b in data.interactions)}
     return pd.DataFrame({
-        "cell": [c[0] for c in cell_of_obs], "factors": [":".join(c[1]) for c in cell_of_obs],
+        "cell": [c[0] for c in cells], "factors": [c[1] for c in cells],
+        "in_model": [c[1] in terms for c in cells],
         "observed": observed, "n_trials": (n @ onehot).astype(int), "pp_mean": rep.mean(0),
-        "pp_lo95": lo, "pp_hi95": hi, "inside": (observed >= lo) & (observed <= hi)})
+        "pp_lo95": lo, "pp_hi95": hi, "residual": observed - rep.mean(0), "p_value": p_value,
+        "inside": (observed >= lo) & (observed <= hi)})

@@ -30,8 +30,14 @@ from mislib.analysis.data import FACTORS, GROUPS, INTERACTIONS, FactorData, prep
 from mislib.analysis.model import build_model, resolve_centred
 from mislib.vocabulary import interaction_name
 
-#: The largest R-hat a converged fit may have (rank-normalised, split).
+#: The largest R-hat a converged fit may have (rank-normalised, split), over every fixed
+#: effect, SD, checked random intercept and intercept mean (Vehtari et al. 2021).
 RHAT_MAX = 1.01
+#: The smallest bulk and tail ESS per chain of a converged fit (Vehtari et al. 2021: 100 per
+#: chain), for the fixed effects, the SDs and the random intercepts' means.
+ESS_MIN_PER_CHAIN = 100
+#: What R-hat and ESS are checked on: (part of the posterior, statistic) pairs.
+CONVERGENCE_STATS = ("max R-hat", "min bulk ESS", "min tail ESS")
 #: Random intercepts per group whose R-hat and ESS are checked (evenly spaced levels).
 DIAG_LEVELS = 500
 
@@ -66,6 +72,8 @@ class SamplerSettings:
     cores : parallel chains (None: ``min(chains, os.cpu_count())``).
     seed : sampler and predictive-check seed.
     adaptation : nutpie's mass-matrix adaptation (``"diag"`` or ``"low_rank"``).
+    target_accept : the step size's target acceptance rate (raise it towards 0.95-0.99
+        when a fit diverges: smaller steps follow sharper curvature).
     contrast_draws, ppc_draws : posterior draws used for contrasts and the predictive check.
     """
 
@@ -75,6 +83,7 @@ class SamplerSettings:
     cores: int | None = None
     seed: int = 0
     adaptation: str = "diag"
+    target_accept: float = 0.8
     contrast_draws: int = 1000
     ppc_draws: int = 200
 
@@ -110,6 +119,11 @@ class FactorFit:
     ppc: pd.DataFrame
     diagnostics: dict[str, Any]
 
+    @property
+    def converged(self) -> bool:
+        """Whether the fit passed every check of :func:`convergence_checks`."""
+        return bool(self.diagnostics["converged"])
+
 
 def fit_factor_model(scored: pd.DataFrame, spec: ModelSpec = ModelSpec(),
                      sampler: SamplerSettings = SamplerSettings(),
@@ -141,7 +155,7 @@ def fit_factor_model(scored: pd.DataFrame, spec: ModelSpec = ModelSpec(),
     trace = nutpie.sample(compiled, draws=sampler.draws, tune=sampler.tune,
                           chains=sampler.chains, cores=cores, seed=sampler.seed,
                           progress_bar=progress, save_warmup=False,
-                          adaptation=sampler.adaptation)
+                          adaptation=sampler.adaptation, target_accept=sampler.target_accept)
     t_sample = time.perf_counter()
 
     post = trace.posterior
@@ -152,7 +166,9 @@ def fit_factor_model(scored: pd.DataFrame, spec: ModelSpec = ModelSpec(),
     sds = _summarise(sd_arr, *_diag(sd_arr), [f"sd[{g}]" for g in data.group_codes])
     random = _random_intercept_diagnostics(post, data)
     contrasts = compute_contrasts(post, data, max_draws=sampler.contrast_draws)
-    ppc = posterior_predictive_check(post, data, n_draws=sampler.ppc_draws, seed=sampler.seed)
+    ppc = posterior_predictive_check(post, data, n_draws=sampler.ppc_draws, seed=sampler.seed,
+                                     check=check_frame(scored, data),
+                                     interactions=check_interactions(spec, data))
     keep = [*_fixed_names(data), *sd_names]
     small = trace.copy()
     small["posterior"] = xr.DataTree(post.to_dataset()[keep])
@@ -168,68 +184,212 @@ def fit_factor_model(scored: pd.DataFrame, spec: ModelSpec = ModelSpec(),
                      contrasts=contrasts, ppc=ppc, diagnostics=diagnostics)
 
 
+def check_frame(scored: pd.DataFrame, data: FactorData) -> pd.DataFrame:
+    """The factor levels the predictive check groups by, one row per row of ``data.obs``.
+
+    Every benchmark factor (:data:`~mislib.analysis.FACTORS`) the scored table has, whether
+    the model includes it or not: an effect of a factor the model leaves out then shows as
+    misfit in that factor's levels.
+    """
+    out = data.obs[["model", "arm", "question_id"]].copy()
+    question_cols = [f for f in FACTORS if f in scored.columns and f not in ("model", "arm")]
+    per_q = scored.drop_duplicates("question_id").set_index(
+        scored.drop_duplicates("question_id")["question_id"].astype(str))[question_cols]
+    out = out.join(per_q, on="question_id")
+    return out[[f for f in FACTORS if f in out.columns]].reset_index(drop=True)
+
+
+def check_interactions(spec: ModelSpec, data: FactorData) -> list[tuple[str, str]]:
+    """The interaction cells the predictive check compares: the model's, the default ones
+    (:data:`~mislib.analysis.INTERACTIONS`) and arm × model."""
+    pairs = [*data.interactions, *(tuple(i.split(":")) for i in (*spec.interactions,
+                                                                  *INTERACTIONS)),
+             ("arm", "model")]
+    return list(dict.fromkeys(tuple(p) for p in pairs))
+
+
 def _evenly(n: int, k: int = DIAG_LEVELS) -> np.ndarray:
     """Up to ``k`` evenly spaced indices of ``range(n)``."""
     return np.unique(np.linspace(0, n - 1, k).astype(int))
 
 
-def _random_intercept_diagnostics(post, data: FactorData) -> dict[str, Any]:
-    """R-hat and ESS of the random intercepts and of their cell means.
+def _random_intercept_diagnostics(post, data: FactorData) -> dict[str, dict[str, Any]]:
+    """R-hat and bulk/tail ESS of each group's random intercepts and of their cell means.
 
     Taken on up to :data:`DIAG_LEVELS` evenly spaced levels per group: ArviZ takes them one
     at a time (~1 ms each) and a paper-scale run has 3.7e4 of them. The cell means
     (``mean_<group>``, the parts sampled with the fixed effects) are checked per cell.
+
+    Returns ``{"intercepts[<g>]": {...}, "intercept means[<g>]": {...}}`` with ``max R-hat,
+    min bulk ESS, min tail ESS`` and the ``worst`` level (largest R-hat) of each.
     """
-    re_rhat, re_ess = {}, {}
+    out = {}
     for g in data.group_codes:
         name = f"u_{g}" if f"u_{g}" in post else f"z_{g}"
-        arr = np.asarray(post[name].values)
-        arr = arr.reshape(*arr.shape[:2], -1)
-        r, e, _ = _diag(arr[..., _evenly(arr.shape[-1])])
-        re_rhat[g] = float(np.nanmax(r))
-        re_ess[g] = float(np.nanmin(e))
-    mean_arr = []
-    for g in data.group_codes:
-        arr = np.asarray(post[f"mean_{g}"].values)
-        mean_arr.append(arr[..., _evenly(arr.shape[-1])])
-    mean_rhat, mean_ess, _ = _diag(np.concatenate(mean_arr, axis=-1))
-    return {"rhat": re_rhat, "ess": re_ess, "mean_rhat": mean_rhat, "mean_ess": mean_ess}
+        for part, var, labels in ((f"intercepts[{g}]", name, data.levels[g]),
+                                  (f"intercept means[{g}]", f"mean_{g}", None)):
+            arr = np.asarray(post[var].values)
+            arr = arr.reshape(*arr.shape[:2], -1)
+            idx = _evenly(arr.shape[-1])
+            r, e_bulk, e_tail = _diag(arr[..., idx])
+            worst = int(idx[np.nanargmax(r)]) if np.isfinite(r).any() else int(idx[0])
+            out[part] = {"max R-hat": float(np.nanmax(r)),
+                         "min bulk ESS": float(np.nanmin(e_bulk)),
+                         "min tail ESS": float(np.nanmin(e_tail)),
+                         "worst": f"{g}[{labels[worst]}]" if labels is not None
+                         else f"mean_{g}[{worst}]"}
+    return out
+
+
+def _part_stats(table: pd.DataFrame) -> dict[str, Any]:
+    """The convergence statistics of rows ``term, r_hat, ess_bulk, ess_tail``."""
+    worst = table.loc[table["r_hat"].fillna(np.inf).idxmax(), "term"] if len(table) else ""
+    return {"max R-hat": float(np.nanmax(table["r_hat"])),
+            "min bulk ESS": float(np.nanmin(table["ess_bulk"])),
+            "min tail ESS": float(np.nanmin(table["ess_tail"])), "worst": str(worst)}
+
+
+def convergence_checks(diagnostics: Mapping[str, Any]) -> pd.DataFrame:
+    """Every convergence check of a fit and whether it passed, one row each.
+
+    R-hat is checked on every part of the posterior (``parts`` of ``factor_diagnostics.json``:
+    the fixed effects, each SD, each group's random intercepts and their means), bulk and
+    tail ESS on the fixed effects, the SDs and the intercepts' means (what the tables
+    report; single questions' intercepts are nuisance parameters), and divergences over
+    the whole run.
+
+    Returns
+    -------
+    DataFrame ``part, statistic, value, bound, ok, worst`` (``worst``: the parameter with
+    the largest R-hat of that part).
+
+    >>> d = {"divergences": 0, "chains": 2, "parts": {"fixed effects": {
+    ...     "max R-hat": 1.02, "min bulk ESS": 900.0, "min tail ESS": 150.0,
+    ...     "worst": "family[plane]"}}}
+    >>> convergence_checks(d)[["statistic", "ok"]].values.tolist()
+    [['max R-hat', False], ['min bulk ESS', True], ['min tail ESS', False], ['divergences', True]]
+    """
+    ess_min = ESS_MIN_PER_CHAIN * int(diagnostics["chains"])
+    rows = []
+    for part, stats in diagnostics["parts"].items():
+        checked = CONVERGENCE_STATS if not part.startswith("intercepts[") else ("max R-hat",)
+        for stat in checked:
+            value = float(stats[stat])
+            bound = RHAT_MAX if stat == "max R-hat" else float(ess_min)
+            ok = value <= bound if stat == "max R-hat" else value >= bound
+            rows.append({"part": part, "statistic": stat, "value": value, "bound": bound,
+                         "ok": bool(ok and np.isfinite(value)), "worst": stats["worst"]})
+    rows.append({"part": "sampler", "statistic": "divergences",
+                 "value": float(diagnostics["divergences"]), "bound": 0.0,
+                 "ok": int(diagnostics["divergences"]) == 0, "worst": ""})
+    return pd.DataFrame(rows, columns=["part", "statistic", "value", "bound", "ok", "worst"])
+
+
+def convergence_problems(checks: pd.DataFrame) -> list[str]:
+    """The failed checks of :func:`convergence_checks`, one sentence each."""
+    out = []
+    for row in checks[~checks["ok"]].itertuples():
+        if row.statistic == "divergences":
+            out.append(f"{int(row.value)} divergent transitions (must be 0)")
+        elif row.statistic == "max R-hat":
+            out.append(f"R-hat {row.value:.3f} > {row.bound} in {row.part} ({row.worst})")
+        else:
+            out.append(f"{row.statistic} {row.value:.0f} < {row.bound:.0f} in {row.part}")
+    return out
+
+
+def convergence_advice(diagnostics: Mapping[str, Any]) -> list[str]:
+    """What to change in ``[analysis]`` when a fit did not converge (empty when it did).
+
+    The advice follows where the problem is: divergences call for a higher
+    ``target_accept``; a random-intercept group whose SD, intercepts or means mix badly for
+    the other parameterisation of that group (centred when its levels carry many trials, so
+    the data pin each intercept down; non-centred when they carry few); slow mixing of the
+    fixed effects for longer chains.
+    """
+    checks = convergence_checks(diagnostics)
+    failed = checks[~checks["ok"]]
+    if failed.empty:
+        return []
+    advice = []
+    if (failed["statistic"] == "divergences").any():
+        ta = float(diagnostics.get("target_accept", 0.8))
+        advice.append(f"divergences: raise target_accept (now {ta}) to "
+                      f"{0.95 if ta < 0.95 else 0.99} in [analysis] (smaller steps)")
+    centred = set(diagnostics.get("centred", []))
+    per_level = diagnostics.get("trials_per_level", {})
+    bad_groups = dict.fromkeys(
+        g for part in failed["part"] for g in diagnostics.get("groups", {})
+        if part in (f"sd[{g}]", f"intercepts[{g}]", f"intercept means[{g}]"))
+    for g in bad_groups:
+        n = per_level.get(g)
+        many = f"{n:.0f} trials per level" if n is not None else "its levels"
+        if g in centred:
+            advice.append(f"group {g} ({many}) mixes slowly centred: sample it non-centred "
+                          f"(drop {g!r} from [analysis] centred)")
+        else:
+            advice.append(f"group {g} ({many}) mixes slowly non-centred: sample it centred "
+                          f"([analysis] centred = [{g!r}]), which suits levels with many "
+                          "trials each (\"auto\" centres at >= 250)")
+    tune, draws = int(diagnostics["tune"]), int(diagnostics["draws"])
+    advice.append(f"longer chains: [analysis] tune = {max(2 * tune, 1000)}, draws = "
+                  f"{max(2 * draws, 1000)} (now {tune}, {draws}); R-hat and ESS improve with "
+                  "length when the chains only mix slowly")
+    return advice
 
 
 def _diagnostics(data: FactorData, spec: ModelSpec, sampler: SamplerSettings, cores: int,
-                 stats, effects: pd.DataFrame, sds: pd.DataFrame, random: Mapping[str, Any],
-                 ppc: pd.DataFrame) -> dict[str, Any]:
+                 stats, effects: pd.DataFrame, sds: pd.DataFrame,
+                 random: Mapping[str, Mapping[str, Any]], ppc: pd.DataFrame) -> dict[str, Any]:
     """The ``factor_diagnostics.json`` of a fit (sizes, settings, convergence, dropped terms)."""
     diverging = np.asarray(stats["diverging"].values)
     depth = np.asarray(stats["depth"].values) if "depth" in stats else np.array([np.nan])
-    all_rhat = np.concatenate([effects["r_hat"], sds["r_hat"], list(random["rhat"].values()),
-                               random["mean_rhat"]])
-    return {
-        "n_trials": int(data.obs["n"].sum()), "n_obs": len(data.obs),
+    parts = {"fixed effects": _part_stats(effects),
+             **{row.term: _part_stats(sds[sds["term"] == row.term]) for row in sds.itertuples()},
+             **random}
+    n_trials = int(data.obs["n"].sum())
+    diag = {
+        "n_trials": n_trials, "n_obs": len(data.obs),
         "n_questions": len(data.levels["question"]),
         "groups": {g: len(data.levels[g]) for g in data.group_codes},
+        "trials_per_level": {g: n_trials / len(data.levels[g]) for g in data.group_codes},
         "factors": {f: data.levels[f] for f in data.factors},
         "interactions": [interaction_name(a, b) for a, b in data.interactions],
         "dropped": data.dropped, "centred": resolve_centred(data, spec.centred),
         "nested": {g: f for g, f in data.nested.items() if f},
         "draws": sampler.draws, "tune": sampler.tune, "chains": sampler.chains,
         "cores": cores, "seed": sampler.seed, "adaptation": sampler.adaptation,
+        "target_accept": sampler.target_accept,
         "diag_levels_per_group": DIAG_LEVELS,
         "divergences": int(diverging.sum()),
-        "max_r_hat_fixed": float(np.nanmax(effects["r_hat"])),
-        "max_r_hat": float(np.nanmax(all_rhat)),
-        "min_ess_bulk_fixed": float(np.nanmin(effects["ess_bulk"])),
-        "min_ess_tail_fixed": float(np.nanmin(effects["ess_tail"])),
-        "min_ess_bulk": float(min(np.nanmin(effects["ess_bulk"]), np.nanmin(sds["ess_bulk"]),
-                                  *random["ess"].values(), np.nanmin(random["mean_ess"]))),
-        "max_r_hat_group_means": float(np.nanmax(random["mean_rhat"])),
-        "max_r_hat_random": dict(random["rhat"]),
+        "max_r_hat_fixed": parts["fixed effects"]["max R-hat"],
+        "max_r_hat": float(max(p["max R-hat"] for p in parts.values())),
+        "min_ess_bulk_fixed": parts["fixed effects"]["min bulk ESS"],
+        "min_ess_tail_fixed": parts["fixed effects"]["min tail ESS"],
+        "min_ess_bulk": float(min(p["min bulk ESS"] for p in parts.values())),
+        "min_ess_tail": float(min(p["min tail ESS"] for part, p in parts.items()
+                                  if not part.startswith("intercepts["))),
+        "max_r_hat_group_means": float(max(p["max R-hat"] for part, p in parts.items()
+                                           if part.startswith("intercept means["))
+                                       if data.group_codes else float("nan")),
+        "max_r_hat_random": {g: parts[f"intercepts[{g}]"]["max R-hat"]
+                             for g in data.group_codes},
+        "parts": parts,
         "mean_tree_depth": float(np.nanmean(depth)),
         "step_size": float(np.nanmean(np.asarray(stats["step_size"].values)))
         if "step_size" in stats else None,
         "ppc_inside_share": float(ppc["inside"].mean()),
-        "rhat_ok": bool(np.nanmax(all_rhat) <= RHAT_MAX),
+        "ppc_outside": ppc.loc[~ppc["inside"], "cell"].tolist(),
     }
+    diag["thresholds"] = {"r_hat_max": RHAT_MAX, "ess_bulk_min": ESS_MIN_PER_CHAIN * sampler.chains,
+                          "ess_tail_min": ESS_MIN_PER_CHAIN * sampler.chains,
+                          "divergences_max": 0}
+    problems = convergence_problems(convergence_checks(diag))
+    diag["converged"] = not problems
+    diag["convergence_problems"] = problems
+    diag["advice"] = convergence_advice(diag)
+    diag["rhat_ok"] = bool(diag["max_r_hat"] <= RHAT_MAX)
+    return diag
 
 
 def _fixed_names(data: FactorData) -> list[str]:

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: What stage 07 writes under ``data/analysis/``.
 OUTPUTS = (FACTOR_EFFECTS_FILE, FACTOR_SD_FILE, CONTRASTS_FILE, PPC_FILE,
            FACTOR_DIAGNOSTICS_FILE, FACTOR_POSTERIOR_FILE)
+#: Bumped when the outputs' contents change (2: convergence verdict in the diagnostics,
+#: misfit scale in ppc.parquet), so outputs of an older mislib are refitted, not read.
+OUTPUTS_VERSION = 2
 #: The interactions and factors whose contrasts carry the paper's claims.
 CLAIM_CONTRAST_FACTORS = ("arm:model", "convention:terminology", "prompt:terminology",
                           "ablation:terminology", "dims", "family")
@@ -149,6 +152,11 @@ class FactorAnalysis:
     params: dict[str, Any]
     reused: bool
 
+    @property
+    def converged(self) -> bool:
+        """Whether the fit passed every convergence check (``factor_diagnostics.json``)."""
+        return bool(self.diagnostics["converged"])
+
 
 def stamp_params(params: Mapping[str, Any], paths,
                  runs: Sequence[str] | None = None) -> dict[str, Any]:
@@ -159,7 +167,7 @@ def stamp_params(params: Mapping[str, Any], paths,
     else:
         digest = "|".join(f"{p.relative_to(paths.results)}:{file_digest(p)}"
                           for p in result_files(paths, runs))
-    return dict(params, input=digest)
+    return dict(params, input=digest, outputs_version=OUTPUTS_VERSION)
 
 
 def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
@@ -193,13 +201,15 @@ def run_factor_analysis(profile: str | Mapping[str, Any] = "demo",
     fit = fit_factor_model(scored, spec, sampler, progress=progress)
     with run:  # tables, diagnostics and posterior moved in together, the stamp last
         write_outputs(fit, run.staging)
-    for name, value in (("divergences", fit.diagnostics["divergences"]),
-                        ("max R-hat", fit.diagnostics["max_r_hat"])):
-        log.info("factor model %s: %s", name, value)
-    if not fit.diagnostics["rhat_ok"] or fit.diagnostics["divergences"]:
-        log.warning("factor model did not sample cleanly: %d divergences, max R-hat %.3f "
-                    "(see factor_diagnostics.json)", fit.diagnostics["divergences"],
-                    fit.diagnostics["max_r_hat"])
+    if fit.converged:
+        log.info("factor model converged: %d divergences, max R-hat %.4f, min bulk ESS %.0f",
+                 fit.diagnostics["divergences"], fit.diagnostics["max_r_hat"],
+                 fit.diagnostics["min_ess_bulk"])
+    else:
+        log.warning("factor model NOT CONVERGED: %s. What to change: %s (%s)",
+                    "; ".join(fit.diagnostics["convergence_problems"]),
+                    "; ".join(fit.diagnostics["advice"]),
+                    paths.analysis / FACTOR_DIAGNOSTICS_FILE)
     return FactorAnalysis(effects=fit.effects, sds=fit.sds, contrasts=fit.contrasts,
                           ppc=fit.ppc, diagnostics=fit.diagnostics, posterior=fit.posterior,
                           data=fit.data, params=params, reused=False)
@@ -229,23 +239,84 @@ def diagnostics_summary(diagnostics: Mapping[str, Any]) -> pd.Series:
     >>> d = {"n_trials": 10, "n_obs": 4, "n_questions": 2, "groups": {"question": 2},
     ...      "centred": [], "chains": 2, "draws": 100, "tune": 50, "divergences": 0,
     ...      "max_r_hat": 1.0041, "max_r_hat_fixed": 1.002, "min_ess_bulk": 812.3,
-    ...      "mean_tree_depth": 3.14, "seconds": {"total": 9.5}, "dropped": {}}
-    >>> diagnostics_summary(d)["chains × draws"]
-    '2 × 100 (+50 warm-up)'
+    ...      "min_ess_tail": 301.0, "mean_tree_depth": 3.14, "seconds": {"total": 9.5},
+    ...      "dropped": {}, "converged": True, "convergence_problems": [],
+    ...      "target_accept": 0.8}
+    >>> s = diagnostics_summary(d)
+    >>> s["chains × draws"], s["converged"]
+    ('2 × 100 (+50 warm-up)', 'yes')
     """
     d = diagnostics
     return pd.Series({
+        "converged": "yes" if d["converged"] else
+        "NO: " + "; ".join(d["convergence_problems"]),
         "trials": d["n_trials"], "(model, arm, question) rows": d["n_obs"],
         "questions": d["n_questions"],
         **{f"levels of {g}": n for g, n in d["groups"].items()},
         "centred groups": ", ".join(d["centred"]) or "none",
         "chains × draws": f"{d['chains']} × {d['draws']} (+{d['tune']} warm-up)",
+        "target_accept": d["target_accept"],
         "divergences": d["divergences"], "max R-hat (all)": round(d["max_r_hat"], 4),
         "max R-hat (fixed effects)": round(d["max_r_hat_fixed"], 4),
-        "min bulk ESS": round(d["min_ess_bulk"]),
+        "min bulk ESS": round(d["min_ess_bulk"]), "min tail ESS": round(d["min_ess_tail"]),
         "mean tree depth": round(d["mean_tree_depth"], 2),
         "fit seconds": d["seconds"]["total"], "dropped terms": d["dropped"] or "none",
     }, name="value")
+
+
+def convergence_report(diagnostics: Mapping[str, Any], what: str = "the factor model") -> str:
+    """The verdict on a fit as Markdown: converged, or the failed checks and what to change.
+
+    >>> print(convergence_report({"converged": True, "chains": 2, "draws": 500,
+    ...                           "max_r_hat": 1.004, "min_ess_bulk": 612.0,
+    ...                           "min_ess_tail": 420.0, "divergences": 0}))
+    **Converged**: the factor model's 2 chains × 500 draws agree (max R-hat 1.004, min bulk ESS 612, min tail ESS 420, no divergences).
+    """
+    d = diagnostics
+    if d["converged"]:
+        return (f"**Converged**: {what}'s {d['chains']} chains × {d['draws']} draws agree "
+                f"(max R-hat {d['max_r_hat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}, "
+                f"min tail ESS {d['min_ess_tail']:.0f}, no divergences).")
+    lines = [f"**NOT CONVERGED**: {what}'s effects, contrasts and predictive check below "
+             "are not to be trusted, and its figures are stamped NOT CONVERGED. Failed "
+             "checks:", ""]
+    lines += [f"- {problem}" for problem in d["convergence_problems"]]
+    lines += ["", "What to change (profile `[analysis]`, or this notebook's parameters), "
+              "then rerun:", ""]
+    lines += [f"- {item}" for item in d["advice"]]
+    return "\n".join(lines)
+
+
+def read_convergence(root: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Stage 07's verdict on its fit: ``converged``, ``convergence_problems``, ``advice``.
+
+    Read from ``data/analysis/factor_diagnostics.json`` (what stage 08 and the claims read
+    to mark the factor-model columns); None when stage 07 has not run.
+
+    Raises
+    ------
+    ValueError
+        When the file was written by a mislib without the verdict (rerun stage 07).
+    """
+    path = project_paths(root).analysis / FACTOR_DIAGNOSTICS_FILE
+    if not path.is_file():
+        return None
+    diag = json.loads(path.read_text())
+    if "converged" not in diag:
+        raise ValueError(f"{path} has no 'converged' field: it predates the convergence "
+                         "checks; rerun stage 07 (07_factor_analysis)")
+    return {k: diag[k] for k in ("converged", "convergence_problems", "advice", "thresholds")}
+
+
+def fit_provenance(fa: FactorAnalysis, profile: str | Mapping[str, Any],
+                   root: str | os.PathLike | None = None):
+    """The :class:`~mislib.provenance.Provenance` of a fit's figures (runs, counts, and
+    ``converged``), from the scored trials it was fitted to."""
+    from mislib.provenance import Provenance
+
+    runs = stage_params(profile, "scoring").get("runs")
+    return Provenance.from_scored(load_scored(root, runs), profile, root=root,
+                                  converged=fa.converged)
 
 
 def claim_contrasts(contrasts: pd.DataFrame) -> pd.DataFrame:
