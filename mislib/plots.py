@@ -615,32 +615,32 @@ def traces_figure(posterior: Any, names: Sequence[str] | None = None,
 
 
 def ppc_figure(ppc: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Observed minus replicated accuracy per cell, against the replicates' 95 % band.
+    """Each cell's misfit: observed minus replicated relative accuracy, against its band.
 
-    ``ppc`` is ``ppc.parquet`` (``cell, observed, pp_mean, pp_lo95, pp_hi95, inside``).
-    Each row is centred on the replicates' mean, so a misfit reads as distance from 0 in
-    percentage points whatever the accuracy: grey bars are the band, dots the observed
+    ``ppc`` is ``ppc.parquet`` (``cell, residual, res_lo95, res_hi95, inside``; see
+    :func:`mislib.analysis.posterior_predictive_check`: a cell's accuracy relative to the
+    trials its factor applies to). A misfit reads as distance from 0 in percentage points
+    whatever the accuracy: grey bars are the replicates' 95 % band, dots the observed
     residuals, red when outside the band; a cell of a factor the model leaves out
     (``in_model`` false) is labelled ``(not in model)``.
     """
-    _check_columns(ppc, ["cell", "observed", "pp_mean", "pp_lo95", "pp_hi95", "inside"],
-                   "ppc table")
+    _check_columns(ppc, ["cell", "residual", "res_lo95", "res_hi95", "inside"], "ppc table")
     df = ppc.iloc[::-1]
     fig, ax = plt.subplots(figsize=(6.5, 0.2 * len(df) + 1.2))
     y = np.arange(len(df))
-    centre = df["pp_mean"].to_numpy()
-    ax.hlines(y, 100 * (df["pp_lo95"] - centre), 100 * (df["pp_hi95"] - centre), color="0.7",
-              lw=4, label="95 % of replicates")
+    ax.hlines(y, 100 * df["res_lo95"], 100 * df["res_hi95"], color="0.7", lw=4,
+              label="95 % of replicates")
     ax.axvline(0, color="0.3", lw=0.8)
     colors = np.where(df["inside"], "C0", "C3")
-    ax.scatter(100 * (df["observed"] - centre), y, s=12, c=colors, zorder=3,
+    ax.scatter(100 * df["residual"], y, s=12, c=colors, zorder=3,
                label="observed (red: outside)")
     labels = df["cell"].str.removeprefix("p[").str.removesuffix("]")
     if "in_model" in df:
         labels = labels.where(df["in_model"], labels + " (not in model)")
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_ylim(-0.7, len(df) - 0.3)
-    ax.set_xlabel("observed − mean replicated accuracy (percentage points)")
+    ax.set_xlabel("accuracy relative to the trials the factor applies to:\n"
+                  "observed − mean replicate (percentage points)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     outside = int((~df["inside"]).sum())
     ax.set_title(f"{title}\n{outside} of {len(df)} cells outside their band "

@@ -148,10 +148,12 @@ fa.effects.round(3)
 # ## Does the model reproduce the observed accuracies? (posterior predictive check)
 #
 # For each level of every benchmark factor — also of a factor the model leaves out — and
-# each interaction cell: the observed accuracy minus the mean of the accuracies the fitted
-# model predicts for the same trials with *new* question, pair and volume intercepts, in
-# percentage points, against the replicates' 95 % band. A cell outside its band (red) is
-# an effect the model's factors do not explain; about 5 % of cells fall outside by chance.
+# each interaction cell, the fitted model replicates the same trials with *new* question,
+# pair and volume intercepts. The check compares the cell's accuracy relative to all
+# trials its factor applies to (so the overall level, which every cell shares, cancels),
+# observed against replicated, in percentage points, with the replicates' 95 % band. A cell
+# outside its band (red) is an effect the model's factors do not explain; about 5 % of
+# cells fall outside by chance.
 
 # %%
 figures["ppc"]
@@ -160,7 +162,7 @@ figures["ppc"]
 outside = fa.ppc[~fa.ppc["inside"]]
 print(f"{len(outside)} of {len(fa.ppc)} cells outside their 95 % band "
       f"(about {0.05 * len(fa.ppc):.0f} expected by chance)")
-outside[["cell", "in_model", "observed", "pp_mean", "pp_lo95", "pp_hi95", "p_value",
+outside[["cell", "in_model", "observed", "residual", "res_lo95", "res_hi95", "p_value",
          "n_trials"]].round(3)
 
 # %% [markdown]

@@ -448,7 +448,7 @@ def _diag(**changes):
     ok = {"max R-hat": 1.002, "min bulk ESS": 900.0, "min tail ESS": 700.0, "worst": "x"}
     d = {"divergences": 0, "chains": 2, "tune": 500, "draws": 500, "target_accept": 0.8,
          "centred": [], "groups": {"question": 600, "volume": 60},
-         "trials_per_level": {"question": 20.0, "volume": 200.0},
+         "trials_per_level": {"question": 20.0, "volume": 400.0},
          "parts": {"fixed effects": dict(ok), "sd[question]": dict(ok), "sd[volume]": dict(ok),
                    "intercepts[question]": dict(ok), "intercepts[volume]": dict(ok),
                    "intercept means[volume]": dict(ok)}}
@@ -490,6 +490,10 @@ def test_convergence_advice_names_target_accept_the_group_and_longer_chains():
     already = convergence_advice(_diag(centred=["volume"], **{"intercepts[volume]": {
         "max R-hat": 1.03}}))
     assert any("non-centred" in a for a in already), already
+    # a group of few trials per level is not sent to the centred form
+    few = convergence_advice(_diag(**{"sd[question]": {"max R-hat": 1.03}}))
+    assert not any("centred = ['question']" in a for a in few), few
+    assert any("group question" in a and "lengthen" in a for a in few), few
 
 
 @pytest.fixture(scope="module")
@@ -580,8 +584,10 @@ def test_the_predictive_check_passes_the_model_with_the_interaction(reversal):
     cells = ppc[ppc["factors"] == "convention:terminology"]
     assert cells["in_model"].all() and cells["inside"].all(), cells
     assert (~ppc["inside"]).mean() <= 0.1, ppc[~ppc["inside"]]
-    # residual is observed minus the mean replicate, and the band holds the mean
-    assert np.allclose(ppc["residual"], ppc["observed"] - ppc["pp_mean"])
+    # the residual's band is centred on the replicates' mean; inside means within it
+    assert ((ppc["res_lo95"] <= 0) & (0 <= ppc["res_hi95"])).all()
+    within = (ppc["res_lo95"] <= ppc["residual"]) & (ppc["residual"] <= ppc["res_hi95"])
+    assert (within == ppc["inside"]).all()
     assert ((ppc["pp_lo95"] <= ppc["pp_mean"]) & (ppc["pp_mean"] <= ppc["pp_hi95"])).all()
 
 

@@ -299,8 +299,8 @@ def _fake_fit():
                             "ess_bulk": [800.0, 90.0, 700.0]})
     sds = pd.DataFrame({"term": ["sd[question]"], "r_hat": [1.003], "ess_bulk": [400.0]})
     ppc = pd.DataFrame({"cell": ["p[dims=2d]", "p[dims=3d]"], "observed": [0.6, 0.2],
-                        "pp_mean": [0.6, 0.5], "pp_lo95": [0.5, 0.4], "pp_hi95": [0.7, 0.6],
-                        "inside": [True, False]})
+                        "residual": [0.0, -0.3], "res_lo95": [-0.1, -0.1],
+                        "res_hi95": [0.1, 0.1], "inside": [True, False]})
     post = xr.Dataset({"Intercept": (("chain", "draw"), rng.normal(size=(2, 50))),
                        "sd_question": (("chain", "draw"), rng.gamma(2.0, size=(2, 50)))})
     tree = xr.DataTree.from_dict({"posterior": post})

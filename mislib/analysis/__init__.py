@@ -114,11 +114,13 @@ Outputs (``data/analysis/``)
 ``ppc.parquet``
     The posterior predictive check per level of every benchmark factor (in the model or
     not) and per cell of the model's and the default interactions: ``cell`` (named like
-    the contrasts), ``factors, in_model, observed, n_trials, pp_mean, pp_lo95, pp_hi95,
-    residual`` (observed − mean replicate), ``p_value`` (two-sided posterior predictive),
-    ``inside`` (observed in the 95 % band). Replicates use new random intercepts (a
-    *mixed* predictive check), so a cell outside its band means the factor structure
-    misses something (an omitted factor or interaction), not that one question is odd.
+    the contrasts), ``factors, in_model, observed, n_trials, pp_mean, pp_lo95, pp_hi95``
+    (raw and replicated accuracy), and the misfit of the cell's accuracy relative to the
+    trials its factor applies to: ``residual`` (observed − mean replicate), ``res_lo95,
+    res_hi95`` (the replicates' band around that mean), ``p_value`` (two-sided posterior
+    predictive) and ``inside``. Replicates use new random intercepts (a *mixed* predictive
+    check), so a cell outside its band means the factor structure misses something (an
+    omitted factor or interaction), not that one question is odd.
 ``factor_diagnostics.json``
     ``converged`` (bool), ``convergence_problems`` (the failed checks, one sentence each),
     ``advice`` (what to change in ``[analysis]``), ``thresholds``; divergences, R-hat and

@@ -188,13 +188,17 @@ def posterior_predictive_check(post, data: FactorData, n_draws: int = 200, seed:
     (model, arm, question) row, aggregated to each cell's accuracy. The cells come from
     ``check`` (one row per row of ``data.obs``, one column per factor to check; default:
     the model's factors), so a factor the model leaves out is checked too: its levels'
-    replicates all share one accuracy, and an effect the model omits shows as observed
-    accuracies outside their bands.
+    replicates all share one accuracy, and an effect the model omits shows as misfit.
 
-    The scale shows misfit: ``residual`` is the observed minus the mean replicated
-    accuracy, ``p_value`` the two-sided posterior predictive p-value
+    The test quantity is a cell's accuracy **relative to its scope**, the trials where the
+    cell's factor(s) apply (for ``p[terminology=colloquial]``: every trial with a
+    terminology): a shift common to every cell — the uncertain intercept, the mean of new
+    volume intercepts — cancels from it, so the band measures what the factor structure
+    leaves unexplained instead of the overall level. ``residual`` is the observed relative
+    accuracy minus the replicates' mean, ``res_lo95, res_hi95`` the replicates' central
+    95 % band around that mean, ``p_value`` the two-sided posterior predictive p-value
     ``2·min(P(rep ≥ obs), P(rep ≤ obs))`` (capped at 1; ties count on both sides), and
-    ``inside`` whether the observed accuracy lies in the central 95 % replicated band.
+    ``inside`` whether the residual lies in its band.
 
     Parameters
     ----------
@@ -204,8 +208,9 @@ def posterior_predictive_check(post, data: FactorData, n_draws: int = 200, seed:
     Returns
     -------
     DataFrame ``cell, factors, in_model, observed, n_trials, pp_mean, pp_lo95, pp_hi95,
-    residual, p_value, inside``; ``in_model`` says whether the cell's factor (or
-    interaction) is a term of the model.
+    residual, res_lo95, res_hi95, p_value, inside``: ``observed`` and ``pp_*`` are the
+    cell's raw and replicated accuracies (for reading); ``in_model`` says whether the cell's
+    factor (or interaction) is a term of the model.
     """
     rng = np.random.default_rng(seed)
     n_total = _flat_draws(post, "Intercept").shape[0]
@@ -221,13 +226,19 @@ def posterior_predictive_check(post, data: FactorData, n_draws: int = 200, seed:
                          "per (model, arm, question) row of data.obs")
     if interactions is None:
         interactions = [*data.interactions, ("arm", "model")]
+    check = check.reset_index(drop=True)
     cells = [(name, factors, mask) for name, factors, mask in
-             check_cells(check.reset_index(drop=True), interactions) if n[mask].sum() > 0]
+             check_cells(check, interactions) if n[mask].sum() > 0]
     if not cells:
         raise ValueError("no factor in the check has two observed levels: nothing to check")
+    applies = {c: check[c].notna().to_numpy() for c in check.columns}
+    scopes = [np.all([applies[f] for f in factors.split(":")], axis=0)
+              for _, factors, _ in cells]
     onehot = np.stack([m for _, _, m in cells], axis=1).astype(float)  # [n_obs, n_cell]
+    scope = np.stack(scopes, axis=1).astype(float)
     sds = {g: _flat_draws(post, f"sd_{g}")[draw_index] for g in data.group_codes}
     rep = np.empty((len(draw_index), onehot.shape[1]))
+    rep_scope = np.empty_like(rep)
     for s in range(len(draw_index)):
         eta = eta_pattern[s, inverse].copy()
         u_q = np.zeros(len(data.levels["question"]))
@@ -236,14 +247,20 @@ def posterior_predictive_check(post, data: FactorData, n_draws: int = 200, seed:
         eta += u_q[data.question_index]
         k_rep = rng.binomial(n, 1.0 / (1.0 + np.exp(-eta)))
         rep[s] = (k_rep @ onehot) / (n @ onehot)
+        rep_scope[s] = (k_rep @ scope) / (n @ scope)
     observed = (k @ onehot) / (n @ onehot)
-    lo, hi = np.quantile(rep, [0.025, 0.975], axis=0)
-    p_value = np.minimum(1.0, 2.0 * np.minimum((rep >= observed).mean(0),
-                                               (rep <= observed).mean(0)))
+    obs_rel = observed - (k @ scope) / (n @ scope)
+    rep_rel = rep - rep_scope
+    centre = rep_rel.mean(0)
+    lo, hi = np.quantile(rep_rel, [0.025, 0.975], axis=0)
+    p_value = np.minimum(1.0, 2.0 * np.minimum((rep_rel >= obs_rel - 1e-12).mean(0),
+                                               (rep_rel <= obs_rel + 1e-12).mean(0)))
+    pp_lo, pp_hi = np.quantile(rep, [0.025, 0.975], axis=0)
     terms = {*data.factors, *(interaction_name(a, b) for a, b in data.interactions)}
     return pd.DataFrame({
         "cell": [c[0] for c in cells], "factors": [c[1] for c in cells],
         "in_model": [c[1] in terms for c in cells],
         "observed": observed, "n_trials": (n @ onehot).astype(int), "pp_mean": rep.mean(0),
-        "pp_lo95": lo, "pp_hi95": hi, "residual": observed - rep.mean(0), "p_value": p_value,
-        "inside": (observed >= lo) & (observed <= hi)})
+        "pp_lo95": pp_lo, "pp_hi95": pp_hi, "residual": obs_rel - centre,
+        "res_lo95": lo - centre, "res_hi95": hi - centre, "p_value": p_value,
+        "inside": (obs_rel >= lo) & (obs_rel <= hi)})

@@ -36,6 +36,9 @@ RHAT_MAX = 1.01
 #: The smallest bulk and tail ESS per chain of a converged fit (Vehtari et al. 2021: 100 per
 #: chain), for the fixed effects, the SDs and the random intercepts' means.
 ESS_MIN_PER_CHAIN = 100
+#: Trials per level from which a slowly mixing group is better sampled centred (the default
+#: of :func:`~mislib.analysis.resolve_centred`'s ``"auto"``).
+CENTRE_MIN_TRIALS = 250.0
 #: What R-hat and ESS are checked on: (part of the posterior, statistic) pairs.
 CONVERGENCE_STATS = ("max R-hat", "min bulk ESS", "min tail ESS")
 #: Random intercepts per group whose R-hat and ESS are checked (evenly spaced levels).
@@ -327,10 +330,14 @@ def convergence_advice(diagnostics: Mapping[str, Any]) -> list[str]:
         if g in centred:
             advice.append(f"group {g} ({many}) mixes slowly centred: sample it non-centred "
                           f"(drop {g!r} from [analysis] centred)")
-        else:
+        elif n is not None and n >= CENTRE_MIN_TRIALS:
             advice.append(f"group {g} ({many}) mixes slowly non-centred: sample it centred "
-                          f"([analysis] centred = [{g!r}]), which suits levels with many "
-                          "trials each (\"auto\" centres at >= 250)")
+                          f"([analysis] centred = [{g!r}]); with this many trials per level "
+                          "the data pin each intercept down")
+        else:
+            advice.append(f"group {g} ({many}) mixes slowly; non-centred suits so few trials "
+                          f"per level (centre it only past ~{CENTRE_MIN_TRIALS:.0f}), so "
+                          "lengthen the chains")
     tune, draws = int(diagnostics["tune"]), int(diagnostics["draws"])
     advice.append(f"longer chains: [analysis] tune = {max(2 * tune, 1000)}, draws = "
                   f"{max(2 * draws, 1000)} (now {tune}, {draws}); R-hat and ESS improve with "
