@@ -663,6 +663,22 @@ def test_the_recovery_settings_tested_are_the_notebooks_and_the_defaults():
         assert found and int(found.group(1)) == NOTEBOOK_RECOVERY[key] == DEFAULTS[key], name
 
 
+def test_every_figure_notebook_07_saves_carries_the_provenance_stamp():
+    """Notebook 07 saves figures only through plots.save_figure, each with provenance= (the
+    stamp names the runs and says NOT CONVERGED for a fit that did not converge)."""
+    import ast
+
+    from mislib.paths import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "notebooks" / "07_factor_analysis.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    name = lambda c: getattr(c.func, "attr", getattr(c.func, "id", ""))  # noqa: E731
+    assert not [c for c in calls if name(c) in ("savefig", "figure_path")]
+    saves = [c for c in calls if name(c) == "save_figure"]
+    assert len(saves) == 2  # the fit's figures and the recovery figure
+    assert all("provenance" in {k.arg for k in c.keywords} for c in saves)
+
+
 def test_recovery_table_names_a_term_with_no_planted_value():
     from mislib.analysis import recovery_table
 
