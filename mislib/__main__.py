@@ -49,8 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="at most this many questions (adds to the run, never shrinks it)")
     p.add_argument("--out", default=None, help="results folder (default data/results)")
-    p.add_argument("--backend", default=None,
-                   help="inference backend (default: the profile's): hf, vllm")
+    p.add_argument("--backend", default=None, choices=("hf", "vllm", "openai"),
+                   help="inference backend (default: the profile's)")
+    p.add_argument("--base-url", default=None,
+                   help="openai backend: the endpoint's API root, e.g. http://127.0.0.1:8000/v1 "
+                        "(overrides the profile's)")
+    p.add_argument("--api-key-env", default=None,
+                   help="openai backend: the NAME of the environment variable holding the "
+                        "API key (never the key itself)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="openai backend: requests in flight at once")
     p.add_argument("--worker", type=int, default=0,
                    help="this process's share of the (question, trial) keys: 0..workers-1")
     p.add_argument("--workers", type=int, default=1,
@@ -76,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                    help="run the workers as Ray actors on this cluster (default address: "
                         "auto, the cluster this node belongs to)")
+
+    p = sub.add_parser("serve", help="a vLLM OpenAI server that decodes every arm with SemSam "
+                                     "(for --backend openai, on this or a GPU machine)")
+    p.add_argument("--profile", default="demo", help="profile name or path to a TOML file")
+    p.add_argument("--model", default=None,
+                   help="model id to serve, also its served name (default: the profile's first)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: reachable from other machines)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--api-key-env", default=None,
+                   help="NAME of the environment variable holding the key clients must send")
+    p.add_argument("--python", default=None,
+                   help="interpreter with vLLM (default: .venv-vllm/bin/python)")
+    p.add_argument("--no-table", action="store_true",
+                   help="serve without the neighbour table (baseline and greedy arms only)")
 
     p = sub.add_parser("compact", help="stage 04: join the shards of runs into responses.parquet")
     p.add_argument("runs", nargs="*", help="run folders or ids (default: every run with "
@@ -128,9 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "infer":
         from mislib.inference import run_profile
 
-        run_profile(args.profile, models=args.model, arms=args.arm, limit=args.limit,
-                    out=args.out, force=args.force, worker=args.worker, workers=args.workers,
-                    backend=args.backend)
+        try:
+            run_profile(args.profile, models=args.model, arms=args.arm, limit=args.limit,
+                        out=args.out, force=args.force, worker=args.worker,
+                        workers=args.workers, backend=args.backend,
+                        openai=_endpoint_options(args))
+        except RuntimeError as err:  # an endpoint that refused the key, a spent budget, ...
+            if type(err).__module__ != "mislib.inference.backends.openai":
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    elif args.command == "serve":
+        from mislib.serve import serve
+
+        serve(args.profile, model=args.model, port=args.port, host=args.host,
+              device=args.device, api_key_env=args.api_key_env, python=args.python,
+              table=not args.no_table)
     elif args.command == "launch":
         from mislib.inference import workers
 
@@ -147,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "compact":
         return _compact(args)
     return 0
+
+
+def _endpoint_options(args: argparse.Namespace) -> dict | None:
+    """The command line's endpoint flags, which win over the model's entry and the
+    profile's ``[inference.openai]`` table (None when no flag is given)."""
+    flags = {"base_url": args.base_url, "api_key_env": args.api_key_env,
+             "max_concurrency": args.concurrency}
+    return {k: v for k, v in flags.items() if v is not None} or None
 
 
 def _compact(args: argparse.Namespace) -> int:

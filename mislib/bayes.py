@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mislib.vocabulary import QUESTION_FACTORS
+from mislib.vocabulary import QUESTION_FACTORS, decoder_of
 
 #: Category scores of the paired SemSam coding ``2 * baseline_correct + semsam_correct``.
 PAIRED_WEIGHTS = np.array([0.0, 1.0, -1.0, 0.0])
@@ -215,6 +215,10 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
                   level: float = 0.95) -> pd.DataFrame:
     """The paired SemSam effect per model: SemSam minus baseline on the same (question, trial).
 
+    Arms are paired by (model, decoder): a model answered through an endpoint
+    (``backend = "openai"``) is a comparison of its own beside the same model decoded
+    locally (``decoder = "local"``: the hf and vllm backends, which give the same tokens).
+
     Only (question, trial) pairs answered in both arms enter, so the two arms are compared
     on identical questions with identical per-(question, trial) seeds. Two estimates:
 
@@ -230,9 +234,10 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
 
     Returns
     -------
-    DataFrame, one row per model answered in both arms: ``model, n_questions, n_trials,
-    n_responses`` (shared questions × trials per arm), ``chance`` (mean ``1 / n_options`` of
-    the shared questions), ``baseline_mu, baseline_sigma, baseline_lo, baseline_hi, semsam_mu, ..., effect_mu,
+    DataFrame, one row per (model, decoder) answered in both arms: ``model, decoder,
+    n_questions, n_trials, n_responses`` (shared questions × trials per arm), ``chance`` (mean
+    ``1 / n_options`` of the shared questions), ``baseline_mu, baseline_sigma, baseline_lo,
+    baseline_hi, semsam_mu, ..., effect_mu,
     effect_sigma, effect_lo, effect_hi, paired_mu, paired_sigma, paired_lo, paired_hi``
     (fractions), ``baseline_accuracy, semsam_accuracy`` (plain means of the shared
     trials), ``n_fixed`` (trials baseline got wrong and SemSam right), ``n_broken``
@@ -241,7 +246,10 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
     from scorio.eval.utils import normal_credible_interval
 
     rows = []
-    for model, group in scored.groupby("model", sort=True):
+    decoders = (scored["backend"].map(decoder_of) if "backend" in scored
+                else pd.Series("local", index=scored.index))
+    for (model, decoder), group in scored.groupby([scored["model"], decoders.rename("decoder")],
+                                                  sort=True):
         arms = {arm: g.set_index(["question_id", "trial"])["correct"]
                 for arm, g in group.groupby("arm") if arm in (baseline, treated)}
         if len(arms) < 2:
@@ -259,8 +267,9 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
         e_lo, e_hi = normal_credible_interval(e_mu, e_sigma, credibility=level,
                                               bounds=(-1.0, 1.0))
         p_mu, p_sigma, p_lo, p_hi = bayes_interval(R, PAIRED_WEIGHTS, level)
-        rows.append({"model": model, "n_questions": R.shape[0], "n_trials": R.shape[1],
-                     "n_responses": int(R.size), "chance": chance_level(group, qids),
+        rows.append({"model": model, "decoder": decoder, "n_questions": R.shape[0],
+                     "n_trials": R.shape[1], "n_responses": int(R.size),
+                     "chance": chance_level(group, qids),
                      "baseline_mu": b_mu, "baseline_sigma": b_sigma, "baseline_lo": b_lo,
                      "baseline_hi": b_hi, "semsam_mu": s_mu, "semsam_sigma": s_sigma,
                      "semsam_lo": s_lo, "semsam_hi": s_hi, "effect_mu": e_mu,
@@ -269,8 +278,8 @@ def semsam_effect(scored: pd.DataFrame, baseline: str = "baseline", treated: str
                      "paired_hi": p_hi, "baseline_accuracy": float((R // 2).mean()),
                      "semsam_accuracy": float((R % 2).mean()), "n_fixed": int((R == 1).sum()),
                      "n_broken": int((R == 2).sum()), "credible_level": level})
-    columns = ["model", "n_questions", "n_trials", "n_responses", "chance", "baseline_mu",
-               "baseline_sigma",
+    columns = ["model", "decoder", "n_questions", "n_trials", "n_responses", "chance",
+               "baseline_mu", "baseline_sigma",
                "baseline_lo", "baseline_hi", "semsam_mu", "semsam_sigma", "semsam_lo",
                "semsam_hi", "effect_mu", "effect_sigma", "effect_lo", "effect_hi", "paired_mu",
                "paired_sigma", "paired_lo", "paired_hi", "baseline_accuracy",

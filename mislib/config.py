@@ -196,9 +196,31 @@ class VllmOptions(BaseModel):
     enforce_eager: bool | None = None
 
 
+class OpenAIOptions(BaseModel):
+    """``[inference.openai]``: the endpoint the openai backend talks to and its limits
+    (the key itself is never in a profile: ``api_key_env`` names its environment variable)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    served_model: str | None = None
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    stack_as: Literal["images", "video"] = "images"
+    max_concurrency: Count = 8
+    request_budget: Count | None = None
+    token_budget: Count | None = None
+    price_prompt_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    price_completion_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    timeout_s: Positive = 300.0
+    retry_for_s: Positive = 600.0
+    backoff_s: Positive = 1.0
+    max_backoff_s: Positive = 30.0
+    send_top_k: bool | None = None
+
+
 class InferenceTable(_Table):
     backend: Literal[*BACKENDS]
     vllm: VllmOptions | None = None  # optional sub-table, read only by the vllm backend
+    openai: OpenAIOptions | None = None  # optional sub-table, read only by the openai backend
     models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     arms: _levels(*ARMS)
     n_trials: Count

@@ -47,7 +47,13 @@ from mislib.paths import (
     project_paths,
 )
 from mislib.stage import StageRun
-from mislib.vocabulary import FAMILIES, PARSE_STATUSES, QUESTION_FACTORS, is_missing  # noqa: F401
+from mislib.vocabulary import (  # noqa: F401
+    FAMILIES,
+    PARSE_STATUSES,
+    QUESTION_FACTORS,
+    decoder_of,
+    is_missing,
+)
 
 #: The factors whose levels get their own Bayes@N rows (columns of ``questions.parquet``).
 FACTORS = QUESTION_FACTORS
@@ -341,7 +347,12 @@ def score_runs(profile: str | Mapping[str, Any] = "demo",
     unparseable = unparseable_rates(rescored)
     # Only the model's answers are scored; the rest are counted in unparseable.parquet.
     scored = rescored[rescored["answered"]].reset_index(drop=True)
-    if scored.duplicated(["model", "arm", "question_id", "trial"]).any():
+    # one answer per (model, decoder, arm, question, trial): an endpoint's run of a model
+    # is scored beside the local one, never merged with it (mislib.vocabulary.decoder_of)
+    decoder = (scored["backend"].map(decoder_of) if "backend" in scored
+               else pd.Series("local", index=scored.index))
+    if scored.assign(decoder=decoder).duplicated(["model", "decoder", "arm", "question_id",
+                                                  "trial"]).any():
         runs = sorted(scored["run_id"].unique())
         raise ValueError(f"runs {runs} answer the same (model, arm, question, trial) more "
                          "than once; name the runs to score in [scoring] runs")

@@ -80,14 +80,32 @@ LEVEL_ORDER: dict[str, tuple[str, ...]] = {
 # ----------------------------------------------------------------------------------------
 # Statuses
 # ----------------------------------------------------------------------------------------
-#: ``status`` of a record in ``responses.parquet`` (stage 04).
-RECORD_STATUSES = ("ok", "missing_input", "unknown_family", "oom")
+#: ``status`` of a record in ``responses.parquet`` (stage 04): ``bad_response`` is an HTTP
+#: endpoint's reply that is not a chat completion (the body is kept in ``error``),
+#: ``request_error`` a request the endpoint refused for this record alone (HTTP 400, 413, 422).
+RECORD_STATUSES = ("ok", "missing_input", "unknown_family", "oom", "bad_response",
+                   "request_error")
 #: ``parse_status`` of a parsed answer (:func:`mislib.answers.parse_answer`).
 PARSE_STATUSES = ("ok", "unparseable", "ambiguous")
 #: ``status`` of a paper claim checked by stage 08 (:mod:`mislib.claims`, whose docstring
 #: states the rules): decided against the paper's value ± a tolerance, or not decided.
 CLAIM_STATUSES = ("reproduced", "contradicted", "inconclusive", "not assessed",
                   "not measurable")
+
+
+#: Backends that decode on this machine with the same rule and seeds, token for token (the
+#: hf and vllm backends); their runs of one model pair with each other.
+LOCAL_BACKENDS = ("hf", "vllm")
+
+
+def decoder_of(backend: Any) -> str:
+    """What pairs arms of one model: ``"local"`` for the local backends (and records older
+    than the ``backend`` column), else the backend's name (``"openai"``: a server decodes).
+
+    >>> decoder_of("vllm"), decoder_of(None), decoder_of("openai")
+    ('local', 'local', 'openai')
+    """
+    return "local" if is_missing(backend) or backend in LOCAL_BACKENDS else str(backend)
 
 
 def is_missing(value: Any) -> bool:

@@ -156,3 +156,18 @@ def test_bayes_by_factor_pools_models_on_request(scored):
 
 def test_docstring_examples_run():
     assert doctest.testmod(bayes).failed == 0
+
+
+def test_semsam_effect_pairs_arms_by_model_and_decoder_never_across_them():
+    study = simulate_study(n_questions=200, n_trials=2, seed=6, models=("m",),
+                           main={"arm": {"baseline": -0.6, "semsam": 0.6}}, interactions={})
+    local = rescore(study.responses, study.questions, progress=False)
+    # the same model through an endpoint, where every answer is right in both arms
+    served = local.assign(backend="openai", correct=True)
+    both = pd.concat([local.assign(backend=np.where(local["arm"] == "semsam", "vllm", "hf")),
+                      served], ignore_index=True)
+    table = semsam_effect(both).set_index("decoder")
+    assert list(table.index) == ["local", "openai"]  # hf and vllm pair; openai apart
+    assert table.loc["local", "effect_lo"] > 0.05
+    assert table.loc["openai", "baseline_accuracy"] == table.loc["openai", "semsam_accuracy"] == 1
+    assert table.loc["local", "n_questions"] == table.loc["openai", "n_questions"]

@@ -30,8 +30,8 @@ from typing import Any
 
 from mislib.config import ModelEntry, ProfileError, load_profile, model_table_errors
 
-__all__ = ["ModelEntry", "check_remote_code", "local_backend_options", "model_entries",
-           "model_entry", "model_identity"]
+__all__ = ["ModelEntry", "check_remote_code", "endpoint_options", "local_backend_options",
+           "model_entries", "model_entry", "model_identity"]
 
 #: Keys of an entry that fall back to the profile: entry key -> (table, key).
 PROFILE_DEFAULTS = {"backend": ("inference", "backend"),
@@ -103,6 +103,20 @@ def local_backend_options(entry: ModelEntry) -> dict[str, Any]:
     if entry.trust_remote_code:
         out["trust_remote_code"] = True
     return out
+
+
+#: Keys of an entry that the openai backend takes as keyword arguments.
+ENDPOINT_KEYS = ("base_url", "api_key_env", "stack_as", "price_prompt_per_mtok",
+                 "price_completion_per_mtok", "max_concurrency", "request_budget",
+                 "token_budget")
+
+
+def endpoint_options(entry: ModelEntry) -> dict[str, Any]:
+    """Keyword arguments of the ``openai`` backend from an entry: the endpoint, the NAME of
+    the key's environment variable, how stacks are sent, prices and limits; only those the
+    entry sets (the backend's defaults, then the profile's ``[inference.openai]``, fill the
+    rest)."""
+    return {key: getattr(entry, key) for key in ENDPOINT_KEYS if getattr(entry, key) is not None}
 
 
 #: Files of a checkpoint whose ``auto_map`` asks transformers to run the repository's code.

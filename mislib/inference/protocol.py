@@ -18,7 +18,7 @@ nothing else in mislib changes. The decode rule, arms and seeding are described 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -131,6 +131,12 @@ class Generation:
         reasoning budget.
     forced_answer : whether the budget ran out inside the block and the backend closed it
         and appended ``Answer:``; None without a budget.
+    status : the record's status (:data:`mislib.vocabulary.RECORD_STATUSES`); other than
+        ``"ok"`` when the request failed for this record alone (an endpoint's malformed
+        reply), which is then recorded with ``error`` and not parsed.
+    error : what went wrong (None when ``status`` is ``"ok"``).
+    usage : record fields the backend measured besides the text (an endpoint's
+        ``prompt_tokens``, ``completion_tokens``, ``cost_usd``).
     """
 
     text: str
@@ -139,6 +145,9 @@ class Generation:
     thinking_tokens: int | None = None
     answer_tokens: int | None = None
     forced_answer: bool | None = None
+    status: str = "ok"
+    error: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,5 +197,23 @@ class Backend(Protocol):
 
         Out-of-memory errors propagate (the stage halves the batch and retries); any other
         error stops the run.
+        """
+        ...
+
+
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    """A backend that answers many requests at once and hands each back as it finishes
+    (an HTTP endpoint): the stage appends every record the moment it arrives, so a kill
+    loses no finished request, and the next request starts as soon as a slot frees."""
+
+    def stream(self, requests: Iterable[Request],
+               decode: DecodeSettings) -> Iterator[tuple[Request, Generation]]:
+        """(request, generation) pairs in the order they finish, one per request.
+
+        ``requests`` is consumed lazily, at most ``capabilities.max_concurrency`` ahead of
+        the finished ones. An error that concerns the whole run (bad credentials, a spent
+        budget, an endpoint that stays unreachable) propagates after the pairs already
+        yielded; one that concerns a single request is its generation's ``status``.
         """
         ...

@@ -6,10 +6,10 @@ torch. Model sources are resolved apart from backends: the same ``smoke:`` id, f
 hub id means the same weights whichever backend loads them.
 
 >>> sorted(BACKENDS)
-['hf', 'vllm']
+['hf', 'openai', 'vllm']
 >>> backend_class("no-such")   # doctest: +IGNORE_EXCEPTION_DETAIL
 Traceback (most recent call last):
-ValueError: unknown inference backend 'no-such'; available: ['hf', 'vllm']
+ValueError: unknown inference backend 'no-such'; available: ['hf', 'openai', 'vllm']
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 BACKENDS: dict[str, str] = {
     "hf": "mislib.inference.backends.hf:HFBackend",
     "vllm": "mislib.inference.backends.vllm:VLLMBackend",
+    "openai": "mislib.inference.backends.openai:OpenAIBackend",
 }
 
 
@@ -75,6 +76,39 @@ def resolve_model(model_id: str, root: str | os.PathLike | None = None) -> tuple
                 digest.update(str((folder / name).stat().st_size).encode())
         return str(folder.resolve()), "local-" + digest.hexdigest()[:12]
     return model_id, "main"
+
+
+def checkpoint_input_embeddings(source: str, dtype: Any = None):
+    """The text model's input-embedding matrix ``[V, d]``, read from the safetensors files.
+
+    For backends whose model lives elsewhere (vLLM's worker processes, a server): the SemSam
+    table is built from this matrix without loading the model. ``source`` is a folder or a
+    hub id (its ``*.safetensors`` are fetched, or read from the cache when offline);
+    ``dtype`` is the torch dtype to return (the checkpoint's when None), the one the hf
+    backend would hold the weights in, so that every backend builds the same table.
+    """
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    found: list[tuple[str, Path]] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            found += [(name, file) for name in fh.keys()
+                      if name.endswith("embed_tokens.weight") and "visual" not in name]
+    if not found:
+        raise ValueError(f"{folder}: no '*embed_tokens.weight' tensor in the weights")
+    # a VLM's text model is its language model; prefer that one when several match
+    name, file = sorted(found, key=lambda f: ("language_model" not in f[0], f[0]))[0]
+    with safe_open(str(file), framework="pt") as fh:
+        weight = fh.get_tensor(name)
+    return weight if dtype is None else weight.to(dtype)
 
 
 _LOADED: dict[str, Any] = {}

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from mislib.config import file_digest, is_fresh, load_profile, read_stamp, stage
 from mislib.inference import store
 from mislib.inference.models import (
     ModelEntry,
+    endpoint_options,
     local_backend_options,
     model_entry,
     model_identity,
@@ -49,7 +51,7 @@ from mislib.inference.prompts import (
     question_prompt,
     select_frames,
 )
-from mislib.inference.protocol import ARMS, DecodeSettings, Request
+from mislib.inference.protocol import ARMS, DecodeSettings, Generation, Request
 from mislib.inference.registry import load_backend
 from mislib.paths import QUESTIONS_FILE, RESPONSES_FILE, project_paths
 from mislib.vocabulary import FAMILIES
@@ -269,7 +271,7 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     keys = [(str(q), t) for q in questions["question_id"] for t in range(request["n_trials"])]
     share = worker_share(keys, worker, workers)
 
-    stage = store.stage_name(model_id, arm)
+    stage = store.stage_name(model_id, arm, request["backend"])
     recorded = read_stamp(results_dir, stage)
     if not force and recorded and is_fresh(results_dir, stage, request,
                                            recorded.get("outputs", [])):
@@ -278,23 +280,26 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
         return InferenceRun(run_dir.name, run_dir, run_dir / RESPONSES_FILE, n,
                             len(share), 0, 0.0, tuple(share))
 
-    # backend-specific options: the profile's [inference.<backend>] table (e.g. vllm's
-    # tensor_parallel_size); they change how the model runs, not what it answers
     # the model entry's weights and processor settings (local backends), then the
     # profile's [inference.<backend>] table (e.g. vllm's tensor_parallel_size), which
-    # changes how the model runs, not what it answers
-    options = local_backend_options(entry) if backend_name in ("hf", "vllm") else {}
+    # changes how the model runs, not what it answers. An endpoint's settings: the
+    # profile's [inference.openai] table, the entry's over it, this call's (--base-url) last
+    if backend_name == "openai":
+        options = {**dict((prof.get("inference") or {}).get("openai") or {}),
+                   **endpoint_options(entry), **dict(overrides.get("openai") or {})}
+    else:
+        options = {**local_backend_options(entry), **dict(params.get(backend_name) or {})}
     backend = load_backend(backend_name, entry.id, root=root, device=request["device"],
-                           video_fps=request["video_fps"], **options,
-                           **dict(params.get(backend_name) or {}))
+                           video_fps=request["video_fps"], **options)
     if arm not in backend.capabilities.arms:
+        note = backend.capabilities.extras.get("arms_note")
         raise ValueError(f"backend {backend_name!r} cannot decode the {arm!r} arm; it "
-                         f"supports {backend.capabilities.arms}")
+                         f"supports {backend.capabilities.arms}" + (f": {note}" if note else ""))
     table = table_path = None
     if backend.capabilities.embeddings:
         table, table_path = semsam_table(backend, semsam_params["k"], root=root,
                                          progress=progress)
-    elif arm == "semsam":
+    elif arm == "semsam" and not backend.capabilities.extras.get("semsam_on_server"):
         raise ValueError(f"backend {backend_name!r} exposes no input embeddings, so the "
                          "semsam arm's neighbour table cannot be built")
     decode = _decode_settings(arm, entry, semsam_params, table, table_path)
@@ -353,6 +358,9 @@ def _generate_share(run_dir: Path, run_id: str, share: Sequence[tuple[str, int]]
                "worker": worker, "workers": workers, "tag": tag,
                "git_commit": store.git_commit(), "packages": store.package_versions(),
                "n_selected": len(share), "n_todo": len(todo), "request": dict(request)}
+    if callable(getattr(backend, "session_info", None)):
+        # where this session's answers came from, beyond the run identity (an endpoint's URL)
+        session["backend"] = backend.session_info()
     store.write_session(run_dir, tag, session)
 
     generate = backend.generate if generate_hook is None else generate_hook(backend.generate)
@@ -368,12 +376,15 @@ def _generate_share(run_dir: Path, run_id: str, share: Sequence[tuple[str, int]]
         bar = tqdm(total=len(todo), unit="q", desc=label, disable=not progress,
                    dynamic_ncols=True)
         try:
-            position = 0
-            while position < len(todo):
-                chunk = todo[position: position + state["batch_size"]]
-                position += len(chunk)
-                records = _run_batch(chunk, by_id, benchmark, generate, decode, request,
-                                     run_id, model_id, arm, state)
+            if callable(getattr(backend, "stream", None)) and generate_hook is None:
+                batches = _stream(todo, by_id, benchmark, backend, decode, request, run_id,
+                                  model_id, arm)
+            else:
+                batches = _batches(todo, by_id, benchmark, generate, decode, request, run_id,
+                                   model_id, arm, state)
+            for records in batches:
+                for record in records:
+                    record["backend"] = request["backend"]
                 writer.write(records)
                 n_generated += len(records)
                 bar.update(len(records))
@@ -387,6 +398,69 @@ def _generate_share(run_dir: Path, run_id: str, share: Sequence[tuple[str, int]]
     return n_generated, wall
 
 
+def _batches(todo: Sequence[tuple[str, int]], by_id: Mapping[str, dict], benchmark: Path,
+             generate: Callable, decode: DecodeSettings, request: Mapping[str, Any],
+             run_id: str, model_id: str, arm: str,
+             state: dict[str, int]) -> Iterator[list[dict[str, Any]]]:
+    """The records of ``todo``, one list per batch of ``state["batch_size"]`` keys."""
+    position = 0
+    while position < len(todo):
+        chunk = todo[position: position + state["batch_size"]]
+        position += len(chunk)
+        yield _run_batch(chunk, by_id, benchmark, generate, decode, request, run_id, model_id,
+                         arm, state)
+
+
+def _stream(todo: Sequence[tuple[str, int]], by_id: Mapping[str, dict], benchmark: Path,
+            backend: Any, decode: DecodeSettings, request: Mapping[str, Any], run_id: str,
+            model_id: str, arm: str) -> Iterator[list[dict[str, Any]]]:
+    """The records of ``todo`` from a streaming backend, each as soon as it is finished.
+
+    Requests are built lazily as the backend takes them (media read from disk only for the
+    ones in flight); a key whose input is missing is recorded without a request.
+    """
+    skipped: queue.SimpleQueue = queue.SimpleQueue()  # filled from the backend's thread
+
+    def requests() -> Iterator[Request]:
+        for key in todo:
+            built = _request(key, by_id[key[0]], benchmark, request, run_id, model_id, arm)
+            if isinstance(built, Request):
+                yield built
+            else:
+                skipped.put(built)
+
+    def drain() -> list[dict[str, Any]]:
+        out = []
+        while not skipped.empty():
+            out.append(skipped.get())
+        return out
+
+    for req, generation in backend.stream(requests(), decode):
+        yield drain() + [_record(req, generation, by_id[req.question_id], run_id, model_id,
+                                 arm, latency=generation.usage.get("latency_s"), batch_size=1)]
+    last = drain()
+    if last:
+        yield last
+
+
+def _request(key: tuple[str, int], question: Mapping[str, Any], benchmark: Path,
+             request: Mapping[str, Any], run_id: str, model_id: str,
+             arm: str) -> Request | dict[str, Any]:
+    """The :class:`Request` of one key, or its ``missing_input`` record."""
+    seed = trial_seed(request["seed"], key[0], key[1])
+    frames = request.get("model_settings", {}).get("frames_per_stack")
+    try:
+        media = load_media(question, benchmark)
+        if frames and isinstance(media, np.ndarray):
+            media = select_frames(media, frames)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        log.warning("%s", error)
+        return store.make_record(key, run_id, model_id, arm, seed, status="missing_input",
+                                 error=str(error))
+    return Request(key[0], key[1], seed, question_prompt(question, request["instruction"]),
+                   media)
+
+
 def _run_batch(chunk: Sequence[tuple[str, int]], by_id: Mapping[str, dict], benchmark: Path,
                generate: Callable, decode: DecodeSettings, request: Mapping[str, Any],
                run_id: str, model_id: str, arm: str,
@@ -394,21 +468,12 @@ def _run_batch(chunk: Sequence[tuple[str, int]], by_id: Mapping[str, dict], benc
     """Records for one batch of keys, none lost: inputs that fail get their own status."""
     records: list[dict[str, Any]] = []
     ready: list[Request] = []
-    frames = request.get("model_settings", {}).get("frames_per_stack")
     for key in chunk:
-        question = by_id[key[0]]
-        seed = trial_seed(request["seed"], key[0], key[1])
-        try:
-            media = load_media(question, benchmark)
-            if frames and isinstance(media, np.ndarray):
-                media = select_frames(media, frames)
-        except (FileNotFoundError, ValueError, OSError) as error:
-            log.warning("%s", error)
-            records.append(store.make_record(key, run_id, model_id, arm, seed,
-                                             status="missing_input", error=str(error)))
-            continue
-        ready.append(Request(key[0], key[1], seed,
-                             question_prompt(question, request["instruction"]), media))
+        built = _request(key, by_id[key[0]], benchmark, request, run_id, model_id, arm)
+        if isinstance(built, Request):
+            ready.append(built)
+        else:
+            records.append(built)
     records += _generate_halving(ready, by_id, generate, decode, run_id, model_id, arm, state)
     return records
 
@@ -459,25 +524,31 @@ def _generate_halving(ready: list[Request], by_id: Mapping[str, dict], generate:
     if len(outputs) != len(ready):
         raise RuntimeError(f"backend returned {len(outputs)} generations for {len(ready)} "
                            "requests")
-    records = []
-    for req, generation in zip(ready, outputs, strict=True):
-        question = by_id[req.question_id]
-        fields: dict[str, Any] = {"raw_text": generation.text,
-                                  "n_tokens": int(generation.n_tokens),
-                                  "latency_s": latency, "batch_size": len(ready),
-                                  "thinking_tokens": generation.thinking_tokens,
-                                  "answer_tokens": generation.answer_tokens,
-                                  "forced_answer": generation.forced_answer}
-        if question.get("family") not in FAMILIES:
-            fields.update(status="unknown_family",
-                          error=f"question {req.question_id}: unknown family "
-                                f"{question.get('family')!r}; expected one of {FAMILIES}")
-        else:
-            value, status = parse_answer(generation.text, question)
-            fields.update(parsed=value, parse_status=status,
-                          correct=bool(is_correct(value, status, question)))
-        records.append(store.make_record(req.key, run_id, model_id, arm, req.seed, **fields))
-    return records
+    return [_record(req, generation, by_id[req.question_id], run_id, model_id, arm, latency,
+                    len(ready)) for req, generation in zip(ready, outputs, strict=True)]
+
+
+def _record(req: Request, generation: Generation, question: Mapping[str, Any], run_id: str,
+            model_id: str, arm: str, latency: float | None,
+            batch_size: int) -> dict[str, Any]:
+    """The record of one generation: parsed and scored, or kept with its failure status."""
+    usage = {k: v for k, v in generation.usage.items() if k != "latency_s"}
+    fields: dict[str, Any] = {"raw_text": generation.text, "n_tokens": int(generation.n_tokens),
+                              "latency_s": latency, "batch_size": batch_size,
+                              "thinking_tokens": generation.thinking_tokens,
+                              "answer_tokens": generation.answer_tokens,
+                              "forced_answer": generation.forced_answer, **usage}
+    if generation.status != "ok":
+        fields.update(status=generation.status, error=generation.error)
+    elif question.get("family") not in FAMILIES:
+        fields.update(status="unknown_family",
+                      error=f"question {req.question_id}: unknown family "
+                            f"{question.get('family')!r}; expected one of {FAMILIES}")
+    else:
+        value, status = parse_answer(generation.text, question)
+        fields.update(parsed=value, parse_status=status,
+                      correct=bool(is_correct(value, status, question)))
+    return store.make_record(req.key, run_id, model_id, arm, req.seed, **fields)
 
 
 def run_profile(profile: str | Mapping[str, Any] = "demo", models: Sequence[str] | None = None,

@@ -46,7 +46,7 @@ import pandas as pd
 
 from mislib.config import config_hash, write_stamp
 from mislib.paths import REPO_ROOT, RESPONSES_FILE, RUN_FILE, project_paths
-from mislib.vocabulary import RECORD_STATUSES  # noqa: F401  (re-exported)
+from mislib.vocabulary import RECORD_STATUSES, decoder_of  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 RESPONSE_COLUMNS = ("run_id", "model", "arm", "question_id", "trial", "seed", "raw_text",
                     "parsed", "parse_status", "correct", "n_tokens", "latency_s", "status",
                     "error", "batch_size", "thinking_tokens", "answer_tokens",
-                    "forced_answer")
+                    "forced_answer", "backend", "prompt_tokens", "completion_tokens",
+                    "cost_usd")
 #: Packages whose versions go into each session record.
 RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
                      "pillow", "vllm", "ray", "mislib")
@@ -73,9 +74,16 @@ def run_id_for(model_id: str, arm: str, identity: Mapping[str, Any]) -> str:
     return f"{slug(model_id)}-{arm}-{config_hash(identity)[:10]}"
 
 
-def stage_name(model_id: str, arm: str) -> str:
-    """The stamp name of one (model, arm): ``inference-<model slug>-<arm>``."""
-    return f"inference-{slug(model_id)}-{arm}"
+def stage_name(model_id: str, arm: str, backend: str | None = None) -> str:
+    """The stamp name of one (model, arm, backend): ``inference-<model slug>-<arm>``, with
+    ``-openai`` appended for an endpoint's run.
+
+    The local backends (``hf``, ``vllm``) give the same tokens for the same seeds, so their
+    runs of a model share a stamp; an endpoint decodes on its own server, so its runs of
+    the same model id are current beside them and scored as another (model, backend).
+    """
+    suffix = "" if decoder_of(backend) == "local" else f"-{backend}"
+    return f"inference-{slug(model_id)}-{arm}{suffix}"
 
 
 def process_tag(worker: int = 0, workers: int = 1) -> str:
@@ -95,7 +103,8 @@ def make_record(key: tuple[str, int], run_id: str, model_id: str, arm: str, seed
             "trial": key[1], "seed": seed, "raw_text": None, "parsed": None,
             "parse_status": None, "correct": False, "n_tokens": None, "latency_s": None,
             "status": "ok", "error": None, "batch_size": 0, "thinking_tokens": None,
-            "answer_tokens": None, "forced_answer": None}
+            "answer_tokens": None, "forced_answer": None, "backend": None,
+            "prompt_tokens": None, "completion_tokens": None, "cost_usd": None}
     unknown = set(fields) - set(base)
     if unknown:
         raise ValueError(f"unknown record fields {sorted(unknown)}")
@@ -260,12 +269,13 @@ def records_frame(records: list[Mapping[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame.from_records(records, columns=list(RESPONSE_COLUMNS))
     frame = frame.astype({"trial": "int64", "seed": "int64", "batch_size": "int64"})
     frame["correct"] = frame["correct"].astype("boolean")
-    frame["n_tokens"] = frame["n_tokens"].astype("Int64")
-    # budget forcing's columns: null in runs without a reasoning budget and in records
-    # written before the columns existed (old shards read as before)
-    frame["thinking_tokens"] = frame["thinking_tokens"].astype("Int64")
-    frame["answer_tokens"] = frame["answer_tokens"].astype("Int64")
+    # budget forcing's and an endpoint's columns: null where they do not apply and in
+    # records written before the columns existed (old shards read as before)
+    for column in ("n_tokens", "thinking_tokens", "answer_tokens", "prompt_tokens",
+                   "completion_tokens"):
+        frame[column] = frame[column].astype("Int64")
     frame["forced_answer"] = frame["forced_answer"].astype("boolean")
+    frame["cost_usd"] = frame["cost_usd"].astype("Float64")
     return frame.sort_values(["question_id", "trial"], kind="stable").reset_index(drop=True)
 
 
@@ -331,7 +341,8 @@ def compact_run(run_dir: str | os.PathLike) -> pd.DataFrame:
     atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=2, default=str))
     requests = [s["request"] for s in sessions if s.get("request")]
     if requests:
-        write_stamp(run_dir.parent, stage_name(record["model"], record["arm"]), requests[-1],
+        write_stamp(run_dir.parent, stage_name(record["model"], record["arm"],
+                                               record.get("backend")), requests[-1],
                     [f"{run_dir.name}/responses.parquet"])
     return frame
 

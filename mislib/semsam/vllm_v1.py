@@ -13,6 +13,11 @@ reaches it in two ways:
   ``extra_args={STEP_OFFSET_KEY: n}``: the tokens generated before this request's prompt
   ended, added to the count that keys the draws.
 
+A vLLM OpenAI server reads the same keys (:mod:`mislib.semsam.vllm_args`):
+``--additional-config '{"semsam": ENGINE_CONFIG}'`` for the engine, and a request body's
+``"temperature": 0, "seed": SEED, "vllm_xargs": {"semsam_arm": ARM}`` (vLLM copies
+``vllm_xargs`` into ``extra_args``); ``python -m mislib serve`` starts one.
+
 Requests without ``semsam_arm`` pass untouched. For the others the processor decides the
 token with :func:`mislib.semsam.rule.select_next_token`, with uniform numbers keyed by (seed,
 tokens generated so far), and returns a row whose only finite entry is that token, which
@@ -38,13 +43,12 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from mislib.semsam.rule import ARMS, check_rule, keyed_uniforms, select_next_token
 from mislib.semsam.table import NeighborTable
-
-#: Key of the engine-wide settings in ``LLM(additional_config=...)``.
-CONFIG_KEY = "semsam"
-#: Key of the per-request arm in ``SamplingParams.extra_args``.
-ARM_KEY = "semsam_arm"
-#: Key of the per-request count of tokens generated before the prompt ended (default 0).
-STEP_OFFSET_KEY = "semsam_step_offset"
+from mislib.semsam.vllm_args import (  # noqa: F401  (re-exported)
+    ARM_KEY,
+    CONFIG_KEY,
+    STEP_OFFSET_KEY,
+    engine_config,
+)
 
 
 def request_step_offset(params: SamplingParams) -> int:
@@ -54,18 +58,6 @@ def request_step_offset(params: SamplingParams) -> int:
         raise ValueError(f"extra_args[{STEP_OFFSET_KEY!r}] = {offset!r}: should be an "
                          "integer >= 0")
     return offset
-
-
-def engine_config(table_path: str | None, temperature: float, top_k: int, top_p: float,
-                  mode: str = "argmax") -> dict[str, Any]:
-    """The engine-wide settings, as ``additional_config[CONFIG_KEY]`` (JSON-serialisable).
-
-    ``table_path`` may be None when no request uses the ``semsam`` arm.
-    """
-    check_rule(temperature, top_k, top_p, mode)
-    return {"table": None if table_path is None else str(table_path),
-            "temperature": float(temperature), "top_k": int(top_k), "top_p": float(top_p),
-            "mode": str(mode)}
 
 
 def read_engine_config(additional_config: Any) -> tuple[dict[str, Any] | None,

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,29 +175,11 @@ class VLLMBackend:
         that both backends build, and share, the same SemSam table.
         """
         import torch
-        from safetensors import safe_open
 
-        folder = Path(self.source)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+        from mislib.inference.registry import checkpoint_input_embeddings
 
-            folder = Path(snapshot_download(self.source, allow_patterns=["*.safetensors",
-                                                                           "*.json"]))
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
-        found: list[tuple[str, Path]] = []
-        for file in files:
-            with safe_open(str(file), framework="pt") as fh:
-                found += [(name, file) for name in fh.keys()
-                          if name.endswith("embed_tokens.weight") and "visual" not in name]
-        if not found:
-            raise ValueError(f"{folder}: no '*embed_tokens.weight' tensor in the weights")
-        # a VLM's text model is its language model; prefer that one when several match
-        name, file = sorted(found, key=lambda f: ("language_model" not in f[0], f[0]))[0]
-        with safe_open(str(file), framework="pt") as fh:
-            weight = fh.get_tensor(name)
-        return weight.to(torch.bfloat16 if self.device == "cuda" else torch.float32)
+        return checkpoint_input_embeddings(
+            self.source, torch.bfloat16 if self.device == "cuda" else torch.float32)
 
     # ---------------------------------------------------------------- the engine
     def _engine(self, decode: DecodeSettings):

@@ -1,0 +1,524 @@
+"""The openai backend: stage 04 through an OpenAI-compatible chat-completions endpoint.
+
+Two kinds of server, both on 127.0.0.1:
+
+- a tiny stdlib ``http.server`` standing in for a hosted API, scripted per test (answers,
+  429 with ``Retry-After``, 401 after a number of requests, a body that is not JSON), for the
+  backend's own rules: usage and cost per record, retries, budgets, the key never written,
+  a malformed reply as a record status;
+- the real vLLM OpenAI server of ``.venv-vllm`` serving the smoke model with SemSam's
+  processor (``python -m mislib serve``), one per module, for what only a real server shows:
+  a server killed in the middle of a run and started again, a 401 from ``--api-key``, and
+  the semsam and greedy arms decoded on the server as the hf backend decodes them locally.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import require
+
+from mislib.config import load_profile
+from mislib.inference import read_shards, run_inference
+from mislib.paths import REPO_ROOT
+from mislib.smoke import write_smoke_benchmark
+
+KEY_ENV = "MISLIB_TEST_OPENAI_KEY"
+SECRET = "sk-test-0123456789-do-not-log"
+
+
+# ----------------------------------------------------------------------------------------
+# A scripted stand-in for a hosted endpoint
+# ----------------------------------------------------------------------------------------
+class FakeEndpoint:
+    """An OpenAI-compatible server on 127.0.0.1 whose replies a test scripts.
+
+    ``script(n, body)`` decides the reply to the ``n``-th chat request (0-based): a tuple
+    ``(status, headers, body_bytes)``; the default answers "Answer: True" with usage.
+    Every request body is kept in ``bodies``, every Authorization header in ``auth``.
+    """
+
+    def __init__(self, key: str | None = None):
+        self.key = key
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.script = self.answer
+        self.lock = threading.Lock()
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, status, headers, body):
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.endswith("/models"):
+                    body = json.dumps({"object": "list", "data": [
+                        {"id": "fake-model", "object": "model", "owned_by": "fake"}]})
+                    self._send(200, {"Content-Type": "application/json"}, body.encode())
+                else:
+                    self._send(404, {}, b'{"detail": "Not Found"}')
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with endpoint.lock:
+                    n = len(endpoint.bodies)
+                    endpoint.bodies.append(body)
+                    endpoint.auth.append(self.headers.get("Authorization"))
+                self._send(*endpoint.script(n, body))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def answer(n, body, text="Answer: True"):
+        reply = {"id": f"c{n}", "object": "chat.completion", "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": text}}],
+                 "usage": {"prompt_tokens": 100 + n, "completion_tokens": 3,
+                           "total_tokens": 103 + n}}
+        return 200, {"Content-Type": "application/json"}, json.dumps(reply).encode()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    server = FakeEndpoint()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A project root with a small benchmark of every input kind (no model needed)."""
+    root = tmp_path_factory.mktemp("openai_root")
+    write_smoke_benchmark(root, n_questions=12, seed=5, image_size=32, n_frames=4)
+    return root
+
+
+def _profile(url, **openai):
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["name"] = "test"
+    prof["inference"].update({"backend": "openai", "models": ["fake-model"], "n_trials": 2,
+                              "limit": 0, "max_new_tokens": 8,
+                              "openai": {"base_url": url, "backoff_s": 0.05, **openai}})
+    return prof
+
+
+def _run(root, tmp, url, arm="baseline", **openai):
+    return run_inference(_profile(url, **openai), arm=arm, root=root, out=tmp / "results",
+                         progress=False)
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in folder.rglob("*")
+                     if p.is_file() and p.suffix in (".json", ".jsonl"))
+
+
+# ----------------------------------------------------------------------------------------
+# Against the scripted endpoint
+# ----------------------------------------------------------------------------------------
+def test_every_question_and_trial_is_answered_once_with_usage_and_cost(bench, tmp_path,
+                                                                      endpoint):
+    run = _run(bench, tmp_path, endpoint.url, price_prompt_per_mtok=2.0,
+               price_completion_per_mtok=10.0, max_concurrency=4)
+    frame = pd.read_parquet(run.responses)
+    n_questions = len(pd.read_parquet(bench / "data/benchmark/questions.parquet"))
+    assert len(frame) == 2 * n_questions == len(endpoint.bodies)
+    assert not frame.duplicated(["question_id", "trial"]).any()
+    assert (frame["status"] == "ok").all() and (frame["raw_text"] == "Answer: True").all()
+    assert (frame["backend"] == "openai").all() and (frame["completion_tokens"] == 3).all()
+    expected = (frame["prompt_tokens"] * 2.0 + 3 * 10.0) / 1e6
+    assert frame["cost_usd"].astype(float).round(12).tolist() == expected.round(12).tolist()
+    # each (question, trial) sent its own seed, the stage's, and the profile's decode settings
+    sent = {b["seed"] for b in endpoint.bodies}
+    assert sent == set(frame["seed"]) and len(sent) == len(frame)
+    assert {(b["temperature"], b["top_p"], b["max_tokens"]) for b in endpoint.bodies} == {
+        (0.7, 0.8, 8)}
+    assert all("top_k" not in b and "vllm_xargs" not in b for b in endpoint.bodies)
+    record = json.loads((run.run_dir / "run.json").read_text())
+    assert record["backend"] == "openai"
+    assert record["processor"]["decoder"] == "server-sampler"
+
+
+def test_media_go_as_png_data_urls_and_stacks_as_images_or_one_video(bench, endpoint):
+    import numpy as np
+    from PIL import Image
+
+    from mislib.inference.backends.openai import OpenAIBackend
+    from mislib.inference.protocol import Request
+
+    backend = OpenAIBackend("fake-model", base_url=endpoint.url)
+    stack = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    parts = backend.messages(Request("q", 0, 1, "Is A above B?", stack))[0]["content"]
+    assert [p["type"] for p in parts] == ["image_url"] * 4 + ["text"]
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert parts[-1] == {"type": "text", "text": "Is A above B?"}
+    video = OpenAIBackend("fake-model", base_url=endpoint.url, stack_as="video")
+    parts = video.messages(Request("q", 0, 1, "Is A above B?", stack))[0]["content"]
+    assert [p["type"] for p in parts] == ["video_url", "text"]
+    assert parts[0]["video_url"]["url"].count(",") == 4  # the type's comma, then 3 between frames
+    image = Image.new("RGB", (8, 8))
+    parts = backend.messages(Request("q", 0, 1, "Which plane?", image))[0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "text"]
+    assert backend.messages(Request("q", 0, 1, "text only"))[0]["content"] == [
+        {"type": "text", "text": "text only"}]
+
+
+def test_the_key_is_sent_but_never_written_logged_or_shown(bench, tmp_path, endpoint,
+                                                         monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    failing = {"n": 0}
+
+    def script(n, body):
+        if n < 2:  # the endpoint echoes the key in its errors, as some APIs do
+            return 503, {"Retry-After": "0"}, json.dumps(
+                {"error": {"message": f"overloaded for key {SECRET}"}}).encode()
+        if n == 3:
+            failing["n"] += 1
+            return 400, {}, json.dumps({"error": {"message": f"bad image for {SECRET}"}}).encode()
+        return FakeEndpoint.answer(n, body)
+
+    endpoint.script = script
+    with caplog.at_level(logging.DEBUG):
+        run = _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV)
+    assert set(endpoint.auth) == {f"Bearer {SECRET}"}
+    frame = pd.read_parquet(run.responses)
+    refused = frame[frame["status"] == "request_error"]
+    assert len(refused) == 1 and "***" in refused["error"].iloc[0]
+    assert SECRET not in _all_text(tmp_path / "results")
+    assert SECRET not in caplog.text and "***" in caplog.text
+    assert KEY_ENV in (run.run_dir / "run.json").read_text()  # its name is recorded, once
+
+
+def test_429_is_retried_after_the_time_retry_after_asks(bench, tmp_path, endpoint):
+    times: list[float] = []
+
+    def script(n, body):
+        times.append(time.monotonic())
+        if n == 0:
+            return 429, {"Retry-After": "1"}, b'{"error": {"message": "slow down"}}'
+        return FakeEndpoint.answer(n, body)
+
+    endpoint.script = script
+    run = _run(bench, tmp_path, endpoint.url, max_concurrency=1)
+    assert times[1] - times[0] >= 0.95
+    frame = pd.read_parquet(run.responses)
+    assert (frame["status"] == "ok").all() and len(endpoint.bodies) == len(frame) + 1
+
+
+def test_a_malformed_reply_is_that_records_status_not_a_crash(bench, tmp_path, endpoint):
+    def script(n, body):
+        if n in (1, 2):
+            junk = b"<html>upstream hiccup" if n == 1 else b'{"choices": []}'
+            return 200, {"Content-Type": "text/html"}, junk
+        return FakeEndpoint.answer(n, body)
+
+    endpoint.script = script
+    run = _run(bench, tmp_path, endpoint.url, max_concurrency=1)
+    frame = pd.read_parquet(run.responses)
+    bad = frame[frame["status"] == "bad_response"]
+    assert len(bad) == 2 and (frame["status"] == "ok").sum() == len(frame) - 2
+    assert bad["parse_status"].isna().all() and not bad["correct"].any()
+    assert any("upstream hiccup" in e for e in bad["error"])
+
+
+def test_a_401_stops_the_run_at_once_and_keeps_what_was_written(bench, tmp_path, endpoint,
+                                                               monkeypatch):
+    from mislib.inference.backends.openai import EndpointAuthError
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    endpoint.script = lambda n, body: (
+        FakeEndpoint.answer(n, body) if n < 5 else
+        (401, {}, json.dumps({"error": {"message": f"invalid key {SECRET}"}}).encode()))
+    with pytest.raises(EndpointAuthError) as caught:
+        _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV, max_concurrency=1)
+    assert "HTTP 401" in str(caught.value) and KEY_ENV in str(caught.value)
+    assert SECRET not in str(caught.value)
+    assert len(endpoint.bodies) == 6  # nothing sent after the refusal
+    run_dir = next((tmp_path / "results").glob("fake-model-baseline-*"))
+    assert len(read_shards(run_dir / "shards")) == 5
+    endpoint.script = FakeEndpoint.answer  # a good key again: the run resumes
+    run = _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV, max_concurrency=1)
+    frame = pd.read_parquet(run.responses)
+    assert run.n_generated == len(frame) - 5
+    assert not frame.duplicated(["question_id", "trial"]).any()
+
+
+def test_the_request_budget_stops_the_run_and_a_rerun_goes_on(bench, tmp_path, endpoint):
+    from mislib.inference.backends.openai import BudgetSpent
+
+    with pytest.raises(BudgetSpent, match="request budget of 7"):
+        _run(bench, tmp_path, endpoint.url, request_budget=7, max_concurrency=3)
+    assert len(endpoint.bodies) == 7
+    run = _run(bench, tmp_path, endpoint.url)
+    frame = pd.read_parquet(run.responses)
+    assert run.n_generated == len(frame) - 7 and not frame.duplicated(
+        ["question_id", "trial"]).any()
+
+
+def test_the_token_budget_stops_the_run(bench, tmp_path, endpoint):
+    from mislib.inference.backends.openai import BudgetSpent
+
+    with pytest.raises(BudgetSpent, match="token budget of 300"):
+        _run(bench, tmp_path, endpoint.url, token_budget=300, max_concurrency=1)
+    assert len(endpoint.bodies) == 3  # 103 + 104 + 105 tokens: the third crosses 300
+
+
+def test_semsam_and_greedy_are_refused_on_a_server_without_the_processor(bench, tmp_path,
+                                                                         endpoint):
+    for arm in ("semsam", "greedy"):
+        with pytest.raises(ValueError, match="no mislib SemSam processor.*mislib serve"):
+            _run(bench, tmp_path, endpoint.url, arm=arm)
+    assert endpoint.bodies == []
+
+
+def test_an_unset_key_variable_and_a_missing_url_are_clear_errors(bench, tmp_path, endpoint,
+                                                                 monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"{KEY_ENV}.*not set"):
+        _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV)
+    with pytest.raises(ValueError, match="no base_url"):
+        _run(bench, tmp_path, None)
+
+
+def test_the_cli_sends_endpoint_flags_and_says_why_a_run_stopped(bench, tmp_path, endpoint,
+                                                                  monkeypatch, capsys):
+    from mislib.__main__ import main
+
+    monkeypatch.setenv("MISGROUND_ROOT", str(bench))
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    endpoint.script = lambda n, body: (401, {}, b'{"error": {"message": "no"}}')
+    code = main(["infer", "--backend", "openai", "--base-url", endpoint.url, "--model",
+                 "fake-model", "--api-key-env", KEY_ENV, "--arm", "baseline", "--limit", "2",
+                 "--out", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 1 and "refused the credentials (HTTP 401" in err and SECRET not in err
+    assert set(endpoint.auth) == {f"Bearer {SECRET}"}
+
+
+def test_the_server_constants_agree_with_the_processor_and_middleware():
+    from mislib.inference.backends import openai
+    from mislib.semsam import server, vllm_args
+
+    assert openai.ARM_KEY == vllm_args.ARM_KEY
+    assert openai.SEMSAM_INFO_PATH == server.INFO_PATH
+
+
+def test_importing_mislib_imports_no_http_client():
+    code = ("import sys, mislib, mislib.inference, mislib.serve; "
+            "print([m for m in ('httpx', 'openai') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------
+# Against the real vLLM OpenAI server (``.venv-vllm``), one per module
+# ----------------------------------------------------------------------------------------
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+SERVER_KEY = "sk-server-test-key-0042"
+# small dummy media for vLLM's memory profiling: the smoke processor's own pixel budgets
+VLLM_OPTIONS = {"max_model_len": 2048, "max_num_seqs": 8,
+                "limit_mm_per_prompt": {
+                    "image": {"count": 4, "width": 160, "height": 160},
+                    "video": {"count": 1, "num_frames": 4, "width": 96, "height": 96}}}
+
+
+class VLLMServer:
+    """``python -m mislib serve``'s command, run as a process group that a test can kill."""
+
+    def __init__(self, root: Path, profile: dict):
+        from mislib.serve import server_command
+        from mislib.smoke import SMOKE_MODEL_ID
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        os.environ[KEY_ENV] = SERVER_KEY
+        try:
+            self.argv, env = server_command(profile, model=SMOKE_MODEL_ID, port=self.port,
+                                            device="cpu", api_key_env=KEY_ENV, root=root,
+                                            progress=False)
+        finally:
+            del os.environ[KEY_ENV]
+        self.env = dict(env, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
+                        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                        MISGROUND_ROOT=str(root))
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        from mislib.serve import start_server
+
+        try:
+            self.proc = start_server(self.argv, self.env, self.log, self.url)
+        except RuntimeError as error:
+            pytest.fail(str(error))
+
+    def kill(self) -> None:
+        from mislib.serve import stop_server
+
+        if self.proc is not None:
+            stop_server(self.proc)
+
+
+def _served_profile(**inference):
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["name"] = "test"
+    prof["inference"].update({"n_trials": 2, "limit": 0, "max_new_tokens": 8,
+                              "vllm": copy.deepcopy(VLLM_OPTIONS), **inference})
+    return prof
+
+
+def _seed_random_table(root: Path, k: int) -> str:
+    """A random neighbour table under the exact key the smoke model's table has (an exact
+    table takes minutes on two cores; these tests check the transport, not the table)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mislib import semsam
+    from mislib.inference.registry import checkpoint_input_embeddings
+    from mislib.smoke import smoke_model_dir
+
+    folder = smoke_model_dir(root)
+    embeddings = checkpoint_input_embeddings(str(folder), torch.float32)
+    mask = semsam.content_token_mask(AutoTokenizer.from_pretrained(folder), len(embeddings))
+    key = semsam.table_key(embeddings, mask, k)
+    path = root / ".cache" / "semsam" / f"{key}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    content = mask.nonzero().squeeze(1)
+    ids = content[torch.randint(0, len(content), (len(mask), k), generator=gen)]
+    ids[:, 0] = torch.arange(len(mask))
+    sims = torch.rand(len(mask), k, generator=gen).sort(1, descending=True).values
+    sims[:, 0] = 1.0
+    semsam.NeighborTable(ids, sims * mask[:, None], mask, key=key).save(path)
+    return key
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The smoke model behind ``mislib serve``'s vLLM server (key required), its root and
+    profile. Starting it takes a minute or more on two cores: one server per module."""
+    require(VLLM_PYTHON.is_file() and subprocess.run(
+        [str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True).returncode == 0,
+        "the vLLM environment (.venv-vllm with vllm importable)", "make env-vllm")
+    root = tmp_path_factory.mktemp("served_root")
+    write_smoke_benchmark(root, n_questions=10, seed=3, image_size=64, n_frames=4)
+    profile = _served_profile()
+    table_key = _seed_random_table(root, profile["semsam"]["k"])
+    server = VLLMServer(root, profile)
+    yield server, root, profile, table_key
+    server.kill()
+
+
+def _served_run(served, tmp, arm, backend="openai", key=SERVER_KEY, **openai):
+    server, root, profile, _ = served
+    prof = copy.deepcopy(profile)
+    prof["inference"].update(backend=backend, models=["smoke:tiny-qwen3-vl"], openai={
+        "base_url": server.url, "api_key_env": KEY_ENV, "stack_as": "video",
+        "backoff_s": 0.2, "max_backoff_s": 2.0, **openai})
+    os.environ[KEY_ENV] = key
+    try:
+        return run_inference(prof, arm=arm, root=root, out=tmp / "results", progress=False)
+    finally:
+        del os.environ[KEY_ENV]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_the_server_decodes_each_arm_as_the_hf_backend_does(served, tmp_path):
+    import httpx
+
+    server, root, profile, table_key = served
+    described = httpx.get(server.url + "/mislib/semsam", timeout=10).json()
+    rule = {k: profile["semsam"][k] for k in ("temperature", "top_k", "top_p", "mode")}
+    assert described["rule"] == rule and described["table_key"] == table_key
+    for arm in ("greedy", "semsam"):
+        remote = pd.read_parquet(_served_run(served, tmp_path, arm).responses)
+        local = pd.read_parquet(_served_run(served, tmp_path, arm, backend="hf").responses)
+        assert (remote["status"] == "ok").all() and (remote["backend"] == "openai").all()
+        assert (remote["completion_tokens"] == remote["n_tokens"]).all()
+        assert remote["prompt_tokens"].gt(0).all()
+        merged = remote.merge(local, on=["question_id", "trial"], suffixes=("_http", "_hf"))
+        assert len(merged) == len(local) == len(remote)
+        same = merged["raw_text_http"] == merged["raw_text_hf"]
+        assert same.all(), merged.loc[~same, ["question_id", "raw_text_http", "raw_text_hf"]]
+    record = json.loads(next((tmp_path / "results").glob("*-semsam-*/run.json")).read_text())
+    assert record["processor"]["semsam_server"]["table_key"] == table_key
+    assert SERVER_KEY not in _all_text(tmp_path / "results")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_wrong_key_gets_a_401_that_stops_the_run_with_a_clear_message(served, tmp_path):
+    from mislib.inference.backends.openai import EndpointAuthError
+
+    with pytest.raises(EndpointAuthError, match="HTTP 401") as caught:
+        _served_run(served, tmp_path, "baseline", key="sk-wrong-key-123")
+    assert "sk-wrong-key-123" not in str(caught.value) and KEY_ENV in str(caught.value)
+    assert not list((tmp_path / "results").glob("*/shards/*.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_a_server_killed_mid_run_and_restarted_finishes_every_record_once(served, tmp_path):
+    server, root, profile, _ = served
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["run"] = _served_run(served, tmp_path, "baseline", max_concurrency=1,
+                                         retry_for_s=1500.0)
+        except BaseException as error:  # handed to the test thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(tmp_path.glob("results/*/shards/*.jsonl")):
+        time.sleep(0.05)
+    shard_dir = next(tmp_path.glob("results/*/shards"))
+    while time.monotonic() < deadline and not read_shards(shard_dir):
+        time.sleep(0.05)
+    server.kill()
+    n_total = 2 * len(pd.read_parquet(root / "data/benchmark/questions.parquet"))
+    before = len(read_shards(shard_dir))
+    assert 0 < before < n_total, "the run finished before the server was killed"
+    time.sleep(3)
+    assert worker.is_alive(), outcome  # waiting and retrying, not failed
+    server.start()
+    worker.join(timeout=1200)
+    assert not worker.is_alive() and "error" not in outcome, outcome
+    frame = pd.read_parquet(outcome["run"].responses)
+    assert len(frame) == n_total and (frame["status"] == "ok").all()
+    lines = [line for shard in shard_dir.glob("*.jsonl")
+             for line in shard.read_text().splitlines() if line.strip()]
+    assert len(lines) == n_total  # every (question, trial) written exactly once
