@@ -113,6 +113,9 @@ def server_command(profile: str | Mapping[str, Any] = "demo", model: str | None 
             "--generation-config", "vllm", "--logits-processors", PROCESSORS[runner],
             "--additional-config", json.dumps({"semsam": config}),
             "--middleware", MIDDLEWARE,
+            # a stack is a video of exactly its frames at the profile's rate (vLLM refuses
+            # these per request): the hf and vllm backends' video_fps, no frame sampling
+            "--media-io-kwargs", json.dumps({"video": {"fps": float(params["video_fps"])}}),
             "--tensor-parallel-size", str(int(options.get("tensor_parallel_size", 1))),
             "--max-model-len", str(int(options.get("max_model_len") or 8192))]
     if options.get("max_num_seqs"):
@@ -126,7 +129,7 @@ def server_command(profile: str | Mapping[str, Any] = "demo", model: str | None 
         argv.append("--enforce-eager")
     described = {"processor": PROCESSORS[runner], "model": model_id, "rule": {
         k: config[k] for k in ("temperature", "top_k", "top_p", "mode")},
-        "table_key": table_key, "k": int(rule["k"])}
+        "table_key": table_key, "k": int(rule["k"]), "video_fps": float(params["video_fps"])}
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                  if p)
     env = dict(os.environ, PYTHONPATH=pythonpath, **{DESCRIPTION_ENV: json.dumps(described)})

@@ -247,6 +247,21 @@ def test_a_malformed_reply_is_that_records_status_not_a_crash(bench, tmp_path, e
     assert any("upstream hiccup" in e for e in bad["error"])
 
 
+def test_content_parts_and_a_reasoning_field_are_kept_as_the_raw_text(bench, tmp_path,
+                                                                       endpoint):
+    def script(n, body):
+        reply = json.loads(FakeEndpoint.answer(n, body)[2])
+        reply["choices"][0]["message"] = {
+            "role": "assistant", "reasoning_content": "B lies lower.",
+            "content": [{"type": "text", "text": "Answer: "}, {"type": "text", "text": "True"}]}
+        return 200, {"Content-Type": "application/json"}, json.dumps(reply).encode()
+
+    endpoint.script = script
+    frame = pd.read_parquet(_run(bench, tmp_path, endpoint.url).responses)
+    assert (frame["status"] == "ok").all()
+    assert (frame["raw_text"] == "<think>B lies lower.</think>Answer: True").all()
+
+
 def test_a_401_stops_the_run_at_once_and_keeps_what_was_written(bench, tmp_path, endpoint,
                                                                monkeypatch):
     from mislib.inference.backends.openai import EndpointAuthError
@@ -294,6 +309,18 @@ def test_semsam_and_greedy_are_refused_on_a_server_without_the_processor(bench, 
     for arm in ("semsam", "greedy"):
         with pytest.raises(ValueError, match="no mislib SemSam processor.*mislib serve"):
             _run(bench, tmp_path, endpoint.url, arm=arm)
+    assert endpoint.bodies == []
+
+
+def test_a_reasoning_budget_is_refused_where_a_server_decodes(endpoint):
+    from mislib.inference.backends.openai import OpenAIBackend
+    from mislib.inference.protocol import DecodeSettings
+
+    backend = OpenAIBackend("fake-model", base_url=endpoint.url)
+    decode = DecodeSettings(arm="baseline", temperature=0.7, top_k=20, top_p=0.8,
+                            max_new_tokens=8, reasoning_budget=64)
+    with pytest.raises(ValueError, match="reasoning_budget = 0"):
+        list(backend.stream([], decode))
     assert endpoint.bodies == []
 
 

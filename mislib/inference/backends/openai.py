@@ -6,7 +6,8 @@ server answers the benchmark through ``POST {base_url}/chat/completions``, one r
 (:func:`mislib.inference.prompts.conversation`): the question as the user turn, a 2D picture
 as a base64 PNG data URL, a 3D stack as one image per frame (``stack_as="images"``, what
 hosted APIs take) or as one video of exactly those frames (``stack_as="video"``, vLLM's
-``video/jpeg`` frame sequence, declared at ``video_fps`` and never re-sampled).
+``video/jpeg`` frame sequence, never re-sampled, at the frame rate the server declares:
+``mislib serve`` declares the profile's ``video_fps``).
 
 **Arms over HTTP.** On a server that ``python -m mislib serve`` started (vLLM with SemSam's
 logits processor; see :mod:`mislib.serve`) every arm goes through the processor: the request
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import io
 import json
@@ -102,8 +104,11 @@ class OpenAIBackend:
     served_model : the model name the endpoint expects (default: ``model_id``).
     api_key_env : the NAME of the environment variable holding the API key (None: send no
         key, as for a local server without ``--api-key``).
-    stack_as : ``"images"`` (one image per frame) or ``"video"`` (one video; vLLM servers).
-    video_fps : frames per second declared for a stack sent as a video.
+    stack_as : ``"images"`` (one image per frame) or ``"video"`` (one video; vLLM servers,
+        which declare its frame rate themselves: ``mislib serve`` the profile's
+        ``video_fps``).
+    video_fps : the profile's frame rate for stacks; a server started by ``mislib serve``
+        with another rate is refused (other servers declare their own, recorded as such).
     max_concurrency : requests in flight at once.
     request_budget, token_budget : the most HTTP requests (retries included) and tokens
         (prompt plus completion) one run call may spend (None: no cap).
@@ -208,11 +213,15 @@ class OpenAIBackend:
                         listed = {m.get("id"): m for m in models.json().get("data", [])}
                     except (ValueError, AttributeError):
                         listed = {}
-                    if listed and self.served_model not in listed:
-                        raise EndpointError(
-                            f"{self.base_url} does not serve model {self.served_model!r}; it "
-                            f"serves {sorted(str(k) for k in listed)}")
-                    entry = listed.get(self.served_model) or {}
+                    # some APIs list ids with a prefix ("models/<id>"); a model that is not
+                    # listed at all is left to the first request's 404, which names it
+                    entry = next((m for k, m in listed.items()
+                                  if str(k) == self.served_model
+                                  or str(k).endswith("/" + self.served_model)), None)
+                    if listed and entry is None:
+                        log.warning("%s does not list model %r (it lists %s)", self.base_url,
+                                    self.served_model, sorted(str(k) for k in listed)[:10])
+                    entry = entry or {}
                     info = {k: entry[k] for k in ("owned_by", "root", "max_model_len")
                             if k in entry}
                 semsam = client.get(self.base_url + SEMSAM_INFO_PATH)
@@ -249,7 +258,8 @@ class OpenAIBackend:
             "decoder": "mislib-semsam-processor" if self.semsam_server else "server-sampler",
         }
         if self.stack_as == "video":
-            out["video_fps"] = self.video_fps
+            # the server declares the frame rate: mislib serve the profile's, others their own
+            out["video_fps"] = (self.semsam_server or {}).get("video_fps", "server default")
         if self.semsam_server:
             out["semsam_server"] = {k: self.semsam_server.get(k)
                                     for k in ("rule", "table_key", "processor")}
@@ -287,6 +297,12 @@ class OpenAIBackend:
                     "from the profile's (server, profile): "
                     + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items())
                     + "; restart it with `python -m mislib serve --profile <this profile>`")
+            served_fps = self.semsam_server.get("video_fps")
+            if self.stack_as == "video" and served_fps not in (None, self.video_fps):
+                raise ValueError(
+                    f"the SemSam server at {self.base_url} declares videos at {served_fps} "
+                    f"frames/s, the profile at {self.video_fps}; restart it with "
+                    "`python -m mislib serve --profile <this profile>`")
             if decode.arm == "semsam" and not self.semsam_server.get("table_key"):
                 raise ValueError(f"the SemSam server at {self.base_url} has no neighbour "
                                  "table, so it cannot decode the semsam arm")
@@ -329,10 +345,10 @@ class OpenAIBackend:
             if self.send_top_k:
                 body["top_k"] = int(decode.top_k)
         if self.vllm_server:
+            # a video's frame rate and frame sampling are the server's settings (vLLM refuses
+            # per-request media kwargs unless started with --trust-request-mm-kwargs):
+            # ``mislib serve`` declares the profile's video_fps and keeps every frame
             body.update(skip_special_tokens=True, return_token_ids=True)
-            if self.stack_as == "video" and isinstance(request.media, np.ndarray):
-                body["media_io_kwargs"] = {"video": {"fps": self.video_fps}}
-                body["mm_processor_kwargs"] = {"do_sample_frames": False}
         return body
 
     def generate(self, requests: Iterable[Request],
@@ -377,7 +393,8 @@ class OpenAIBackend:
         finally:
             loop, task = state.get("loop"), state.get("task")
             if loop is not None and task is not None and not task.done():
-                loop.call_soon_threadsafe(task.cancel)
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(task.cancel)
             thread.join()
 
     async def _run(self, requests: Iterator[Request], decode: DecodeSettings,
@@ -501,6 +518,9 @@ class OpenAIBackend:
             data = response.json()
             message = data["choices"][0]["message"]
             content = message.get("content")
+            if isinstance(content, list):  # content parts, as some servers send them
+                content = "".join(part["text"] for part in content
+                                  if part.get("type") == "text")
             if content is not None and not isinstance(content, str):
                 raise TypeError(f"message content is {type(content).__name__}, not text")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
