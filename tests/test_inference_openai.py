@@ -155,8 +155,8 @@ def test_every_question_and_trial_is_answered_once_with_usage_and_cost(bench, tm
     expected = (frame["prompt_tokens"] * 2.0 + 3 * 10.0) / 1e6
     assert frame["cost_usd"].astype(float).round(12).tolist() == expected.round(12).tolist()
     # each (question, trial) sent its own seed, the stage's, and the profile's decode settings
-    sent = {b["seed"] for b in endpoint.bodies}
-    assert sent == set(frame["seed"]) and len(sent) == len(frame)
+    sent = {b["seed"] for b in endpoint.bodies}  # the trial seeds' low 31 bits
+    assert sent == {s % 2**31 for s in frame["seed"]} and len(sent) == len(frame)
     assert {(b["temperature"], b["top_p"], b["max_tokens"]) for b in endpoint.bodies} == {
         (0.7, 0.8, 8)}
     assert all("top_k" not in b and "vllm_xargs" not in b for b in endpoint.bodies)
@@ -448,6 +448,38 @@ def _seed_random_table(root: Path, k: int) -> str:
     sims[:, 0] = 1.0
     semsam.NeighborTable(ids, sims * mask[:, None], mask, key=key).save(path)
     return key
+
+
+def test_serve_starts_vllms_server_with_the_processor_rule_table_and_limits(tmp_path,
+                                                                           monkeypatch):
+    from mislib.serve import server_command
+    from mislib.smoke import SMOKE_MODEL_ID
+
+    write_smoke_benchmark(tmp_path, n_questions=2, seed=1, image_size=16, n_frames=2)
+    profile = _served_profile(video_fps=2.0)
+    key = _seed_random_table(tmp_path, profile["semsam"]["k"])
+    monkeypatch.setenv(KEY_ENV, SERVER_KEY)
+    argv, env = server_command(profile, model=SMOKE_MODEL_ID, port=8123, device="cpu",
+                               api_key_env=KEY_ENV, python="/opt/vllm/bin/python",
+                               root=tmp_path, progress=False)
+    flags = {a: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+    assert argv[:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flags["--served-model-name"] == SMOKE_MODEL_ID and flags["--port"] == "8123"
+    assert flags["--logits-processors"] == "mislib.semsam.vllm_v1:SemSamV1LogitsProcessor"
+    assert flags["--middleware"] == "mislib.semsam.server.semsam_info"
+    engine = json.loads(flags["--additional-config"])["semsam"]
+    rule = {k: profile["semsam"][k] for k in ("temperature", "top_k", "top_p", "mode")}
+    assert {k: engine[k] for k in rule} == rule and engine["table"].endswith(f"{key}.safetensors")
+    assert json.loads(flags["--media-io-kwargs"]) == {"video": {"fps": 2.0}}
+    assert flags["--max-model-len"] == "2048" and flags["--max-num-seqs"] == "8"
+    assert json.loads(flags["--limit-mm-per-prompt"]) == VLLM_OPTIONS["limit_mm_per_prompt"]
+    described = json.loads(env["MISLIB_SEMSAM_SERVER"])
+    assert described["table_key"] == key and described["rule"] == rule
+    assert env["VLLM_API_KEY"] == SERVER_KEY and SERVER_KEY not in " ".join(argv)
+    assert str(REPO_ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    argv, _ = server_command(profile, model=SMOKE_MODEL_ID, device="cpu", root=tmp_path,
+                             table=False, progress=False)
+    assert json.loads(argv[argv.index("--additional-config") + 1])["semsam"]["table"] is None
 
 
 @pytest.fixture(scope="module")

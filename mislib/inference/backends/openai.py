@@ -78,6 +78,8 @@ RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 #: HTTP statuses that reject one request only: the record is kept with ``request_error``.
 RECORD_ERROR_STATUSES = frozenset({400, 413, 422})
 STACK_AS = ("images", "video")
+#: An endpoint's own sampler is seeded with the trial seed modulo this (32-bit seeds).
+SEED_MODULUS = 2**31
 
 
 class EndpointError(RuntimeError):
@@ -264,7 +266,7 @@ class OpenAIBackend:
             out["semsam_server"] = {k: self.semsam_server.get(k)
                                     for k in ("rule", "table_key", "processor")}
         else:
-            out["sent_params"] = ["temperature", "top_p", "seed", "max_tokens"] + (
+            out["sent_params"] = ["temperature", "top_p", "seed mod 2^31", "max_tokens"] + (
                 ["top_k"] if self.send_top_k else [])
         return out
 
@@ -335,13 +337,15 @@ class OpenAIBackend:
     def body(self, request: Request, decode: DecodeSettings) -> dict[str, Any]:
         """The JSON body of one chat-completions request."""
         body: dict[str, Any] = {"model": self.served_model, "messages": self.messages(request),
-                                "max_tokens": int(decode.max_new_tokens), "n": 1,
-                                "seed": int(request.seed)}
+                                "max_tokens": int(decode.max_new_tokens), "n": 1}
         if self.semsam_server:
-            body["temperature"] = 0.0
-            body["vllm_xargs"] = {ARM_KEY: decode.arm}
+            # the processor keys its draws by the full seed, as the offline backends do
+            body.update(temperature=0.0, seed=int(request.seed),
+                        vllm_xargs={ARM_KEY: decode.arm})
         else:
-            body.update(temperature=float(decode.temperature), top_p=float(decode.top_p))
+            # an API's own sampler; some take 32-bit seeds only, so the trial seed's low bits
+            body.update(temperature=float(decode.temperature), top_p=float(decode.top_p),
+                        seed=int(request.seed) % SEED_MODULUS)
             if self.send_top_k:
                 body["top_k"] = int(decode.top_k)
         if self.vllm_server:
