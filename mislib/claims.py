@@ -560,7 +560,10 @@ def _arm_claim_rows(scored: pd.DataFrame, arm_claims: Sequence[ArmClaim], semsam
             continue
         for r in effect.itertuples(index=False):
             r = r._asdict()
-            model = str(r["model"])
+            # a model decoded on an endpoint is its own row (bayes.semsam_effect pairs arms
+            # by model and decoder), named so beside the same model decoded locally
+            decoder = r.get("decoder", "local")
+            model = str(r["model"]) + ("" if decoder == "local" else f" via {decoder}")
             row = _blank(c, tolerance)
             prefix = _PART[c.part]
             raw = {"reference": r["baseline_accuracy"], "compared": r["semsam_accuracy"],
