@@ -355,16 +355,28 @@ def _stage_07_outputs(root, study, diagnostics=None):
         (root / "data/analysis/factor_diagnostics.json").write_text(json.dumps(diagnostics))
 
 
-def _paper_assets(root, study, diagnostics=None):
+def _recovery_outputs(root, covered=9, terms=10, converged=True):
+    """Stage 07's recovery study as notebook 07 leaves it (``covered`` of ``terms``)."""
+    flags = [True] * covered + [False] * (terms - covered)
+    pd.DataFrame({"term": [f"t{i}" for i in range(terms)], "planted": 0.1, "mean": 0.1,
+                  "lo95": 0.0, "hi95": 0.2, "covered": flags}).to_parquet(
+        root / "data/analysis/recovery.parquet")
+    (root / "data/analysis/recovery_diagnostics.json").write_text(json.dumps(
+        {"converged": converged, "coverage": covered / terms}))
+
+
+def _paper_assets(root, study, diagnostics=None, recovery=False):
     write_study(study, root)
     score_runs("demo", root=root, progress=False)
     _stage_07_outputs(root, study, diagnostics)
+    if recovery:
+        _recovery_outputs(root)
     return C.write_paper_assets("demo", root)
 
 
 def test_write_paper_assets_writes_tables_macros_and_claims_with_provenance(tmp_root, study):
     result = _paper_assets(tmp_root, study, {"rhat_ok": False, "divergences": 2,
-                                             "min_ess_bulk": 40.0})
+                                             "min_ess_bulk": 40.0}, recovery=True)
     paper = tmp_root / "paper"
     for name in C.TABLES:
         tex = (paper / "tables" / f"{name}.tex").read_text()
@@ -390,12 +402,16 @@ def test_write_paper_assets_writes_tables_macros_and_claims_with_provenance(tmp_
     assert "\\misdemofalse" in numbers and "\\missimulatedtrue" in numbers
     assert "\\misconvergedfalse" in numbers
     assert "Source: profile demo" in numbers  # the provenance line
+    assert (values["misRecoveryCovered"], values["misRecoveryTerms"],
+            values["misRecoveryCoverage"]) == ("9", "10", "90")
+    assert "\\misrecoverytrue" in numbers and "\\misrecoveryconvergedtrue" in numbers
     claims_md = (paper / "claims.md").read_text()
     for c in (*C.CLAIMS, *C.ARM_CLAIMS):
         assert c.claim in claims_md
     assert "Simulated responses" in claims_md and "did not converge" in claims_md
     assert "(k + 1) / (N + 2)" in claims_md and "25 %" in claims_md
     assert "tolerance ± 5" in claims_md
+    assert "covered 9 of 10 planted effects (90 %)" in claims_md
     table = result["claims"]
     assert (table[table["id"] == "semsam_gain"]["status"] != "not measurable").all()
     plane = _row(table, "plane_naming")
@@ -427,6 +443,7 @@ def smoke_assets(tmp_path_factory):
     score_runs("demo", root=root, progress=False)
     _stage_07_outputs(root, study, {"rhat_ok": True, "divergences": 0,
                                     "min_ess_bulk": 900.0})
+    _recovery_outputs(root, covered=19, terms=20, converged=False)
     return root, C.write_paper_assets("demo", root)
 
 
@@ -440,6 +457,8 @@ def test_the_smoke_model_reproduces_no_claim_and_every_output_says_so(smoke_asse
     assert "\\misdemotrue" in (paper / "numbers.tex").read_text()
     claims_md = (paper / "claims.md").read_text()
     assert "random weights" in claims_md and "Summary: 0 reproduced" in claims_md
+    assert "covered 19 of 20 planted effects (95 %) (its fit did not converge)" in claims_md
+    assert "No recovery study was run" in C._recovery_sentence(None)
     for name in C.TABLES:
         assert "random weights: answers are noise" in (
             paper / "tables" / f"{name}.md").read_text(), name
@@ -526,3 +545,5 @@ def test_main_tex_compiles_and_its_abstract_says_it_is_the_demo(smoke_assets, tm
     assert "generated 400 questions and asked 400 of them 2 times" in abstract
     assert "Baseline decoding reaches" not in abstract  # the demo's accuracies are not results
     assert "0 are reproduced" in abstract
+    assert ("its 95 % intervals covered 19 of 20 planted effects (95 %), from a fit that "
+            "did not converge") in re.sub(r"\s+", " ", text)
