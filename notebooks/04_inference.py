@@ -110,14 +110,18 @@ side.apply(lambda col: col.astype(str).str.slice(0, 60))
 
 # %%
 fig, (ax_rate, ax_parse) = plt.subplots(1, 2, figsize=(10, 3.6))
-labels = summary["model"].str.rsplit("/", n=1).str[-1] + "\n" + summary["arm"]
+# one model: the arms on the axis, the model in the stamp; several: model (short) and arm
+several = summary["model"].nunique() > 1
+short = lambda m: m.rsplit("/", 1)[-1].removeprefix("smoke:")  # noqa: E731
+labels = [f"{short(m)}\n{a}" if several else a
+          for m, a in zip(summary["model"], summary["arm"], strict=True)]
 arm_colours = {"baseline": "#4c72b0", "greedy": "#55a868", "semsam": "#dd8452"}
 ax_rate.bar(labels, summary["questions_per_s"], color=summary["arm"].map(arm_colours))
 ax_rate.set_ylabel("(question, trial) per second")
 ax_rate.set_title(f"throughput ({summary['device'].iloc[0]})")
 counts = (responses.assign(outcome=responses["parse_status"].fillna(responses["status"]))
           .groupby(["model", "arm", "outcome"]).size().unstack("outcome", fill_value=0))
-counts.index = [f"{m.rsplit('/', 1)[-1]}\n{a}" for m, a in counts.index]
+counts.index = [f"{short(m)}\n{a}" if several else a for m, a in counts.index]
 counts.plot.bar(stacked=True, ax=ax_parse, rot=0)
 ax_parse.set_ylabel("records")
 ax_parse.set_title("parse outcome per arm")
