@@ -266,6 +266,11 @@ def test_a_401_stops_the_run_at_once_and_keeps_what_was_written(bench, tmp_path,
                                                                monkeypatch):
     from mislib.inference.backends.openai import EndpointAuthError
 
+    monkeypatch.setenv(KEY_ENV, "sk-an-old-key")  # a backend kept from an earlier run
+    run_inference(_profile(endpoint.url, api_key_env=KEY_ENV, max_concurrency=1),
+                  arm="baseline", root=bench, out=tmp_path / "earlier", limit=1, progress=False)
+    endpoint.bodies.clear()
+    endpoint.auth.clear()
     monkeypatch.setenv(KEY_ENV, SECRET)
     endpoint.script = lambda n, body: (
         FakeEndpoint.answer(n, body) if n < 5 else
@@ -275,6 +280,7 @@ def test_a_401_stops_the_run_at_once_and_keeps_what_was_written(bench, tmp_path,
     assert "HTTP 401" in str(caught.value) and KEY_ENV in str(caught.value)
     assert SECRET not in str(caught.value)
     assert len(endpoint.bodies) == 6  # nothing sent after the refusal
+    assert set(endpoint.auth) == {f"Bearer {SECRET}"}  # the variable's value now
     run_dir = next((tmp_path / "results").glob("fake-model-baseline-*"))
     assert len(read_shards(run_dir / "shards")) == 5
     endpoint.script = FakeEndpoint.answer  # a good key again: the run resumes
@@ -290,9 +296,13 @@ def test_the_request_budget_stops_the_run_and_a_rerun_goes_on(bench, tmp_path, e
     with pytest.raises(BudgetSpent, match="request budget of 7"):
         _run(bench, tmp_path, endpoint.url, request_budget=7, max_concurrency=3)
     assert len(endpoint.bodies) == 7
+    # the same (kept) backend gets a fresh budget for the next run
+    with pytest.raises(BudgetSpent, match="request budget of 7"):
+        _run(bench, tmp_path, endpoint.url, request_budget=7, max_concurrency=3)
+    assert len(endpoint.bodies) == 14
     run = _run(bench, tmp_path, endpoint.url)
     frame = pd.read_parquet(run.responses)
-    assert run.n_generated == len(frame) - 7 and not frame.duplicated(
+    assert run.n_generated == len(frame) - 14 and not frame.duplicated(
         ["question_id", "trial"]).any()
 
 

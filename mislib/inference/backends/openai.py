@@ -113,7 +113,8 @@ class OpenAIBackend:
         with another rate is refused (other servers declare their own, recorded as such).
     max_concurrency : requests in flight at once.
     request_budget, token_budget : the most HTTP requests (retries included) and tokens
-        (prompt plus completion) one run call may spend (None: no cap).
+        (prompt plus completion) one run may spend (one :meth:`stream`, i.e. one (model,
+        arm) run call; None: no cap).
     price_prompt_per_mtok, price_completion_per_mtok : USD per million tokens; with both
         given each record gets ``cost_usd``.
     timeout_s : seconds one request may take.
@@ -150,13 +151,8 @@ class OpenAIBackend:
         self.revision = revision
         self.base_url = str(base_url).rstrip("/")
         self.api_key_env = api_key_env
-        self._key = None
-        if api_key_env:
-            self._key = os.environ.get(api_key_env)
-            if not self._key:
-                raise ValueError(f"openai backend: the environment variable {api_key_env!r} "
-                                 "(the profile's api_key_env) is not set; export the API key "
-                                 "under that name")
+        self._key: str | None = None
+        self._read_key()
         self.stack_as = stack_as
         self.video_fps = float(video_fps)
         self.max_concurrency = int(max_concurrency)
@@ -187,6 +183,17 @@ class OpenAIBackend:
             extras={"semsam_on_server": bool(self.semsam_server), "arms_note": note})
 
     # ---------------------------------------------------------------- the key
+    def _read_key(self) -> None:
+        """Read the key from its variable (again at every run: the registry keeps a loaded
+        backend for the next arm, and the variable may have changed meanwhile)."""
+        if not self.api_key_env:
+            return
+        self._key = os.environ.get(self.api_key_env)
+        if not self._key:
+            raise ValueError(f"openai backend: the environment variable {self.api_key_env!r} "
+                             "(the model's api_key_env) is not set; export the API key under "
+                             "that name")
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self._key:
@@ -370,6 +377,8 @@ class OpenAIBackend:
         (an error in the caller, a kill) cancels the ones in flight.
         """
         self.check_decode(decode)
+        self._read_key()
+        self.n_requests = self.n_tokens = 0  # the budgets are per run
         results: queue.Queue = queue.Queue()
         finished = object()
         state: dict[str, Any] = {}
