@@ -6,6 +6,10 @@ and random intercepts, draw ``n_trials`` Bernoulli answers and write them as sta
 ``responses.parquet``. Refitting must then recover the effects (``tests/test_analysis.py``),
 and ``bench/bench_analysis.py`` times the fit at the paper's scale (33,864 questions).
 
+The default effects are shaped like the paper's findings (:data:`DEFAULT_MAIN`,
+:data:`DEFAULT_INTERACTIONS`; every visual prompt is drawn, ``none`` included), so stage 07's
+recovery study (:mod:`mislib.analysis.recovery`) plants what the paper reports.
+
 Effects live on the logit scale as sum-to-zero deviations, the same coding the factor model
 uses, so the fitted ``factor_effects.parquet`` and :attr:`SimulatedStudy.truth` share term
 names: ``Intercept``, ``<factor>[<level>]`` and ``<f1>[<l1>]:<f2>[<l2>]``. A factor that does

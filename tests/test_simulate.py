@@ -147,3 +147,41 @@ def test_write_study_lays_out_results_per_run(tmp_root, study):
     assert (tmp_root / "data" / "benchmark" / "questions.parquet").is_file()
     scored = pd.read_parquet(written["scored"][0])
     assert len(scored) == len(study.responses)
+
+
+def test_every_visual_prompt_is_drawn_the_none_prompt_without_letters_or_blank_background():
+    from mislib.vocabulary import NO_PROMPT, PROMPTS
+
+    q = simulate_questions(800, seed=3)
+    assert set(q["prompt"].dropna()) == set(PROMPTS)
+    bare = q["prompt"] == NO_PROMPT
+    assert q.loc[bare, "letter_a"].isna().all() and q.loc[bare, "letter_b"].isna().all()
+    assert not (bare & (q["ablation"] == "blank")).any()  # stage 02 renders none on scans only
+    assert q.loc[q["prompt"] == "box", "letter_a"].notna().all()
+
+
+def test_default_effects_are_shaped_like_the_papers_findings(study):
+    from mislib.simulate import HEADLINE_TERMS
+
+    truth = study.truth.set_index("term")["value"]
+    assert set(HEADLINE_TERMS) <= set(truth.index)
+    assert truth["arm[semsam]"] > 0  # SemSam helps
+    # convention x terminology reverses: anatomical wins in the standard view, loses in storage
+    assert truth["convention[standard]:terminology[anatomical]"] > 0
+    assert truth["convention[storage]:terminology[anatomical]"] < 0
+    # no prompt: anatomical far ahead; a box narrows the gap (helps colloquial terms)
+    assert truth["prompt[none]:terminology[anatomical]"] > 0
+    assert truth["prompt[box]:terminology[colloquial]"] > 0
+    # the text-only prior: anatomical terms answered without the image, colloquial ones not
+    assert truth["ablation[text_only]:terminology[anatomical]"] > 0
+    assert truth["family[plane]"] > truth["family[relation_2d]"] > truth["family[relation_3d]"]
+
+
+def test_the_planted_reversal_shows_in_the_simulated_accuracies():
+    s = simulate_study(n_questions=3000, n_trials=2, seed=9)
+    scored = scored_table(s)
+    acc = scored.groupby(["convention", "terminology"])["correct"].mean()
+    assert acc["standard", "anatomical"] > acc["standard", "colloquial"]
+    assert acc["storage", "anatomical"] < acc["storage", "colloquial"]
+    nobox = scored[scored["prompt"] == "none"].groupby("terminology")["correct"].mean()
+    assert nobox["anatomical"] - nobox["colloquial"] > 0.1

@@ -295,7 +295,8 @@ def convergence_problems(checks: pd.DataFrame) -> list[str]:
         if row.statistic == "divergences":
             out.append(f"{int(row.value)} divergent transitions (must be 0)")
         elif row.statistic == "max R-hat":
-            out.append(f"R-hat {row.value:.3f} > {row.bound} in {row.part} ({row.worst})")
+            worst = f" ({row.worst})" if row.worst and row.worst != row.part else ""
+            out.append(f"R-hat {row.value:.4f} > {row.bound} in {row.part}{worst}")
         else:
             out.append(f"{row.statistic} {row.value:.0f} < {row.bound:.0f} in {row.part}")
     return out
