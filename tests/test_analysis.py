@@ -487,9 +487,16 @@ def test_convergence_advice_names_target_accept_the_group_and_longer_chains():
     volume = convergence_advice(_diag(**{"sd[volume]": {"max R-hat": 1.03}}))
     assert any("group volume" in a and "centred = ['volume']" in a for a in volume), volume
     assert any("tune = 1000" in a and "draws = 1000" in a for a in volume), volume
+    # a centred group with many trials per level stays centred (no advice to flip back)
     already = convergence_advice(_diag(centred=["volume"], **{"intercepts[volume]": {
         "max R-hat": 1.03}}))
-    assert any("non-centred" in a for a in already), already
+    assert any("keep it" in a for a in already) and not any("drop" in a for a in already)
+    sparse = convergence_advice(_diag(centred=["question"], **{"sd[question]": {
+        "max R-hat": 1.03}}))
+    assert any("drop 'question'" in a for a in sparse), sparse
+    few = convergence_advice(_diag(groups={"question": 600, "volume": 10},
+                                   **{"sd[volume]": {"max R-hat": 1.03}}))
+    assert any("only 10 levels" in a for a in few), few
     # a group of few trials per level is not sent to the centred form
     few = convergence_advice(_diag(**{"sd[question]": {"max R-hat": 1.03}}))
     assert not any("centred = ['question']" in a for a in few), few

@@ -39,6 +39,8 @@ ESS_MIN_PER_CHAIN = 100
 #: Trials per level from which a slowly mixing group is better sampled centred (the default
 #: of :func:`~mislib.analysis.resolve_centred`'s ``"auto"``).
 CENTRE_MIN_TRIALS = 250.0
+#: Fewer levels than this leave a group's SD weakly identified (slow mixing in any form).
+FEW_LEVELS = 30
 #: What R-hat and ESS are checked on: (part of the posterior, statistic) pairs.
 CONVERGENCE_STATS = ("max R-hat", "min bulk ESS", "min tail ESS")
 #: Random intercepts per group whose R-hat and ESS are checked (evenly spaced levels).
@@ -328,17 +330,23 @@ def convergence_advice(diagnostics: Mapping[str, Any]) -> list[str]:
     for g in bad_groups:
         n = per_level.get(g)
         many = f"{n:.0f} trials per level" if n is not None else "its levels"
-        if g in centred:
-            advice.append(f"group {g} ({many}) mixes slowly centred: sample it non-centred "
-                          f"(drop {g!r} from [analysis] centred)")
+        n_levels = diagnostics.get("groups", {}).get(g)
+        few_levels = (f"; its SD rests on only {n_levels} levels, so it mixes slowly in "
+                      "either form" if n_levels is not None and n_levels < FEW_LEVELS else "")
+        if g in centred and (n is None or n < CENTRE_MIN_TRIALS):
+            advice.append(f"group {g} ({many}) is centred with few trials per level: sample "
+                          f"it non-centred (drop {g!r} from [analysis] centred){few_levels}")
+        elif g in centred:
+            advice.append(f"group {g} ({many}) is centred, which suits its levels: keep it, "
+                          f"and lengthen the chains{few_levels}")
         elif n is not None and n >= CENTRE_MIN_TRIALS:
             advice.append(f"group {g} ({many}) mixes slowly non-centred: sample it centred "
                           f"([analysis] centred = [{g!r}]); with this many trials per level "
-                          "the data pin each intercept down")
+                          f"the data pin each intercept down{few_levels}")
         else:
             advice.append(f"group {g} ({many}) mixes slowly; non-centred suits so few trials "
                           f"per level (centre it only past ~{CENTRE_MIN_TRIALS:.0f}), so "
-                          "lengthen the chains")
+                          f"lengthen the chains{few_levels}")
     tune, draws = int(diagnostics["tune"]), int(diagnostics["draws"])
     advice.append(f"longer chains: [analysis] tune = {max(2 * tune, 1000)}, draws = "
                   f"{max(2 * draws, 1000)} (now {tune}, {draws}); R-hat and ESS improve with "
