@@ -186,10 +186,17 @@ class Provenance:
                          f"trial{'s' if self.n_trials != 1 else ''}")
         elif self.n_questions_generated:
             parts.append(f"{self.n_questions_generated:,} questions generated")
-        parts.extend(f"{n:,} {what}" for what, n in self.counts)
+        parts.extend(_count(n, what) for what, n in self.counts)
         if self.converged is False:
             parts.append("factor model NOT CONVERGED")
         return " · ".join(parts)
+
+
+def _count(n: int, what: str) -> str:
+    """``"3 volumes"``, ``"1 volume"`` (a one-word plural loses its ``s`` for one)."""
+    if n == 1 and what.endswith("s") and " " not in what:
+        what = what[:-1]
+    return f"{n:,} {what}"
 
 
 def _any_simulated(run_ids: Iterable[str], root: str | os.PathLike | None) -> bool:
@@ -228,7 +235,7 @@ def stamp(fig: Any, prov: Provenance, fontsize: float = 6.0) -> Any:
             text.remove()
     # Place the stamp outside everything drawn so far (axis labels, legends above the
     # axes), in inches: the saved figure's tight bounding box grows to hold it.
-    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    box = fig.get_tightbbox()  # inches (matplotlib finds a renderer for the canvas)
     width_in, height_in = fig.get_size_inches()
     pad = fontsize / 72
     # ~0.55 em per character: the wrap width in characters of the figure's width

@@ -159,3 +159,12 @@ def test_save_figure_stamps_when_given_a_provenance(tmp_root, monkeypatch):
     fig2, _ = plt.subplots()
     plots.save_figure(fig2, "unstamped", tmp_root)
     assert seen[-1] == []
+
+
+def test_stamp_works_on_a_figure_made_without_pyplot():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    fig.add_subplot().plot([0, 1], [0, 1])
+    stamp(fig, Provenance.from_profile("demo", {"volumes": 1}))
+    assert _stamp_texts(fig) == ["profile demo · 1 volume"]
