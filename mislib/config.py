@@ -266,6 +266,9 @@ class ModelEntry(BaseModel):
     max_new_tokens: Count | None = None
     trust_remote_code: bool = False
     params_b: Positive | None = None  # size in billions of parameters
+    # the arms this model runs (None: the profile's); a hosted endpoint's sampler decodes
+    # baseline only, so its entry says ["baseline"] and the other arms skip it
+    arms: Annotated[list[Literal[*ARMS]], Field(min_length=1)] | None = None
     # the openai backend's endpoint, credentials (the variable's NAME), prices and limits
     base_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
     api_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None

@@ -68,6 +68,7 @@ def test_the_paper_profile_lists_the_roster():
         assert entries[f"qwen2.5-vl-{size}b-instruct"].id == f"Qwen/Qwen2.5-VL-{size}B-Instruct"
     gemini = entries["gemini-3-flash"]
     assert gemini.backend == "openai" and gemini.api_key_env == "GEMINI_API_KEY"
+    assert gemini.arms == ["baseline"]
     assert gemini.base_url.startswith("https://generativelanguage.googleapis.com/")
     assert all(name in entries for name in prof["inference"]["models"])
 
@@ -205,3 +206,23 @@ def test_an_entrys_frames_per_stack_thins_the_stacks_and_names_a_new_run(smoke_r
     identity = json.loads((run.run_dir / "run.json").read_text())
     assert identity["model_settings"] == {"id": "smoke:tiny-qwen3-vl", "frames_per_stack": 2}
     assert run.run_id.startswith("smoke-two-greedy-")
+
+
+def test_a_model_runs_only_the_arms_its_entry_lists(monkeypatch):
+    from mislib.inference import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "run_inference",
+                        lambda prof, arm, model, **kw: calls.append((model, arm)))
+    prof = _with_models(hosted={"id": "served-vlm", "arms": ["baseline"]})
+    prof["inference"]["models"] = ["smoke:tiny-qwen3-vl", "hosted"]
+    runner.run_profile(prof, arms=["baseline", "greedy", "semsam"])
+    assert calls == [("smoke:tiny-qwen3-vl", "baseline"), ("smoke:tiny-qwen3-vl", "greedy"),
+                     ("smoke:tiny-qwen3-vl", "semsam"), ("hosted", "baseline")]
+    with pytest.raises(ValueError, match=r"'hosted' runs the arms \['baseline'\]"):
+        runner.run_profile(prof, models=["hosted"], arms=["semsam"])
+
+
+def test_an_entrys_arms_must_be_known_arms():
+    with pytest.raises(ProfileError, match=r"\[models.hosted\].*arms"):
+        model_entry(_with_models(hosted={"id": "served-vlm", "arms": ["beam"]}), "hosted")

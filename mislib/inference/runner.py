@@ -558,7 +558,9 @@ def run_profile(profile: str | Mapping[str, Any] = "demo", models: Sequence[str]
     Parameters
     ----------
     profile : as in :func:`run_inference`.
-    models, arms : subsets to run (default: the profile's ``models`` and ``arms``).
+    models, arms : subsets to run (default: the profile's ``models`` and ``arms``). A model
+        whose registry entry lists its own ``arms`` runs only those of ``arms`` (a hosted
+        endpoint: baseline); a model left with none of them is an error.
     **kwargs : passed to :func:`run_inference` (``limit``, ``force``, ``worker``,
         ``workers``, ``root``, overrides such as ``n_trials``; None values mean "the
         profile's").
@@ -574,5 +576,15 @@ def run_profile(profile: str | Mapping[str, Any] = "demo", models: Sequence[str]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm {unknown[0]!r}; arms: {ARMS}")
-    return [run_inference(prof, arm=arm, model=model, **kwargs)
-            for model in models for arm in arms]
+    plan = []
+    for model in models:
+        own = model_entry(prof, model).arms
+        model_arms = arms if own is None else [a for a in arms if a in own]
+        if not model_arms:
+            raise ValueError(f"model {model!r} runs the arms {own} (its [models] entry), "
+                             f"none of those asked: {arms}")
+        skipped = [a for a in arms if a not in model_arms]
+        if skipped:
+            log.info("model %s: arms %s skipped (its entry runs %s)", model, skipped, own)
+        plan += [(model, arm) for arm in model_arms]
+    return [run_inference(prof, arm=arm, model=model, **kwargs) for model, arm in plan]
