@@ -198,8 +198,8 @@ def check_frame(scored: pd.DataFrame, data: FactorData) -> pd.DataFrame:
     """
     out = data.obs[["model", "arm", "question_id"]].copy()
     question_cols = [f for f in FACTORS if f in scored.columns and f not in ("model", "arm")]
-    per_q = scored.drop_duplicates("question_id").set_index(
-        scored.drop_duplicates("question_id")["question_id"].astype(str))[question_cols]
+    first = scored.drop_duplicates("question_id")
+    per_q = first[question_cols].set_axis(first["question_id"].astype(str), axis=0)
     out = out.join(per_q, on="question_id")
     return out[[f for f in FACTORS if f in out.columns]].reset_index(drop=True)
 
