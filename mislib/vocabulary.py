@@ -108,6 +108,18 @@ def decoder_of(backend: Any) -> str:
     return "local" if is_missing(backend) or backend in LOCAL_BACKENDS else str(backend)
 
 
+def decoded_model(model: Any, backend: Any) -> str:
+    """The model as the analysis names it: a model decoded on an endpoint is its own level
+    (``"<model> via openai"``), beside the same weights decoded locally, whose arms it does
+    not pair with (:func:`decoder_of`).
+
+    >>> decoded_model("qwen3-vl-8b-instruct", "hf"), decoded_model("m", "openai")
+    ('qwen3-vl-8b-instruct', 'm via openai')
+    """
+    decoder = decoder_of(backend)
+    return str(model) if decoder == "local" else f"{model} via {decoder}"
+
+
 def is_missing(value: Any) -> bool:
     """True for ``None`` and a float NaN (a null cell read back from parquet).
 

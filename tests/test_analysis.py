@@ -373,6 +373,17 @@ def test_aggregate_trials_names_a_question_column_that_varies_between_trials():
         aggregate_trials(trials, ["family"], with_pair=False)
 
 
+def test_an_endpoint_decoded_model_is_not_pooled_with_its_local_runs():
+    from mislib.analysis import aggregate_trials
+
+    trials = pd.DataFrame({"model": "m", "arm": "baseline", "question_id": "q1",
+                           "correct": [True, False, False, False],
+                           "backend": ["hf", "vllm", "openai", "openai"], "family": "plane"})
+    obs = aggregate_trials(trials, ["family"], with_pair=False).set_index("model")
+    assert obs.loc["m", ["n", "k"]].tolist() == [2, 1]
+    assert obs.loc["m via openai", ["n", "k"]].tolist() == [2, 0]
+
+
 def test_settings_from_params_splits_the_profile_table_and_ignores_other_keys():
     from mislib.analysis import ModelSpec, SamplerSettings, settings_from_params
 

@@ -23,6 +23,7 @@ import pandas as pd
 from mislib.vocabulary import (
     MODEL_FACTORS,
     TRIAL_FACTORS,
+    decoded_model,
     interaction_name,
     ordered,
     structure_pair,
@@ -150,6 +151,9 @@ def aggregate_trials(scored: pd.DataFrame, question_cols: Sequence[str],
 
     ``question_cols`` must be constant over the trials of a question (an error names the
     ones that are not); with ``with_pair`` the order-free ``pair`` of structures is added.
+    Where ``scored`` has a ``backend`` column, a model decoded on an endpoint is its own
+    ``model`` level (``"<model> via openai"``): its trials are never pooled with the same
+    model's local ones (:func:`mislib.vocabulary.decoded_model`).
 
     >>> trials = pd.DataFrame({"model": "m", "arm": "baseline", "question_id": ["q1", "q1"],
     ...                        "correct": [True, False], "family": "plane"})
@@ -160,6 +164,9 @@ def aggregate_trials(scored: pd.DataFrame, question_cols: Sequence[str],
     question_cols = list(question_cols)
     df = scored[["model", "arm", "question_id", "correct", *question_cols]].copy()
     df["correct"] = df["correct"].astype(bool)
+    if "backend" in scored:
+        df["model"] = [decoded_model(m, b) for m, b in zip(df["model"], scored["backend"],
+                                                            strict=True)]
     for col in ("model", "arm", "question_id"):
         df[col] = df[col].astype(str)
     varying = df.groupby("question_id", sort=False)[question_cols].nunique(dropna=False).max()
