@@ -136,6 +136,18 @@ class ProjectPaths:
         """Caches keyed by content hashes (SemSam tables, the smoke model)."""
         return self.root / ".cache"
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` as shown to a reader: relative to the project root when inside it (so
+        executed notebooks and logs do not carry the machine's folders), else as given.
+
+        >>> ProjectPaths(Path("/r")).relative("/r/data/raw/x.nii.gz")
+        'data/raw/x.nii.gz'
+        """
+        try:
+            return Path(path).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
 
 def project_paths(root: str | os.PathLike | None = None) -> ProjectPaths:
     """Paths under ``root``; default ``$MISGROUND_ROOT`` or the repository root."""

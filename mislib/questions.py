@@ -1151,7 +1151,8 @@ def export(profile: str = "demo", root: str | os.PathLike | None = None,
         info["check"] = check_export(root)
     # `make export` shows this line; the notebook shows it under its export cell.
     print(f"exported {info['rows']} questions ({info['bytes'] / 1e6:.1f} MB) to "
-          f"{info['dir']}" + (f"; check passed: {info['check']}" if check else ""))
+          f"{project_paths(root).relative(info['dir'])}"
+          + (f"; check passed: {info['check']}" if check else ""))
     return info
 
 

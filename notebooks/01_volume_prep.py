@@ -53,7 +53,8 @@ NOTEBOOK = "01_volume_prep"
 volume_table = volumes.prepare(profile, force=force, sources=sources,
                                slices_per_volume=slices_per_volume,
                                min_component_area_mm2=min_component_area_mm2)
-prepared = project_paths().prepared
+paths = project_paths()
+prepared = paths.prepared
 components = pd.read_parquet(prepared / "components.parquet")
 slices = pd.read_parquet(prepared / "slices.parquet")
 rejected = pd.read_parquet(prepared / "rejected.parquet")
@@ -133,4 +134,5 @@ fig
 # the abdomen has no brain or femur.
 
 # %%
-rejected
+# (paths shown relative to the project folder)
+rejected.apply(lambda column: column.str.replace(f"{paths.root}/", "", regex=False))
