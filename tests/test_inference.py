@@ -50,29 +50,28 @@ def _new_root(base: Path, smoke_root: Path, n_questions: int = N_QUESTIONS) -> P
     return base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def seeded_table(smoke_root):
-    """Put a random neighbour table for the smoke model into the session's cache.
+def seed_random_table(root: Path, k: int) -> str:
+    """Put a random neighbour table for the smoke model into ``root``'s cache; its key.
 
     An exact table over Qwen's 151,643 content tokens takes minutes on two cores; these
     tests check the harness, not the table (tests/test_semsam.py checks the builder), so
     the cache gets a random table under the exact key :func:`semsam.cached_neighbor_table`
-    looks up, and every run below takes the production path to it.
+    looks up, and every run takes the production path to it.
     """
     import torch
-    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from mislib import semsam
+    from mislib.inference.registry import checkpoint_input_embeddings
     from mislib.smoke import smoke_model_dir
 
-    folder = smoke_model_dir(smoke_root)
-    embeddings = Qwen3VLForConditionalGeneration.from_pretrained(
-        folder).get_input_embeddings().weight.detach()
+    folder = smoke_model_dir(root)
+    embeddings = checkpoint_input_embeddings(str(folder), torch.float32)
     mask = semsam.content_token_mask(AutoTokenizer.from_pretrained(folder), len(embeddings))
-    k = load_profile("demo")["semsam"]["k"]
     key = semsam.table_key(embeddings, mask, k)
-    path = smoke_root / ".cache" / "semsam" / f"{key}.safetensors"
+    path = root / ".cache" / "semsam" / f"{key}.safetensors"
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(0)
         content = mask.nonzero().squeeze(1)
         ids = content[torch.randint(0, len(content), (len(mask), k), generator=gen)]
@@ -81,6 +80,12 @@ def seeded_table(smoke_root):
         sims[:, 0] = 1.0
         semsam.NeighborTable(ids, sims * mask[:, None], mask, key=key).save(path)
     return key
+
+
+@pytest.fixture(scope="module", autouse=True)
+def seeded_table(smoke_root):
+    """The session's smoke root with a random neighbour table (:func:`seed_random_table`)."""
+    return seed_random_table(smoke_root, load_profile("demo")["semsam"]["k"])
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import require
+from test_inference import seed_random_table
 
 from mislib.config import load_profile
 from mislib.inference import read_shards, run_inference
@@ -434,32 +435,6 @@ def _served_profile(**inference):
     return prof
 
 
-def _seed_random_table(root: Path, k: int) -> str:
-    """A random neighbour table under the exact key the smoke model's table has (an exact
-    table takes minutes on two cores; these tests check the transport, not the table)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from mislib import semsam
-    from mislib.inference.registry import checkpoint_input_embeddings
-    from mislib.smoke import smoke_model_dir
-
-    folder = smoke_model_dir(root)
-    embeddings = checkpoint_input_embeddings(str(folder), torch.float32)
-    mask = semsam.content_token_mask(AutoTokenizer.from_pretrained(folder), len(embeddings))
-    key = semsam.table_key(embeddings, mask, k)
-    path = root / ".cache" / "semsam" / f"{key}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
-    content = mask.nonzero().squeeze(1)
-    ids = content[torch.randint(0, len(content), (len(mask), k), generator=gen)]
-    ids[:, 0] = torch.arange(len(mask))
-    sims = torch.rand(len(mask), k, generator=gen).sort(1, descending=True).values
-    sims[:, 0] = 1.0
-    semsam.NeighborTable(ids, sims * mask[:, None], mask, key=key).save(path)
-    return key
-
-
 def test_serve_starts_vllms_server_with_the_processor_rule_table_and_limits(tmp_path,
                                                                            monkeypatch):
     from mislib.serve import server_command
@@ -467,7 +442,7 @@ def test_serve_starts_vllms_server_with_the_processor_rule_table_and_limits(tmp_
 
     write_smoke_benchmark(tmp_path, n_questions=2, seed=1, image_size=16, n_frames=2)
     profile = _served_profile(video_fps=2.0)
-    key = _seed_random_table(tmp_path, profile["semsam"]["k"])
+    key = seed_random_table(tmp_path, profile["semsam"]["k"])
     monkeypatch.setenv(KEY_ENV, SERVER_KEY)
     argv, env = server_command(profile, model=SMOKE_MODEL_ID, port=8123, device="cpu",
                                api_key_env=KEY_ENV, python="/opt/vllm/bin/python",
@@ -502,7 +477,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served_root")
     write_smoke_benchmark(root, n_questions=10, seed=3, image_size=64, n_frames=4)
     profile = _served_profile()
-    table_key = _seed_random_table(root, profile["semsam"]["k"])
+    table_key = seed_random_table(root, profile["semsam"]["k"])
     server = VLLMServer(root, profile)
     yield server, root, profile, table_key
     server.kill()
