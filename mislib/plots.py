@@ -46,12 +46,12 @@ from mislib.paths import (
     project_paths,
 )
 from mislib.provenance import Provenance, stamp
-from mislib.vocabulary import ordered
+from mislib.vocabulary import decoded_model, ordered
 
 NOTEBOOK = "08_paper_assets"
 #: The figures :func:`make_figures` draws (file names ``08_<name>.png|pdf``).
-FIGURES = ("convention_terminology", "visual_prompt", "dims_2d_3d", "ablations",
-           "semsam_by_model")
+FIGURES = ("accuracy_by_size", "convention_terminology", "visual_prompt", "dims_2d_3d",
+           "ablations", "semsam_by_model")
 #: The paper's figures another notebook draws, by the paper's name: (notebook, name there).
 #: Drawn once, where they are measured; :func:`make_figures` returns their files.
 REUSED_FIGURES = {"accuracy_by_factor": ("06_scoring", "accuracy_by_factor"),
@@ -285,6 +285,88 @@ def accuracy_by_arm(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def accuracy_by_size(table: pd.DataFrame, sizes: Mapping[str, float | None]) -> plt.Figure:
+    """The paper's headline figure: overall accuracy against model size, one line per arm.
+
+    Parameters
+    ----------
+    table : one row per (model, arm) with ``mu, lo, hi`` (Bayes@N) and, when present,
+        ``accuracy`` (raw), ``chance``, ``n_questions``, ``n_trials`` (``bayes_by(scored,
+        ["model", "arm"])``); a model decoded on an endpoint is named ``"<model> via
+        <decoder>"`` (:func:`mislib.vocabulary.decoded_model`).
+    sizes : parameters in billions per model name (the registry's ``params_b``; the part
+        of a name before ``" via "`` is looked up). A model without a size (a hosted model,
+        the smoke model) is a horizontal reference line in its arm's colour, named at the
+        right edge, as the paper draws its hosted reference.
+
+    The x axis is logarithmic; each arm's models of known size are joined by a line, with
+    the raw accuracy (x) beside each Bayes@N interval, the mean chance level dashed, and n
+    in the legend.
+    """
+    _check_columns(table, ["model", "arm", "mu", "lo", "hi"], "per-model, per-arm table")
+    if table.empty:
+        raise ValueError("per-model, per-arm table has no rows")
+    set_style()
+    arms = ordered("arm", table["arm"])
+    palette = _palette(arms)
+    size_of = {m: sizes.get(str(m).split(" via ")[0]) for m in table["model"].unique()}
+    sized = table[table["model"].map(lambda m: size_of[m] is not None)]
+    refs = table[table["model"].map(lambda m: size_of[m] is None)]
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for arm in arms:
+        part = sized[sized["arm"] == arm].assign(size=lambda d: d["model"].map(size_of))
+        part = part.sort_values("size")
+        if part.empty:
+            continue
+        colour = palette[arm]
+        ax.errorbar(part["size"], part["mu"] * 100, fmt="o-", color=colour, capsize=3,
+                    yerr=[(part["mu"] - part["lo"]) * 100, (part["hi"] - part["mu"]) * 100],
+                    label=f"{arm} ({_n_text(part)})".replace(" ()", ""))
+        if "accuracy" in part:
+            ax.plot(part["size"] * 1.06, part["accuracy"] * 100, "x", color=colour,
+                    markersize=5, markeredgewidth=1.4, linestyle="none")
+    label_y = -np.inf  # reference labels stacked upwards where their lines coincide
+    for r in refs.sort_values("mu").itertuples(index=False):
+        colour = palette[r.arm]
+        ax.axhline(r.mu * 100, color=colour, linestyle=(0, (6, 3)), linewidth=1.2)
+        ax.axhspan(r.lo * 100, r.hi * 100, color=colour, alpha=0.08, linewidth=0)
+        label_y = max(r.mu * 100, label_y + 4.0)
+        raw = (f" (raw {r.accuracy * 100:.0f} %)" if "accuracy" in refs
+               and pd.notna(r.accuracy) else "")
+        ax.annotate(f"{r.model} · {r.arm}{raw}", xy=(1.0, r.mu * 100),
+                    xycoords=("axes fraction", "data"), xytext=(1.01, label_y),
+                    textcoords=("axes fraction", "data"), va="center", fontsize=7,
+                    color=colour)
+    if "chance" in table and table["chance"].notna().any():
+        ax.axhline(table["chance"].mean() * 100, color="0.45", linestyle="--", linewidth=0.9,
+                   zorder=0)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    if not sized.empty:  # a tick at each model's size
+        known = sorted({size_of[m] for m in sized["model"]})
+        ax.set_xticks(known)
+        ax.set_xlim(known[0] / 1.5, known[-1] * 1.5)
+    else:
+        ax.set_xlim(1, 100)
+        ax.text(0.5, 0.04, "no model of known size (params_b): reference lines only",
+                transform=ax.transAxes, ha="center", fontsize=8, color="0.35")
+    ax.set_xlabel("model size (billions of parameters)")
+    _percent_axis(ax)
+    ax.set_title("Overall accuracy against model size", fontsize=10)
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
+    keys = _key_handles("accuracy" in table, "chance" in table)
+    if not refs.empty:
+        keys.append(Line2D([], [], color="0.3", linestyle=(0, (6, 3)), linewidth=1.2,
+                           label="model of unknown size (hosted): Bayes@N, interval shaded"))
+    ax.legend(handles + keys, labels + [k.get_label() for k in keys], fontsize="x-small",
+              loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def interaction(cells: pd.DataFrame, x: str, hue: str, col: str = "arm",
                 title: str | None = None, reference: float | None = None,
                 difference: bool = False) -> plt.Figure:
@@ -509,8 +591,10 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
                  ) -> dict[str, list[Path]]:
     """The paper's figures: draw stage 08's own from ``data/analysis/``, point to the rest.
 
-    Draws :data:`FIGURES` from stage 06's ``scored`` and ``semsam_effect`` (a missing
-    input is an error naming the stage that writes it) and saves each as
+    Draws :data:`FIGURES` (first the headline figure, accuracy against model size per arm,
+    sizes from the profile's model registry) from stage 06's ``scored`` and
+    ``semsam_effect`` (a missing input is an error naming the stage that writes it) and
+    saves each as
     ``figures/08_<name>.png|pdf`` with the run's provenance stamp. The figures notebooks
     06 and 07 already saved (:data:`REUSED_FIGURES`: accuracy by factor level and per arm,
     the factor model's forest plot) are not drawn again: their files are returned under
@@ -519,6 +603,7 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
     run without both arms has no SemSam figure.
     """
     from mislib.config import stage_params
+    from mislib.inference.models import model_entries
 
     analysis = project_paths(root).analysis
     params = stage_params(profile, "paper", **overrides)
@@ -543,7 +628,13 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
     provenance = Provenance.from_scored(scored, profile, root)
     cells = figure_cells(scored, level)
     baseline = str(params.get("prompt_baseline", "none"))
+    named = scored
+    if "backend" in scored:
+        named = scored.assign(model=[decoded_model(m, b) for m, b in
+                                     zip(scored["model"], scored["backend"], strict=True)])
+    sizes = {e.name: e.params_b for e in model_entries(profile, every=True)}
     drawn: dict[str, plt.Figure] = {
+        "accuracy_by_size": accuracy_by_size(bayes_by(named, ["model", "arm"], level), sizes),
         "convention_terminology": interaction(cells["convention_terminology"], "convention",
                                               "terminology",
                                               title="Display convention × terminology"),

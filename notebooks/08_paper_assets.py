@@ -66,6 +66,17 @@ def show(name: str) -> None:
 
 
 # %% [markdown]
+# ## Accuracy against model size
+#
+# The figure a reader looks for first: each model's overall accuracy (Bayes@N with its
+# interval, raw accuracy beside it) against its size in parameters (`params_b` in the
+# profile's model registry), one line per arm. A model of unknown size, such as a hosted
+# reference, is a horizontal line in its arm's colour; the demo's smoke model has no size.
+
+# %%
+show("accuracy_by_size")
+
+# %% [markdown]
 # ## Accuracy by factor
 #
 # Notebook 06's figure, reused: Bayes@N accuracy with credible intervals for every level of

@@ -269,6 +269,31 @@ def test_accuracy_by_arm_draws_each_arm_per_model_with_raw_chance_and_n(scored):
     plt.close(fig)
 
 
+def test_accuracy_by_size_draws_a_line_per_arm_over_sized_models_and_references(scored):
+    from mislib.bayes import bayes_by
+
+    table = bayes_by(scored, ["model", "arm"])
+    fig = plots.accuracy_by_size(table, {"m-small": 2.0, "m-large": 32.0})
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    lines = _errorbars(ax)
+    assert len(lines) == 2  # one line per arm, each over both models, smallest first
+    for line in lines:
+        assert list(line.lines[0].get_xdata()) == [2.0, 32.0]
+    base = table[table["arm"] == "baseline"].set_index("model")
+    assert list(lines[0].lines[0].get_ydata()) == pytest.approx(
+        list(base.loc[["m-small", "m-large"], "mu"] * 100))
+    assert len(_raw_markers(ax)) == 2
+    plt.close(fig)
+    # a model without a size (a hosted reference) is a labelled horizontal line per arm
+    fig = plots.accuracy_by_size(table, {"m-small": 2.0})
+    (ax,) = fig.axes
+    assert [len(line.lines[0].get_xdata()) for line in _errorbars(ax)] == [1, 1]
+    assert {t.get_text().split(" (raw")[0] for t in ax.texts} == {"m-large · baseline",
+                                                                  "m-large · semsam"}
+    plt.close(fig)
+
+
 def test_semsam_by_model_draws_raw_accuracies_and_their_difference(scored):
     from mislib.bayes import semsam_effect
 
