@@ -423,6 +423,29 @@ def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def _misspelt_model_names(profile: Mapping[str, Any]) -> list[str]:
+    """Names in ``[inference] models`` that are no registry entry but nearly one.
+
+    A name that is not a ``[models.<name>]`` table runs as a plain model id, so a typo in
+    an entry's name would otherwise surface only when loading "qwen3-vl-8b-instruc" from
+    the hub fails, after the stages before it ran.
+    """
+    entries = profile.get("models")
+    listed = (profile.get("inference") or {}).get("models")
+    if not isinstance(entries, Mapping) or not isinstance(listed, list):
+        return []
+    problems = []
+    for name in listed:
+        if not isinstance(name, str) or name in entries:
+            continue
+        near = difflib.get_close_matches(name, list(entries), n=1, cutoff=0.85)
+        if near:
+            problems.append(f"[inference] models: {name!r} is no [models.<name>] entry; did "
+                            f"you mean {near[0]!r}? (a plain model id must not be this "
+                            "close to an entry's name)")
+    return problems
+
+
 def check_profile(profile: Mapping[str, Any], tables: Iterable[str] | None = None) -> None:
     """Check a whole profile (or some of its ``tables``) against :data:`SCHEMA`.
 
@@ -455,6 +478,7 @@ def check_profile(profile: Mapping[str, Any], tables: Iterable[str] | None = Non
                             + (f"; did you mean {near[0]!r}?" if near else
                                f"; tables: {list(SCHEMA)}"))
         problems += [f"table [{t}] is missing" for t in SCHEMA if t not in profile]
+        problems += _misspelt_model_names(profile)
         tables = [t for t in SCHEMA if t in profile]
     for table in tables:
         values = profile.get(table)

@@ -226,3 +226,13 @@ def test_a_model_runs_only_the_arms_its_entry_lists(monkeypatch):
 def test_an_entrys_arms_must_be_known_arms():
     with pytest.raises(ProfileError, match=r"\[models.hosted\].*arms"):
         model_entry(_with_models(hosted={"id": "served-vlm", "arms": ["beam"]}), "hosted")
+
+
+def test_a_misspelt_entry_name_in_the_model_list_is_a_profile_error():
+    prof = load_profile("paper")
+    prof["inference"]["models"] = ["qwen3-vl-8b-instruc"]
+    with pytest.raises(ProfileError, match=r"'qwen3-vl-8b-instruc'.*did you mean "
+                                           r"'qwen3-vl-8b-instruct'"):
+        check_profile(prof)
+    prof["inference"]["models"] = ["Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b-instruct"]
+    check_profile(prof)  # a hub id and an entry's name both pass
