@@ -236,3 +236,23 @@ def test_a_misspelt_entry_name_in_the_model_list_is_a_profile_error():
         check_profile(prof)
     prof["inference"]["models"] = ["Qwen/Qwen3-VL-8B-Instruct", "qwen3-vl-8b-instruct"]
     check_profile(prof)  # a hub id and an entry's name both pass
+
+
+def test_an_entrys_pixel_budget_dtype_or_stack_mode_is_no_fresh_rerun(smoke_root, tmp_path):
+    from mislib.inference import run_inference
+
+    # the stage's freshness check sees only the request, not the loaded backend's settings:
+    # an entry setting that changes what the model sees must be in it, or a changed entry
+    # would be answered by the previous run
+    root = _new_root(tmp_path / "fresh", smoke_root, n_questions=3)
+    prof = _with_models(**{"smoke:px": {"id": "smoke:tiny-qwen3-vl", "max_pixels": 4096}})
+    prof["inference"].update({"max_new_tokens": 2, "n_trials": 1, "limit": 1,
+                              "models": ["smoke:px"]})
+    first = run_inference(prof, arm="greedy", root=root, progress=False)
+    assert first.n_generated == 1
+    prof["models"]["smoke:px"]["max_pixels"] = 1024
+    second = run_inference(prof, arm="greedy", root=root, progress=False)
+    assert second.run_id != first.run_id and second.n_generated == 1
+    entry = model_entry(prof, "smoke:px")
+    for key, value in (("dtype", "float32"), ("stack_as", "images"), ("min_pixels", 512)):
+        assert model_identity(entry.model_copy(update={key: value}))[key] == value

@@ -82,15 +82,18 @@ def model_entries(profile: str | os.PathLike | Mapping[str, Any],
 
 
 def model_identity(entry: ModelEntry) -> dict[str, Any]:
-    """The entry's settings that change answers and that neither the decode settings nor
-    the backend's own ``settings()`` record: the id when it differs from the name, and the
-    frames per stack. Empty for a plain id, so the run ids of profiles without a registry
-    stay what they were."""
+    """The entry's settings that change answers beyond the decode settings: the id when it
+    differs from the name, the frames per stack, and those the entry sets of the weights
+    dtype, pixel budgets and stack mode (the loaded backend's ``settings()`` records their
+    effect too, but the stage's freshness check runs before any backend loads, on these).
+    Empty for a plain id, so the run ids of profiles without a registry stay what they
+    were."""
     out: dict[str, Any] = {}
     if entry.id != entry.name:
         out["id"] = entry.id
-    if entry.frames_per_stack is not None:
-        out["frames_per_stack"] = entry.frames_per_stack
+    for key in ("frames_per_stack", "dtype", "min_pixels", "max_pixels", "stack_as"):
+        if getattr(entry, key) is not None:
+            out[key] = getattr(entry, key)
     return out
 
 
