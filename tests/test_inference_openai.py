@@ -248,6 +248,21 @@ def test_a_malformed_reply_is_that_records_status_not_a_crash(bench, tmp_path, e
     assert any("upstream hiccup" in e for e in bad["error"])
 
 
+def test_a_reply_with_malformed_token_ids_is_that_records_status_not_a_crash(bench, tmp_path,
+                                                                            endpoint):
+    def script(n, body):
+        if n != 1:
+            return FakeEndpoint.answer(n, body)
+        reply = json.loads(FakeEndpoint.answer(n, body)[2])
+        reply["choices"][0]["token_ids"] = ["not", "ids"]
+        return 200, {"Content-Type": "application/json"}, json.dumps(reply).encode()
+
+    endpoint.script = script
+    frame = pd.read_parquet(_run(bench, tmp_path, endpoint.url, max_concurrency=1).responses)
+    assert (frame["status"] == "bad_response").sum() == 1
+    assert (frame["status"] == "ok").sum() == len(frame) - 1
+
+
 def test_content_parts_and_a_reasoning_field_are_kept_as_the_raw_text(bench, tmp_path,
                                                                        endpoint):
     def script(n, body):

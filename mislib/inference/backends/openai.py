@@ -536,6 +536,7 @@ class OpenAIBackend:
                                   if part.get("type") == "text")
             if content is not None and not isinstance(content, str):
                 raise TypeError(f"message content is {type(content).__name__}, not text")
+            token_ids = tuple(int(t) for t in data["choices"][0].get("token_ids") or ())
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             snippet = self.redact(response.text[:300])
             log.warning("question %s trial %d: malformed reply from the endpoint (%s)",
@@ -552,7 +553,6 @@ class OpenAIBackend:
         prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
         completion_tokens = _int_or_none(usage.get("completion_tokens"))
         self.n_tokens += (prompt_tokens or 0) + (completion_tokens or 0)
-        token_ids = data["choices"][0].get("token_ids") or ()
         fields: dict[str, Any] = {"prompt_tokens": prompt_tokens,
                                   "completion_tokens": completion_tokens,
                                   "latency_s": latency}
@@ -561,7 +561,7 @@ class OpenAIBackend:
             fields["cost_usd"] = (prompt_tokens * float(price_prompt)
                                   + completion_tokens * float(price_completion)) / 1e6
         n_tokens = completion_tokens if completion_tokens is not None else len(token_ids)
-        return Generation(text, int(n_tokens), tuple(int(t) for t in token_ids), usage=fields)
+        return Generation(text, int(n_tokens), token_ids, usage=fields)
 
 
 def _png_base64(image: Any) -> str:
