@@ -418,9 +418,18 @@ def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
                 msg = f"item {_show(e['input'])}: {msg}"  # one element of a list
             if msg not in by_key.setdefault(key, []):
                 by_key[key].append(msg)
-        return [f"[{table}] {key}" + (f" = {_show(values[key])}" if key in values else "")
+        return [f"[{table}] {key}" + (f" = {_show(_without_key(values[key]))}"
+                                      if key in values else "")
                 + ": " + " or ".join(msgs) for key, msgs in by_key.items()]
     return []
+
+
+def _without_key(value: Any) -> Any:
+    """A sub-table as an error shows it: ``api_key_env`` never echoed (a user who wrote the
+    key itself there must not find it in an error message or a log)."""
+    if isinstance(value, Mapping) and "api_key_env" in value:
+        return {**value, "api_key_env": "<hidden>"}
+    return value
 
 
 def _misspelt_model_names(profile: Mapping[str, Any]) -> list[str]:

@@ -359,6 +359,22 @@ def test_an_unset_key_variable_and_a_missing_url_are_clear_errors(bench, tmp_pat
         _run(bench, tmp_path, None)
 
 
+def test_a_key_given_where_its_variables_name_belongs_is_never_echoed(bench, tmp_path,
+                                                                      endpoint, capsys):
+    from mislib.__main__ import main
+
+    # `--api-key-env $KEY` (or the key in [inference.openai]) is refused without showing it
+    code = None
+    with pytest.raises(Exception) as caught:
+        code = main(["infer", "--profile", "demo", "--backend", "openai", "--model",
+                     "fake-model", "--base-url", endpoint.url, "--api-key-env", SECRET,
+                     "--limit", "1", "--out", str(tmp_path / "results")])
+    assert code is None and "api_key_env" in str(caught.value)
+    shown = str(caught.value) + capsys.readouterr().err
+    assert SECRET[:12] not in shown  # not even its start (long values are cut at 80 chars)
+    assert endpoint.bodies == []
+
+
 def test_the_cli_sends_endpoint_flags_and_says_why_a_run_stopped(bench, tmp_path, endpoint,
                                                                   monkeypatch, capsys):
     from mislib.__main__ import main
