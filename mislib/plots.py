@@ -467,7 +467,8 @@ def semsam_by_model(effect: pd.DataFrame) -> plt.Figure:
     Parameters
     ----------
     effect : ``semsam_effect.parquet`` (``model, baseline_mu/lo/hi, semsam_mu/lo/hi,
-        effect_mu/lo/hi``; with ``*_accuracy``, ``chance``, ``n_questions`` and
+        effect_mu/lo/hi``; a model with a ``decoder`` other than ``local`` is drawn as
+        ``"<model> via <decoder>"``; with ``*_accuracy``, ``chance``, ``n_questions`` and
         ``n_trials`` the raw accuracies and their difference, the chance level and n too).
     """
     _check_columns(effect, ["model", "baseline_mu", "baseline_lo", "baseline_hi", "semsam_mu",
@@ -475,6 +476,9 @@ def semsam_by_model(effect: pd.DataFrame) -> plt.Figure:
                    "semsam_effect table")
     if effect.empty:
         raise ValueError("semsam_effect table is empty: no model was run in both arms")
+    if "decoder" in effect:  # one row per (model, decoder): an endpoint's run is its own
+        effect = effect.assign(model=[decoded_model(m, d) for m, d in
+                                      zip(effect["model"], effect["decoder"], strict=True)])
     set_style()
     models = list(effect["model"].astype(str))
     arms = ["baseline", "semsam"]

@@ -357,3 +357,19 @@ def test_diagnostics_figure_draws_the_r_hat_bound():
     from mislib.analysis import RHAT_MAX
 
     assert any(np.allclose(line.get_xdata(), RHAT_MAX) for line in fig.axes[0].lines)
+
+
+def test_semsam_by_model_draws_a_model_decoded_on_an_endpoint_as_its_own_entry():
+    # bayes.semsam_effect gives one row per (model, decoder): the same model decoded
+    # locally and on an endpoint are two comparisons, both drawn and told apart
+    effect = pd.DataFrame({"model": ["m", "m"], "decoder": ["local", "openai"],
+                           "baseline_mu": [0.5, 0.6], "baseline_lo": [0.45, 0.55],
+                           "baseline_hi": [0.55, 0.65], "semsam_mu": [0.6, 0.62],
+                           "semsam_lo": [0.55, 0.57], "semsam_hi": [0.65, 0.67],
+                           "effect_mu": [0.1, 0.02], "effect_lo": [0.05, -0.01],
+                           "effect_hi": [0.15, 0.05]})
+    fig = plots.semsam_by_model(effect)
+    right = fig.axes[1]
+    assert [t.get_text() for t in right.get_xticklabels()] == ["m", "m via openai"]
+    assert list(_errorbars(right)[0].lines[0].get_ydata()) == pytest.approx([10.0, 2.0])
+    plt.close(fig)
