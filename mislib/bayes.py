@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mislib.vocabulary import QUESTION_FACTORS, decoder_of
+from mislib.vocabulary import QUESTION_FACTORS, decoded_model, decoder_of
 
 #: Category scores of the paired SemSam coding ``2 * baseline_correct + semsam_correct``.
 PAIRED_WEIGHTS = np.array([0.0, 1.0, -1.0, 0.0])
@@ -149,7 +149,9 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     by : grouping columns, e.g. ``["model", "arm", "convention", "terminology"]``; rows
         where a grouping column is null (the factor does not apply) are left out. Without
         ``model`` (or ``arm``) in ``by`` the models (arms) are pooled, each (model, arm,
-        question) counting as one question of Bayes@N.
+        question) counting as one question of Bayes@N. With a ``backend`` column, a model
+        decoded on an endpoint is the model ``"<model> via <decoder>"``
+        (:func:`mislib.vocabulary.decoded_model`), never pooled into its local run.
     level : credible level of ``lo``/``hi``.
 
     Returns
@@ -163,6 +165,11 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     if missing:
         raise ValueError(f"scored table lacks columns {missing}")
     table = scored.dropna(subset=list(by))
+    if "backend" in table and (table["backend"].map(decoder_of) != "local").any():
+        # a model decoded on an endpoint is its own model, as stage 06 scores it beside
+        # the local run (mislib.vocabulary.decoded_model)
+        table = table.assign(model=[decoded_model(m, b) for m, b in
+                                    zip(table["model"], table["backend"], strict=True)])
     # Pooling over models or arms: each (model, arm, question) is its own Bayes@N row.
     pooled = [c for c in ("model", "arm") if c in table and c not in by]
     if pooled and len(table.drop_duplicates(pooled)) > 1:

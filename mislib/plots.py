@@ -632,13 +632,9 @@ def make_figures(profile: str | Mapping[str, Any] = "demo",
     provenance = Provenance.from_scored(scored, profile, root)
     cells = figure_cells(scored, level)
     baseline = str(params.get("prompt_baseline", "none"))
-    named = scored
-    if "backend" in scored:
-        named = scored.assign(model=[decoded_model(m, b) for m, b in
-                                     zip(scored["model"], scored["backend"], strict=True)])
     sizes = {e.name: e.params_b for e in model_entries(profile, every=True)}
     drawn: dict[str, plt.Figure] = {
-        "accuracy_by_size": accuracy_by_size(bayes_by(named, ["model", "arm"], level), sizes),
+        "accuracy_by_size": accuracy_by_size(bayes_by(scored, ["model", "arm"], level), sizes),
         "convention_terminology": interaction(cells["convention_terminology"], "convention",
                                               "terminology",
                                               title="Display convention × terminology"),

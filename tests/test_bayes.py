@@ -171,3 +171,17 @@ def test_semsam_effect_pairs_arms_by_model_and_decoder_never_across_them():
     assert table.loc["local", "effect_lo"] > 0.05
     assert table.loc["openai", "baseline_accuracy"] == table.loc["openai", "semsam_accuracy"] == 1
     assert table.loc["local", "n_questions"] == table.loc["openai", "n_questions"]
+
+
+def test_bayes_by_keeps_a_model_decoded_on_an_endpoint_apart_from_its_local_run():
+    # stage 06 scores an endpoint's run of a model beside the local one (one answer per
+    # model, decoder, arm, question, trial); Bayes@N must not see them as duplicates
+    rows = [{"model": "m", "backend": backend, "arm": "baseline", "question_id": q,
+             "trial": t, "correct": backend == "openai"}
+            for backend in ("hf", "openai") for q in ("q1", "q2") for t in (0, 1)]
+    scored = pd.DataFrame(rows)
+    table = bayes.bayes_by(scored, ["model", "arm"])
+    assert table["model"].tolist() == ["m", "m via openai"]
+    assert table["accuracy"].tolist() == [0.0, 1.0]
+    pooled = bayes.bayes_by(scored, ["arm"])
+    assert pooled["n_questions"].tolist() == [4]
