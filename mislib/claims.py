@@ -92,7 +92,14 @@ from mislib.paths import (
 )
 from mislib.provenance import Provenance, caption, is_smoke_model
 from mislib.stage import StageRun
-from mislib.vocabulary import ARMS, QUESTION_FACTORS, cell_name, difference_name, is_missing
+from mislib.vocabulary import (
+    ARMS,
+    QUESTION_FACTORS,
+    cell_name,
+    decoded_model,
+    difference_name,
+    is_missing,
+)
 from mislib.vocabulary import CLAIM_STATUSES as STATUSES
 
 #: Columns of the claims table (:func:`evaluate_claims`). ``paper``, ``estimate``, ``lo``,
@@ -564,8 +571,7 @@ def _arm_claim_rows(scored: pd.DataFrame, arm_claims: Sequence[ArmClaim], semsam
             r = r._asdict()
             # a model decoded on an endpoint is its own row (bayes.semsam_effect pairs arms
             # by model and decoder), named so beside the same model decoded locally
-            decoder = r.get("decoder", "local")
-            model = str(r["model"]) + ("" if decoder == "local" else f" via {decoder}")
+            model = decoded_model(r["model"], r.get("decoder", "local"))
             row = _blank(c, tolerance)
             prefix = _PART[c.part]
             raw = {"reference": r["baseline_accuracy"], "compared": r["semsam_accuracy"],
@@ -759,7 +765,9 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
 
     eff = tables["semsam_effect"]
     out["semsam_effect"] = (pd.DataFrame({
-        "model": eff["model"],
+        "model": [decoded_model(m, d) for m, d in
+                  zip(eff["model"], eff.get("decoder", pd.Series("local", index=eff.index)),
+                      strict=True)],
         "n": [_n(q, t) for q, t in zip(eff["n_questions"], eff["n_trials"], strict=True)],
         "chance": _chance_column(eff),
         "baseline raw": [_pct(100 * v) for v in eff["baseline_accuracy"]],

@@ -547,3 +547,22 @@ def test_main_tex_compiles_and_its_abstract_says_it_is_the_demo(smoke_assets, tm
     assert "0 are reproduced" in abstract
     assert ("its 95 % intervals covered 19 of 20 planted effects (95 %), from a fit that "
             "did not converge") in re.sub(r"\s+", " ", text)
+
+
+def test_semsam_table_names_a_model_decoded_on_an_endpoint():
+    # bayes.semsam_effect pairs arms by (model, decoder): the same model decoded locally
+    # and on an endpoint are two rows of the table, told apart by name
+    from mislib.bayes import bayes_by_factor, semsam_effect
+
+    scored = pd.concat([_scored([({}, 0.5)], n_questions=5, n_trials=2, arm=arm)
+                        .assign(backend=backend)
+                        for arm in ("baseline", "semsam") for backend in ("hf", "openai")],
+                       ignore_index=True)
+    tables = {"bayes_by_factor": bayes_by_factor(scored, ()),
+              "bayes_by_factor_pooled": bayes_by_factor(scored, (), per_model=False),
+              "semsam_effect": semsam_effect(scored),
+              "unparseable": pd.DataFrame({"model": ["m"], "arm": ["baseline"],
+                                           "n_responses": [10], "unparseable_rate": [0.0],
+                                           "ambiguous_rate": [0.0]})}
+    table, _ = C.format_tables(tables, C.evaluate_claims(scored))["semsam_effect"]
+    assert table["model"].tolist() == ["m", "m via openai"]
