@@ -165,7 +165,7 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     if missing:
         raise ValueError(f"scored table lacks columns {missing}")
     table = scored.dropna(subset=list(by))
-    if "backend" in table and (table["backend"].map(decoder_of) != "local").any():
+    if "backend" in table and any(decoder_of(b) != "local" for b in table["backend"].unique()):
         # a model decoded on an endpoint is its own model, as stage 06 scores it beside
         # the local run (mislib.vocabulary.decoded_model)
         table = table.assign(model=[decoded_model(m, b) for m, b in
