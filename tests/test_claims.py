@@ -542,6 +542,8 @@ def test_main_tex_compiles_and_its_abstract_says_it_is_the_demo(smoke_assets, tm
     abstract = re.sub(r"\s+", " ", text.split("Abstract", 1)[1].split("1 Introduction", 1)[0])
     assert "This is the demo build (profile demo)" in abstract
     assert "random weights whose answers are noise" in abstract
+    # every status is counted, so the counts add up to the claims
+    assert re.search(r"\d+ not assessed and \d+ not measurable", abstract)
     assert "generated 400 questions and asked 400 of them 2 times" in abstract
     assert "Baseline decoding reaches" not in abstract  # the demo's accuracies are not results
     assert "0 are reproduced" in abstract
