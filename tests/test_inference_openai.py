@@ -15,6 +15,7 @@ Two kinds of server, both on 127.0.0.1:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -348,6 +349,21 @@ def test_a_reasoning_budget_is_refused_where_a_server_decodes(endpoint):
     with pytest.raises(ValueError, match="reasoning_budget = 0"):
         list(backend.stream([], decode))
     assert endpoint.bodies == []
+
+
+def test_a_semsam_server_with_another_k_is_refused_for_the_semsam_arm(endpoint):
+    from mislib.inference.backends.openai import OpenAIBackend
+    from mislib.inference.protocol import ARMS, DecodeSettings
+
+    backend = OpenAIBackend("fake-model", base_url=endpoint.url)
+    rule = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "mode": "argmax"}
+    backend.semsam_server = {"processor": "p", "rule": rule, "table_key": "t", "k": 16}
+    backend.capabilities = dataclasses.replace(backend.capabilities, arms=ARMS)
+    settings = dict(max_new_tokens=8, k=32, **rule)
+    with pytest.raises(ValueError, match="k 16 vs 32"):
+        backend.check_decode(DecodeSettings(arm="semsam", **settings))
+    backend.check_decode(DecodeSettings(arm="greedy", **settings))  # greedy reads no table
+    backend.check_decode(DecodeSettings(arm="semsam", **{**settings, "k": 16}))
 
 
 def test_an_unset_key_variable_and_a_missing_url_are_clear_errors(bench, tmp_path, endpoint,

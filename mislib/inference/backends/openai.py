@@ -300,6 +300,9 @@ class OpenAIBackend:
             wanted = {"temperature": float(decode.temperature), "top_k": int(decode.top_k),
                       "top_p": float(decode.top_p), "mode": decode.mode}
             differ = {k: (rule.get(k), v) for k, v in wanted.items() if rule.get(k) != v}
+            served_k = self.semsam_server.get("k")
+            if decode.arm == "semsam" and served_k is not None and served_k != int(decode.k):
+                differ["k"] = (served_k, int(decode.k))  # the table's neighbours per token
             if differ:
                 raise ValueError(
                     f"the SemSam server at {self.base_url} decodes with a rule that differs "
