@@ -563,6 +563,11 @@ def test_the_well_specified_fit_passes_its_convergence_checks(fitted):
     checks = convergence_checks(result.diagnostics)
     assert result.converged, checks[~checks["ok"]]
     assert result.diagnostics["convergence_problems"] == []
+    # the summary's minima are those of what the checks read: a converged fit reports none
+    # below its bounds
+    thresholds = result.diagnostics["thresholds"]
+    assert result.diagnostics["min_ess_bulk"] >= thresholds["ess_bulk_min"]
+    assert result.diagnostics["min_ess_tail"] >= thresholds["ess_tail_min"]
 
 
 # ---- a predictive check that can fail ----------------------------------------------------

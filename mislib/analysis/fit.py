@@ -382,7 +382,9 @@ def _diagnostics(data: FactorData, spec: ModelSpec, sampler: SamplerSettings, co
         "max_r_hat": float(max(p["max R-hat"] for p in parts.values())),
         "min_ess_bulk_fixed": parts["fixed effects"]["min bulk ESS"],
         "min_ess_tail_fixed": parts["fixed effects"]["min tail ESS"],
-        "min_ess_bulk": float(min(p["min bulk ESS"] for p in parts.values())),
+        # the parts the ESS checks read (single random intercepts are checked by R-hat only)
+        "min_ess_bulk": float(min(p["min bulk ESS"] for part, p in parts.items()
+                                  if not part.startswith("intercepts["))),
         "min_ess_tail": float(min(p["min tail ESS"] for part, p in parts.items()
                                   if not part.startswith("intercepts["))),
         "max_r_hat_group_means": float(max(p["max R-hat"] for part, p in parts.items()
