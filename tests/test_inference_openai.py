@@ -233,6 +233,17 @@ def test_429_is_retried_after_the_time_retry_after_asks(bench, tmp_path, endpoin
     assert (frame["status"] == "ok").all() and len(endpoint.bodies) == len(frame) + 1
 
 
+def test_a_retry_after_beyond_the_retry_window_stops_the_run_without_waiting(bench, tmp_path,
+                                                                             endpoint):
+    from mislib.inference.backends.openai import EndpointError
+
+    endpoint.script = lambda n, body: (429, {"Retry-After": "6"}, b'{"error": {}}')
+    t0 = time.monotonic()
+    with pytest.raises(EndpointError, match="Retry-After"):
+        _run(bench, tmp_path, endpoint.url, max_concurrency=1, retry_for_s=1.0)
+    assert time.monotonic() - t0 < 4 and len(endpoint.bodies) == 1
+
+
 def test_a_malformed_reply_is_that_records_status_not_a_crash(bench, tmp_path, endpoint):
     def script(n, body):
         if n in (1, 2):

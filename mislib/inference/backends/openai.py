@@ -520,6 +520,12 @@ class OpenAIBackend:
             delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
             delay *= random.uniform(0.5, 1.0)
             if retry_after is not None:
+                left = self.retry_for_s - (now - first_failure)
+                if retry_after > left:  # waiting would outlast retry_for_s: stop now
+                    raise EndpointError(
+                        f"{url} answered {self.redact(problem)} with Retry-After "
+                        f"{retry_after:.0f} s, beyond the {left:.0f} s left of retry_for_s; "
+                        "the run stopped, the records written so far are kept: rerun later")
                 delay = max(delay, retry_after)
             log.warning("question %s trial %d: %s; retrying in %.1f s", request.question_id,
                         request.trial, self.redact(problem), delay)
