@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
 from test_inference import _new_root, seeded_table  # noqa: F401  (the module's table fixture)
-from test_inference_vllm import ENGINE_OPTIONS, VLLM_PYTHON, require_vllm, vllm_env
+from test_inference_vllm import (
+    ENGINE_OPTIONS,
+    generate_on_both_backends,
+    require_vllm,
+)
 
 from mislib.answers import parse_answer
 from mislib.config import load_profile
@@ -25,7 +28,6 @@ from mislib.inference.thinking import (
     prompt_opens_think,
     thinking_split,
 )
-from mislib.paths import REPO_ROOT
 from mislib.smoke import SMOKE_MODEL_ID, SMOKE_THINKING_MODEL_ID
 
 OPEN, CLOSE, EOS = 10, 11, 2
@@ -210,16 +212,8 @@ def test_vllm_budget_forcing_gives_the_hf_backends_tokens_and_counts(smoke_root,
                           "text": r["text"], "choices": list(r["choices"]),
                           "image_path": r["image_path"], "dims": r["dims"]}
                          for r in rows for t in (0, 1)]}
-    job_file = tmp_path / "job.json"
-    job_file.write_text(json.dumps(job, default=str))
-    outputs = {}
-    for backend, python in (("hf", sys.executable), ("vllm", str(VLLM_PYTHON))):
-        out_file = tmp_path / f"{backend}.json"
-        proc = subprocess.run([python, str(REPO_ROOT / "tests/scripts/backend_generate.py"),
-                               backend, str(job_file), str(out_file)], env=vllm_env(root),
-                              capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        outputs[backend] = json.loads(out_file.read_text())["arms"]["semsam"]
+    outputs = {backend: out["arms"]["semsam"] for backend, out in
+               generate_on_both_backends(job, tmp_path, root).items()}
     assert outputs["vllm"] == outputs["hf"]
     assert all(g["forced_answer"] and "Answer:" in g["text"] for g in outputs["vllm"])
 

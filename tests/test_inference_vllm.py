@@ -96,19 +96,24 @@ def both_backends(bench_root):
            "options": ENGINE_OPTIONS,
            "questions": [{k: q[k] for k in ("question_id", "trial", "seed", "text", "choices",
                                             "image_path", "dims")} for q in picked]}
-    job_file = bench_root / "job.json"
+    outputs = generate_on_both_backends(job, bench_root, bench_root)
+    return picked, outputs["hf"], outputs["vllm"]
+
+
+def generate_on_both_backends(job: dict, folder: Path, root: Path) -> dict[str, dict]:
+    """Run ``job`` through tests/scripts/backend_generate.py on the hf backend (this Python)
+    and the vllm backend (``.venv-vllm``'s), each in a fresh process; their outputs by name."""
+    job_file = folder / "job.json"
     job_file.write_text(json.dumps(job, default=str))
     outputs = {}
     for backend, python in (("hf", sys.executable), ("vllm", str(VLLM_PYTHON))):
-        out_file = bench_root / f"{backend}_out.json"
+        out_file = folder / f"{backend}_out.json"
         proc = subprocess.run([python, str(REPO_ROOT / "tests/scripts/backend_generate.py"),
-                               backend, str(job_file), str(out_file)],
-                              env=vllm_env(bench_root), capture_output=True, text=True,
-                              timeout=1200)
+                               backend, str(job_file), str(out_file)], env=vllm_env(root),
+                              capture_output=True, text=True, timeout=1200)
         assert proc.returncode == 0, proc.stderr[-4000:]
         outputs[backend] = json.loads(out_file.read_text())
-    hf_out, vllm_out = outputs["hf"], outputs["vllm"]
-    return picked, hf_out, vllm_out
+    return outputs
 
 
 def test_the_vllm_backend_outside_its_environment_is_a_clear_error():

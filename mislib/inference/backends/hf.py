@@ -28,6 +28,14 @@ from mislib.inference.thinking import (
 )
 
 
+def eos_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a turn: the generation config's (one id or a list) and the
+    tokenizer's, so both backends stop on the same tokens."""
+    eos = generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(eos) | {tokenizer.eos_token_id} - {None})
+
+
 def processor_settings(processor: Any, has_video: bool, video_fps: float | None) -> dict[str, Any]:
     """The processor's part of a run's identity: its class, pixel budgets, how stacks are
     passed, and the chat template's hash. Shared by the local backends, so that the same
@@ -184,9 +192,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.revision = getattr(config, "_commit_hash", None) or revision
-        eos = self.model.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_ids = sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})
+        self.eos_ids = eos_ids(self.model.generation_config, self.tokenizer)
         self.has_video = stack_mode(self.processor, stack_as, self.model_id)
         self.capabilities = Capabilities(arms=ARMS, embeddings=True, max_batch=None,
                                          max_concurrency=1)

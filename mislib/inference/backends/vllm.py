@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 import vllm  # here, not lazily: outside .venv-vllm the registry then says what is missing
 
-from mislib.inference.backends.hf import processor_settings, set_pixel_budget, stack_mode
+from mislib.inference.backends.hf import (
+    eos_ids,
+    processor_settings,
+    set_pixel_budget,
+    stack_mode,
+)
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 from mislib.inference.thinking import (
@@ -304,7 +309,7 @@ class VLLMBackend:
         suffix = forced_suffix_ids(self.tokenizer)
         prompts = [self.prompt(r) for r in requests]
         opened = [prompt_opens_think(p["prompt"]) for p in prompts]
-        eos = self._eos_ids()
+        eos = eos_ids(self.generation_config, self.tokenizer)
         first_params = [SamplingParams(temperature=0.0, seed=int(r.seed),
                                        max_tokens=int(decode.reasoning_budget),
                                        stop_token_ids=[markers[1]], skip_special_tokens=True,
@@ -347,8 +352,3 @@ class VLLMBackend:
                                       answer_tokens=answer, forced_answer=plan.forced))
         return results
 
-    def _eos_ids(self) -> list[int]:
-        """End-of-turn ids: the generation config's and the tokenizer's (as the hf backend)."""
-        eos = self.generation_config.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        return sorted(set(eos) | {self.tokenizer.eos_token_id} - {None})
