@@ -53,7 +53,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from mislib.config import config_hash, file_digest, stage_params
+from mislib.config import config_hash, read_stamp, stage_params
 from mislib.geometry import (
     CONVENTIONS,
     PLANES,
@@ -72,7 +72,7 @@ from mislib.paths import (
     VOLUMES_FILE,
     project_paths,
 )
-from mislib.stage import StageRun
+from mislib.stage import StageRun, digests_only, input_digests
 from mislib.vocabulary import BACKGROUNDS, DIMS, NO_PROMPT, PROMPTS
 
 LETTERS = "ABCDEF"
@@ -1040,8 +1040,15 @@ def render_volume(task: dict[str, Any]) -> tuple[list[dict], list[dict], list[di
     return rows, skipped, letters
 
 
-def _input_digest(prepared: Path) -> str:
-    return config_hash({name: file_digest(prepared / name) for name in INPUT_FILES})
+def _input_files(prepared: Path, volumes: pd.DataFrame, slices: pd.DataFrame,
+                 planes: Iterable[str]) -> dict[str, Path]:
+    """Every stage-01 file a render reads, by its name in ``volumes.parquet`` (relative to
+    ``prepared``): the three tables, and the canonical image and label map of each volume
+    that has a slice in ``planes`` (those volumes are loaded)."""
+    used = set(slices.loc[slices["plane"].isin(list(planes)), "volume_id"])
+    rows = volumes[volumes["volume_id"].isin(used)]
+    names = [*INPUT_FILES, *map(str, rows["canonical_image"]), *map(str, rows["canonical_labels"])]
+    return {name: prepared / name for name in names}
 
 
 def _read_inputs(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -1074,7 +1081,9 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
         Project root (default: the repository); reads ``data/prepared``, writes
         ``data/benchmark``.
     force : bool
-        Re-render even when the stamp matches the configuration and inputs.
+        Re-render even when the stamp matches the configuration and inputs. The inputs are
+        stage 01's tables and the canonical volumes the chosen slices come from: editing or
+        removing one of them makes the stage stale.
     **overrides
         ``[render]`` keys, e.g. ``prompts=["mask"]``, ``workers=1``.
 
@@ -1086,11 +1095,19 @@ def render_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     paths = project_paths(root)
     params = stage_params(profile, "render", **overrides)
     volumes, components, slices = _read_inputs(paths.prepared)
-    stamp_params = {**params, "inputs": _input_digest(paths.prepared)}
-    stamp_params.pop("workers", None)  # the worker count does not change the outputs
     out = paths.benchmark
+    # the tables and the canonical volumes: a volume edited or removed after this stage ran
+    # makes its renders stale (digests re-read only for files whose size or mtime changed)
+    previous = (read_stamp(out, "render") or {}).get("input_files")
+    files = _input_files(paths.prepared, volumes, slices, params["planes"])
+    inputs = input_digests(files.values(), previous, int(params.get("workers", 1)))
+    digests = digests_only(inputs)
+    # keyed by the name under data/prepared, so a moved project keeps its stamp
+    stamp_params = {**params, "inputs": config_hash({name: digests[str(path)]
+                                                      for name, path in files.items()})}
+    stamp_params.pop("workers", None)  # the worker count does not change the outputs
     outputs = [RENDERS_FILE, SKIPPED_FILE, LETTERS_FILE, "images", "stacks"]
-    run = StageRun(out, "render", stamp_params, outputs)
+    run = StageRun(out, "render", stamp_params, outputs, inputs)
     if not force and run.fresh():
         return pd.read_parquet(out / RENDERS_FILE)
     _options(params)  # validate before writing anything

@@ -843,6 +843,51 @@ def test_a_forced_render_that_fails_keeps_the_old_images_and_their_stamp(tmp_pat
     assert _tree_digest(bench) == before
 
 
+def _volume_renders(bench: Path, volume_id: str) -> dict[str, str]:
+    """Digests of the PNGs rendered from ``volume_id`` (its slice ids start with it)."""
+    return {k: v for k, v in _tree_digest(bench).items()
+            if k.split("/")[1].startswith(volume_id + "-")}
+
+
+def test_an_edited_canonical_volume_makes_the_render_stale_and_is_rendered_again(tmp_path):
+    """Stage 02 reads stage 01's canonical volumes (``volumes/<id>/image.nii.gz``): its stamp
+    holds their digests, so an edited one is rendered again without ``force``, and only the
+    tables and images that depend on it change."""
+    root = tmp_path / "root"
+    prepared = build_prepared(root)
+    bench = root / "data" / "benchmark"
+    render.render_benchmark("demo", root=root, **FAST)
+    ct_before = _volume_renders(bench, "synth-ct")
+    mri_before = _volume_renders(bench, "synth-crowded")
+    assert ct_before and mri_before
+    path = prepared / "volumes" / "synth-ct" / "image.nii.gz"
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) + 300.0, img.affine), path)
+    render.render_benchmark("demo", root=root, **FAST)
+    ct_after = _volume_renders(bench, "synth-ct")
+    assert sorted(ct_after) == sorted(ct_before)
+    changed = [k for k in ct_before if ct_after[k] != ct_before[k]]
+    assert changed, "the edited CT volume was not rendered again"
+    assert _volume_renders(bench, "synth-crowded") == mri_before
+
+
+def test_a_deleted_canonical_volume_makes_the_render_stale(tmp_path):
+    """A canonical volume removed after stage 02 ran is not vouched for by the old stamp:
+    the next run renders again and records the volume as skipped (it cannot be loaded)."""
+    root = tmp_path / "root"
+    prepared = build_prepared(root)
+    bench = root / "data" / "benchmark"
+    first = render.render_benchmark("demo", root=root, **FAST)
+    assert (first.volume_id == "synth-crowded").any()
+    (prepared / "volumes" / "synth-crowded" / "labels.nii.gz").unlink()
+    again = render.render_benchmark("demo", root=root, **FAST)
+    assert not (again.volume_id == "synth-crowded").any()
+    assert _volume_renders(bench, "synth-crowded") == {}
+    skipped = pd.read_parquet(bench / "skipped.parquet")
+    crowded = skipped[skipped.volume_id == "synth-crowded"]
+    assert crowded.reason.str.contains("cannot load volume").all() and len(crowded)
+
+
 def test_stack_strip_lays_the_frames_out_as_a_grid_of_rows(rendered, synth_root):
     import matplotlib
 
