@@ -23,7 +23,9 @@ from mislib.inference import run_inference, store
 from mislib.inference.protocol import DecodeSettings, Request
 from mislib.inference.thinking import (
     FORCED_SUFFIX,
+    PhaseTwo,
     cut_at_stop,
+    generated_counts,
     plan_phase_two,
     prompt_opens_think,
     thinking_split,
@@ -51,6 +53,34 @@ def test_the_second_phase_follows_from_where_the_first_stopped(tokens, opened, a
                           suffix=[CLOSE, 99])
     assert (plan.action, plan.append, plan.max_tokens) == (action, append, max_tokens)
     assert plan.forced == (action == "force")
+
+
+@pytest.mark.parametrize(("tokens", "opened", "action", "keep"), [
+    ([5, 6, 7, 8, 9, 1, 3, 4, 5, 6], False, "done", 4),  # no block: cut to max_new_tokens
+    ([5, 6, 7, 8, 9, EOS], False, "done", 4),            # ended its turn past it: cut too
+    ([5, 6, EOS], False, "done", None),                  # within it: kept whole
+    ([5, 6, 7, 8, 9, 1, 3, 4, 5, 6], True, "force", None),  # a block the prompt opened
+    ([5, OPEN, 7, 8, 9, 1, 3, 4, 5, 6], False, "force", None),  # one the model opened
+])
+def test_a_generation_without_a_block_never_exceeds_max_new_tokens(tokens, opened, action,
+                                                                    keep):
+    # a budget above max_new_tokens: a model that opens no block must not answer at length
+    plan = plan_phase_two(tokens, budget=10, eos_ids=[EOS], markers=(OPEN, CLOSE),
+                          opened_in_prompt=opened, max_new_tokens=4, forced_answer_tokens=3,
+                          suffix=[CLOSE, 99])
+    assert (plan.action, plan.keep) == (action, keep)
+    assert plan.kept(tokens) == (tokens if keep is None else tokens[:keep])
+    if not (opened or OPEN in tokens):
+        assert len(plan.kept(tokens)) + plan.max_tokens <= 4
+
+
+def test_the_counts_are_of_generated_tokens_never_the_appended_suffix():
+    forced = PhaseTwo("force", (CLOSE, 99, 98), 3)
+    assert generated_counts([5, 6, 7, 8], forced, [21, EOS], (OPEN, CLOSE), True) == (4, 2)
+    closed = PhaseTwo("answer", (), 8)
+    assert generated_counts([5, CLOSE], closed, [31, EOS], (OPEN, CLOSE), True) == (2, 2)
+    assert generated_counts([5, 6], PhaseTwo("rest", (), 2), [7, EOS], (OPEN, CLOSE),
+                            False) == (0, 4)
 
 
 def test_thinking_runs_to_the_first_close_and_an_unclosed_block_is_all_thinking():
@@ -130,18 +160,47 @@ def test_hf_budget_forcing_closes_the_block_and_records_the_counts(thinking_hf):
     suffix = backend.tokenizer.encode(FORCED_SUFFIX, add_special_tokens=False)
     close = backend.tokenizer.convert_tokens_to_ids("</think>")
     # the random model never closes its block within 5 tokens: every answer is forced
+    assert close in suffix
     for g in out:
         assert g.forced_answer is True
         assert "</think>\n\nAnswer:" in g.text
         assert list(g.token_ids[budget: budget + len(suffix)]) == suffix
-        assert g.thinking_tokens == budget + suffix.index(close) + 1
-        assert g.thinking_tokens + g.answer_tokens == g.n_tokens == len(g.token_ids)
-        assert 1 <= g.n_tokens - budget - len(suffix) <= forced_tokens
+        # the counts are of generated tokens: the appended "</think>" + "Answer:" is in
+        # the ids and the text, in neither count
+        assert g.thinking_tokens == budget
+        assert g.answer_tokens == len(g.token_ids) - budget - len(suffix)
+        assert 1 <= g.answer_tokens <= forced_tokens
+        assert g.thinking_tokens + g.answer_tokens == g.n_tokens
     # the thinking part is what a plain decode of `budget` tokens gives: forcing changes
     # nothing before the budget is spent
     plain = backend.generate(requests, _decode(path, max_new_tokens=budget))
     assert [g.token_ids[:budget] for g in out] == [p.token_ids for p in plain]
     assert all(p.thinking_tokens is None and p.forced_answer is None for p in plain)
+
+
+def test_hf_a_model_whose_template_opens_no_block_answers_within_max_new_tokens(
+        smoke_root, seeded_table):  # noqa: F811
+    """A budget (10) above max_new_tokens (3) on a model that opens no block (the plain
+    smoke model's template opens none and, at these seeds, it writes no <think>): it
+    answers in at most max_new_tokens tokens, exactly those of a plain capped decode."""
+    from mislib.inference.registry import load_backend
+    from mislib.inference.runner import semsam_table
+
+    backend = load_backend("hf", SMOKE_MODEL_ID, root=smoke_root, device="cpu")
+    _, path = semsam_table(backend, load_profile("demo")["semsam"]["k"], root=smoke_root,
+                           progress=False)
+    assert not prompt_opens_think(backend.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}]}], tokenize=False,
+        add_generation_prompt=True))
+    requests = [Request("q1", t, 2000 + t, ASK) for t in range(3)]
+    out = backend.generate(requests, _decode(str(path), max_new_tokens=3, reasoning_budget=10))
+    plain = backend.generate(requests, _decode(str(path), max_new_tokens=3))
+    think = backend.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    assert not any(t in think for p in plain for t in p.token_ids)  # the premise: no block
+    assert [g.token_ids for g in out] == [p.token_ids for p in plain]
+    for g in out:
+        assert g.n_tokens == len(g.token_ids) <= 3
+        assert (g.thinking_tokens, g.answer_tokens, g.forced_answer) == (0, g.n_tokens, False)
 
 
 # ------------------------------------------------------------------ through the runner
@@ -164,7 +223,8 @@ def test_a_thinking_entry_runs_with_its_budget_and_its_records_say_so(smoke_root
     assert set(frame["model"]) == {"smoke:think"}
     ok = frame[frame["status"] == "ok"]
     assert len(ok) and ok["forced_answer"].all()
-    assert (ok["thinking_tokens"] == 3 + 2).all()  # 3 + "\n" and "</think>"
+    assert (ok["thinking_tokens"] == 3).all()  # the budget; the appended suffix not counted
+    assert ok["answer_tokens"].between(1, 2).all()  # forced_answer_tokens = 2 at most
     assert (ok["thinking_tokens"] + ok["answer_tokens"] == ok["n_tokens"]).all()
     assert ok["raw_text"].str.contains("</think>\n\nAnswer:", regex=False).all()
     identity = json.loads((run.run_dir / "run.json").read_text())
@@ -301,7 +361,7 @@ def test_vllm_budget_forcing_continues_each_request_as_its_first_call_ended(fake
                                           (11, close, 31, 32, eos), (11, 12, eos),
                                           (11, 12, close, 41, eos)]
     assert [g.forced_answer for g in out] == [True, False, False, False]
-    assert [(g.thinking_tokens, g.answer_tokens) for g in out] == [
-        (4 + suffix.index(close) + 1, len(suffix) - suffix.index(close) - 1 + 2), (2, 3),
-        (3, 0), (3, 2)]
+    # generated tokens only: the forced request thought 4 and answered 2 after the suffix
+    assert [(g.thinking_tokens, g.answer_tokens, g.n_tokens) for g in out] == [
+        (4, 2, 6), (2, 3, 5), (3, 0, 3), (3, 2, 5)]
     assert "</think>\n\nAnswer:" in out[0].text

@@ -124,11 +124,15 @@ class Generation:
     Attributes
     ----------
     text : decoded answer (special tokens removed).
-    n_tokens : generated tokens up to and including the end-of-turn token.
-    token_ids : those tokens (for cross-backend identity checks).
-    thinking_tokens, answer_tokens : of ``n_tokens``, those up to and including the first
-        ``</think>`` (a forced one too) and those after it; None where the run has no
-        reasoning budget.
+    n_tokens : tokens the model generated, up to and including the end-of-turn token.
+    token_ids : the sequence after the prompt (for cross-backend identity checks): the
+        generated tokens and, where the answer was forced, the appended ``</think>`` +
+        ``Answer:`` between them (so ``len(token_ids)`` exceeds ``n_tokens`` by those).
+    thinking_tokens, answer_tokens : of ``n_tokens``, those the model wrote inside its
+        ``<think>`` block (up to and including its own ``</think>``; a forced answer's
+        whole first phase) and those it wrote after it (after the appended ``Answer:``
+        when forced); the appended tokens count in neither. None where the run has no
+        reasoning budget (:mod:`mislib.inference.thinking`).
     forced_answer : whether the budget ran out inside the block and the backend closed it
         and appended ``Answer:``; None without a budget.
     status : the record's status (:data:`mislib.vocabulary.RECORD_STATUSES`); other than

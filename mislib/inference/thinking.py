@@ -18,6 +18,18 @@ decodes in two phases:
    - ``rest``: the model never opened a block and is still answering; it gets the rest of
      ``max_new_tokens``.
 
+A generation that never opens a block (the template opens none and the model writes no
+``<think>``) is all answer, so it is held to ``max_new_tokens`` like any answer: a first
+phase that ran past that (a budget larger than ``max_new_tokens``) is cut there
+(:attr:`PhaseTwo.keep`), which gives exactly the tokens a decode capped at
+``max_new_tokens`` gives. So thinking never exceeds the budget, an answer after a closed
+block never exceeds ``max_new_tokens``, a forced one never exceeds ``forced_answer_tokens``,
+and a model that does not think never writes more than ``max_new_tokens`` in all.
+
+The counts a record keeps (:func:`generated_counts`) are of tokens the model generated: the
+appended :data:`FORCED_SUFFIX` is in the text (the parser reads its ``Answer:``) but in
+neither ``thinking_tokens`` nor ``answer_tokens``.
+
 The second phase continues the same sequence (the prompt, the first phase's tokens, the
 appended ones), and SemSam's random draws stay keyed by (seed, tokens generated so far):
 its processors are told how many tokens precede the second phase (``step_offset``), so a
@@ -91,15 +103,22 @@ class PhaseTwo:
     action : ``"done"``, ``"answer"``, ``"force"`` or ``"rest"`` (module docstring).
     append : token ids appended before the second phase (the forced suffix, or none).
     max_tokens : the second phase's budget (0 for ``done``).
+    keep : how many of the first phase's tokens stay (None: all); set where a generation
+        without a block ran past ``max_new_tokens``.
     """
 
     action: str
     append: tuple[int, ...] = ()
     max_tokens: int = 0
+    keep: int | None = None
 
     @property
     def forced(self) -> bool:
         return self.action == "force"
+
+    def kept(self, tokens: Sequence[int]) -> list[int]:
+        """The first phase's ``tokens`` this plan keeps."""
+        return list(tokens if self.keep is None else tokens[: self.keep])
 
 
 def plan_phase_two(tokens: Sequence[int], budget: int, eos_ids: Sequence[int],
@@ -119,13 +138,17 @@ def plan_phase_two(tokens: Sequence[int], budget: int, eos_ids: Sequence[int],
     suffix : :data:`FORCED_SUFFIX`'s ids.
     """
     open_id, close_id = markers
+    thinks = opened_in_prompt or open_id in tokens or close_id in tokens
+    if not thinks and len(tokens) > int(max_new_tokens):
+        # no block: all answer, held to the answer's budget (what a capped decode gives)
+        return PhaseTwo("done", keep=int(max_new_tokens))
     if tokens and tokens[-1] in set(eos_ids):
         return PhaseTwo("done")
     if tokens and tokens[-1] == close_id:
         return PhaseTwo("answer", (), int(max_new_tokens))
     if len(tokens) < budget:  # neither stop nor budget: a backend that stopped for no reason
         return PhaseTwo("done")
-    if opened_in_prompt or open_id in tokens:
+    if thinks:
         return PhaseTwo("force", tuple(int(t) for t in suffix), int(forced_answer_tokens))
     rest = int(max_new_tokens) - len(tokens)
     return PhaseTwo("rest", (), rest) if rest > 0 else PhaseTwo("done")
@@ -147,3 +170,18 @@ def thinking_split(tokens: Sequence[int], markers: tuple[int, int],
     else:
         thinking = 0
     return thinking, len(tokens) - thinking
+
+
+def generated_counts(first: Sequence[int], plan: PhaseTwo, second: Sequence[int],
+                     markers: tuple[int, int], opened_in_prompt: bool) -> tuple[int, int]:
+    """``(thinking tokens, answer tokens)`` the model generated in a budgeted decode.
+
+    ``first`` is the first phase's tokens as the plan keeps them (:meth:`PhaseTwo.kept`),
+    ``second`` the second phase's. Thinking is what the model wrote up to and including
+    its own first ``</think>`` (:func:`thinking_split`); a forced answer's thinking is the
+    whole first phase and its answer the tokens written after the appended
+    :data:`FORCED_SUFFIX`, which counts in neither: the model did not generate it.
+    """
+    if plan.forced:
+        return len(first), len(second)
+    return thinking_split([*first, *second], markers, opened_in_prompt)

@@ -21,10 +21,10 @@ from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Genera
 from mislib.inference.thinking import (
     cut_at_stop,
     forced_suffix_ids,
+    generated_counts,
     plan_phase_two,
     prompt_opens_think,
     think_markers,
-    thinking_split,
 )
 
 
@@ -314,7 +314,9 @@ class HFBackend:
         plans = [plan_phase_two(row, decode.reasoning_budget, self.eos_ids, markers, opened,
                                 decode.max_new_tokens, decode.forced_answer_tokens, suffix)
                  for row in first]
+        first = [plan.kept(row) for row, plan in zip(first, plans, strict=True)]
         tokens = [row + list(plan.append) for row, plan in zip(first, plans, strict=True)]
+        second: list[list[int]] = [[] for _ in requests]
         # second phase, grouped by budget (answer after a closed block, or forced answer)
         for budget in sorted({p.max_tokens for p in plans if p.action != "done"}):
             index = [i for i, p in enumerate(plans) if p.action != "done"
@@ -324,12 +326,14 @@ class HFBackend:
                                 subset, decode, budget, self.eos_ids,
                                 [len(tokens[i]) for i in index])
             for i, row in zip(index, more, strict=True):
-                tokens[i] = tokens[i] + row
+                second[i] = row
         results = []
-        for row, plan in zip(tokens, plans, strict=True):
-            thinking, answer = thinking_split(row, markers, opened)
+        for head, plan, tail in zip(first, plans, second, strict=True):
+            # the text and ids hold the appended suffix; the counts only generated tokens
+            row = head + list(plan.append) + tail
+            thinking, answer = generated_counts(head, plan, tail, markers, opened)
             results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True),
-                                      len(row), tuple(row), thinking_tokens=thinking,
+                                      thinking + answer, tuple(row), thinking_tokens=thinking,
                                       answer_tokens=answer, forced_answer=plan.forced))
         return results
 

@@ -46,10 +46,10 @@ from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 from mislib.inference.thinking import (
     forced_suffix_ids,
+    generated_counts,
     plan_phase_two,
     prompt_opens_think,
     think_markers,
-    thinking_split,
 )
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,9 @@ class VLLMBackend:
         plans = [plan_phase_two(row, decode.reasoning_budget, eos, markers, o,
                                 decode.max_new_tokens, decode.forced_answer_tokens, suffix)
                  for row, o in zip(first, opened, strict=True)]
+        first = [plan.kept(row) for row, plan in zip(first, plans, strict=True)]
         tokens = [row + list(plan.append) for row, plan in zip(first, plans, strict=True)]
+        second: list[list[int]] = [[] for _ in requests]
         index = [i for i, plan in enumerate(plans) if plan.action != "done"]
         if index:
             # the prompt as token ids (placeholders not expanded: vLLM expands them with
@@ -343,12 +345,14 @@ class VLLMBackend:
                       for i in index]
             for i, out in zip(index, llm.generate(continued, params, use_tqdm=False),
                               strict=True):
-                tokens[i] = tokens[i] + [int(t) for t in out.outputs[0].token_ids]
+                second[i] = [int(t) for t in out.outputs[0].token_ids]
         results = []
-        for row, plan, o in zip(tokens, plans, opened, strict=True):
-            thinking, answer = thinking_split(row, markers, o)
+        for head, plan, tail, o in zip(first, plans, second, opened, strict=True):
+            # the text and ids hold the appended suffix; the counts only generated tokens
+            row = head + list(plan.append) + tail
+            thinking, answer = generated_counts(head, plan, tail, markers, o)
             results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True),
-                                      len(row), tuple(row), thinking_tokens=thinking,
+                                      thinking + answer, tuple(row), thinking_tokens=thinking,
                                       answer_tokens=answer, forced_answer=plan.forced))
         return results
 
