@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         from mislib.questions import export
 
-        export(profile=args.profile)
+        export(profile=args.profile, force=args.force)
     elif args.command == "infer":
         from mislib.inference import run_profile
 

@@ -1137,20 +1137,23 @@ def generate(profile: str = "demo", root: str | os.PathLike | None = None, force
 
 
 def export(profile: str = "demo", root: str | os.PathLike | None = None,
-           check: bool = True) -> dict[str, Any]:
+           check: bool = True, force: bool = False) -> dict[str, Any]:
     """Export ``questions.parquet`` for Hugging Face ``datasets``, lmms-eval and VLMEvalKit.
 
-    What ``make export`` runs. Writes ``benchmark/export/`` (see :mod:`mislib.export`), then,
-    with ``check``, loads the exports back and compares every row and image with the
-    sources (:func:`mislib.export.check_export`; the result is under ``"check"``).
+    What ``make export`` runs. Writes ``benchmark/export/`` as a stage of its own (see
+    :mod:`mislib.export`: re-written only when the questions, the renders or the settings
+    changed, or with ``force``), then, with ``check``, loads the exports back and compares
+    every row and image with the sources (:func:`mislib.export.check_export`; the result is
+    under ``"check"``).
     """
     from mislib.export import check_export, export_benchmark
 
-    info = export_benchmark(profile=profile, root=root)
+    info = export_benchmark(profile=profile, root=root, force=force)
     if check:
         info["check"] = check_export(root)
     # `make export` shows this line; the notebook shows it under its export cell.
-    print(f"exported {info['rows']} questions ({info['bytes'] / 1e6:.1f} MB) to "
+    done = "export is fresh:" if info["reused"] else "exported"
+    print(f"{done} {info['rows']} questions ({info['bytes'] / 1e6:.1f} MB) in "
           f"{project_paths(root).relative(info['dir'])}"
           + (f"; check passed: {info['check']}" if check else ""))
     return info

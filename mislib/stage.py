@@ -1,8 +1,9 @@
 """Crash-safe stage runs: outputs staged beside their place, moved in, the stamp written last.
 
-Every stage (01-03, 06-08) writes its outputs through :class:`StageRun`, so that a kill or an
-error at any moment leaves either the old outputs with their old stamp, or the new outputs
-with the new stamp, or no stamp at all (and the next run redoes the work):
+Every stage (01-03, 06-08, and the export of ``make export``) writes its outputs through
+:class:`StageRun`, so that a kill or an error at any moment leaves either the old outputs with
+their old stamp, or the new outputs with the new stamp, or no stamp at all (and the next run
+redoes the work):
 
 1. outputs are written under a fresh staging folder ``<out_dir>/.<stage>.partial-<random>/``
    by the same relative names they have in ``out_dir`` (a kill here leaves the old outputs

@@ -169,7 +169,7 @@ fig
 
 # %%
 if run_export:
-    info = qgen.export(profile)
+    info = qgen.export(profile, force=force)
 
 # %% [markdown]
 # ## Paper scale

@@ -139,6 +139,91 @@ def test_extra_question_columns_are_exported_with_their_types(exported, tmp_path
     assert set(ds["new_source_note"]) == {None}
 
 
+# ----------------------------------------------------------------------------------------
+# The export as a stage: stamped, re-written only when stale, replaced whole or not at all
+# ----------------------------------------------------------------------------------------
+
+def _export_digests(root) -> dict[str, str]:
+    """sha256 of every file of the three exports (stamps and staging folders aside)."""
+    import hashlib
+
+    base = export_paths(root)["dir"]
+    return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for part in ("hf", "lmms_eval", "vlmevalkit")
+            for p in sorted((base / part).rglob("*")) if p.is_file()}
+
+
+def _copy_benchmark(root, target):
+    import shutil
+
+    shutil.copytree(root / "data" / "benchmark", target / "data" / "benchmark")
+    return target
+
+
+def test_a_fresh_export_is_read_back_and_a_changed_question_table_makes_it_stale(exported,
+                                                                                tmp_path):
+    root, questions, _ = exported
+    first = export("demo", root=root, check=False)
+    assert first["reused"]  # the fixture exported these questions already
+    copy = _copy_benchmark(root, tmp_path / "copy")
+    before = _export_digests(copy)
+    parquet = copy / first["hf_files"][0].relative_to(root)
+    mtime = parquet.stat().st_mtime_ns
+    again = export("demo", root=copy, check=False)
+    assert again["reused"]  # the stamp names files under data/benchmark: a copy stays fresh
+    assert parquet.stat().st_mtime_ns == mtime and _export_digests(copy) == before
+    assert again["rows"] == first["rows"] == len(questions) and again["hf_files"][0] == parquet
+    assert again["bytes"] == first["bytes"]
+    assert export("demo", root=copy, check=False, force=True)["reused"] is False
+
+    changed = questions.copy()
+    changed.loc[0, "text"] = changed.loc[0, "text"] + " (edited)"
+    changed.to_parquet(copy / "data" / "benchmark" / "questions.parquet", index=False)
+    third = export("demo", root=copy)  # with the check against the edited table
+    assert not third["reused"]
+    ds = _load(copy, DEFAULT_CONFIG)
+    text = dict(zip(ds["question_id"], ds["text"], strict=True))
+    assert text[changed.loc[0, "question_id"]].endswith(" (edited)")
+
+
+def test_a_changed_render_makes_the_export_stale(exported, tmp_path):
+    root, questions, _ = exported
+    copy = _copy_benchmark(root, tmp_path / "copy")
+    export("demo", root=copy, check=False)
+    flat = questions[questions.dims.eq("2d") & questions.image_path.notna()].iloc[0]
+    png = copy / "data" / "benchmark" / flat["image_path"]
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+    info = export("demo", root=copy)  # the check compares every image with the renders
+    assert not info["reused"]
+
+
+def test_an_export_stopped_by_an_error_leaves_the_previous_export_intact(exported, tmp_path,
+                                                                         monkeypatch):
+    """The three exports are written aside and moved in only when all are complete: an error
+    after the HF folder was written (here in the VLMEvalKit writer) changes nothing on disk."""
+    import mislib.export as export_pkg
+
+    root, questions, _ = exported
+    copy = _copy_benchmark(root, tmp_path / "copy")
+    export("demo", root=copy, check=False)
+    before = _export_digests(copy)
+    changed = questions.iloc[: len(questions) // 2]
+    changed.to_parquet(copy / "data" / "benchmark" / "questions.parquet", index=False)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_pkg, "write_vlmevalkit", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export("demo", root=copy, check=False)
+    assert _export_digests(copy) == before
+    leftovers = [p.name for p in export_paths(copy)["dir"].iterdir() if ".partial" in p.name]
+    assert leftovers == []
+    monkeypatch.undo()
+    info = export("demo", root=copy)  # still stale: written now, and checked
+    assert not info["reused"] and info["rows"] == len(changed)
+
+
 def test_questions_without_a_needed_column_are_named(tmp_path):
     bench = tmp_path / "data" / "benchmark"
     bench.mkdir(parents=True)
