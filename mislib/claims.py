@@ -9,7 +9,7 @@ every model that ran both arms. This run's estimate is Bayes@N (:mod:`mislib.bay
 central credible interval ``[lo, hi]``; beside it stand the raw accuracy of the same trials,
 chance (the mean of 1 / number of answer options) and n (questions × trials). Where stage
 07's factor model has the same contrast (``contrasts.parquet``) its estimate is shown too,
-marked *not converged* when that fit did not converge (:func:`fit_converged`).
+marked *not converged* when that fit did not converge (:func:`read_converged`).
 
 The reproduction test
 ---------------------
@@ -73,6 +73,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from mislib.analysis.stage import read_convergence
 from mislib.bayes import bayes_by, bayes_by_factor, semsam_effect
 from mislib.config import stage_params
 from mislib.paths import (
@@ -370,30 +371,6 @@ def status_reason(status: str, kind: str, paper: float, lo: float, hi: float,
     if hi - lo > 2 * tolerance:
         return f"interval {interval} is wider than the band {band}"
     return f"interval {interval} overlaps the edge of the band {band}"
-
-
-def fit_converged(diagnostics: Mapping[str, Any]) -> bool:
-    """Whether stage 07's fit converged, from its ``factor_diagnostics.json``.
-
-    The fit's own ``converged`` entry decides (:mod:`mislib.analysis` sets it from R-hat, ESS
-    and divergences). A file written before that entry existed is judged by the same rule
-    from what it has: every R-hat at most 1.01 (``rhat_ok``), no divergent transition and a
-    bulk ESS of at least 100 per chain (Vehtari et al. 2021).
-
-    >>> fit_converged({"converged": False, "rhat_ok": True})
-    False
-    >>> fit_converged({"rhat_ok": True, "divergences": 0, "min_ess_bulk": 812.0, "chains": 2})
-    True
-    """
-    if "converged" in diagnostics:
-        return bool(diagnostics["converged"])
-    try:
-        return (bool(diagnostics["rhat_ok"]) and int(diagnostics["divergences"]) == 0
-                and float(diagnostics["min_ess_bulk"])
-                >= 100 * int(diagnostics.get("chains", 4)))
-    except KeyError as err:
-        raise ValueError(f"factor diagnostics lack {err.args[0]!r}: rerun stage 07 "
-                         "(07_factor_analysis)") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -987,35 +964,26 @@ def _fingerprint(files: Sequence[Path]) -> str:
 
 
 def read_converged(root: str | os.PathLike | None = None) -> bool | None:
-    """:func:`fit_converged` of stage 07's ``factor_diagnostics.json``; None when it is absent."""
-    path = project_paths(root).analysis / FACTOR_DIAGNOSTICS_FILE
-    if not path.is_file():
-        return None
-    try:
-        diagnostics = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    return fit_converged(diagnostics)
+    """Whether stage 07's fit converged: the ``converged`` verdict of its
+    ``factor_diagnostics.json`` (:func:`mislib.analysis.read_convergence`, the one reader of
+    that file); None when stage 07 has not run."""
+    verdict = read_convergence(root)
+    return None if verdict is None else bool(verdict["converged"])
 
 
 def read_recovery(root: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """Stage 07's recovery study in brief: ``covered``, ``terms``, ``coverage`` (share of
-    planted effects inside their 95 % intervals) and ``converged``; None without one."""
+    planted effects inside their 95 % intervals) and ``converged`` (from
+    ``recovery_diagnostics.json``, None without it); None without a study."""
     paths = project_paths(root)
     table_path = paths.analysis / RECOVERY_FILE
     if not table_path.is_file():
         return None
     covered = pd.read_parquet(table_path, columns=["covered"])["covered"].astype(bool)
-    diag_path = paths.analysis / RECOVERY_DIAGNOSTICS_FILE
-    converged = None
-    if diag_path.is_file():
-        try:
-            converged = fit_converged(json.loads(diag_path.read_text()))
-        except ValueError as err:
-            raise ValueError(f"{diag_path}: {err}") from None
+    verdict = read_convergence(root, RECOVERY_DIAGNOSTICS_FILE)
     return {"covered": int(covered.sum()), "terms": len(covered),
             "coverage": float(covered.mean()) if len(covered) else math.nan,
-            "converged": converged}
+            "converged": None if verdict is None else bool(verdict["converged"])}
 
 
 def write_paper_assets(profile: str | Mapping[str, Any] = "demo",

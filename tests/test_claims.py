@@ -105,16 +105,37 @@ def test_claim_status_rejects_what_it_cannot_decide(args, match):
         C.claim_status(*args)
 
 
-def test_fit_converged_binds_r_hat_divergences_and_ess():
-    ok = {"rhat_ok": True, "divergences": 0, "min_ess_bulk": 900.0, "chains": 2}
-    assert C.fit_converged(ok)
-    assert not C.fit_converged({**ok, "rhat_ok": False})
-    assert not C.fit_converged({**ok, "divergences": 3})
-    assert not C.fit_converged({**ok, "min_ess_bulk": 150.0})  # < 100 per chain
-    assert not C.fit_converged({**ok, "converged": False})  # the fit's own verdict decides
-    assert C.fit_converged({"converged": True})
-    with pytest.raises(ValueError, match="rhat_ok"):
-        C.fit_converged({"divergences": 0})
+@pytest.mark.parametrize("diagnostics, verdict", [
+    ({"converged": False, "rhat_ok": True, "divergences": 0}, False),  # the verdict decides
+    ({"converged": True, "convergence_problems": []}, True),
+])
+def test_the_claims_take_stage_07s_verdict_from_its_one_reader(tmp_root, diagnostics, verdict):
+    from mislib.analysis import read_convergence
+
+    path = tmp_root / "data" / "analysis" / "factor_diagnostics.json"
+    path.parent.mkdir(parents=True)
+    assert C.read_converged(tmp_root) is None  # stage 07 has not run
+    path.write_text(json.dumps(diagnostics))
+    assert C.read_converged(tmp_root) is verdict
+    assert read_convergence(tmp_root)["converged"] is verdict
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"rhat_ok": True, "divergences": 0, "min_ess_bulk": 900.0, "chains": 2}),
+    json.dumps({"converged": "yes"}), "[1, 2]", "{not json",
+])
+def test_a_diagnostics_file_without_a_verdict_is_refused_alike_by_claims_and_stage_07(
+        tmp_root, text):
+    """A file without a true/false ``converged`` is an error naming the file for every
+    reader (the claims once judged an old file by a rule of their own, stage 07 refused it)."""
+    from mislib.analysis import read_convergence
+
+    path = tmp_root / "data" / "analysis" / "factor_diagnostics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    for read in (C.read_converged, read_convergence):
+        with pytest.raises(ValueError, match="factor_diagnostics.json.*rerun stage 07"):
+            read(tmp_root)
 
 
 # ---- the claims table -----------------------------------------------------------------------
@@ -375,7 +396,7 @@ def _paper_assets(root, study, diagnostics=None, recovery=False):
 
 
 def test_write_paper_assets_writes_tables_macros_and_claims_with_provenance(tmp_root, study):
-    result = _paper_assets(tmp_root, study, {"rhat_ok": False, "divergences": 2,
+    result = _paper_assets(tmp_root, study, {"converged": False, "divergences": 2,
                                              "min_ess_bulk": 40.0}, recovery=True)
     paper = tmp_root / "paper"
     for name in C.TABLES:
@@ -441,7 +462,7 @@ def smoke_assets(tmp_path_factory):
         record.pop("simulated")  # as a real inference run records it
         run_json.write_text(json.dumps(record))
     score_runs("demo", root=root, progress=False)
-    _stage_07_outputs(root, study, {"rhat_ok": True, "divergences": 0,
+    _stage_07_outputs(root, study, {"converged": True, "divergences": 0,
                                     "min_ess_bulk": 900.0})
     _recovery_outputs(root, covered=19, terms=20, converged=False)
     return root, C.write_paper_assets("demo", root)

@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from mislib.analysis.fit import SamplerSettings, fit_factor_model, settings_from_params
+from mislib.analysis.stage import read_diagnostics
 from mislib.config import stage_params
 from mislib.paths import RECOVERY_DIAGNOSTICS_FILE, RECOVERY_FILE, project_paths
 from mislib.stage import StageRun
@@ -158,7 +159,7 @@ def run_recovery(profile: str | Mapping[str, Any] = "demo",
     run = StageRun(out, "recovery", stamp, OUTPUTS)  # mislib.stage
     if not force and run.fresh():
         return Recovery(table=pd.read_parquet(out / RECOVERY_FILE),
-                        diagnostics=json.loads((out / RECOVERY_DIAGNOSTICS_FILE).read_text()),
+                        diagnostics=read_diagnostics(out / RECOVERY_DIAGNOSTICS_FILE),
                         reused=True)
     study = simulate_recovery_study(chosen["n_questions"], chosen["n_trials"], chosen["seed"])
     fit = fit_factor_model(scored_table(study), spec, sampler, progress=progress)

@@ -228,7 +228,7 @@ def read_outputs(out_dir: str | os.PathLike, data: FactorData,
         sds=pd.read_parquet(out / FACTOR_SD_FILE),
         contrasts=pd.read_parquet(out / CONTRASTS_FILE),
         ppc=pd.read_parquet(out / PPC_FILE),
-        diagnostics=json.loads((out / FACTOR_DIAGNOSTICS_FILE).read_text()),
+        diagnostics=read_diagnostics(out / FACTOR_DIAGNOSTICS_FILE),
         posterior=posterior, data=data, params=dict(params), reused=True)
 
 
@@ -287,25 +287,60 @@ def convergence_report(diagnostics: Mapping[str, Any], what: str = "the factor m
     return "\n".join(lines)
 
 
-def read_convergence(root: str | os.PathLike | None = None) -> dict[str, Any] | None:
-    """Stage 07's verdict on its fit: ``converged``, ``convergence_problems``, ``advice``.
+def read_diagnostics(path: str | os.PathLike) -> dict[str, Any]:
+    """A fit's diagnostics as stage 07 wrote them: ``factor_diagnostics.json`` of the fit, or
+    ``recovery_diagnostics.json`` of the recovery study.
 
-    Read from ``data/analysis/factor_diagnostics.json`` (what stage 08 and the claims read
-    to mark the factor-model columns); None when stage 07 has not run.
+    The one reader of these files (stage 07's reuse, the recovery study's, stage 08's
+    claims), so every reader takes the same ``converged`` verdict from them.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    ValueError
+        When it is not a JSON object, or has no ``converged`` verdict (written by a mislib
+        before the convergence checks: rerun stage 07); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run stage 07 (07_factor_analysis)")
+    try:
+        diag = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun stage 07 "
+                         "(07_factor_analysis)") from None
+    if not isinstance(diag, dict):
+        raise ValueError(f"{path} holds a {type(diag).__name__}, not the diagnostics object; "
+                         "rerun stage 07 (07_factor_analysis)")
+    if not isinstance(diag.get("converged"), bool):
+        raise ValueError(f"{path} has no 'converged' verdict (true or false): it predates the "
+                         "convergence checks; rerun stage 07 (07_factor_analysis)")
+    return diag
+
+
+def read_convergence(root: str | os.PathLike | None = None,
+                     name: str = FACTOR_DIAGNOSTICS_FILE) -> dict[str, Any] | None:
+    """Stage 07's verdict on a fit: ``converged``, ``convergence_problems``, ``advice``,
+    ``thresholds`` (those the file has besides ``converged``).
+
+    Read with :func:`read_diagnostics` from ``data/analysis/<name>``: the fit's
+    ``factor_diagnostics.json`` (what stage 08 and the claims read to mark the factor-model
+    columns) or the recovery study's ``recovery_diagnostics.json``; None when the file is
+    absent (stage 07, or its recovery study, has not run).
 
     Raises
     ------
     ValueError
-        When the file was written by a mislib without the verdict (rerun stage 07).
+        As :func:`read_diagnostics` (the file was written by a mislib without the verdict:
+        rerun stage 07).
     """
-    path = project_paths(root).analysis / FACTOR_DIAGNOSTICS_FILE
+    path = project_paths(root).analysis / name
     if not path.is_file():
         return None
-    diag = json.loads(path.read_text())
-    if "converged" not in diag:
-        raise ValueError(f"{path} has no 'converged' field: it predates the convergence "
-                         "checks; rerun stage 07 (07_factor_analysis)")
-    return {k: diag[k] for k in ("converged", "convergence_problems", "advice", "thresholds")}
+    diag = read_diagnostics(path)
+    return {k: diag[k] for k in ("converged", "convergence_problems", "advice", "thresholds")
+            if k in diag}
 
 
 def fit_provenance(fa: FactorAnalysis, profile: str | Mapping[str, Any],
