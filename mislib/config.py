@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -196,20 +197,64 @@ class VllmOptions(BaseModel):
     enforce_eager: bool | None = None
 
 
-class OpenAIOptions(BaseModel):
-    """``[inference.openai]``: the endpoint the openai backend talks to and its limits
-    (the key itself is never in a profile: ``api_key_env`` names its environment variable)."""
+#: How a stack of frames is passed: one video, or one picture per frame.
+STACK_AS = ("video", "images")
+#: The longest ``api_key_env`` and the longest word (between underscores) in it: variable
+#: names are short words joined by underscores; an API key is one long unbroken run.
+KEY_ENV_MAX_LENGTH = 64
+KEY_ENV_MAX_WORD = 20
+KEY_ENV_RULE = (f"should be the NAME of the environment variable holding the key (A-Z, 0-9 "
+                f"and _, at most {KEY_ENV_MAX_LENGTH} characters, words of at most "
+                f"{KEY_ENV_MAX_WORD} between underscores, e.g. GEMINI_API_KEY), never the key "
+                "itself; the value is not shown, as it may be a key")
+
+
+def check_key_env(value: Any) -> str:
+    """``value`` if it is shaped like an environment variable's name, else a ValueError.
+
+    The error never quotes the value: a user who wrote the key itself where its variable's
+    name belongs must not find the key in an error message, a log or a notebook's output.
+    A long unbroken run of letters and digits (an uppercase hex key) is refused too.
+    """
+    if not (isinstance(value, str) and 0 < len(value) <= KEY_ENV_MAX_LENGTH
+            and value[0] in "ABCDEFGHIJKLMNOPQRSTUVWXYZ_"
+            and all(c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_" for c in value)
+            and max(len(word) for word in value.split("_")) <= KEY_ENV_MAX_WORD):
+        raise ValueError(f"api_key_env {KEY_ENV_RULE}")
+    return value
+
+
+#: ``api_key_env``: the NAME of the environment variable that holds an API key.
+KeyEnvName = Annotated[str, AfterValidator(check_key_env)]
+
+
+class EndpointFields(BaseModel):
+    """The fields an endpoint is set up with, one definition for the two places that set
+    them: the profile's ``[inference.openai]`` (:class:`OpenAIOptions`, also what the
+    command line's ``--base-url``, ``--api-key-env``, ``--concurrency`` override) and a
+    model's registry entry (:class:`ModelEntry`), so a value accepted in one is accepted
+    in the other. None: not set here (the other place, then the backend's default,
+    applies). The key itself is never in a profile: ``api_key_env`` names its variable.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
-    served_model: str | None = None
-    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
-    stack_as: Literal["images", "video"] = "images"
-    max_concurrency: Count = 8
-    request_budget: Count | None = None
-    token_budget: Count | None = None
-    price_prompt_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+\S*$")] | None = None
+    api_key_env: KeyEnvName | None = None
+    # how a stack is passed (None: a video where the processor takes one; the openai
+    # backend's default is one picture per frame, what hosted APIs take)
+    stack_as: Literal[*STACK_AS] | None = None
+    price_prompt_per_mtok: Annotated[float, Field(ge=0)] | None = None  # USD per 1e6 tokens
     price_completion_per_mtok: Annotated[float, Field(ge=0)] | None = None
+    max_concurrency: Count | None = None  # requests in flight (the backend's default: 8)
+    request_budget: Count | None = None  # per run call, retries included
+    token_budget: Count | None = None  # prompt plus completion tokens per run call
+
+
+class OpenAIOptions(EndpointFields):
+    """``[inference.openai]``: the endpoint the openai backend talks to and its limits
+    (:class:`EndpointFields`, a model entry's values over them), and how it retries."""
+
+    served_model: str | None = None
     timeout_s: Positive = 300.0
     retry_for_s: Positive = 600.0
     backoff_s: Positive = 1.0
@@ -234,10 +279,9 @@ class InferenceTable(_Table):
 
 #: Weight dtypes a model entry may ask for (None: bf16 on CUDA, fp32 on CPU).
 DTYPES = ("bfloat16", "float16", "float32")
-STACK_AS = ("video", "images")
 
 
-class ModelEntry(BaseModel):
+class ModelEntry(EndpointFields):
     """One ``[models.<name>]`` table: a model the benchmark can run, with its own settings.
 
     ``name`` is the table's key (set by :func:`mislib.inference.models.model_entry`, never
@@ -255,7 +299,6 @@ class ModelEntry(BaseModel):
     min_pixels: Count | None = None  # per picture (the image processor's budget)
     max_pixels: Count | None = None
     frames_per_stack: Annotated[int, Field(ge=2, le=MAX_FRAMES_3D, multiple_of=2)] | None = None
-    stack_as: Literal[*STACK_AS] | None = None  # None: a video where the processor takes one
     thinks: bool = False  # the model writes a <think> block before its answer
     reasoning_budget: NonNegative = 0  # tokens inside <think> before the answer is forced
     forced_answer_tokens: Count = 16  # tokens generated after the forced "Answer:"
@@ -269,14 +312,8 @@ class ModelEntry(BaseModel):
     # the arms this model runs (None: the profile's); a hosted endpoint's sampler decodes
     # baseline only, so its entry says ["baseline"] and the other arms skip it
     arms: Annotated[list[Literal[*ARMS]], Field(min_length=1)] | None = None
-    # the openai backend's endpoint, credentials (the variable's NAME), prices and limits
-    base_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
-    api_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
-    price_prompt_per_mtok: Annotated[float, Field(ge=0)] | None = None
-    price_completion_per_mtok: Annotated[float, Field(ge=0)] | None = None
-    max_concurrency: Count | None = None
-    request_budget: Count | None = None
-    token_budget: Count | None = None
+    # stack_as and the openai backend's endpoint, credentials (the variable's NAME), prices
+    # and limits: EndpointFields, shared with [inference.openai]
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -323,10 +360,8 @@ def model_table_errors(name: str, values: Any) -> list[str]:
                 msg = "missing (every model entry needs it)"
             elif e["type"] == "multiple_of":
                 msg = "should be even"
-            if key == "api_key_env":
-                problems.append(f"{where} api_key_env: should be the NAME of the environment "
-                                "variable holding the key (e.g. GEMINI_API_KEY), never the "
-                                "key itself")
+            if key == "api_key_env":  # never echoed (check_key_env)
+                problems.append(f"{where} api_key_env: {KEY_ENV_RULE}")
             elif key and key in values:
                 problems.append(f"{where} {key} = {_show(values[key])}: {msg}")
             else:

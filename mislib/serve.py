@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mislib.config import load_profile, stage_params
+from mislib.config import check_key_env, load_profile, stage_params
 from mislib.paths import REPO_ROOT, project_paths
 
 #: The Python that runs the server by default (``make env-vllm`` builds it).
@@ -74,13 +74,16 @@ def server_command(profile: str | Mapping[str, Any] = "demo", model: str | None 
     Raises
     ------
     ValueError
-        An unknown device, or ``api_key_env`` naming a variable that is not set.
+        An unknown device, or ``api_key_env`` not shaped like a variable's name (the
+        error does not quote it: it may be the key) or naming a variable that is not set.
     """
     from mislib.inference.models import model_entry
     from mislib.inference.registry import resolve_model
     from mislib.semsam.server import DESCRIPTION_ENV
     from mislib.semsam.vllm_args import engine_config
 
+    if api_key_env is not None:
+        check_key_env(api_key_env)  # a name, never the key (the error does not quote it)
     prof = load_profile(profile) if not isinstance(profile, Mapping) else profile
     params = stage_params(prof, "inference")
     # the model's registry entry (or a plain id's defaults): its id is what is loaded and

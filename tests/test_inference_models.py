@@ -97,6 +97,94 @@ def test_a_key_written_where_its_variable_name_belongs_is_refused_and_not_echoed
     assert "[models.bad] api_key_env" in str(err.value) and secret not in str(err.value)
 
 
+#: Values of the endpoint fields that [inference.openai] and a model entry share: each is
+#: accepted in both places or refused in both (mislib.config.EndpointFields).
+ENDPOINT_VALUES = [
+    ("base_url", "http://127.0.0.1:8000/v1", True),
+    ("base_url", "https://api.example.com/v1beta/openai/", True),
+    ("base_url", "http://", False),                 # no host
+    ("base_url", "http://a b/v1", False),           # a space
+    ("base_url", "127.0.0.1:8000/v1", False),       # no scheme
+    ("base_url", "ftp://example.com", False),
+    ("api_key_env", "GEMINI_API_KEY", True),
+    ("api_key_env", "_LOCAL_KEY_2", True),
+    ("api_key_env", "gemini_api_key", False),       # lower case
+    ("api_key_env", "MY-KEY", False),
+    ("api_key_env", "", False),
+    ("api_key_env", "A" * 65, False),               # too long for a name
+    ("stack_as", "images", True),
+    ("stack_as", "video", True),
+    ("stack_as", "frames", False),
+    ("price_prompt_per_mtok", 0.0, True),
+    ("price_prompt_per_mtok", 0.5, True),
+    ("price_prompt_per_mtok", -1.0, False),
+    ("price_completion_per_mtok", 3.0, True),
+    ("price_completion_per_mtok", "3", False),
+    ("max_concurrency", 1, True),
+    ("max_concurrency", 32, True),
+    ("max_concurrency", 0, False),
+    ("max_concurrency", 2.5, False),
+    ("max_concurrency", True, False),
+    ("request_budget", 100, True),
+    ("request_budget", 0, False),
+    ("token_budget", 10_000, True),
+    ("token_budget", -5, False),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "good"), ENDPOINT_VALUES)
+def test_the_endpoint_fields_accept_the_same_values_in_the_profile_and_in_an_entry(key, value,
+                                                                                  good):
+    from mislib.config import model_table_errors
+
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["inference"]["openai"] = {key: value}
+    if good:
+        check_profile(prof, ["inference"])
+        assert model_table_errors("m", {"id": "m", key: value}) == []
+    else:
+        with pytest.raises(ProfileError, match=f"\\[inference\\] openai.*{key}"):
+            check_profile(prof, ["inference"])
+        (problem,) = model_table_errors("m", {"id": "m", key: value})
+        assert problem.startswith(f"[models.m] {key}")
+
+
+#: Keys as users paste them where the variable's name belongs: each shaped like a name
+#: (letters, digits, underscores) or nearly, so only the value's shape gives them away.
+PASTED_KEYS = ["ABCDEF0123456789ABCDEF0123456789", "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+               "AIzaSyD_0123456789abcdefGHIJKLMNOPQRstu", "b3f1c2d4e5a60718293a4b5c6d7e8f90",
+               "HF_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345",
+               "SK_LIVE_4EC39HQLYJWDARJTT1ZDP7DC"]
+
+
+@pytest.mark.parametrize("key", PASTED_KEYS)
+def test_a_pasted_key_is_refused_everywhere_without_being_echoed(key, monkeypatch, capsys):
+    """The profile, a model entry, the backend built directly and ``mislib serve``: each
+    refuses a key written where its variable's name belongs, and no message shows it."""
+    from mislib.config import model_table_errors
+    from mislib.inference.backends.openai import OpenAIBackend
+    from mislib.serve import server_command
+
+    monkeypatch.setenv(key, "the-variable-exists")  # so a name lookup alone would pass
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["inference"]["openai"] = {"api_key_env": key}
+    shown = []
+    with pytest.raises(ProfileError) as err:
+        check_profile(prof, ["inference"])
+    shown.append(str(err.value))
+    shown += model_table_errors("m", {"id": "m", "api_key_env": key})
+    with pytest.raises(ValueError) as err:  # no server is asked: refused before
+        OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", api_key_env=key)
+    shown.append(str(err.value))
+    with pytest.raises(ValueError) as err:
+        server_command("demo", api_key_env=key, table=False)
+    shown.append(str(err.value))
+    shown.append(capsys.readouterr().err)
+    assert all("api_key_env" in text for text in shown[:-1])
+    for text in shown:
+        assert key not in text and key[:10] not in text and key[-10:] not in text
+
+
 def test_a_bad_entry_stops_the_cli_with_exit_code_2(tmp_path, capsys, monkeypatch):
     from mislib import __main__ as cli
     from mislib.inference import runner

@@ -64,6 +64,7 @@ from typing import Any
 import httpx  # here, not in mislib's import path: the registry imports this module lazily
 import numpy as np
 
+from mislib.config import check_key_env
 from mislib.inference.prompts import conversation
 from mislib.inference.protocol import ARMS, Capabilities, DecodeSettings, Generation, Request
 
@@ -105,7 +106,8 @@ class OpenAIBackend:
         ``http://127.0.0.1:8000/v1``.
     served_model : the model name the endpoint expects (default: ``model_id``).
     api_key_env : the NAME of the environment variable holding the API key (None: send no
-        key, as for a local server without ``--api-key``).
+        key, as for a local server without ``--api-key``); a value not shaped like a name
+        (:func:`mislib.config.check_key_env`) is refused without being quoted.
     stack_as : ``"images"`` (one image per frame) or ``"video"`` (one video; vLLM servers,
         which declare its frame rate themselves: ``mislib serve`` the profile's
         ``video_fps``).
@@ -150,7 +152,9 @@ class OpenAIBackend:
         self.served_model = served_model or self.model_id
         self.revision = revision
         self.base_url = str(base_url).rstrip("/")
-        self.api_key_env = api_key_env
+        # a name, never a key: checked here too (a backend built without a profile), with
+        # an error that does not quote the value
+        self.api_key_env = None if api_key_env is None else check_key_env(api_key_env)
         self._key: str | None = None
         self._read_key()
         self.stack_as = stack_as
