@@ -322,6 +322,31 @@ def test_a_stage_01_input_changed_after_its_run_is_seen_by_the_next_run(tmp_path
         "liver", "spleen", "pancreas"}
 
 
+def test_a_canonical_volume_deleted_after_stage_02_is_prepared_and_rendered_again(tmp_path):
+    """Stage 01 owns the canonical volumes, stage 02 reads them: a deleted one makes stage 01
+    stale (its manifest), and stage 02's stamp (the volumes' digests) makes its renders follow
+    what stage 01 wrote again, ending as a clean run's outputs."""
+    from mislib import render, volumes
+
+    raw = tmp_path / "raw"
+    _raw_cases(raw)
+    config_ = _chain_config(raw, 1)
+    root = tmp_path / "root"
+    volumes.prepare("demo", root=root, **config_["volumes"])
+    render.render_benchmark("demo", root=root, **config_["render"])
+    reference = _snapshot(root)
+    canonical = sorted((root / "data" / "prepared" / "volumes").rglob("image.nii.gz"))[0]
+    canonical.unlink()
+    vid = canonical.parent.name
+    alone = render.render_benchmark("demo", root=root, **config_["render"])  # stage 02 alone
+    assert vid not in set(alone["volume_id"]) and len(alone)
+    volumes.prepare("demo", root=root, **config_["volumes"])
+    assert canonical.is_file()
+    again = render.render_benchmark("demo", root=root, **config_["render"])
+    assert vid in set(again["volume_id"])
+    _assert_same_outputs(root, reference, "a canonical volume deleted, stages 01-02 rerun")
+
+
 # ---- stages 06 and 08 (scoring, paper tables): the same kills over a simulated study -------
 
 LATE_SCRIPT = r"""
