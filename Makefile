@@ -75,8 +75,8 @@ lint: $(STAMP)  ## ruff
 bench: $(STAMP)  ## benchmarks, one JSON line per figure
 	$(PY) -m bench $(if $(ONLY),--only $(ONLY))
 
-export: $(STAMP)  ## export the benchmark for HF datasets, lmms-eval and VLMEvalKit
-	$(PY) -m mislib export --profile $(PROFILE)
+export: $(STAMP)  ## export the benchmark for HF datasets, lmms-eval and VLMEvalKit (when stale; FORCE=1 redoes it)
+	$(PY) -m mislib export --profile $(PROFILE) $(if $(filter 1,$(FORCE)),--force)
 
 # Reading: JupyterLab on this checkout (kernel "MIS-Ground (mislib)", jupytext pairing on save),
 # and the executed notebooks of the last run as a static site (nbconvert, works offline).
