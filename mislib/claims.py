@@ -7,7 +7,8 @@ points). The factor claims (:data:`CLAIMS`) select questions by factor levels fr
 (:data:`ARM_CLAIMS`) compare two arms of one model on the same (question, trial) pairs, for
 every model that ran both arms. This run's estimate is Bayes@N (:mod:`mislib.bayes`) with a
 central credible interval ``[lo, hi]``; beside it stand the raw accuracy of the same trials,
-chance (the mean of 1 / number of answer options) and n (questions × trials). Where stage
+chance (the mean of 1 / number of answer options) and n (questions × trials; for a
+difference, each side's). Where stage
 07's factor model has the same contrast (``contrasts.parquet``) its estimate is shown too,
 marked *not converged* when that fit did not converge (:func:`read_converged`).
 
@@ -105,9 +106,12 @@ from mislib.vocabulary import CLAIM_STATUSES as STATUSES
 
 #: Columns of the claims table (:func:`evaluate_claims`). ``paper``, ``estimate``, ``lo``,
 #: ``hi``, ``raw``, ``chance`` and ``factor_*`` are percent (levels) or points (differences).
+#: ``n_questions`` × ``n_trials`` are the responses behind a level, or behind the first side
+#: of a difference; ``minus_n_questions`` × ``minus_n_trials`` those of the subtracted side
+#: (0 for a level).
 CLAIM_COLUMNS = ("claim", "id", "quantity", "kind", "source", "models", "paper_model", "paper",
                  "sign", "tolerance", "estimate", "lo", "hi", "raw", "chance", "n_questions",
-                 "n_trials", "status", "reason", "factor_estimate", "factor_lo", "factor_hi",
+                 "n_trials", "minus_n_questions", "minus_n_trials", "status", "reason", "factor_estimate", "factor_lo", "factor_hi",
                  "factor_converged", "note")
 TABLES = ("claims", "accuracy_by_model_arm", "accuracy_by_factor", "semsam_effect",
           "unparseable", "factor_effects")
@@ -444,7 +448,7 @@ def _blank(c: Claim | ArmClaim, tolerance: float) -> dict[str, Any]:
                                               and not is_missing(c.paper) else 0),
             "tolerance": tolerance, "estimate": math.nan, "lo": math.nan, "hi": math.nan,
             "raw": math.nan, "chance": math.nan, "n_questions": 0, "n_trials": 0,
-            "status": "not measurable", "reason": "", "factor_estimate": math.nan,
+            "minus_n_questions": 0, "minus_n_trials": 0, "status": "not measurable", "reason": "", "factor_estimate": math.nan,
             "factor_lo": math.nan, "factor_hi": math.nan, "factor_converged": None,
             "note": ""}
 
@@ -511,14 +515,18 @@ def evaluate_claims(scored: pd.DataFrame, contrasts: pd.DataFrame | None = None,
         else:
             # Different questions on each side: independent posteriors.
             mu, sigma = a["mu"] - b["mu"], math.hypot(a["sigma"], b["sigma"])
+            # each side's own responses (questions × trials), not a sum of questions
+            # times the larger trial count
             est = {"mu": mu, "lo": mu - z * sigma, "hi": mu + z * sigma,
                    "raw": a["raw"] - b["raw"], "chance": a["chance"] - b["chance"],
-                   "n_questions": a["n_questions"] + b["n_questions"],
-                   "n_trials": max(a["n_trials"], b["n_trials"])}
+                   "n_questions": a["n_questions"], "n_trials": a["n_trials"],
+                   "minus_n_questions": b["n_questions"], "minus_n_trials": b["n_trials"]}
             n_min = min(a["n_distinct"], b["n_distinct"])
         row.update(estimate=100 * est["mu"], lo=100 * est["lo"], hi=100 * est["hi"],
                    raw=100 * est["raw"], chance=est["chance"],
                    n_questions=est["n_questions"], n_trials=est["n_trials"],
+                   minus_n_questions=est.get("minus_n_questions", 0),
+                   minus_n_trials=est.get("minus_n_trials", 0),
                    note=f"Bayes@N, {arm} arm, models pooled")
         row["status"], row["reason"] = _assess(
             c.kind, c.paper, row["sign"], row["lo"], row["hi"], tolerance=tolerance,
@@ -561,6 +569,9 @@ def _arm_claim_rows(scored: pd.DataFrame, arm_claims: Sequence[ArmClaim], semsam
                        n_questions=int(r["n_questions"]), n_trials=int(r["n_trials"]),
                        note=f"{c.arms[1]} against {c.arms[0]} on the same questions and "
                             "trials")
+            if c.part == "effect":  # paired: both arms answered the same questions × trials
+                row.update(minus_n_questions=row["n_questions"],
+                           minus_n_trials=row["n_trials"])
             paper, sign, no_claim = c.paper, row["sign"], ""
             if not is_missing(c.paper) and semsam_model.lower() not in model.lower():
                 if c.part == "effect":
@@ -650,6 +661,24 @@ def _n(n_questions: Any, n_trials: Any) -> str:
     return f"{int(n_questions):,} × {int(n_trials)}"
 
 
+def _claim_n(kind: str, n_questions: Any, n_trials: Any, minus_n_questions: Any,
+             minus_n_trials: Any) -> str:
+    """A claim's n: ``questions × trials``, for a difference per side (``a vs b``, or ``each
+    side`` when both sides have the same counts, as the paired SemSam comparisons do).
+
+    >>> _claim_n("difference", 640, 4, 410, 2)
+    '640 × 4 vs 410 × 2'
+    >>> _claim_n("difference", 96, 2, 96, 2)
+    '96 × 2 each side'
+    """
+    first = _n(n_questions, n_trials)
+    if kind != "difference" or not first or is_missing(minus_n_questions) \
+            or not int(minus_n_questions):
+        return first
+    second = _n(minus_n_questions, minus_n_trials)
+    return f"{first} each side" if first == second else f"{first} vs {second}"
+
+
 def _paper_band(paper: float, sign: int, tolerance: float) -> str:
     if is_missing(paper):
         return {1: "> 0", -1: "< 0"}.get(int(sign), "—")
@@ -680,7 +709,9 @@ def claims_display(claims: pd.DataFrame) -> pd.DataFrame:
                      zip(claims["estimate"], claims["lo"], claims["hi"], strict=True)],
         "raw": [_pct(v) for v in claims["raw"]],
         "chance": [_pct(v) for v in claims["chance"]],
-        "n": [_n(q, t) for q, t in zip(claims["n_questions"], claims["n_trials"], strict=True)],
+        "n": [_claim_n(*row) for row in zip(
+            claims["kind"], claims["n_questions"], claims["n_trials"],
+            claims["minus_n_questions"], claims["minus_n_trials"], strict=True)],
         "factor model": [_factor_cell(e, lo, hi, c) for e, lo, hi, c in zip(
             claims["factor_estimate"], claims["factor_lo"], claims["factor_hi"],
             claims["factor_converged"], strict=True)],
@@ -707,7 +738,8 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
     out["claims"] = (claims_display(claims),
                      "The paper's headline numbers (± the reproduction test's tolerance) "
                      f"beside this run: Bayes@N with {pct_level} credible interval, raw "
-                     "accuracy, chance and n = questions × trials (percent or points).")
+                     "accuracy, chance and n = questions × trials (percent or points; a "
+                     "difference gives each side's).")
 
     by = tables["bayes_by_factor"]
     overall = by[by["factor"] == "all"]
@@ -855,7 +887,9 @@ def numbers_tex(claims: pd.DataFrame, tables: Mapping[str, pd.DataFrame], prov: 
         add(base + "RunCI", _interval(r.lo, r.hi) or "n/a")
         add(base + "Raw", _pct(r.raw) or "n/a")
         add(base + "Chance", _pct(r.chance) or "n/a")
-        add(base + "N", latex_escape(_n(r.n_questions, r.n_trials)) or "n/a")
+        add(base + "N", latex_escape(_claim_n(r.kind, r.n_questions, r.n_trials,
+                                              r.minus_n_questions, r.minus_n_trials))
+            or "n/a")
         add(base + "Status", r.status)
     by = tables["bayes_by_factor_pooled"]
     overall = by[by["factor"] == "all"].set_index("arm")
@@ -879,8 +913,8 @@ BAYES_AT_N = (
     "answered wrongly both times counts 25 % and one answered rightly both times 75 %, so a "
     "model that is always wrong scores 25 %, not 0 %. `raw` is the plain share of correct "
     "trials and `chance` the accuracy of guessing (the mean of 1 / number of answer "
-    "options); `n` is questions × trials. If a paper number is a plain accuracy, Bayes@N "
-    "pulls this run's value towards 50 % by the same factor (N = 5: a 13-point difference "
+    "options); `n` is questions × trials (each side's for a difference). If a paper number "
+    "is a plain accuracy, Bayes@N pulls this run's value towards 50 % by the same factor (N = 5: a 13-point difference "
     "shows as 9.3 points).")
 
 

@@ -162,14 +162,15 @@ show("claims_vs_paper")
 # The table behind it: `estimate` is the Bayes@N posterior mean (each question's
 # (k + 1) / (N + 2) for k of N trials correct, averaged; with few trials pulled towards
 # 50 %), `raw` the plain accuracy of the same trials, `chance` the accuracy of guessing,
-# `n_questions` × `n_trials` the trials behind them, `factor_*` stage 07's estimate of the
-# same contrast (`factor_converged` False: that fit did not converge, do not read it), and
-# `reason` why the status was given.
+# `n_questions` × `n_trials` the trials behind them (for a difference, those of its first
+# side, and `minus_n_questions` × `minus_n_trials` those of the subtracted side), `factor_*`
+# stage 07's estimate of the same contrast (`factor_converged` False: that fit did not
+# converge, do not read it), and `reason` why the status was given.
 
 # %%
 claims[["claim", "quantity", "models", "paper", "estimate", "lo", "hi", "raw", "chance",
-        "n_questions", "n_trials", "factor_estimate", "factor_converged", "status",
-        "reason"]].round(2)
+        "n_questions", "n_trials", "minus_n_questions", "minus_n_trials", "factor_estimate",
+        "factor_converged", "status", "reason"]].round(2)
 
 # %%
 counts = claims["status"].value_counts()

@@ -211,6 +211,35 @@ def test_differences_with_the_wrong_sign_or_an_interval_holding_zero_are_not_rep
     assert flat["status"] != "reproduced"
 
 
+def test_a_difference_reports_each_sides_own_questions_and_trials():
+    """n of a difference is each side's responses, not (both sides' questions) × (the larger
+    trial count): 640 × 4 anatomical against 410 × 2 colloquial is 3,380 responses, not
+    1,050 × 4 = 4,200."""
+    std = {"convention": "standard", "ablation": "none"}
+    anatomical = _scored([({**std, "terminology": "anatomical"}, 0.7)], n_questions=640,
+                         n_trials=4)
+    colloquial = _scored([({**std, "terminology": "colloquial"}, 0.55)], n_questions=410,
+                         n_trials=2, seed=1).assign(question_id=lambda f: "c" + f["question_id"])
+    table = C.evaluate_claims(pd.concat([anatomical, colloquial], ignore_index=True))
+    gap = _row(table, "std_gap")
+    assert (gap["n_questions"], gap["n_trials"]) == (640, 4)
+    assert (gap["minus_n_questions"], gap["minus_n_trials"]) == (410, 2)
+    assert C.claims_display(table[table["id"] == "std_gap"])["n"].iat[0] == "640 × 4 vs 410 × 2"
+    level = _row(table, "std_colloquial")
+    assert (level["n_questions"], level["n_trials"], level["minus_n_questions"]) == (410, 2, 0)
+    assert C.claims_display(table[table["id"] == "std_colloquial"])["n"].iat[0] == "410 × 2"
+
+
+def test_a_paired_arm_difference_reports_the_shared_questions_and_trials_of_each_arm(
+        study_scored):
+    table = C.evaluate_claims(study_scored)
+    gain = table[(table["id"] == "semsam_gain") & (table["status"] != "not measurable")]
+    assert len(gain)
+    assert (gain["n_questions"] == gain["minus_n_questions"]).all()
+    assert (gain["n_trials"] == gain["minus_n_trials"]).all()
+    assert C.claims_display(gain)["n"].str.endswith("× 2 each side").all()
+
+
 def test_claims_measure_only_the_claims_arm():
     scored = pd.concat([_scored([(PLANE, 0.3)], arm="baseline"),
                         _scored([(PLANE, 0.9)], arm="semsam")])
