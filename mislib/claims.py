@@ -869,6 +869,8 @@ def numbers_tex(claims: pd.DataFrame, tables: Mapping[str, pd.DataFrame], prov: 
     add("Provenance", latex_escape(prov.label()))
     add("NQuestionsGenerated", _count(prov.n_questions_generated))
     add("NQuestionsAsked", _count(prov.n_questions_asked))
+    add("NQuestionsAnswered", _count(prov.n_questions_asked if prov.n_questions_answered is None
+                                     else prov.n_questions_answered))
     add("NTrials", str(prov.n_trials))
     add("NModels", str(len(prov.models)))
     add("NResponses", _count(len(tables["scored"])))

@@ -5,7 +5,9 @@ initialised model and look like a result. Every figure the notebooks save carrie
 :class:`Provenance` stamp in its lower-left corner (:func:`stamp`, called by
 :func:`mislib.plots.save_figure`) and every table a one-line :func:`caption`; both say the
 profile, the model(s) (and that the smoke model's answers are noise), the run ids, and how
-many questions were generated, how many asked and how many trials each. A figure drawn
+many questions were generated, how many asked (sent to a model, answered or not: stage 04's
+records, :func:`read_sent_records`) and how many trials each, and how many of the asked
+questions got an answer when some did not. A figure drawn
 from a factor-model fit that did not converge says ``NOT CONVERGED`` in red.
 
 Stages before inference have no model and no run: :meth:`Provenance.from_profile` gives a
@@ -77,6 +79,52 @@ def count_generated_questions(root: str | os.PathLike | None = None) -> int:
     return int(pq.ParquetFile(path).metadata.num_rows)
 
 
+def read_sent_records(run_ids: Iterable[str],
+                      root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Every record stage 04 wrote for the runs (``run_id, model, arm, question_id, trial``):
+    what was sent to a model, whether it answered, failed (error status) or was unparseable.
+
+    Stage 06's ``scored.parquet`` keeps the answered records only, so a question whose every
+    trial failed is in the runs' ``responses.parquet`` but not in the scored table.
+
+    Raises
+    ------
+    FileNotFoundError
+        When a run has no ``data/results/<run_id>/responses.parquet`` under ``root``.
+    ValueError
+        When one lacks a needed column.
+    """
+    from mislib.paths import RESPONSES_FILE, project_paths
+
+    results = project_paths(root).results
+    columns = ["model", "arm", "question_id", "trial"]
+    frames = []
+    for run_id in sorted(set(map(str, run_ids))):
+        path = results / run_id / RESPONSES_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the records of run {run_id} count the "
+                                    "questions asked (stage 04, 04_inference)")
+        try:
+            frame = pd.read_parquet(path, columns=columns)
+        except (KeyError, ValueError) as err:  # pyarrow names a missing column either way
+            raise ValueError(f"{path}: lacks one of the columns {columns} (stage 04's "
+                             f"responses schema): {err}") from None
+        frames.append(frame.assign(run_id=run_id))
+    if not frames:
+        return pd.DataFrame(columns=["run_id", *columns])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _answered(records: pd.DataFrame) -> pd.DataFrame:
+    """The records a model answered (``answered``, else ``status == "ok"``; all without
+    either column: stage 06's scored table holds answered records only)."""
+    if "answered" in records:
+        return records[records["answered"].astype(bool)]
+    if "status" in records:
+        return records[records["status"].fillna("ok").astype(str) == "ok"]
+    return records
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What a figure or table was computed from.
@@ -87,13 +135,15 @@ class Provenance:
     models : model ids that answered (empty before inference).
     run_ids : stage 04 run folders the numbers read (empty before inference).
     n_questions_generated : rows of stage 03's ``questions.parquet`` (0: not yet generated).
-    n_questions_asked : distinct questions answered in the runs.
-    n_trials : trials per question (the most any (model, arm, question) has).
+    n_questions_asked : distinct questions sent to a model in the runs (answered or not).
+    n_trials : trials per question (the most any (model, arm, question) was sent).
     smoke : a smoke model (random weights) answered.
     converged : whether the factor-model fit behind the figure converged (None: no fit).
     simulated : the runs are simulated responses (:mod:`mislib.simulate`), not a model's.
     counts : further ``(what, how many)`` pairs to name, e.g. ``(("volumes", 3),)`` for a
         stage before inference.
+    n_questions_answered : distinct questions with at least one answered record (None: not
+        counted apart, i.e. every question asked was answered or it is unknown).
     """
 
     profile: str
@@ -106,29 +156,40 @@ class Provenance:
     converged: bool | None = None
     simulated: bool = False
     counts: tuple[tuple[str, int], ...] = ()
+    n_questions_answered: int | None = None
 
     @classmethod
     def from_scored(cls, scored: pd.DataFrame, profile: str | Mapping[str, Any],
                     root: str | os.PathLike | None = None,
                     n_questions_generated: int | None = None,
-                    converged: bool | None = None) -> Provenance:
+                    converged: bool | None = None,
+                    sent: pd.DataFrame | None = None) -> Provenance:
         """The provenance of numbers computed from stage 06's ``scored`` table.
+
+        The questions asked and the trials are counted from what was sent (``sent``, by
+        default the runs' records under ``root``, :func:`read_sent_records`), not from the
+        scored rows: a question whose every trial failed was asked all the same. The
+        questions with an answer are counted apart (``n_questions_answered``).
 
         Parameters
         ----------
-        scored : ``scored.parquet`` (``run_id, model, arm, question_id, trial``).
+        scored : ``scored.parquet`` (``run_id, model, arm, question_id, trial``), or stage
+            04's records (with their ``status``).
         profile : profile name, TOML path or loaded mapping.
         root : project root whose stage 03 table counts the generated questions, and whose
             ``run.json`` files say whether a run was simulated.
         n_questions_generated : the count, when the caller has it (skips reading stage 03).
         converged : the fit's convergence, for figures of stage 07 (None: no fit).
+        sent : the records sent for ``scored``'s runs (``model, arm, question_id, trial``),
+            when the caller has them (skips reading the runs' ``responses.parquet``).
 
         Raises
         ------
         ValueError
             When ``scored`` lacks a needed column.
         FileNotFoundError
-            When ``n_questions_generated`` is not given and stage 03's table is missing.
+            When ``n_questions_generated`` is not given and stage 03's table is missing, or
+            ``sent`` is not given and a run's ``responses.parquet`` is.
         """
         needed = ["run_id", "model", "arm", "question_id", "trial"]
         missing = [c for c in needed if c not in scored]
@@ -136,15 +197,20 @@ class Provenance:
             raise ValueError(f"scored table lacks columns {missing} (stage 06's scored.parquet)")
         models = tuple(sorted(scored["model"].astype(str).unique()))
         run_ids = tuple(sorted(scored["run_id"].astype(str).unique()))
-        n_trials = (int(scored.groupby(["model", "arm", "question_id"])["trial"].nunique().max())
-                    if len(scored) else 0)
         if n_questions_generated is None:
             n_questions_generated = count_generated_questions(root)
+        if sent is None:
+            sent = read_sent_records(run_ids, root)
+        n_trials = (int(sent.groupby(["model", "arm", "question_id"])["trial"].nunique().max())
+                    if len(sent) else 0)
+        asked = set(sent["question_id"].astype(str)) | set(scored["question_id"].astype(str))
+        answered = int(_answered(scored)["question_id"].nunique())
         return cls(profile=profile_name(profile), models=models, run_ids=run_ids,
                    n_questions_generated=int(n_questions_generated),
-                   n_questions_asked=int(scored["question_id"].nunique()),
-                   n_trials=n_trials, smoke=any(is_smoke_model(m) for m in models),
-                   converged=converged, simulated=_any_simulated(run_ids, root))
+                   n_questions_asked=len(asked), n_trials=n_trials,
+                   smoke=any(is_smoke_model(m) for m in models),
+                   converged=converged, simulated=_any_simulated(run_ids, root),
+                   n_questions_answered=answered if answered < len(asked) else None)
 
     @classmethod
     def from_profile(cls, profile: str | Mapping[str, Any],
@@ -182,7 +248,10 @@ class Provenance:
             text = f"{self.n_questions_asked:,}"
             if self.n_questions_generated:
                 text += f" of {self.n_questions_generated:,}"
-            parts.append(f"{text} questions × {self.n_trials:,} "
+            text += " questions"
+            if self.n_questions_answered is not None:
+                text += f" ({self.n_questions_answered:,} answered)"
+            parts.append(f"{text} × {self.n_trials:,} "
                          f"trial{'s' if self.n_trials != 1 else ''}")
         elif self.n_questions_generated:
             parts.append(f"{self.n_questions_generated:,} questions generated")

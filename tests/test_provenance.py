@@ -26,8 +26,61 @@ def _scored(models=("smoke:tiny-qwen3-vl",), n_questions=3, n_trials=2):
     return pd.DataFrame(rows)
 
 
+def _from_scored(scored, *args, **kwargs):
+    """Provenance.from_scored with ``scored`` as the records sent (no run files on disk)."""
+    return Provenance.from_scored(scored, *args, sent=scored, **kwargs)
+
+
 def _stamp_texts(fig):
     return [t.get_text() for t in fig.texts if t.get_gid() == STAMP_GID]
+
+
+def _write_runs(root, records):
+    for run_id, rows in records.groupby("run_id"):
+        folder = root / "data" / "results" / run_id
+        folder.mkdir(parents=True)
+        rows.to_parquet(folder / "responses.parquet", index=False)
+
+
+def test_asked_counts_the_questions_sent_even_one_whose_every_trial_failed(tmp_root):
+    """scored.parquet holds answered records only; q2 failed in every trial of every run
+    (error status) and was asked all the same."""
+    records = _scored(models=("m",), n_questions=3, n_trials=2).assign(status="ok")
+    records.loc[records["question_id"] == "q2", "status"] = "error"
+    _write_runs(tmp_root, records)
+    scored = records[records["status"] == "ok"]
+    prov = Provenance.from_scored(scored, "demo", root=tmp_root, n_questions_generated=10)
+    assert (prov.n_questions_asked, prov.n_questions_answered, prov.n_trials) == (3, 2, 2)
+    assert "3 of 10 questions (2 answered) × 2 trials" in prov.label()
+    # stage 04's records themselves (notebook 04) give the same counts
+    again = Provenance.from_scored(records, "demo", root=tmp_root, n_questions_generated=10)
+    assert (again.n_questions_asked, again.n_questions_answered) == (3, 2)
+    every = Provenance.from_scored(records.assign(status="ok"), "demo", root=tmp_root,
+                                   n_questions_generated=10)
+    assert every.n_questions_answered is None and "answered" not in every.label()
+
+
+def test_asked_counts_what_stage_06_left_out_of_the_scored_table(tmp_root):
+    """End to end through stage 06: a question whose every record is an error is not in
+    scored.parquet, and is counted as asked (and not as answered)."""
+    from mislib.scoring import score_runs
+    from mislib.simulate import simulate_study, write_study
+
+    study = simulate_study(n_questions=40, n_trials=2, seed=3, models=("m",))
+    failed = study.responses["question_id"] == study.questions["question_id"].iat[0]
+    study.responses["status"] = "ok"
+    study.responses.loc[failed, "status"] = "error"
+    write_study(study, tmp_root)
+    scored = score_runs("demo", root=tmp_root, progress=False)["scored"]
+    assert scored["question_id"].nunique() == 39
+    prov = Provenance.from_scored(scored, "demo", root=tmp_root)
+    assert (prov.n_questions_asked, prov.n_questions_answered) == (40, 39)
+    assert prov.n_questions_generated == 40
+
+
+def test_asked_needs_the_runs_records_and_names_a_missing_one(tmp_root):
+    with pytest.raises(FileNotFoundError, match="responses.parquet"):
+        Provenance.from_scored(_scored(), "demo", root=tmp_root, n_questions_generated=1)
 
 
 def test_is_smoke_model_is_true_for_smoke_ids_only():
@@ -37,7 +90,7 @@ def test_is_smoke_model_is_true_for_smoke_ids_only():
 
 
 def test_from_scored_counts_models_runs_questions_and_trials():
-    prov = Provenance.from_scored(_scored(n_questions=3, n_trials=2), "demo",
+    prov = _from_scored(_scored(n_questions=3, n_trials=2), "demo",
                                   n_questions_generated=1446)
     assert prov.models == ("smoke:tiny-qwen3-vl",)
     assert prov.run_ids == ("tiny-qwen3-vl-baseline-abc", "tiny-qwen3-vl-semsam-abc")
@@ -50,19 +103,19 @@ def test_from_scored_reads_the_generated_count_from_stage_03(tmp_root):
     bench.mkdir(parents=True)
     pd.DataFrame({"question_id": [f"q{i}" for i in range(11)]}).to_parquet(
         bench / "questions.parquet")
-    prov = Provenance.from_scored(_scored(), {"name": "custom-profile"}, root=tmp_root)
+    prov = _from_scored(_scored(), {"name": "custom-profile"}, root=tmp_root)
     assert prov.n_questions_generated == 11
     assert prov.profile == "custom-profile"
 
 
 def test_from_scored_without_stage_03_names_the_missing_file(tmp_root):
     with pytest.raises(FileNotFoundError, match="questions.parquet"):
-        Provenance.from_scored(_scored(), "demo", root=tmp_root)
+        _from_scored(_scored(), "demo", root=tmp_root)
 
 
 def test_from_scored_rejects_a_table_without_run_ids():
     with pytest.raises(ValueError, match="run_id"):
-        Provenance.from_scored(_scored().drop(columns="run_id"), "demo",
+        _from_scored(_scored().drop(columns="run_id"), "demo",
                                n_questions_generated=1)
 
 
@@ -72,13 +125,13 @@ def test_from_scored_notes_simulated_runs(tmp_root):
         folder = tmp_root / "data" / "results" / run_id
         folder.mkdir(parents=True)
         (folder / "run.json").write_text(json.dumps({"run_id": run_id, "simulated": True}))
-    prov = Provenance.from_scored(scored, "demo", root=tmp_root, n_questions_generated=5)
+    prov = _from_scored(scored, "demo", root=tmp_root, n_questions_generated=5)
     assert prov.simulated and not prov.smoke
     assert "simulated" in prov.label()
 
 
 def test_label_names_profile_models_runs_and_counts_and_says_smoke():
-    prov = Provenance.from_scored(_scored(n_questions=96, n_trials=2), "demo",
+    prov = _from_scored(_scored(n_questions=96, n_trials=2), "demo",
                                   n_questions_generated=1446)
     label = prov.label()
     assert "profile demo" in label
@@ -89,7 +142,7 @@ def test_label_names_profile_models_runs_and_counts_and_says_smoke():
 
 
 def test_label_of_a_real_model_does_not_say_noise():
-    prov = Provenance.from_scored(_scored(models=("Qwen/Qwen3-VL-2B-Instruct",)), "paper",
+    prov = _from_scored(_scored(models=("Qwen/Qwen3-VL-2B-Instruct",)), "paper",
                                   n_questions_generated=10)
     assert not prov.smoke
     assert "noise" not in prov.label()
@@ -109,7 +162,7 @@ def test_caption_is_the_label_on_one_line():
 
 
 def test_stamp_draws_the_label_on_the_figure():
-    prov = Provenance.from_scored(_scored(), "demo", n_questions_generated=20)
+    prov = _from_scored(_scored(), "demo", n_questions_generated=20)
     fig, ax = plt.subplots(figsize=(8, 3))
     stamp(fig, prov)
     texts = _stamp_texts(fig)
@@ -120,7 +173,7 @@ def test_stamp_draws_the_label_on_the_figure():
 
 
 def test_stamp_wraps_a_long_label_to_the_figure_width():
-    prov = Provenance.from_scored(_scored(models=[f"org/model-{i}" for i in range(8)]), "demo",
+    prov = _from_scored(_scored(models=[f"org/model-{i}" for i in range(8)]), "demo",
                                   n_questions_generated=20)
     fig, ax = plt.subplots(figsize=(3, 3))
     stamp(fig, prov)
