@@ -740,14 +740,16 @@ def ppc_figure(ppc: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def recovery_figure(table: pd.DataFrame, title: str = "",
-                    headline: Sequence[str] = ()) -> plt.Figure:
+                    headline: Sequence[str] = (),
+                    calibration: Mapping[str, Any] | None = None) -> plt.Figure:
     """Planted against recovered fixed effects (logit scale) with 95 % intervals.
 
     ``table`` is ``recovery.parquet`` (``term, planted, mean, lo95, hi95, covered``). Left:
     every effect, recovered mean and interval against the planted value, on the identity
     line when recovered; red where the interval misses it. Right: the ``headline`` terms
     (the paper's findings) as a forest, planted value as a cross. The title gives the
-    coverage.
+    coverage and, with ``calibration`` (``recovery_diagnostics.json``'s, from
+    :func:`mislib.analysis.recovery.calibration`), the verdict of the calibration test.
     """
     _check_columns(table, ["term", "planted", "mean", "lo95", "hi95", "covered"],
                    "recovery table")
@@ -781,8 +783,14 @@ def recovery_figure(table: pd.DataFrame, title: str = "",
         fx.set_title("the paper's findings, planted", fontsize=8)
         fx.legend(fontsize=7, loc="lower right")
     n_in = int(table["covered"].sum())
+    verdict = ""
+    if calibration:
+        verdict = (f"; calibration d² {calibration['distance2']:.1f} on {calibration['df']} df, "
+                   f"p = {calibration['p_value']:.3f}: "
+                   + ("no sign of bias" if calibration["unbiased"] else "BIASED recovery"))
     fig.suptitle(f"{title}\ncoverage: {n_in} of {len(table)} planted effects "
-                 f"({n_in / len(table):.0%}) inside their 95 % intervals".strip(), fontsize=9)
+                 f"({n_in / len(table):.0%}) inside their 95 % intervals{verdict}".strip(),
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -636,14 +636,21 @@ def recovery(tmp_path_factory):
     return root, run_recovery("demo", root=root, progress=False, **NOTEBOOK_RECOVERY)
 
 
-def test_the_recovery_study_covers_at_least_90_percent_of_planted_effects(recovery):
+def test_the_recovery_study_finds_the_planted_effects_without_bias(recovery):
+    """The verdict is the calibration test (planted effects as a whole where the posterior
+    puts them), which a biased recovery fails; the coverage of one fit is shown, not judged:
+    it scatters with the seed (88-100 % over seeds 1-8, bench/RESULTS.md)."""
     root, rec = recovery
     table = pd.read_parquet(project_paths(root).analysis / "recovery.parquet")
     assert list(table.columns[:5]) == ["term", "planted", "mean", "lo95", "hi95"]
+    cal = rec.diagnostics["calibration"]
     print(f"recovery study: {int(table['covered'].sum())}/{len(table)} = "
           f"{table['covered'].mean():.1%} of planted effects inside their 95 % intervals; "
+          f"calibration d² {cal['distance2']:.1f} on {cal['df']} df, p {cal['p_value']:.3f}; "
           f"fit {rec.diagnostics['seconds']}; converged {rec.converged}")
-    assert table["covered"].mean() >= 0.9, table[~table["covered"]]
+    assert rec.unbiased and cal["p_value"] >= cal["alpha"] == 0.001, cal
+    # the free coordinates: fewer than the terms (sum-to-zero), more than the factors
+    assert 15 < cal["df"] < len(table)
     assert rec.coverage == pytest.approx(table["covered"].mean())
     assert np.corrcoef(table["mean"], table["planted"])[0, 1] > 0.9  # not just wide intervals
     planted = table.set_index("term")["planted"]
@@ -657,6 +664,43 @@ def test_the_recovery_study_covers_at_least_90_percent_of_planted_effects(recove
     assert rec.converged, rec.diagnostics["convergence_problems"]
 
 
+def _sum_to_zero_posterior(n_draws=4000, seed=0):
+    """Draws of two sum-to-zero factors (3 and 2 levels) and an intercept, like the fit's:
+    correlated, with zero variance along each factor's sum."""
+    rng = np.random.default_rng(seed)
+    truth = np.array([0.4, 0.3, -0.1, -0.2, 0.25, -0.25])
+    free = rng.normal(0.0, 1.0, (n_draws, 4)) @ np.array(
+        [[0.08, 0.0, 0.0, 0.0], [0.0, 0.06, 0.03, 0.0], [0.0, 0.0, 0.05, 0.0],
+         [0.02, 0.0, 0.0, 0.04]])
+    f3 = np.array([[1, 0], [-0.5, np.sqrt(3) / 2], [-0.5, -np.sqrt(3) / 2]]) * np.sqrt(2 / 3)
+    draws = np.column_stack([free[:, 0], free[:, 1:3] @ f3.T,
+                             free[:, 3:4] * np.array([[1.0, -1.0]]) / np.sqrt(2)])
+    return draws + truth, truth
+
+
+def test_calibration_accepts_an_unbiased_posterior_and_rejects_biased_ones():
+    from mislib.analysis.recovery import calibration
+
+    draws, truth = _sum_to_zero_posterior()
+    # posterior mean a typical sampling error away from the truth: accepted
+    rng = np.random.default_rng(1)
+    spread = draws - draws.mean(0)
+    planted = truth + spread[rng.integers(len(draws))]
+    ok = calibration(draws, planted)
+    assert ok["df"] == 4 and ok["unbiased"]
+    # recovered at 60 % of the planted sizes, or one effect found 6 SDs off: rejected
+    shrunk = calibration(draws, np.r_[truth[0], truth[1:] / 0.6])
+    assert not shrunk["unbiased"] and shrunk["p_value"] < 0.001
+    off = planted.copy()
+    off[4:] += np.array([1.0, -1.0]) * 6 * spread[:, 4].std()
+    assert not calibration(draws, off)["unbiased"]
+    # a planted vector not centred like the model's breaks a constraint: infinitely far
+    uncentred = calibration(draws, truth + np.r_[0, 0.1, 0.1, 0.1, 0, 0])
+    assert uncentred["distance2"] == np.inf and not uncentred["unbiased"]
+    with pytest.raises(ValueError, match="n_terms"):
+        calibration(draws, truth[:3])
+
+
 def test_the_recovery_study_is_reused_when_fresh_and_drawn_with_its_coverage(recovery):
     from mislib.analysis import run_recovery
     from mislib.plots import recovery_figure
@@ -665,9 +709,13 @@ def test_the_recovery_study_is_reused_when_fresh_and_drawn_with_its_coverage(rec
     root, rec = recovery
     again = run_recovery("demo", root=root, progress=False, **NOTEBOOK_RECOVERY)
     assert again.reused and again.coverage == rec.coverage
-    fig = recovery_figure(again.table, headline=HEADLINE_TERMS)
+    assert again.unbiased == rec.unbiased
+    fig = recovery_figure(again.table, headline=HEADLINE_TERMS,
+                          calibration=again.diagnostics["calibration"])
     n_in = int(again.table["covered"].sum())
     assert f"{n_in} of {len(again.table)}" in fig._suptitle.get_text()
+    assert "calibration d²" in fig._suptitle.get_text()
+    assert ("no sign of bias" if rec.unbiased else "BIASED") in fig._suptitle.get_text()
     assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == list(HEADLINE_TERMS)
     prov = again.provenance("demo")
     assert prov.simulated and prov.converged == rec.converged

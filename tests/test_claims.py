@@ -405,14 +405,18 @@ def _stage_07_outputs(root, study, diagnostics=None):
         (root / "data/analysis/factor_diagnostics.json").write_text(json.dumps(diagnostics))
 
 
-def _recovery_outputs(root, covered=9, terms=10, converged=True):
-    """Stage 07's recovery study as notebook 07 leaves it (``covered`` of ``terms``)."""
+def _recovery_outputs(root, covered=9, terms=10, converged=True, p_value=None):
+    """Stage 07's recovery study as notebook 07 leaves it (``covered`` of ``terms``; with
+    ``p_value``, its calibration test)."""
     flags = [True] * covered + [False] * (terms - covered)
     pd.DataFrame({"term": [f"t{i}" for i in range(terms)], "planted": 0.1, "mean": 0.1,
                   "lo95": 0.0, "hi95": 0.2, "covered": flags}).to_parquet(
         root / "data/analysis/recovery.parquet")
-    (root / "data/analysis/recovery_diagnostics.json").write_text(json.dumps(
-        {"converged": converged, "coverage": covered / terms}))
+    diagnostics = {"converged": converged, "coverage": covered / terms}
+    if p_value is not None:
+        diagnostics["calibration"] = {"distance2": 20.0, "df": 8, "p_value": p_value,
+                                      "alpha": 0.001, "unbiased": p_value >= 0.001}
+    (root / "data/analysis/recovery_diagnostics.json").write_text(json.dumps(diagnostics))
 
 
 def _paper_assets(root, study, diagnostics=None, recovery=False):
@@ -420,7 +424,7 @@ def _paper_assets(root, study, diagnostics=None, recovery=False):
     score_runs("demo", root=root, progress=False)
     _stage_07_outputs(root, study, diagnostics)
     if recovery:
-        _recovery_outputs(root)
+        _recovery_outputs(root, p_value=0.62)
     return C.write_paper_assets("demo", root)
 
 
@@ -462,6 +466,9 @@ def test_write_paper_assets_writes_tables_macros_and_claims_with_provenance(tmp_
     assert "(k + 1) / (N + 2)" in claims_md and "25 %" in claims_md
     assert "tolerance ± 5" in claims_md
     assert "covered 9 of 10 planted effects (90 %)" in claims_md
+    assert "(calibration test p = 0.62): no sign of bias" in claims_md
+    assert "\\misrecoverycalibratedtrue" in numbers and "\\misrecoveryunbiasedtrue" in numbers
+    assert values["misRecoveryCalibrationP"] == "= 0.62"
     table = result["claims"]
     assert (table[table["id"] == "semsam_gain"]["status"] != "not measurable").all()
     plane = _row(table, "plane_naming")
@@ -493,7 +500,7 @@ def smoke_assets(tmp_path_factory):
     score_runs("demo", root=root, progress=False)
     _stage_07_outputs(root, study, {"converged": True, "divergences": 0,
                                     "min_ess_bulk": 900.0})
-    _recovery_outputs(root, covered=19, terms=20, converged=False)
+    _recovery_outputs(root, covered=19, terms=20, converged=False, p_value=2e-5)
     return root, C.write_paper_assets("demo", root)
 
 
@@ -509,6 +516,12 @@ def test_the_smoke_model_reproduces_no_claim_and_every_output_says_so(smoke_asse
     assert "random weights" in claims_md and "Summary: 0 reproduced" in claims_md
     assert "covered 19 of 20 planted effects (95 %) (its fit did not converge)" in claims_md
     assert "No recovery study was run" in C._recovery_sentence(None)
+    numbers = (paper / "numbers.tex").read_text()
+    assert "\\misrecoverycalibratedtrue" in numbers and "\\misrecoveryunbiasedfalse" in numbers
+    assert "(calibration test p = 2e-05): the recovery is BIASED" in claims_md
+    biased = {"covered": 50, "terms": 51, "coverage": 50 / 51, "converged": True,
+              "calibration": {"p_value": 1e-6, "unbiased": False}}
+    assert "the recovery is BIASED" in C._recovery_sentence(biased)
     for name in C.TABLES:
         assert "random weights: answers are noise" in (
             paper / "tables" / f"{name}.md").read_text(), name
@@ -599,6 +612,8 @@ def test_main_tex_compiles_and_its_abstract_says_it_is_the_demo(smoke_assets, tm
     assert "0 are reproduced" in abstract
     assert ("its 95 % intervals covered 19 of 20 planted effects (95 %), from a fit that "
             "did not converge") in re.sub(r"\s+", " ", text)
+    assert ("Taken together, the planted effects lie further from the fit than chance allows: "
+            "the recovery is biased (calibration test, p < 0.001).") in re.sub(r"\s+", " ", text)
 
 
 def test_semsam_table_names_a_model_decoded_on_an_endpoint():
