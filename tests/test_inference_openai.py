@@ -54,6 +54,9 @@ class FakeEndpoint:
 
     def __init__(self, key: str | None = None):
         self.key = key
+        # what GET /models lists and GET /mislib/semsam describes (None: 404), as a test sets
+        self.models: list[dict] = [{"id": "fake-model", "object": "model", "owned_by": "fake"}]
+        self.semsam: dict | None = None
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.script = self.answer
@@ -74,9 +77,11 @@ class FakeEndpoint:
 
             def do_GET(self):
                 if self.path.endswith("/models"):
-                    body = json.dumps({"object": "list", "data": [
-                        {"id": "fake-model", "object": "model", "owned_by": "fake"}]})
+                    body = json.dumps({"object": "list", "data": endpoint.models})
                     self._send(200, {"Content-Type": "application/json"}, body.encode())
+                elif self.path.endswith("/mislib/semsam") and endpoint.semsam:
+                    self._send(200, {"Content-Type": "application/json"},
+                               json.dumps(endpoint.semsam).encode())
                 else:
                     self._send(404, {}, b'{"detail": "Not Found"}')
 
@@ -377,6 +382,76 @@ def test_a_semsam_server_with_another_k_is_refused_for_the_semsam_arm(endpoint):
     backend.check_decode(DecodeSettings(arm="semsam", **{**settings, "k": 16}))
 
 
+def _serving(endpoint, root="org/model-a", **semsam):
+    """Make ``endpoint`` say it serves the weights ``root`` (and, with ``semsam``, that it
+    decodes with mislib's processor under the demo profile's rule, as ``mislib serve``)."""
+    endpoint.models = [{"id": "fake-model", "object": "model", "owned_by": "fake",
+                        "root": root}]
+    if semsam:
+        rule = {k: load_profile("demo")["semsam"][k]
+                for k in ("temperature", "top_k", "top_p", "mode")}
+        endpoint.semsam = {"processor": "mislib.semsam.vllm_v1:SemSamV1LogitsProcessor",
+                           "model": "fake-model", "rule": rule, "video_fps": 1.0, **semsam}
+
+
+def test_another_server_at_the_same_url_is_another_run_not_a_fresh_one(bench, tmp_path,
+                                                                        endpoint):
+    """A finished run, then other weights served at the same URL under the same name: the
+    stored run is not current for them; the rerun is a run of its own, sent in full."""
+    _serving(endpoint, "org/model-a")
+    first = _run(bench, tmp_path, endpoint.url)
+    n = len(endpoint.bodies)
+    again = _run(bench, tmp_path, endpoint.url)  # the same server: current, nothing sent
+    assert (again.run_id, again.n_generated, len(endpoint.bodies)) == (first.run_id, 0, n)
+    _serving(endpoint, "org/model-b")
+    other = _run(bench, tmp_path, endpoint.url)
+    assert other.run_id != first.run_id and other.n_generated == n
+    assert len(endpoint.bodies) == 2 * n
+    identity = json.loads((other.run_dir / "run.json").read_text())
+    assert identity["processor"]["server"] == {"root": "org/model-b", "owned_by": "fake"}
+    # each run holds its own server's records, every (question, trial) once
+    for run in (first, other):
+        frame = pd.read_parquet(run.responses)
+        assert len(frame) == n and not frame.duplicated(["question_id", "trial"]).any()
+
+
+def test_a_run_resumed_on_another_server_does_not_mix_its_records_in(bench, tmp_path,
+                                                                     endpoint):
+    from mislib.inference.backends.openai import BudgetSpent
+
+    _serving(endpoint, "org/model-a")
+    with pytest.raises(BudgetSpent):
+        _run(bench, tmp_path, endpoint.url, request_budget=5, max_concurrency=1)
+    (stopped,) = (tmp_path / "results").glob("fake-model-baseline-*")
+    _serving(endpoint, "org/model-b")
+    run = _run(bench, tmp_path, endpoint.url)
+    assert run.run_dir != stopped and run.n_generated == len(pd.read_parquet(run.responses))
+    assert len(read_shards(stopped / "shards")) == 5  # the first server's, left as they were
+
+
+@pytest.mark.parametrize("change", [{"k": 16}, {"table_key": "t2"}, {"model": "other"},
+                                    {"processor": "mislib.semsam.vllm_v2:SemSamV2LogitsProcessor"}])
+def test_a_semsam_server_that_describes_itself_otherwise_is_another_run(bench, tmp_path,
+                                                                         endpoint, change):
+    _serving(endpoint, "org/model-a", table_key="t1", k=32)
+    first = _run(bench, tmp_path, endpoint.url, arm="greedy")
+    assert all(b["vllm_xargs"] == {"semsam_arm": "greedy"} for b in endpoint.bodies)
+    endpoint.semsam.update(change)
+    second = _run(bench, tmp_path, endpoint.url, arm="greedy")
+    assert second.run_id != first.run_id and second.n_generated == first.n_generated
+
+
+def test_a_finished_run_is_kept_when_its_server_cannot_be_asked(bench, tmp_path, endpoint,
+                                                                 caplog):
+    _serving(endpoint, "org/model-a")
+    first = _run(bench, tmp_path, endpoint.url)
+    endpoint.close()  # offline now: nothing answers at the URL
+    with caplog.at_level(logging.WARNING):
+        again = _run(bench, tmp_path, endpoint.url, timeout_s=2.0)
+    assert (again.run_id, again.n_generated) == (first.run_id, 0)
+    assert "kept unchecked" in caplog.text
+
+
 def test_an_unset_key_variable_and_a_missing_url_are_clear_errors(bench, tmp_path, endpoint,
                                                                  monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
@@ -575,6 +650,13 @@ def test_the_server_decodes_each_arm_as_the_hf_backend_does(served, tmp_path):
         assert same.all(), merged.loc[~same, ["question_id", "raw_text_http", "raw_text_hf"]]
     record = json.loads(next((tmp_path / "results").glob("*-semsam-*/run.json")).read_text())
     assert record["processor"]["semsam_server"]["table_key"] == table_key
+    assert record["processor"]["semsam_server"]["k"] == profile["semsam"]["k"]
+    # what the server says it is enters the identity: its weights and vLLM's version
+    vllm_version = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; print(vllm.__version__)"],
+                                  capture_output=True, text=True).stdout.strip()
+    assert record["processor"]["server"] == {
+        "root": server.argv[server.argv.index("--model") + 1], "owned_by": "vllm",
+        "version": vllm_version}
     assert SERVER_KEY not in _all_text(tmp_path / "results")
 
 
@@ -624,3 +706,32 @@ def test_a_server_killed_mid_run_and_restarted_finishes_every_record_once(served
     lines = [line for shard in shard_dir.glob("*.jsonl")
              for line in shard.read_text().splitlines() if line.strip()]
     assert len(lines) == n_total  # every (question, trial) written exactly once
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_other_weights_behind_the_real_server_are_another_run(served, tmp_path):
+    """``mislib serve`` restarted on the same port serving other weights under the same
+    name (the thinking smoke model's folder): the stored run is not current for that
+    server, and the rerun is a run of its own. Last in the module: it restarts the server
+    (and restores it)."""
+    from mislib.inference.registry import resolve_model
+    from mislib.smoke import SMOKE_THINKING_MODEL_ID
+
+    server, root, _, _ = served
+    first = _served_run(served, tmp_path, "greedy")
+    original = list(server.argv)
+    other = str(resolve_model(SMOKE_THINKING_MODEL_ID, root)[0])
+    server.kill()
+    server.argv[server.argv.index("--model") + 1] = other
+    try:
+        server.start()
+        second = _served_run(served, tmp_path, "greedy")
+    finally:
+        server.kill()
+        server.argv = original
+        server.start()
+    assert second.run_id != first.run_id and second.n_generated == first.n_records
+    identity = json.loads((second.run_dir / "run.json").read_text())
+    assert identity["processor"]["server"]["root"] == other
+    assert len(pd.read_parquet(first.responses)) == first.n_records  # left as it was

@@ -116,7 +116,8 @@ _LOADED: dict[str, Any] = {}
 
 def load_backend(name: str, model_id: str, root: str | os.PathLike | None = None,
                  **options: Any) -> Any:
-    """A loaded backend; the last one is kept, so the arms of one model load it once.
+    """A loaded backend; the last one is kept, so the arms of one model load it once (a
+    kept backend with a ``refresh`` method, the openai one, re-reads its server first).
 
     Parameters
     ----------
@@ -129,7 +130,12 @@ def load_backend(name: str, model_id: str, root: str | os.PathLike | None = None
     source, revision = resolve_model(model_id, root)
     key = json.dumps([name, model_id, source, options], sort_keys=True, default=str)
     if _LOADED.get("key") == key:
-        return _LOADED["backend"]
+        kept = _LOADED["backend"]
+        if callable(getattr(kept, "refresh", None)):
+            # what it depends on outside this process (an endpoint's server) may have
+            # changed since it was loaded: asked again
+            kept.refresh()
+        return kept
     _LOADED.clear()  # free the previous model before loading the next
     loaded = cls(source, model_id=model_id, revision=revision, **options)
     _LOADED.update(key=key, backend=loaded)

@@ -273,12 +273,21 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
 
     stage = store.stage_name(model_id, arm, request["backend"])
     recorded = read_stamp(results_dir, stage)
-    if not force and recorded and is_fresh(results_dir, stage, request,
-                                           recorded.get("outputs", [])):
-        run_dir = results_dir / recorded["outputs"][0].split("/")[0]
+    fresh = bool(not force and recorded and is_fresh(results_dir, stage, request,
+                                                     recorded.get("outputs", [])))
+    stored_id = recorded["outputs"][0].split("/")[0] if fresh else None
+
+    def stored_run() -> InferenceRun:
+        run_dir = results_dir / stored_id
         n = len(pd.read_parquet(run_dir / RESPONSES_FILE, columns=["trial"]))
         return InferenceRun(run_dir.name, run_dir, run_dir / RESPONSES_FILE, n,
                             len(share), 0, 0.0, tuple(share))
+
+    # a local model's stored run is current without loading it; an endpoint's server is
+    # part of what answers and may have changed behind the same URL, so it is asked first
+    # (below) and the stored run is current only if it is this server's run
+    if fresh and backend_name != "openai":
+        return stored_run()
 
     # the model entry's weights and processor settings (local backends), then the
     # profile's [inference.<backend>] table (e.g. vllm's tensor_parallel_size), which
@@ -289,8 +298,16 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
                    **endpoint_options(entry), **dict(overrides.get("openai") or {})}
     else:
         options = {**local_backend_options(entry), **dict(params.get(backend_name) or {})}
-    backend = load_backend(backend_name, entry.id, root=root, device=request["device"],
-                           video_fps=request["video_fps"], **options)
+    try:
+        backend = load_backend(backend_name, entry.id, root=root, device=request["device"],
+                               video_fps=request["video_fps"], **options)
+    except RuntimeError as error:  # an endpoint that cannot be reached (or refuses the key)
+        if not fresh:
+            raise
+        # offline (make reproduce): the stored run is kept, and the log says it is unchecked
+        log.warning("%s: the stored run %s is kept unchecked: its server could not be asked "
+                    "whether it still is the one that answered (%s)", stage, stored_id, error)
+        return stored_run()
     if arm not in backend.capabilities.arms:
         note = backend.capabilities.extras.get("arms_note")
         raise ValueError(f"backend {backend_name!r} cannot decode the {arm!r} arm; it "
@@ -315,6 +332,12 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     if table is not None:
         identity["semsam_table"] = {"hash": table.key, "k": decode.k}
     run_id = store.run_id_for(model_id, arm, identity)
+    if fresh and stored_id == run_id:
+        return stored_run()  # the same server answers: the stored run is current
+    if fresh:
+        log.info("%s: the stored run %s came from another server than the one at %s now "
+                 "(a changed served model, decoder or vLLM version): this is run %s", stage,
+                 stored_id, options.get("base_url"), run_id)
     run_dir = store.open_run(results_dir, run_id, identity)
     if force:
         with store.exclusive_lock(run_dir):

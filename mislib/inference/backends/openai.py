@@ -156,7 +156,6 @@ class OpenAIBackend:
         # an error that does not quote the value
         self.api_key_env = None if api_key_env is None else check_key_env(api_key_env)
         self._key: str | None = None
-        self._read_key()
         self.stack_as = stack_as
         self.video_fps = float(video_fps)
         self.max_concurrency = int(max_concurrency)
@@ -169,11 +168,21 @@ class OpenAIBackend:
         self.max_backoff_s = float(max_backoff_s)
         self.n_requests = 0
         self.n_tokens = 0
+        self._send_top_k = send_top_k
+        self.refresh()
 
+    def refresh(self) -> None:
+        """Ask the server what it serves and how it decodes (``GET /models``, its SemSam
+        description), and set the arms it can decode from that. Called when the backend is
+        built and again whenever the registry hands out the kept one: another server may
+        answer at the same URL by now, and the run identity (:meth:`settings`) must be
+        the one of the server that will answer."""
+        self._read_key()
         self.server = self._describe_server()
         self.semsam_server = self.server.pop("semsam", None)
         self.vllm_server = self.server.get("owned_by") == "vllm"
-        self.send_top_k = self.vllm_server if send_top_k is None else bool(send_top_k)
+        self.send_top_k = (self.vllm_server if self._send_top_k is None
+                           else bool(self._send_top_k))
         if self.semsam_server:
             arms, note = ARMS, None
         else:
@@ -237,6 +246,12 @@ class OpenAIBackend:
                     entry = entry or {}
                     info = {k: entry[k] for k in ("owned_by", "root", "max_model_len")
                             if k in entry}
+                if info.get("owned_by") == "vllm":
+                    # vLLM's version changes its numerics (the vllm backend records its own)
+                    version = client.get(self.base_url.removesuffix("/v1") + "/version")
+                    with contextlib.suppress(ValueError, AttributeError):
+                        if version.status_code == 200 and version.json().get("version"):
+                            info["version"] = str(version.json()["version"])
                 semsam = client.get(self.base_url + SEMSAM_INFO_PATH)
                 self._raise_for_auth(semsam)
                 if semsam.status_code == 200:
@@ -262,24 +277,37 @@ class OpenAIBackend:
 
     def settings(self) -> dict[str, Any]:
         """The run identity's backend part: the protocol, the served model, how media are
-        sent, and which decoder answers (the server's SemSam rule and table, or its own
-        sampler with the parameters sent). The URL is not part of it (a server that moves
-        keeps its runs); :meth:`session_info` records it per session."""
+        sent, which decoder answers (the server's SemSam description: processor, rule,
+        table hash, ``k``, model, frame rate; or its own sampler with the parameters sent),
+        and what the server says it is (:meth:`server_identity`). The URL is not part of
+        it (a server that moves keeps its runs); :meth:`session_info` records it per
+        session. A different server behind the same URL is therefore a different run: its
+        records never join the stored ones."""
         out: dict[str, Any] = {
             "api": "openai-chat-completions", "served_model": self.served_model,
             "stack_as": self.stack_as, "image_encoding": "png-base64",
             "decoder": "mislib-semsam-processor" if self.semsam_server else "server-sampler",
         }
+        server = self.server_identity()
+        if server:
+            out["server"] = server
         if self.stack_as == "video":
             # the server declares the frame rate: mislib serve the profile's, others their own
             out["video_fps"] = (self.semsam_server or {}).get("video_fps", "server default")
         if self.semsam_server:
-            out["semsam_server"] = {k: self.semsam_server.get(k)
-                                    for k in ("rule", "table_key", "processor")}
+            # the whole description the server gives, as the server gives it
+            out["semsam_server"] = {k: self.semsam_server[k]
+                                    for k in sorted(self.semsam_server)}
         else:
             out["sent_params"] = ["temperature", "top_p", "seed mod 2^31", "max_tokens"] + (
                 ["top_k"] if self.send_top_k else [])
         return out
+
+    def server_identity(self) -> dict[str, Any]:
+        """What the server says about the model it serves, where it says it (``GET
+        /models``: the weights it loaded, ``root``, and who serves it, ``owned_by``; a vLLM
+        server's ``GET /version``). Empty for an API that lists none of it."""
+        return {k: self.server[k] for k in ("root", "owned_by", "version") if k in self.server}
 
     def session_info(self) -> dict[str, Any]:
         """Facts of this session beyond the identity: the endpoint and its model metadata
