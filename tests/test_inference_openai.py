@@ -442,14 +442,19 @@ def test_a_semsam_server_that_describes_itself_otherwise_is_another_run(bench, t
 
 
 def test_a_finished_run_is_kept_when_its_server_cannot_be_asked(bench, tmp_path, endpoint,
-                                                                 caplog):
+                                                                 caplog, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
     _serving(endpoint, "org/model-a")
-    first = _run(bench, tmp_path, endpoint.url)
+    first = _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV)
     endpoint.close()  # offline now: nothing answers at the URL
+    monkeypatch.delenv(KEY_ENV)  # nor is the key at hand (make reproduce on another machine)
     with caplog.at_level(logging.WARNING):
-        again = _run(bench, tmp_path, endpoint.url, timeout_s=2.0)
+        again = _run(bench, tmp_path, endpoint.url, api_key_env=KEY_ENV, timeout_s=2.0)
     assert (again.run_id, again.n_generated) == (first.run_id, 0)
     assert "kept unchecked" in caplog.text
+    # a run that is not finished is not kept unchecked: the same error as before
+    with pytest.raises(ValueError, match="not set"):
+        _run(bench, tmp_path / "other", endpoint.url, api_key_env=KEY_ENV)
 
 
 def test_an_unset_key_variable_and_a_missing_url_are_clear_errors(bench, tmp_path, endpoint,

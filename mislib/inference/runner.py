@@ -301,7 +301,8 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     try:
         backend = load_backend(backend_name, entry.id, root=root, device=request["device"],
                                video_fps=request["video_fps"], **options)
-    except RuntimeError as error:  # an endpoint that cannot be reached (or refuses the key)
+    except (RuntimeError, ValueError) as error:
+        # an endpoint that cannot be reached, refuses the key, or whose key is not set
         if not fresh:
             raise
         # offline (make reproduce): the stored run is kept, and the log says it is unchecked
