@@ -276,6 +276,15 @@ def test_vllm_budget_forcing_gives_the_hf_backends_tokens_and_counts(smoke_root,
                generate_on_both_backends(job, tmp_path, root).items()}
     assert outputs["vllm"] == outputs["hf"]
     assert all(g["forced_answer"] and "Answer:" in g["text"] for g in outputs["vllm"])
+    # generated tokens only: the budget's 5 thinking, at most 3 after the appended suffix
+    from transformers import AutoTokenizer
+
+    suffix = AutoTokenizer.from_pretrained(job["source"]).encode(FORCED_SUFFIX,
+                                                                 add_special_tokens=False)
+    for g in outputs["vllm"]:
+        assert g["thinking_tokens"] == 5 and 1 <= g["answer_tokens"] <= 3
+        assert g["n_tokens"] == g["thinking_tokens"] + g["answer_tokens"]
+        assert g["n_tokens"] == len(g["token_ids"]) - len(suffix)
 
 
 # ------------------------------------------------------------------ vllm's two calls, scripted
