@@ -48,7 +48,8 @@ class FakeEndpoint:
     """An OpenAI-compatible server on 127.0.0.1 whose replies a test scripts.
 
     ``script(n, body)`` decides the reply to the ``n``-th chat request (0-based): a tuple
-    ``(status, headers, body_bytes)``; the default answers "Answer: True" with usage.
+    ``(status, headers, body_bytes)``, or None to drop the connection without a reply; the
+    default answers "Answer: True" with usage.
     Every request body is kept in ``bodies``, every Authorization header in ``auth``.
     """
 
@@ -91,7 +92,11 @@ class FakeEndpoint:
                     n = len(endpoint.bodies)
                     endpoint.bodies.append(body)
                     endpoint.auth.append(self.headers.get("Authorization"))
-                self._send(*endpoint.script(n, body))
+                reply = endpoint.script(n, body)
+                if reply is None:  # the connection drops without a reply (a server restart)
+                    self.close_connection = True
+                    return
+                self._send(*reply)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -439,6 +444,36 @@ def test_a_semsam_server_that_describes_itself_otherwise_is_another_run(bench, t
     endpoint.semsam.update(change)
     second = _run(bench, tmp_path, endpoint.url, arm="greedy")
     assert second.run_id != first.run_id and second.n_generated == first.n_generated
+
+
+@pytest.mark.parametrize("restarted_as", ["org/model-a", "org/model-b"])
+def test_after_a_lost_connection_only_the_same_server_gets_the_rest_of_the_run(
+        bench, tmp_path, endpoint, restarted_as):
+    """The connection drops at the 5th request (a server restart): the same server again
+    finishes the run; another one is detected before any request reaches it."""
+    from mislib.inference.backends.openai import ServerChanged
+
+    _serving(endpoint, "org/model-a")
+
+    def script(n, body):
+        if n == 4:
+            _serving(endpoint, restarted_as)
+            return None
+        return FakeEndpoint.answer(n, body)
+
+    endpoint.script = script
+    if restarted_as == "org/model-a":
+        run = _run(bench, tmp_path, endpoint.url, max_concurrency=1)
+        frame = pd.read_parquet(run.responses)
+        assert (frame["status"] == "ok").all() and len(endpoint.bodies) == len(frame) + 1
+        return
+    with pytest.raises(ServerChanged, match="another server answers.*root"):
+        _run(bench, tmp_path, endpoint.url, max_concurrency=1)
+    assert len(endpoint.bodies) == 5  # nothing was sent to the other server
+    (run_dir,) = (tmp_path / "results").glob("fake-model-baseline-*")
+    assert len(read_shards(run_dir / "shards")) == 4
+    rerun = _run(bench, tmp_path, endpoint.url)  # the other server's own run
+    assert rerun.run_dir != run_dir and rerun.n_generated == len(pd.read_parquet(rerun.responses))
 
 
 def test_a_finished_run_is_kept_when_its_server_cannot_be_asked(bench, tmp_path, endpoint,

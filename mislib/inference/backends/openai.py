@@ -26,7 +26,10 @@ in flight) and each finished one is handed to the stage at once (:meth:`stream`)
 appends it to the result store, so a killed run resumes with every (question, trial) exactly
 once. 429, 5xx, timeouts and lost connections are retried with exponential backoff and
 jitter, honouring ``Retry-After``, for up to ``retry_for_s`` seconds per request (a server
-that restarts is waited for). A 401/403 stops the run at once (:class:`EndpointAuthError`);
+that restarts is waited for; once it answers again it is asked what it is, and if another
+server answers now, :class:`ServerChanged` stops the run before a request reaches it, since
+the run identity records the server, :meth:`OpenAIBackend.settings`). A 401/403 stops the
+run at once (:class:`EndpointAuthError`);
 a reply that is not a chat completion becomes that record's ``bad_response`` status and a
 request the endpoint refuses (400, 413, 422) its ``request_error``. ``request_budget`` and
 ``token_budget`` cap what one run call may spend (:class:`BudgetSpent` once reached, after
@@ -89,6 +92,11 @@ class EndpointError(RuntimeError):
 
 class EndpointAuthError(EndpointError):
     """The endpoint refused the credentials (HTTP 401 or 403)."""
+
+
+class ServerChanged(EndpointError):
+    """Another server answers at the URL than the one the run started with (seen after a
+    lost connection); its records would join a run that is not theirs."""
 
 
 class BudgetSpent(EndpointError):
@@ -168,6 +176,7 @@ class OpenAIBackend:
         self.max_backoff_s = float(max_backoff_s)
         self.n_requests = 0
         self.n_tokens = 0
+        self._connection_lost = False
         self._send_top_k = send_top_k
         self.refresh()
 
@@ -178,6 +187,7 @@ class OpenAIBackend:
         answer at the same URL by now, and the run identity (:meth:`settings`) must be
         the one of the server that will answer."""
         self._read_key()
+        self._connection_lost = False
         self.server = self._describe_server()
         self.semsam_server = self.server.pop("semsam", None)
         self.vllm_server = self.server.get("owned_by") == "vllm"
@@ -525,12 +535,17 @@ class OpenAIBackend:
         attempt = 0
         while True:
             self._check_budget()
+            if self._connection_lost:
+                await self._check_same_server()
             self.n_requests += 1
             retry_after = None
             try:
                 response = await client.post(url, content=payload)
             except (httpx.TimeoutException, httpx.TransportError) as error:
                 problem = f"{type(error).__name__}: {error}"
+                # the server may be restarting, perhaps as another one: asked before the
+                # next request of this run is sent
+                self._connection_lost = True
             else:
                 self._raise_for_auth(response)
                 if response.status_code not in RETRY_STATUSES:
@@ -563,6 +578,30 @@ class OpenAIBackend:
                         request.trial, self.redact(problem), delay)
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _check_same_server(self) -> None:
+        """After a lost connection: once the server answers again, check that it is the
+        one this run's identity records (:meth:`server_identity`, the SemSam description);
+        raise :class:`ServerChanged` if another one answers. While it cannot be reached
+        the request goes on being retried as before."""
+        try:
+            info = await asyncio.to_thread(self._describe_server)
+        except EndpointAuthError:
+            raise
+        except EndpointError:
+            return  # still down: the request's own retry waits for it
+        now = {"server": {k: info[k] for k in ("root", "owned_by", "version") if k in info},
+               "semsam": info.get("semsam")}
+        then = {"server": self.server_identity(), "semsam": self.semsam_server}
+        if now != then:
+            changed = sorted(k for part in ("server", "semsam")
+                             for k in set(now[part] or {}) | set(then[part] or {})
+                             if (now[part] or {}).get(k) != (then[part] or {}).get(k))
+            raise ServerChanged(
+                f"another server answers at {self.base_url} than the one this run started "
+                f"with (it differs in {', '.join(changed)}); the run stopped so that its "
+                "answers do not join this run's records (kept): rerun to start its own run")
+        self._connection_lost = False
 
     def _generation(self, response: httpx.Response, request: Request,
                     latency: float) -> Generation:
