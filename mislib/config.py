@@ -34,7 +34,7 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -362,7 +362,7 @@ def model_table_errors(name: str, values: Any) -> list[str]:
                 msg = "should be even"
             if key == "api_key_env":  # never echoed (check_key_env)
                 problems.append(f"{where} api_key_env: {KEY_ENV_RULE}")
-            elif key and key in values:
+            elif key and key in values and not secret_name(key):
                 problems.append(f"{where} {key} = {_show(values[key])}: {msg}")
             else:
                 # a key without a value, or a rule across keys (its message names them)
@@ -416,6 +416,17 @@ SCHEMA: dict[str, type[_Table]] = {
 TOP_LEVEL_KEYS = {"seed": int, "name": str}
 
 
+#: Parts of a key's name that say its value may be a secret: a key pasted under a name of
+#: its own (``api_key = "..."``, ``token``, ``secret``) is an unknown key, and its error must
+#: not show it any more than ``api_key_env``'s does.
+SECRET_NAME_PARTS = ("key", "token", "secret", "passw", "credential", "auth")
+
+
+def secret_name(name: Any) -> bool:
+    """Whether an error should not show the value of the key ``name`` (it may be a secret)."""
+    return any(part in str(name).lower() for part in SECRET_NAME_PARTS)
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -437,7 +448,13 @@ def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
                 msg = "should be " + msg.removeprefix("Input should be ")
             elif e["type"] != "value_error":
                 msg = msg[:1].lower() + msg[1:]
-            if e["type"] == "extra_forbidden":
+            if e["type"] == "extra_forbidden" and len(e["loc"]) > 1:
+                # a key of a sub-table ([inference.openai]): named, with the sub-table's
+                # own keys to choose from
+                sub = str(e["loc"][-1])
+                near = difflib.get_close_matches(sub, _fields_of(model, key), n=1)
+                msg = f"unknown key {sub!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+            elif e["type"] == "extra_forbidden":
                 near = difflib.get_close_matches(key, model.model_fields, n=1)
                 known = sorted(set(model.model_fields) - {"seed", "profile"})
                 msg = "unknown key" + (f"; did you mean {near[0]!r}?" if near
@@ -454,16 +471,27 @@ def _table_errors(table: str, values: Mapping[str, Any]) -> list[str]:
             if msg not in by_key.setdefault(key, []):
                 by_key[key].append(msg)
         return [f"[{table}] {key}" + (f" = {_show(_without_key(values[key]))}"
-                                      if key in values else "")
+                                      if key in values and not secret_name(key) else "")
                 + ": " + " or ".join(msgs) for key, msgs in by_key.items()]
     return []
 
 
+def _fields_of(model: type[BaseModel], key: str) -> list[str]:
+    """The keys of the sub-table ``key`` of ``model`` (``openai``: OpenAIOptions'), if any."""
+    field = model.model_fields.get(key)
+    kinds = () if field is None else (field.annotation, *get_args(field.annotation))
+    for kind in kinds:
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return list(kind.model_fields)
+    return []
+
+
 def _without_key(value: Any) -> Any:
-    """A sub-table as an error shows it: ``api_key_env`` never echoed (a user who wrote the
-    key itself there must not find it in an error message or a log)."""
-    if isinstance(value, Mapping) and "api_key_env" in value:
-        return {**value, "api_key_env": "<hidden>"}
+    """A sub-table as an error shows it: ``api_key_env`` and any other key whose name says
+    it may hold a secret (:func:`secret_name`) never echoed (a user who wrote the key itself
+    there must not find it in an error message or a log)."""
+    if isinstance(value, Mapping) and any(secret_name(k) for k in value):
+        return {k: "<hidden>" if secret_name(k) else v for k, v in value.items()}
     return value
 
 

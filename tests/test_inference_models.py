@@ -185,6 +185,33 @@ def test_a_pasted_key_is_refused_everywhere_without_being_echoed(key, monkeypatc
         assert key not in text and key[:10] not in text and key[-10:] not in text
 
 
+@pytest.mark.parametrize("name", ["api_key", "key", "token", "API_TOKEN", "secret"])
+def test_a_key_under_a_name_of_its_own_is_refused_without_being_echoed(name):
+    """``api_key = "..."`` (or ``token``, ``secret``) is an unknown key; the error names it
+    and the key it meant, in the profile's [inference.openai], directly in [inference] and
+    in a model entry, and shows the value nowhere."""
+    from mislib.config import model_table_errors
+
+    secret = "sk-proj-Abc123def456GHI789jkl012"
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["inference"]["openai"] = {"base_url": "http://127.0.0.1:8000/v1", name: secret}
+    prof["models"] = {"m": {"id": "m", "backend": "openai", name: secret}}
+    with pytest.raises(ProfileError) as err:
+        check_profile(prof)
+    shown = str(err.value)
+    assert f"[models.m] {name}: unknown key" in shown
+    assert "[inference] openai = " in shown and f"'{name}': '<hidden>'" in shown
+    assert f": unknown key {name!r}" in shown
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["inference"][name] = secret
+    with pytest.raises(ProfileError) as err:
+        check_profile(prof, ["inference"])
+    shown += str(err.value)
+    assert f"[inference] {name}" in str(err.value)
+    shown += "".join(model_table_errors("m", {"id": "m", name: secret}))
+    assert secret not in shown and secret[:10] not in shown and secret[-10:] not in shown
+
+
 def test_a_bad_entry_stops_the_cli_with_exit_code_2(tmp_path, capsys, monkeypatch):
     from mislib import __main__ as cli
     from mislib.inference import runner
