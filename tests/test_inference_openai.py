@@ -58,6 +58,10 @@ class FakeEndpoint:
         # what GET /models lists and GET /mislib/semsam describes (None: 404), as a test sets
         self.models: list[dict] = [{"id": "fake-model", "object": "model", "owned_by": "fake"}]
         self.semsam: dict | None = None
+        # statuses a GET of a path ending so ("/models", "/mislib/semsam") answers with
+        # first, one per request (a 503 while a proxy's server restarts, a 429); then the
+        # path answers as set above
+        self.describe_errors: dict[str, list[int]] = {}
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.script = self.answer
@@ -77,7 +81,13 @@ class FakeEndpoint:
                 self.wfile.write(body)
 
             def do_GET(self):
-                if self.path.endswith("/models"):
+                with endpoint.lock:
+                    error = next((statuses.pop(0) for suffix, statuses
+                                  in endpoint.describe_errors.items()
+                                  if self.path.endswith(suffix) and statuses), None)
+                if error is not None:
+                    self._send(error, {}, b'{"error": {"message": "try again later"}}')
+                elif self.path.endswith("/models"):
                     body = json.dumps({"object": "list", "data": endpoint.models})
                     self._send(200, {"Content-Type": "application/json"}, body.encode())
                 elif self.path.endswith("/mislib/semsam") and endpoint.semsam:
@@ -474,6 +484,44 @@ def test_after_a_lost_connection_only_the_same_server_gets_the_rest_of_the_run(
     assert len(read_shards(run_dir / "shards")) == 4
     rerun = _run(bench, tmp_path, endpoint.url)  # the other server's own run
     assert rerun.run_dir != run_dir and rerun.n_generated == len(pd.read_parquet(rerun.responses))
+
+
+@pytest.mark.parametrize("status", [503, 429])
+@pytest.mark.parametrize("path", ["/models", "/mislib/semsam"])
+def test_a_server_that_cannot_say_what_it_is_for_a_moment_keeps_its_finished_run(
+        bench, tmp_path, endpoint, status, path):
+    """A 503 or 429 where the server is asked what it is says nothing about which server it
+    is: a finished run stays current and nothing is sent again (it was another run, sent in
+    full, as if another server answered)."""
+    _serving(endpoint, "org/model-a", table_key="t1", k=32)
+    first = _run(bench, tmp_path, endpoint.url, arm="greedy")
+    n = len(endpoint.bodies)
+    endpoint.describe_errors = {path: [status] * 20}
+    again = _run(bench, tmp_path, endpoint.url, arm="greedy")
+    assert (again.run_id, again.n_generated, len(endpoint.bodies)) == (first.run_id, 0, n)
+
+
+@pytest.mark.parametrize("path", ["/models", "/mislib/semsam"])
+def test_after_a_lost_connection_a_server_busy_for_a_moment_finishes_the_run(
+        bench, tmp_path, endpoint, path):
+    """The connection drops at the 5th request and the server, restarting behind a proxy,
+    answers 503 when asked what it is, then answers as before: the same server, so the run
+    goes on (it stopped with ServerChanged), and no request is sent before it said so."""
+    _serving(endpoint, "org/model-a", table_key="t1", k=32)
+    asked: list[int] = []
+
+    def script(n, body):
+        asked.append(len(endpoint.describe_errors.get(path, [])))
+        if n == 4:
+            endpoint.describe_errors = {path: [503, 503]}
+            return None
+        return FakeEndpoint.answer(n, body)
+
+    endpoint.script = script
+    run = _run(bench, tmp_path, endpoint.url, arm="greedy", max_concurrency=1)
+    frame = pd.read_parquet(run.responses)
+    assert (frame["status"] == "ok").all() and len(endpoint.bodies) == len(frame) + 1
+    assert asked[5:] == [0] * (len(asked) - 5)  # nothing sent while it could not say
 
 
 def test_a_finished_run_is_kept_when_its_server_cannot_be_asked(bench, tmp_path, endpoint,

@@ -233,12 +233,17 @@ class OpenAIBackend:
         """The served model's metadata (``GET /models``) and mislib's SemSam description.
 
         Raises :class:`EndpointAuthError` on 401/403, :class:`EndpointError` when the
-        endpoint cannot be reached or does not serve ``served_model``.
+        endpoint cannot be reached or answers one of these questions with a status that
+        says "not now" (:data:`RETRY_STATUSES`: a 503 while it restarts, a 429): such an
+        answer says nothing about which server it is, and taking it for "lists nothing"
+        would make another run identity (a finished run sent again, a run stopped as if
+        another server answered).
         """
         try:
             with httpx.Client(timeout=min(self.timeout_s, 60.0), headers=self._headers()) as client:
                 models = client.get(f"{self.base_url}/models")
                 self._raise_for_auth(models)
+                self._raise_if_not_now(models)
                 info: dict[str, Any] = {}
                 if models.status_code == 200:
                     try:
@@ -259,11 +264,13 @@ class OpenAIBackend:
                 if info.get("owned_by") == "vllm":
                     # vLLM's version changes its numerics (the vllm backend records its own)
                     version = client.get(self.base_url.removesuffix("/v1") + "/version")
+                    self._raise_if_not_now(version)
                     with contextlib.suppress(ValueError, AttributeError):
                         if version.status_code == 200 and version.json().get("version"):
                             info["version"] = str(version.json()["version"])
                 semsam = client.get(self.base_url + SEMSAM_INFO_PATH)
                 self._raise_for_auth(semsam)
+                self._raise_if_not_now(semsam)
                 if semsam.status_code == 200:
                     try:
                         described = semsam.json()
@@ -275,6 +282,13 @@ class OpenAIBackend:
         except httpx.HTTPError as error:
             raise EndpointError(f"cannot reach {self.base_url}: "
                                 f"{self.redact(type(error).__name__ + ': ' + str(error))}") from None
+
+    def _raise_if_not_now(self, response: httpx.Response) -> None:
+        if response.status_code in RETRY_STATUSES:
+            raise EndpointError(
+                f"{response.request.url} answered HTTP {response.status_code} "
+                f"({self.redact(_error_message(response))}) when asked what the server is; "
+                "it cannot say which server answers now: try again later")
 
     def _raise_for_auth(self, response: httpx.Response) -> None:
         if response.status_code in (401, 403):
@@ -535,29 +549,32 @@ class OpenAIBackend:
         attempt = 0
         while True:
             self._check_budget()
-            if self._connection_lost:
-                await self._check_same_server()
-            self.n_requests += 1
             retry_after = None
-            try:
-                response = await client.post(url, content=payload)
-            except (httpx.TimeoutException, httpx.TransportError) as error:
-                problem = f"{type(error).__name__}: {error}"
-                # the server may be restarting, perhaps as another one: asked before the
-                # next request of this run is sent
-                self._connection_lost = True
+            if self._connection_lost and not await self._check_same_server():
+                # not sent: the server cannot say yet whether it is this run's one
+                problem = "after a lost connection the server cannot say yet what it is"
             else:
-                self._raise_for_auth(response)
-                if response.status_code not in RETRY_STATUSES:
-                    if response.status_code < 300 or response.status_code in RECORD_ERROR_STATUSES:
-                        return response
-                    raise EndpointError(
-                        f"{url} answered HTTP {response.status_code} "
-                        f"({self.redact(_error_message(response))}) to question "
-                        f"{request.question_id} trial {request.trial}; the run stopped, the "
-                        "records written so far are kept")
-                problem = f"HTTP {response.status_code}"
-                retry_after = _retry_after(response.headers.get("retry-after"))
+                self.n_requests += 1
+                try:
+                    response = await client.post(url, content=payload)
+                except (httpx.TimeoutException, httpx.TransportError) as error:
+                    problem = f"{type(error).__name__}: {error}"
+                    # the server may be restarting, perhaps as another one: asked before
+                    # the next request of this run is sent
+                    self._connection_lost = True
+                else:
+                    self._raise_for_auth(response)
+                    if response.status_code not in RETRY_STATUSES:
+                        if (response.status_code < 300
+                                or response.status_code in RECORD_ERROR_STATUSES):
+                            return response
+                        raise EndpointError(
+                            f"{url} answered HTTP {response.status_code} "
+                            f"({self.redact(_error_message(response))}) to question "
+                            f"{request.question_id} trial {request.trial}; the run stopped, "
+                            "the records written so far are kept")
+                    problem = f"HTTP {response.status_code}"
+                    retry_after = _retry_after(response.headers.get("retry-after"))
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             if now - first_failure > self.retry_for_s:
@@ -579,17 +596,18 @@ class OpenAIBackend:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def _check_same_server(self) -> None:
+    async def _check_same_server(self) -> bool:
         """After a lost connection: once the server answers again, check that it is the
         one this run's identity records (:meth:`server_identity`, the SemSam description);
-        raise :class:`ServerChanged` if another one answers. While it cannot be reached
-        the request goes on being retried as before."""
+        raise :class:`ServerChanged` if another one answers. False while it cannot be
+        reached or cannot say what it is: the request is not sent, and is retried as a
+        failed one (a request sent then could reach another server before it is asked)."""
         try:
             info = await asyncio.to_thread(self._describe_server)
         except EndpointAuthError:
             raise
         except EndpointError:
-            return  # still down: the request's own retry waits for it
+            return False  # still down or busy: the request's own retry waits for it
         now = {"server": {k: info[k] for k in ("root", "owned_by", "version") if k in info},
                "semsam": info.get("semsam")}
         then = {"server": self.server_identity(), "semsam": self.semsam_server}
@@ -602,6 +620,7 @@ class OpenAIBackend:
                 f"with (it differs in {', '.join(changed)}); the run stopped so that its "
                 "answers do not join this run's records (kept): rerun to start its own run")
         self._connection_lost = False
+        return True
 
     def _generation(self, response: httpx.Response, request: Request,
                     latency: float) -> Generation:
