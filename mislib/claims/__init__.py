@@ -60,9 +60,9 @@ The package, along its seams
 :mod:`~mislib.claims.rendering`
     ``claims.md``, the paper's tables and ``numbers.tex`` as text (:func:`claims_markdown`,
     :func:`format_tables`, :func:`numbers_tex`, ...).
-:mod:`~mislib.claims.assets`
+``mislib.claims`` itself
     stage 08 on disk (:func:`write_paper_assets`, :func:`read_converged`,
-    :func:`read_recovery`).
+    :func:`read_recovery`); the other modules' names are re-exported here.
 
 >>> claim_status("level", 69.4, 66.0, 71.0, tolerance=5.0)
 'reproduced'
@@ -72,7 +72,21 @@ The package, along its seams
 'inconclusive'
 """
 
-from mislib.claims.assets import read_converged, read_recovery, write_paper_assets
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mislib.analysis.stage import read_convergence, read_diagnostics
+from mislib.bayes import bayes_by_factor
 from mislib.claims.definitions import ARM_CLAIMS, CLAIMS, PAPER, ArmClaim, Claim
 from mislib.claims.evaluation import CLAIM_COLUMNS, claim_status, evaluate_claims, status_reason
 from mislib.claims.rendering import (
@@ -88,8 +102,26 @@ from mislib.claims.rendering import (
     numbers_tex,
 )
 from mislib.claims.rendering import _recovery_sentence as _recovery_sentence
-from mislib.paths import project_paths as project_paths
+from mislib.config import stage_params
+from mislib.paths import (
+    BAYES_BY_FACTOR_FILE,
+    CLAIMS_FILE,
+    CONTRASTS_FILE,
+    FACTOR_DIAGNOSTICS_FILE,
+    FACTOR_EFFECTS_FILE,
+    NUMBERS_FILE,
+    QUESTIONS_FILE,
+    RECOVERY_DIAGNOSTICS_FILE,
+    RECOVERY_FILE,
+    SCORED_FILE,
+    SEMSAM_EFFECT_FILE,
+    UNPARSEABLE_FILE,
+    project_paths,
+)
+from mislib.provenance import Provenance, caption
+from mislib.stage import StageRun
 from mislib.vocabulary import CLAIM_STATUSES as STATUSES
+from mislib.vocabulary import QUESTION_FACTORS
 
 __all__ = [
     "ARM_CLAIMS", "BAYES_AT_N", "CLAIMS", "CLAIM_COLUMNS", "PAPER", "STATUSES", "TABLES",
@@ -98,3 +130,138 @@ __all__ = [
     "markdown_table", "numbers_tex", "read_converged", "read_recovery", "status_reason",
     "write_paper_assets",
 ]
+
+
+def _fingerprint(files: Sequence[Path]) -> str:
+    """The inputs' identity (path, size, mtime) and this package's code, so that a new input
+    or a change to any module of :mod:`mislib.claims` rewrites the assets."""
+    h = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(module.read_bytes())
+    for f in files:
+        if f.exists():
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_converged(root: str | os.PathLike | None = None) -> bool | None:
+    """Whether stage 07's fit converged: the ``converged`` verdict of its
+    ``factor_diagnostics.json`` (:func:`mislib.analysis.read_convergence`, the one reader of
+    that file); None when stage 07 has not run."""
+    verdict = read_convergence(root)
+    return None if verdict is None else bool(verdict["converged"])
+
+
+def read_recovery(root: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Stage 07's recovery study in brief: ``covered``, ``terms``, ``coverage`` (share of
+    planted effects inside their 95 % intervals), ``converged`` and ``calibration`` (the
+    calibration test, :func:`mislib.analysis.recovery.calibration`), both from
+    ``recovery_diagnostics.json`` (None without it); None without a study."""
+    paths = project_paths(root)
+    table_path = paths.analysis / RECOVERY_FILE
+    if not table_path.is_file():
+        return None
+    covered = pd.read_parquet(table_path, columns=["covered"])["covered"].astype(bool)
+    diag_path = paths.analysis / RECOVERY_DIAGNOSTICS_FILE
+    diag = read_diagnostics(diag_path) if diag_path.is_file() else {}
+    return {"covered": int(covered.sum()), "terms": len(covered),
+            "coverage": float(covered.mean()) if len(covered) else math.nan,
+            "converged": bool(diag["converged"]) if diag else None,
+            "calibration": diag.get("calibration")}
+
+
+def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
+                       root: str | os.PathLike | None = None, force: bool = False,
+                       **overrides: Any) -> dict[str, Any]:
+    """Stage 08's tables: ``paper/claims.md``, ``paper/numbers.tex``, ``paper/tables/*``.
+
+    Reads stage 03's ``questions.parquet`` (the generated questions), stage 06's
+    ``scored, bayes_by_factor, semsam_effect, unparseable`` and stage 07's
+    ``factor_effects, contrasts`` (required: notebook 08 runs after 07), its
+    ``factor_diagnostics.json`` (whether the fit converged; unknown when absent) and its
+    recovery study (coverage; said to be missing when absent).
+
+    Returns
+    -------
+    dict with ``claims`` (the DataFrame of :func:`evaluate_claims`), ``provenance``
+    (:class:`mislib.provenance.Provenance` of the numbers) and ``paths`` (every file
+    written).
+    """
+    params = stage_params(profile, "paper", **overrides)
+    level = float(stage_params(profile, "scoring").get("credible_level", 0.95))
+    paths = project_paths(root)
+    inputs = {Path(name).stem: paths.analysis / name for name in
+              (SCORED_FILE, BAYES_BY_FACTOR_FILE, SEMSAM_EFFECT_FILE, UNPARSEABLE_FILE,
+               FACTOR_EFFECTS_FILE, CONTRASTS_FILE)}
+    inputs["questions"] = paths.benchmark / QUESTIONS_FILE
+    for name, path in inputs.items():
+        if not path.is_file():
+            stage = {"factor_effects": "07 (07_factor_analysis)",
+                     "contrasts": "07 (07_factor_analysis)",
+                     "questions": "03 (03_question_generation)"}.get(name, "06 (06_scoring)")
+            raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
+    optional = [paths.analysis / name for name in
+                (FACTOR_DIAGNOSTICS_FILE, RECOVERY_FILE, RECOVERY_DIAGNOSTICS_FILE)]
+    # Paths relative to paper/ (the stamp .paper.stage.json lives there, git-ignored); the
+    # files are written aside and moved in together, the stamp last (mislib.stage).
+    tables_dir = paths.tables.relative_to(paths.paper).as_posix()
+    outputs = [CLAIMS_FILE, NUMBERS_FILE, f"{tables_dir}/.claims.json"] + [
+        f"{tables_dir}/{t}.{ext}" for t in TABLES for ext in ("tex", "md")]
+    stamp_params = {**params, "level": level,
+                    "inputs": _fingerprint([*inputs.values(), *optional])}
+    run = StageRun(paths.paper, "paper", stamp_params, outputs)
+    if not force and run.fresh():
+        saved = json.loads((paths.tables / ".claims.json").read_text())
+        return {"claims": pd.DataFrame.from_records(saved["claims"], columns=CLAIM_COLUMNS),
+                "provenance": _provenance_from_record(saved["provenance"]),
+                "paths": [paths.paper / o for o in outputs if not o.endswith(".claims.json")]}
+
+    tables = {name: pd.read_parquet(path) for name, path in inputs.items()
+              if name != "questions"}
+    scored = tables["scored"]
+    tables["bayes_by_factor_pooled"] = bayes_by_factor(scored, QUESTION_FACTORS, level,
+                                                       per_model=False)
+    converged = read_converged(root)
+    recovery = read_recovery(root)
+    prov = Provenance.from_scored(scored, params["profile"], root, converged=converged)
+    claims = evaluate_claims(scored, tables["contrasts"], arm=str(params["claims_arm"]),
+                             semsam_model=str(params["semsam_claim_model"]),
+                             prompt_baseline=str(params["prompt_baseline"]), level=level,
+                             tolerance=float(params["tolerance_points"]),
+                             min_questions=int(params["min_questions"]), converged=converged)
+    context = {"provenance": prov, "arm": params["claims_arm"], "level": level,
+               "tolerance": float(params["tolerance_points"]),
+               "min_questions": int(params["min_questions"]), "recovery": recovery}
+
+    written = []
+    source = caption(prov)
+    with run:
+        for name, (table, what) in format_tables(tables, claims, level, converged).items():
+            run.path(f"{tables_dir}/{name}.tex").write_text(
+                latex_table(table, f"{what} {source}", name))
+            run.path(f"{tables_dir}/{name}.md").write_text(
+                f"{what}\n\n{source}\n\n{markdown_table(table)}")
+            written += [paths.tables / f"{name}.tex", paths.tables / f"{name}.md"]
+        run.path(NUMBERS_FILE).write_text(numbers_tex(
+            claims, tables, prov, semsam_model=str(params["semsam_claim_model"]),
+            recovery=recovery))
+        run.path(CLAIMS_FILE).write_text(claims_markdown(claims, context))
+        saved = {"provenance": _provenance_record(prov),
+                 "claims": json.loads(claims.to_json(orient="records"))}
+        run.path(f"{tables_dir}/.claims.json").write_text(json.dumps(saved, indent=1))
+    written += [paths.paper / NUMBERS_FILE, paths.paper / CLAIMS_FILE]
+    return {"claims": claims, "provenance": prov, "paths": written}
+
+
+def _provenance_record(prov: Provenance) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(prov)))
+
+
+def _provenance_from_record(record: Mapping[str, Any]) -> Provenance:
+    """The :class:`Provenance` that :func:`_provenance_record` wrote (lists back to tuples)."""
+    fields = dict(record)
+    for key in ("models", "run_ids"):
+        fields[key] = tuple(fields.get(key, ()))
+    fields["counts"] = tuple(tuple(pair) for pair in fields.get("counts", ()))
+    return Provenance(**fields)
