@@ -149,6 +149,25 @@ def test_the_endpoint_fields_accept_the_same_values_in_the_profile_and_in_an_ent
         assert problem.startswith(f"[models.m] {key}")
 
 
+def test_every_endpoint_field_of_an_entry_reaches_the_openai_backend():
+    """What an entry sets of the shared endpoint fields is what the openai backend gets,
+    each a parameter it takes (a field added to EndpointFields reaches it too)."""
+    import inspect
+
+    from mislib.config import EndpointFields, ModelEntry
+    from mislib.inference.backends.openai import OpenAIBackend
+    from mislib.inference.models import endpoint_options
+
+    values = {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY",
+              "stack_as": "video", "price_prompt_per_mtok": 1.0,
+              "price_completion_per_mtok": 2.0, "max_concurrency": 3, "request_budget": 4,
+              "token_budget": 5}
+    assert set(values) == set(EndpointFields.model_fields)
+    assert endpoint_options(ModelEntry(id="m", backend="openai", **values)) == values
+    assert endpoint_options(ModelEntry(id="m", backend="openai")) == {}
+    assert set(values) <= set(inspect.signature(OpenAIBackend).parameters)
+
+
 #: Keys as users paste them where the variable's name belongs: each shaped like a name
 #: (letters, digits, underscores) or nearly, so only the value's shape gives them away.
 PASTED_KEYS = ["ABCDEF0123456789ABCDEF0123456789", "sk_live_4eC39HqLyjWDarjtT1zdp7dc",

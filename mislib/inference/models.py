@@ -28,7 +28,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mislib.config import ModelEntry, ProfileError, load_profile, model_table_errors
+from mislib.config import (
+    EndpointFields,
+    ModelEntry,
+    ProfileError,
+    load_profile,
+    model_table_errors,
+)
 
 __all__ = ["ModelEntry", "check_remote_code", "endpoint_options", "local_backend_options",
            "model_entries", "model_entry", "model_identity"]
@@ -108,10 +114,9 @@ def local_backend_options(entry: ModelEntry) -> dict[str, Any]:
     return out
 
 
-#: Keys of an entry that the openai backend takes as keyword arguments.
-ENDPOINT_KEYS = ("base_url", "api_key_env", "stack_as", "price_prompt_per_mtok",
-                 "price_completion_per_mtok", "max_concurrency", "request_budget",
-                 "token_budget")
+#: Keys of an entry that the openai backend takes as keyword arguments: the fields an entry
+#: shares with ``[inference.openai]`` (one definition, :class:`mislib.config.EndpointFields`).
+ENDPOINT_KEYS = tuple(EndpointFields.model_fields)
 
 
 def endpoint_options(entry: ModelEntry) -> dict[str, Any]:
