@@ -336,9 +336,10 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     if fresh and stored_id == run_id:
         return stored_run()  # the same server answers: the stored run is current
     if fresh:
-        log.info("%s: the stored run %s came from another server than the one at %s now "
-                 "(a changed served model, decoder or vLLM version): this is run %s", stage,
-                 stored_id, options.get("base_url"), run_id)
+        log.info("%s: the stored run %s has another identity than a run on the server at %s "
+                 "now (another server: weights, decoder or vLLM version; or other endpoint "
+                 "settings: served model, stack_as): this is run %s", stage, stored_id,
+                 options.get("base_url"), run_id)
     run_dir = store.open_run(results_dir, run_id, identity)
     if force:
         with store.exclusive_lock(run_dir):

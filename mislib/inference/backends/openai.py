@@ -327,11 +327,13 @@ class OpenAIBackend:
                 ["top_k"] if self.send_top_k else [])
         return out
 
-    def server_identity(self) -> dict[str, Any]:
+    def server_identity(self, server: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What the server says about the model it serves, where it says it (``GET
         /models``: the weights it loaded, ``root``, and who serves it, ``owned_by``; a vLLM
-        server's ``GET /version``). Empty for an API that lists none of it."""
-        return {k: self.server[k] for k in ("root", "owned_by", "version") if k in self.server}
+        server's ``GET /version``). Empty for an API that lists none of it. ``server``: a
+        description read now (default: the one this backend read last)."""
+        server = self.server if server is None else server
+        return {k: server[k] for k in ("root", "owned_by", "version") if k in server}
 
     def session_info(self) -> dict[str, Any]:
         """Facts of this session beyond the identity: the endpoint and its model metadata
@@ -608,7 +610,7 @@ class OpenAIBackend:
             raise
         except EndpointError:
             return False  # still down or busy: the request's own retry waits for it
-        now = {"server": {k: info[k] for k in ("root", "owned_by", "version") if k in info},
+        now = {"server": self.server_identity(info),
                "semsam": info.get("semsam")}
         then = {"server": self.server_identity(), "semsam": self.semsam_server}
         if now != then:
