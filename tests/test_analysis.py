@@ -652,6 +652,10 @@ def test_the_recovery_study_finds_the_planted_effects_without_bias(recovery):
     # the free coordinates: fewer than the terms (sum-to-zero), more than the factors
     assert 15 < cal["df"] < len(table)
     assert rec.coverage == pytest.approx(table["covered"].mean())
+    # The acceptance, for the study notebook 07 runs (its seed): >= 90 % covered. One
+    # study's coverage scatters with the seed (45-51 of 51 over seeds 1-8, bench/RESULTS.md),
+    # so the bias verdict is the calibration test above, not this count.
+    assert rec.coverage >= 0.9, table[~table["covered"]]
     assert np.corrcoef(table["mean"], table["planted"])[0, 1] > 0.9  # not just wide intervals
     planted = table.set_index("term")["planted"]
     # the paper's findings are planted, the no-prompt level among them
