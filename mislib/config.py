@@ -31,6 +31,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -416,15 +417,18 @@ SCHEMA: dict[str, type[_Table]] = {
 TOP_LEVEL_KEYS = {"seed": int, "name": str}
 
 
-#: Parts of a key's name that say its value may be a secret: a key pasted under a name of
-#: its own (``api_key = "..."``, ``token``, ``secret``) is an unknown key, and its error must
-#: not show it any more than ``api_key_env``'s does.
-SECRET_NAME_PARTS = ("key", "token", "secret", "passw", "credential", "auth")
+#: Words of a key's name (between ``_``, ``-`` or ``.``) that say its value may be a
+#: secret: a key pasted under a name of its own (``api_key = "..."``, ``token``,
+#: ``secret``) is an unknown key, and its error must not show it any more than
+#: ``api_key_env``'s does. Whole words: ``max_new_tokens`` keeps its value in errors.
+SECRET_NAME_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd",
+                               "credential", "credentials", "auth", "authorization",
+                               "bearer"})
 
 
 def secret_name(name: Any) -> bool:
     """Whether an error should not show the value of the key ``name`` (it may be a secret)."""
-    return any(part in str(name).lower() for part in SECRET_NAME_PARTS)
+    return bool(SECRET_NAME_WORDS & set(re.split(r"[_.\-]+", str(name).lower())))
 
 
 def _show(value: Any) -> str:

@@ -229,6 +229,13 @@ def test_a_key_under_a_name_of_its_own_is_refused_without_being_echoed(name):
     assert f"[inference] {name}" in str(err.value)
     shown += "".join(model_table_errors("m", {"id": "m", name: secret}))
     assert secret not in shown and secret[:10] not in shown and secret[-10:] not in shown
+    # a key whose name only contains such a word keeps its value in errors
+    prof = copy.deepcopy(load_profile("demo"))
+    prof["inference"]["max_new_tokens"] = "many"
+    with pytest.raises(ProfileError, match=r"\[inference\] max_new_tokens = 'many'"):
+        check_profile(prof, ["inference"])
+    assert "forced_answer_tokens = 0" in model_table_errors(
+        "m", {"id": "m", "forced_answer_tokens": 0})[0]
 
 
 def test_a_bad_entry_stops_the_cli_with_exit_code_2(tmp_path, capsys, monkeypatch):
