@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -633,3 +634,46 @@ def test_semsam_table_names_a_model_decoded_on_an_endpoint():
                                            "ambiguous_rate": [0.0]})}
     table, _ = C.format_tables(tables, C.evaluate_claims(scored))["semsam_effect"]
     assert table["model"].tolist() == ["m", "m via openai"]
+
+
+def test_claims_md_gives_an_unbiased_calibration_p_as_numbers_tex_does():
+    """An unbiased p below 0.005 read 'p = 0.00' in claims.md (two decimals) while
+    numbers.tex gave '= 0.0023'; a p of 0.00 next to 'no sign of bias' contradicts itself."""
+    recovery = {"covered": 50, "terms": 51, "coverage": 50 / 51, "converged": True,
+                "calibration": {"p_value": 0.0023, "unbiased": True}}
+    sentence = C._recovery_sentence(recovery)
+    assert "(calibration test p = 0.0023): no sign of bias" in sentence
+    assert "p = 0.00)" not in sentence
+
+
+def test_paper_assets_are_redone_when_what_they_count_from_changes(tmp_root, study,
+                                                                   monkeypatch):
+    """The stamp holds every input stage 08 reads: the runs' records (the questions asked
+    are counted from them) and the code that counts and estimates (mislib.provenance,
+    mislib.bayes), not only stage 06/07's tables and mislib.claims."""
+    import mislib.provenance as provenance
+
+    _paper_assets(tmp_root, study, {"converged": True})
+    stamp = tmp_root / "paper" / ".paper.stage.json"
+
+    def rewritten() -> bool:
+        before = stamp.stat().st_mtime_ns
+        C.write_paper_assets("demo", tmp_root)
+        return stamp.stat().st_mtime_ns != before
+
+    assert not rewritten()
+    # a run's records gain a question whose every trial failed; scored.parquet is as it was
+    responses = next((tmp_root / "data" / "results").glob("*/responses.parquet"))
+    records = pd.read_parquet(responses)
+    failed = records.iloc[:1].assign(question_id="q-failed", status="error")
+    pd.concat([records, failed], ignore_index=True).to_parquet(responses, index=False)
+    assert rewritten()
+    values = dict(re.findall(r"\\newcommand\{\\([^}]*)\}\{(.*)\}",
+                             (tmp_root / "paper" / "numbers.tex").read_text()))
+    assert values["misNQuestionsAsked"] == "301"
+    assert not rewritten()
+    # the counting code changes (a copy of mislib.provenance with one more line)
+    changed = tmp_root / "provenance.py"
+    changed.write_text(Path(provenance.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(provenance, "__file__", str(changed))
+    assert rewritten()

@@ -113,6 +113,8 @@ from mislib.paths import (
     QUESTIONS_FILE,
     RECOVERY_DIAGNOSTICS_FILE,
     RECOVERY_FILE,
+    RESPONSES_FILE,
+    RUN_FILE,
     SCORED_FILE,
     SEMSAM_EFFECT_FILE,
     UNPARSEABLE_FILE,
@@ -133,10 +135,16 @@ __all__ = [
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
-    """The inputs' identity (path, size, mtime) and this package's code, so that a new input
-    or a change to any module of :mod:`mislib.claims` rewrites the assets."""
+    """The inputs' identity (path, size, mtime) and the code that computes the assets (every
+    module of :mod:`mislib.claims`, :mod:`mislib.provenance`, which counts the questions
+    asked and words the captions, and :mod:`mislib.bayes`, which estimates the claims), so
+    that a new input or a change to that code rewrites the assets."""
+    import mislib.bayes
+    import mislib.provenance
+
     h = hashlib.sha256()
-    for module in sorted(Path(__file__).parent.glob("*.py")):
+    for module in [*sorted(Path(__file__).parent.glob("*.py")),
+                   Path(mislib.provenance.__file__), Path(mislib.bayes.__file__)]:
         h.update(module.read_bytes())
     for f in files:
         if f.exists():
@@ -179,8 +187,10 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
     Reads stage 03's ``questions.parquet`` (the generated questions), stage 06's
     ``scored, bayes_by_factor, semsam_effect, unparseable`` and stage 07's
     ``factor_effects, contrasts`` (required: notebook 08 runs after 07), its
-    ``factor_diagnostics.json`` (whether the fit converged; unknown when absent) and its
-    recovery study (coverage; said to be missing when absent).
+    ``factor_diagnostics.json`` (whether the fit converged; unknown when absent), its
+    recovery study (coverage; said to be missing when absent) and the scored runs' records
+    (``responses.parquet``, what was asked; ``run.json``, whether simulated). All of them and
+    the code that computes the assets are in the stamp: a change to any redoes them.
 
     Returns
     -------
@@ -203,6 +213,11 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
     optional = [paths.analysis / name for name in
                 (FACTOR_DIAGNOSTICS_FILE, RECOVERY_FILE, RECOVERY_DIAGNOSTICS_FILE)]
+    # the records of the runs scored (Provenance.from_scored counts the questions asked from
+    # them) and their run.json (whether simulated)
+    for run_id in sorted(pd.read_parquet(inputs["scored"], columns=["run_id"])["run_id"]
+                         .astype(str).unique()):
+        optional += [paths.results / run_id / name for name in (RESPONSES_FILE, RUN_FILE)]
     # Paths relative to paper/ (the stamp .paper.stage.json lives there, git-ignored); the
     # files are written aside and moved in together, the stamp last (mislib.stage).
     tables_dir = paths.tables.relative_to(paths.paper).as_posix()

@@ -367,7 +367,7 @@ def _recovery_sentence(recovery: Mapping[str, Any] | None) -> str:
     cal = recovery.get("calibration")
     verdict = "" if not cal else (
         f" Taken together the planted effects lie where the fit puts them (calibration test "
-        f"p = {cal['p_value']:.2f}): no sign of bias." if cal["unbiased"] else
+        f"p = {cal['p_value']:.2g}): no sign of bias." if cal["unbiased"] else
         f" Taken together the planted effects lie further from the fit than chance allows "
         f"(calibration test p = {cal['p_value']:.1g}): the recovery is BIASED.")
     return (f" In stage 07's recovery study (simulated effects shaped like the paper's), the "
