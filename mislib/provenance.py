@@ -115,6 +115,23 @@ def read_sent_records(run_ids: Iterable[str],
     return pd.concat(frames, ignore_index=True)
 
 
+def _scored_runs(profile: str | Mapping[str, Any],
+                 root: str | os.PathLike | None) -> set[str]:
+    """The run ids stage 06 reads for ``profile`` (:func:`mislib.scoring.find_runs`: the
+    ``[scoring] runs`` named, else the current runs); none when ``root`` holds no run."""
+    from mislib.config import ProfileError, stage_params
+    from mislib.scoring import find_runs
+
+    try:
+        runs = stage_params(profile, "scoring").get("runs")
+    except ProfileError:  # a partial mapping (no [scoring] table): stage 06's default
+        runs = None
+    try:
+        return {path.parent.name for path in find_runs(root, runs)}
+    except FileNotFoundError:  # no run on disk: the scored table's runs name what is missing
+        return set()
+
+
 def _answered(records: pd.DataFrame) -> pd.DataFrame:
     """The records a model answered (``answered``, else ``status == "ok"``; all without
     either column: stage 06's scored table holds answered records only)."""
@@ -132,8 +149,9 @@ class Provenance:
     Attributes
     ----------
     profile : the profile's name.
-    models : model ids that answered (empty before inference).
-    run_ids : stage 04 run folders the numbers read (empty before inference).
+    models : model ids the runs sent questions to, answered or not (empty before inference).
+    run_ids : stage 04 run folders the numbers read, with any whose every record failed
+        (empty before inference).
     n_questions_generated : rows of stage 03's ``questions.parquet`` (0: not yet generated).
     n_questions_asked : distinct questions sent to a model in the runs (answered or not).
     n_trials : trials per question (the most any (model, arm, question) was sent).
@@ -166,10 +184,12 @@ class Provenance:
                     sent: pd.DataFrame | None = None) -> Provenance:
         """The provenance of numbers computed from stage 06's ``scored`` table.
 
-        The questions asked and the trials are counted from what was sent (``sent``, by
-        default the runs' records under ``root``, :func:`read_sent_records`), not from the
-        scored rows: a question whose every trial failed was asked all the same. The
-        questions with an answer are counted apart (``n_questions_answered``).
+        The questions asked, the trials, the models and the runs are counted from what was
+        sent (``sent``, by default the records under ``root`` of the scored table's runs and
+        of the runs stage 06 reads, :func:`read_sent_records`), not from the scored rows: a
+        question whose every trial failed was asked all the same, and a run whose every
+        record failed has no scored row at all. The questions with an answer are counted
+        apart (``n_questions_answered``).
 
         Parameters
         ----------
@@ -195,12 +215,17 @@ class Provenance:
         missing = [c for c in needed if c not in scored]
         if missing:
             raise ValueError(f"scored table lacks columns {missing} (stage 06's scored.parquet)")
-        models = tuple(sorted(scored["model"].astype(str).unique()))
-        run_ids = tuple(sorted(scored["run_id"].astype(str).unique()))
+        run_ids = set(scored["run_id"].astype(str))
         if n_questions_generated is None:
             n_questions_generated = count_generated_questions(root)
         if sent is None:
+            # a run whose every record failed has no row in scored.parquet: the runs are
+            # those stage 06 read, with the scored table's
+            run_ids |= _scored_runs(profile, root)
             sent = read_sent_records(run_ids, root)
+        run_ids |= set(sent["run_id"].astype(str)) if "run_id" in sent else set()
+        models = tuple(sorted(set(scored["model"].astype(str)) | set(sent["model"].astype(str))))
+        run_ids = tuple(sorted(run_ids))
         n_trials = (int(sent.groupby(["model", "arm", "question_id"])["trial"].nunique().max())
                     if len(sent) else 0)
         asked = set(sent["question_id"].astype(str)) | set(scored["question_id"].astype(str))

@@ -78,6 +78,31 @@ def test_asked_counts_what_stage_06_left_out_of_the_scored_table(tmp_root):
     assert prov.n_questions_generated == 40
 
 
+def test_a_run_whose_every_record_failed_is_counted_as_asked_to_its_model(tmp_root):
+    """End to end through stage 06: model n's runs failed in every record (e.g. out of
+    memory), so no row of theirs is in scored.parquet; they were sent 40 questions all the
+    same (model m 30 of them), and n is one of the models asked."""
+    from mislib.scoring import score_runs
+    from mislib.simulate import simulate_study, write_study
+
+    study = simulate_study(n_questions=40, n_trials=2, seed=3, models=("m", "n"))
+    late = study.questions["question_id"].iloc[30:]
+    responses = study.responses
+    responses = responses[~((responses["model"] == "m")
+                            & responses["question_id"].isin(late))].copy()
+    responses["status"] = "ok"
+    responses.loc[responses["model"] == "n", "status"] = "error"
+    study.responses = responses
+    write_study(study, tmp_root)
+    scored = score_runs("demo", root=tmp_root, progress=False)["scored"]
+    assert set(scored["model"]) == {"m"} and scored["question_id"].nunique() == 30
+    prov = Provenance.from_scored(scored, "demo", root=tmp_root)
+    assert prov.models == ("m", "n")
+    assert set(prov.run_ids) == set(responses["run_id"])
+    assert (prov.n_questions_asked, prov.n_questions_answered) == (40, 30)
+    assert "models m, n" in prov.label() and "40 of 40 questions (30 answered)" in prov.label()
+
+
 def test_asked_needs_the_runs_records_and_names_a_missing_one(tmp_root):
     with pytest.raises(FileNotFoundError, match="responses.parquet"):
         Provenance.from_scored(_scored(), "demo", root=tmp_root, n_questions_generated=1)
