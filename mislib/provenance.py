@@ -115,7 +115,7 @@ def read_sent_records(run_ids: Iterable[str],
     return pd.concat(frames, ignore_index=True)
 
 
-def _scored_runs(profile: str | Mapping[str, Any],
+def scored_run_ids(profile: str | Mapping[str, Any],
                  root: str | os.PathLike | None) -> set[str]:
     """The run ids stage 06 reads for ``profile`` (:func:`mislib.scoring.find_runs`: the
     ``[scoring] runs`` named, else the current runs); none when ``root`` holds no run."""
@@ -221,7 +221,7 @@ class Provenance:
         if sent is None:
             # a run whose every record failed has no row in scored.parquet: the runs are
             # those stage 06 read, with the scored table's
-            run_ids |= _scored_runs(profile, root)
+            run_ids |= scored_run_ids(profile, root)
             sent = read_sent_records(run_ids, root)
         run_ids |= set(sent["run_id"].astype(str)) if "run_id" in sent else set()
         models = tuple(sorted(set(scored["model"].astype(str)) | set(sent["model"].astype(str))))

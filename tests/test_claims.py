@@ -672,6 +672,16 @@ def test_paper_assets_are_redone_when_what_they_count_from_changes(tmp_root, stu
                              (tmp_root / "paper" / "numbers.tex").read_text()))
     assert values["misNQuestionsAsked"] == "301"
     assert not rewritten()
+    # a run whose every record failed (no scored row) joins the runs stage 06 reads
+    failed_run = tmp_root / "data" / "results" / "failed-run"
+    failed_run.mkdir()
+    records.assign(run_id="failed-run", model="failed-model", status="error").to_parquet(
+        failed_run / "responses.parquet", index=False)
+    assert rewritten()
+    values = dict(re.findall(r"\\newcommand\{\\([^}]*)\}\{(.*)\}",
+                             (tmp_root / "paper" / "numbers.tex").read_text()))
+    assert values["misNModels"] == "3"
+    assert not rewritten()
     # the counting code changes (a copy of mislib.provenance with one more line)
     changed = tmp_root / "provenance.py"
     changed.write_text(Path(provenance.__file__).read_text() + "\n# changed\n")

@@ -120,7 +120,7 @@ from mislib.paths import (
     UNPARSEABLE_FILE,
     project_paths,
 )
-from mislib.provenance import Provenance, caption
+from mislib.provenance import Provenance, caption, scored_run_ids
 from mislib.stage import StageRun
 from mislib.vocabulary import CLAIM_STATUSES as STATUSES
 from mislib.vocabulary import QUESTION_FACTORS
@@ -213,10 +213,10 @@ def write_paper_assets(profile: str | Mapping[str, Any] = "demo",
             raise FileNotFoundError(f"{path} is missing: run stage {stage} first")
     optional = [paths.analysis / name for name in
                 (FACTOR_DIAGNOSTICS_FILE, RECOVERY_FILE, RECOVERY_DIAGNOSTICS_FILE)]
-    # the records of the runs scored (Provenance.from_scored counts the questions asked from
-    # them) and their run.json (whether simulated)
-    for run_id in sorted(pd.read_parquet(inputs["scored"], columns=["run_id"])["run_id"]
-                         .astype(str).unique()):
+    # the records of the runs scored or read by stage 06 (Provenance.from_scored counts the
+    # questions asked from them) and their run.json (whether simulated)
+    scored_runs = set(pd.read_parquet(inputs["scored"], columns=["run_id"])["run_id"].astype(str))
+    for run_id in sorted(scored_runs | scored_run_ids(params["profile"], root)):
         optional += [paths.results / run_id / name for name in (RESPONSES_FILE, RUN_FILE)]
     # Paths relative to paper/ (the stamp .paper.stage.json lives there, git-ignored); the
     # files are written aside and moved in together, the stamp last (mislib.stage).
