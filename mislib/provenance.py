@@ -162,6 +162,9 @@ class Provenance:
         stage before inference.
     n_questions_answered : distinct questions with at least one answered record (None: not
         counted apart, i.e. every question asked was answered or it is unknown).
+    n_trials_min : the trials of the (model, arm) sent the fewest, when fewer than
+        ``n_trials`` (models run with different ``n_trials``); None when all were sent
+        ``n_trials``.
     """
 
     profile: str
@@ -175,6 +178,7 @@ class Provenance:
     simulated: bool = False
     counts: tuple[tuple[str, int], ...] = ()
     n_questions_answered: int | None = None
+    n_trials_min: int | None = None
 
     @classmethod
     def from_scored(cls, scored: pd.DataFrame, profile: str | Mapping[str, Any],
@@ -226,8 +230,12 @@ class Provenance:
         run_ids |= set(sent["run_id"].astype(str)) if "run_id" in sent else set()
         models = tuple(sorted(set(scored["model"].astype(str)) | set(sent["model"].astype(str))))
         run_ids = tuple(sorted(run_ids))
-        n_trials = (int(sent.groupby(["model", "arm", "question_id"])["trial"].nunique().max())
-                    if len(sent) else 0)
+        # trials per (model, arm): the most any of its questions was sent (an unfinished
+        # question does not make a range); their range over the models and arms
+        per_run = (sent.groupby(["model", "arm", "question_id"])["trial"].nunique()
+                   .groupby(level=["model", "arm"]).max())
+        n_trials = int(per_run.max()) if len(per_run) else 0
+        n_trials_min = int(per_run.min()) if len(per_run) else 0
         asked = set(sent["question_id"].astype(str)) | set(scored["question_id"].astype(str))
         answered = int(_answered(scored)["question_id"].nunique())
         return cls(profile=profile_name(profile), models=models, run_ids=run_ids,
@@ -235,7 +243,8 @@ class Provenance:
                    n_questions_asked=len(asked), n_trials=n_trials,
                    smoke=any(is_smoke_model(m) for m in models),
                    converged=converged, simulated=_any_simulated(run_ids, root),
-                   n_questions_answered=answered if answered < len(asked) else None)
+                   n_questions_answered=answered if answered < len(asked) else None,
+                   n_trials_min=n_trials_min if n_trials_min < n_trials else None)
 
     @classmethod
     def from_profile(cls, profile: str | Mapping[str, Any],
@@ -258,6 +267,13 @@ class Provenance:
 
         return replace(self, **changes)
 
+    def trials_text(self, dash: str = "–") -> str:
+        """The trials per question: ``"5"``, or ``"2–5"`` when models or arms were sent
+        different numbers of trials."""
+        if self.n_trials_min is None or self.n_trials_min >= self.n_trials:
+            return f"{self.n_trials:,}"
+        return f"{self.n_trials_min:,}{dash}{self.n_trials:,}"
+
     def label(self) -> str:
         """One line: profile · model(s) · runs · questions × trials (· fit not converged)."""
         parts = [f"profile {self.profile}"]
@@ -276,7 +292,7 @@ class Provenance:
             text += " questions"
             if self.n_questions_answered is not None:
                 text += f" ({self.n_questions_answered:,} answered)"
-            parts.append(f"{text} × {self.n_trials:,} "
+            parts.append(f"{text} × {self.trials_text()} "
                          f"trial{'s' if self.n_trials != 1 else ''}")
         elif self.n_questions_generated:
             parts.append(f"{self.n_questions_generated:,} questions generated")

@@ -246,3 +246,22 @@ def test_stamp_works_on_a_figure_made_without_pyplot():
     fig.add_subplot().plot([0, 1], [0, 1])
     stamp(fig, Provenance.from_profile("demo", {"volumes": 1}))
     assert _stamp_texts(fig) == ["profile demo · 1 volume"]
+
+
+def test_trials_that_differ_between_models_are_given_as_their_range():
+    """Model a was sent each question twice, model b five times: '× 5 trials' (the most)
+    said b's count of a's questions; the label and numbers.tex give the range."""
+    from mislib import claims as C
+    from mislib.bayes import bayes_by_factor
+
+    scored = pd.concat([_scored(models=("a",), n_trials=2), _scored(models=("b",), n_trials=5)],
+                       ignore_index=True)
+    prov = _from_scored(scored, "demo", n_questions_generated=10)
+    assert (prov.n_trials, prov.n_trials_min) == (5, 2)
+    assert "3 of 10 questions × 2–5 trials" in prov.label()
+    same = _from_scored(_scored(models=("a", "b"), n_trials=2), "demo", n_questions_generated=10)
+    assert same.n_trials_min is None and "× 2 trials" in same.label()
+    tables = {"scored": scored,
+              "bayes_by_factor_pooled": bayes_by_factor(scored, per_model=False)}
+    numbers = C.numbers_tex(C.evaluate_claims(scored), tables, prov)
+    assert "\\newcommand{\\misNTrials}{2--5}" in numbers

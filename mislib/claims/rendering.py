@@ -308,7 +308,7 @@ def numbers_tex(claims: pd.DataFrame, tables: Mapping[str, pd.DataFrame], prov: 
     add("NQuestionsAsked", _count(prov.n_questions_asked))
     add("NQuestionsAnswered", _count(prov.n_questions_asked if prov.n_questions_answered is None
                                      else prov.n_questions_answered))
-    add("NTrials", str(prov.n_trials))
+    add("NTrials", prov.trials_text(dash="--"))
     add("NModels", str(len(prov.models)))
     add("NResponses", _count(len(tables["scored"])))
     add("Tolerance", f"{float(claims['tolerance'].iat[0]):g}" if len(claims) else "")
