@@ -570,6 +570,18 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
+def profile_name(profile: str | os.PathLike | Mapping[str, Any]) -> str:
+    """A profile's name: the ``name`` of a loaded mapping, a TOML file's stem, or the name.
+
+    >>> profile_name("demo"), profile_name("configs/my_run.toml"), profile_name({"name": "x"})
+    ('demo', 'my_run', 'x')
+    """
+    if isinstance(profile, Mapping):
+        return str(profile.get("name", "custom"))
+    text = os.fspath(profile)
+    return Path(text).stem if text.endswith(".toml") else text
+
+
 def resolve_profile(name: str | os.PathLike) -> str:
     """A profile name as is, or a TOML path made absolute from the current directory.
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from mislib.config import ProfileError, load_profile, resolve_profile
+from mislib.config import ProfileError, load_profile, profile_name, resolve_profile
 from mislib.paths import project_paths
 
 NOTEBOOK_RE = re.compile(r"^(\d{2})_[a-z0-9_]+\.ipynb$")
@@ -68,8 +68,7 @@ def reproduce(profile: str = "demo", only: str | None = None, force: bool = Fals
     profile = resolve_profile(profile)
     load_profile(profile)  # raises ProfileError naming table, key and value
     paths = project_paths(root)
-    profile_name = Path(profile).stem if str(profile).endswith(".toml") else profile
-    out_dir = paths.build / "notebooks" / profile_name
+    out_dir = paths.build / "notebooks" / profile_name(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = []
     for nb in list_notebooks(root, only):

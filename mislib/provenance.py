@@ -26,10 +26,11 @@ import os
 import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from mislib.config import profile_name  # noqa: F401  (re-exported: stamps name their profile)
 
 #: Model ids of the demo's randomly initialised models start with this.
 SMOKE_PREFIX = "smoke:"
@@ -47,17 +48,6 @@ def is_smoke_model(model_id: Any) -> bool:
     """
     return str(model_id).startswith(SMOKE_PREFIX)
 
-
-def profile_name(profile: str | os.PathLike | Mapping[str, Any]) -> str:
-    """A profile's name: the ``name`` of a loaded mapping, a TOML file's stem, or the name.
-
-    >>> profile_name("demo"), profile_name("configs/my_run.toml"), profile_name({"name": "x"})
-    ('demo', 'my_run', 'x')
-    """
-    if isinstance(profile, Mapping):
-        return str(profile.get("name", "custom"))
-    text = os.fspath(profile)
-    return Path(text).stem if text.endswith(".toml") else text
 
 
 def count_generated_questions(root: str | os.PathLike | None = None) -> int:

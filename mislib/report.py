@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mislib.config import profile_name
 from mislib.notebooks import NOTEBOOK_RE
 from mislib.paths import RUN_FILE, SCORED_FILE, project_paths
 
@@ -332,7 +333,7 @@ def build_report(profile: str = "demo", root: str | os.PathLike | None = None,
     from tqdm import tqdm
 
     paths = project_paths(root)
-    name = Path(profile).stem if str(profile).endswith(".toml") else str(profile)
+    name = profile_name(profile)
     executed = paths.build / "notebooks" / name
     books = read_executed(executed)
     if not books:

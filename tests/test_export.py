@@ -197,6 +197,26 @@ def test_a_changed_render_makes_the_export_stale(exported, tmp_path):
     assert not info["reused"]
 
 
+def test_a_profile_given_as_a_toml_path_is_named_in_the_export_not_its_path(exported,
+                                                                           tmp_path):
+    """The export is shared with other machines: it names the profile (the TOML's stem),
+    never where the file lies on this one."""
+    from mislib.config import PROFILE_DIR
+
+    root, _, _ = exported
+    copy = _copy_benchmark(root, tmp_path / "copy")
+    toml = tmp_path / "profiles" / "my_run.toml"
+    toml.parent.mkdir()
+    toml.write_text((PROFILE_DIR / "demo.toml").read_text())
+    info = export(str(toml), root=copy, check=False)
+    assert not info["reused"] and info["profile"] == "my_run"
+    written = [f for f in (copy / "data" / "benchmark" / "export").rglob("*")
+               if f.is_file() and not f.name.startswith(".")]
+    assert written
+    for f in written:
+        assert str(tmp_path).encode() not in f.read_bytes(), f
+
+
 def test_an_export_stopped_by_an_error_leaves_the_previous_export_intact(exported, tmp_path,
                                                                          monkeypatch):
     """The three exports are written aside and moved in only when all are complete: an error

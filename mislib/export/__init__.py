@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from mislib.config import config_hash, read_stamp, stage_params
+from mislib.config import config_hash, profile_name, read_stamp, stage_params
 from mislib.export._common import none, read_questions
 from mislib.export.hf import check_hf, write_hf
 from mislib.export.lmms_eval import GROUP, write_lmms_eval
@@ -99,6 +99,8 @@ def export_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
     for name in _LEGACY:
         (out["dir"] / name).unlink(missing_ok=True)
     inference = stage_params(profile, "inference")
+    # the files name the profile, not the path of its TOML on this machine
+    name = profile_name(profile)
     settings = {"profile": str(profile), "rows_per_shard": int(rows_per_shard),
                 "rows_per_group": int(rows_per_group),
                 "n_trials": int(inference.get("n_trials", 1)),
@@ -119,15 +121,15 @@ def export_benchmark(profile: str = "demo", root: str | os.PathLike | None = Non
                         reused=True)
     with run:  # written under a staging folder, moved in together, the stamp last
         # the lmms-eval tasks name the HF files by relative paths, the same once moved in
-        hf = write_hf(questions, paths.benchmark, run.path("hf"), profile=str(profile),
+        hf = write_hf(questions, paths.benchmark, run.path("hf"), profile=name,
                       rows_per_shard=rows_per_shard, rows_per_group=rows_per_group,
                       progress=progress)
         lmms = write_lmms_eval(questions, hf["files"], run.path("hf"), run.path("lmms_eval"),
                                n_trials=settings["n_trials"],
-                               max_new_tokens=settings["max_new_tokens"], profile=str(profile))
+                               max_new_tokens=settings["max_new_tokens"], profile=name)
         vlm = write_vlmevalkit(questions, paths.benchmark, run.path("vlmevalkit"),
                                progress=progress)
-        record = _record(run.staging, questions, hf, lmms, vlm, str(profile))
+        record = _record(run.staging, questions, hf, lmms, vlm, name)
         run.path(SUMMARY_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return _summary(record, out["dir"], reused=False)
 
