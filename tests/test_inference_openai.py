@@ -310,6 +310,19 @@ def test_content_parts_and_a_reasoning_field_are_kept_as_the_raw_text(bench, tmp
     assert (frame["raw_text"] == "<think>B lies lower.</think>Answer: True").all()
 
 
+def test_none_in_the_calls_endpoint_settings_means_the_profiles_value(bench, tmp_path,
+                                                                      endpoint):
+    """A notebook's parameters cell leaves a knob at None for "the profile's value"."""
+    run = run_inference(_profile(endpoint.url, max_concurrency=1), arm="baseline", root=bench,
+                        out=tmp_path / "results", limit=2, progress=False,
+                        openai={"max_concurrency": None, "base_url": None})
+    frame = pd.read_parquet(run.responses)
+    assert len(frame) == 4 and (frame["status"] == "ok").all()
+    from mislib.inference.store import read_sessions
+
+    assert [s["backend"]["max_concurrency"] for s in read_sessions(run.responses.parent)] == [1]
+
+
 def test_a_401_stops_the_run_at_once_and_keeps_what_was_written(bench, tmp_path, endpoint,
                                                                monkeypatch):
     from mislib.inference.backends.openai import EndpointAuthError

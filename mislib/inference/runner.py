@@ -294,8 +294,12 @@ def run_inference(profile: str | Mapping[str, Any] = "demo", arm: str = "baselin
     # changes how the model runs, not what it answers. An endpoint's settings: the
     # profile's [inference.openai] table, the entry's over it, this call's (--base-url) last
     if backend_name == "openai":
-        options = {**dict((prof.get("inference") or {}).get("openai") or {}),
-                   **endpoint_options(entry), **dict(overrides.get("openai") or {})}
+        # None in a table (a notebook's parameters cell) means "the value below it"
+        options = {key: value for key, value in
+                   {**dict((prof.get("inference") or {}).get("openai") or {}),
+                    **endpoint_options(entry)}.items() if value is not None}
+        options.update({key: value for key, value in dict(overrides.get("openai") or {}).items()
+                        if value is not None})
     else:
         options = {**local_backend_options(entry), **dict(params.get(backend_name) or {})}
     try:
