@@ -127,8 +127,31 @@ def chance_level(rows: pd.DataFrame, question_ids: Any = None) -> float:
     return float((1.0 / per_question.astype(float)).mean())
 
 
+#: The column :func:`bayes_by` marks each pooled (model, arm) with.
+_UNIT = "_pooled_unit"
+
+
+def _pooled_matrix(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`outcome_matrix` of rows pooled over (model, arm) units (:data:`_UNIT`).
+
+    Each unit's questions are complete on that unit's own trials (an unfinished question
+    is left out as in :func:`outcome_matrix`); units sent different numbers of trials are
+    pooled on the first N trials of each, N the fewest any unit has, since Bayes@N needs
+    one N. (Against the most trials of any unit, every question of a unit sent fewer was
+    'incomplete', and a pooled estimate was the other units' alone.)
+    """
+    parts = [outcome_matrix(g.drop(columns=_UNIT)) for _, g in rows.groupby(_UNIT, sort=True)]
+    n_incomplete = sum(p[2] for p in parts)
+    parts = [p for p in parts if p[0].size]
+    if not parts:
+        return np.zeros((0, 0), np.int64), np.array([], dtype=object), n_incomplete
+    n = min(p[0].shape[1] for p in parts)
+    return (np.vstack([p[0][:, :n] for p in parts]),
+            np.concatenate([p[1] for p in parts]), n_incomplete)
+
+
 def _bayes_row(rows: pd.DataFrame, level: float) -> dict[str, Any]:
-    R, qids, n_incomplete = outcome_matrix(rows)
+    R, qids, n_incomplete = (_pooled_matrix(rows) if _UNIT in rows else outcome_matrix(rows))
     if R.size == 0:
         return {"n_questions": 0, "n_trials": 0, "n_incomplete": n_incomplete,
                 "n_responses": 0, "accuracy": np.nan, "chance": np.nan, "mu": np.nan,
@@ -149,7 +172,8 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     by : grouping columns, e.g. ``["model", "arm", "convention", "terminology"]``; rows
         where a grouping column is null (the factor does not apply) are left out. Without
         ``model`` (or ``arm``) in ``by`` the models (arms) are pooled, each (model, arm,
-        question) counting as one question of Bayes@N. With a ``backend`` column, a model
+        question) counting as one question of Bayes@N; (model, arm)s sent different
+        numbers of trials are pooled on the first N trials of each, N the fewest. With a ``backend`` column, a model
         decoded on an endpoint is the model ``"<model> via <decoder>"``
         (:func:`mislib.vocabulary.decoded_model`), never pooled into its local run.
     level : credible level of ``lo``/``hi``.
@@ -173,10 +197,11 @@ def bayes_by(scored: pd.DataFrame, by: Sequence[str], level: float = 0.95) -> pd
     # Pooling over models or arms: each (model, arm, question) is its own Bayes@N row.
     pooled = [c for c in ("model", "arm") if c in table and c not in by]
     if pooled and len(table.drop_duplicates(pooled)) > 1:
-        key = table["question_id"].astype(str)
-        for c in pooled:
-            key = table[c].astype(str) + "\x1f" + key
-        table = table.assign(question_id=key)
+        unit = table[pooled[0]].astype(str)
+        for c in pooled[1:]:
+            unit = unit + "\x1f" + table[c].astype(str)
+        table = table.assign(question_id=unit + "\x1f" + table["question_id"].astype(str),
+                             **{_UNIT: unit})
     rows = []
     for key, group in table.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)

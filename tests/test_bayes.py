@@ -185,3 +185,24 @@ def test_bayes_by_keeps_a_model_decoded_on_an_endpoint_apart_from_its_local_run(
     assert table["accuracy"].tolist() == [0.0, 1.0]
     pooled = bayes.bayes_by(scored, ["arm"])
     assert pooled["n_questions"].tolist() == [4]
+
+
+def test_pooled_models_sent_different_numbers_of_trials_all_count():
+    """Model a was sent each question twice and b five times. Pooled, Bayes@N needs one N:
+    every (model, question) enters on its first N = 2 trials. (a's questions were left out
+    as 'incomplete' against b's 5 trials, so a 'pooled' estimate was b's alone.)"""
+    rows = [{"model": m, "arm": "baseline", "question_id": f"q{q}", "trial": t,
+             "correct": m == "a" or t >= 2}
+            for m, n in (("a", 2), ("b", 5)) for q in range(50) for t in range(n)]
+    pooled = bayes_by(pd.DataFrame(rows), ["arm"]).iloc[0]
+    assert (pooled["n_questions"], pooled["n_trials"], pooled["n_responses"]) == (100, 2, 200)
+    assert pooled["n_incomplete"] == 0
+    # a right in both of its trials, b wrong in its first two: half the trials counted right
+    assert pooled["accuracy"] == pytest.approx(0.5)
+    assert pooled["mu"] == pytest.approx((0.75 + 0.25) / 2)
+    expected = bayes_interval(np.r_[np.ones((50, 2), int), np.zeros((50, 2), int)])
+    assert (pooled["mu"], pooled["sigma"]) == pytest.approx(expected[:2])
+    # an unfinished question within one model is still left out, not truncated
+    unfinished = pd.DataFrame(rows[:-1])  # b's last question lacks its fifth trial
+    again = bayes_by(unfinished, ["arm"]).iloc[0]
+    assert (again["n_questions"], again["n_incomplete"]) == (99, 1)
