@@ -301,8 +301,12 @@ def read_run_records(root: str | os.PathLike | None = None,
 
 
 def _fingerprint(files: Sequence[Path]) -> str:
-    """Identity of the inputs and of the parser, so new runs or a new parser invalidate."""
-    h = hashlib.sha256(Path(answers.__file__).read_bytes() + Path(__file__).read_bytes())
+    """Identity of the inputs and of the code (the parser, this module and the Bayes@N
+    estimates of :mod:`mislib.bayes`), so new runs or changed code invalidate."""
+    from mislib import bayes
+
+    h = hashlib.sha256(Path(answers.__file__).read_bytes() + Path(__file__).read_bytes()
+                       + Path(bayes.__file__).read_bytes())
     for f in files:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -109,6 +109,24 @@ def test_score_runs_writes_the_stage_outputs_and_skips_when_fresh(tmp_root, stud
     pd.testing.assert_frame_equal(again["semsam_effect"], out["semsam_effect"])
 
 
+def test_score_runs_is_redone_when_the_estimates_code_changes(tmp_root, study, monkeypatch):
+    """Stage 06's tables are Bayes@N estimates (mislib.bayes): a change there must redo
+    them, as a change to the parser does (only answers.py and scoring.py were hashed)."""
+    from pathlib import Path
+
+    import mislib.bayes
+
+    write_study(study, tmp_root)
+    score_runs("demo", root=tmp_root, progress=False)
+    stamp = tmp_root / "data" / "analysis" / ".scoring.stage.json"
+    mtime = stamp.stat().st_mtime_ns
+    changed = tmp_root / "bayes.py"
+    changed.write_text(Path(mislib.bayes.__file__).read_text() + "\n# changed\n")
+    monkeypatch.setattr(mislib.bayes, "__file__", str(changed))
+    score_runs("demo", root=tmp_root, progress=False)
+    assert stamp.stat().st_mtime_ns != mtime
+
+
 def test_score_runs_scores_only_the_named_runs(tmp_root, study):
     write_study(study, tmp_root)
     run = sorted(study.responses["run_id"].unique())[0]
