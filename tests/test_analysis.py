@@ -762,3 +762,23 @@ def test_recovery_table_names_a_term_with_no_planted_value():
                             "lo95": [0.1, -0.1], "hi95": [0.5, 0.1]})
     with pytest.raises(ValueError, match=r"dims\[2d\]"):
         recovery_table(truth, effects)
+
+
+def test_the_recovery_study_is_redone_when_its_planted_effects_change(tmp_path, monkeypatch):
+    """The planted effects (mislib.simulate's defaults) are the study's input: a study
+    fitted to other effects is not read back as fresh (the stamp held only the sizes and
+    the model, so recovery.parquet kept the old planted values)."""
+    import mislib.simulate
+    from mislib.analysis import run_recovery
+
+    small = {"n_questions": 200, "n_trials": 2, "draws": 40, "tune": 40, "chains": 1}
+    first = run_recovery("demo", root=tmp_path, progress=False, **small)
+    assert run_recovery("demo", root=tmp_path, progress=False, **small).reused
+    main = {k: dict(v) for k, v in mislib.simulate.DEFAULT_MAIN.items()}
+    main["convention"] = {"standard": 0.5, "storage": -0.5}
+    monkeypatch.setattr(mislib.simulate, "DEFAULT_MAIN", main)
+    again = run_recovery("demo", root=tmp_path, progress=False, **small)
+    assert not again.reused
+    planted = again.table.set_index("term")["planted"]
+    assert planted["convention[standard]"] == pytest.approx(0.5)
+    assert first.table.set_index("term")["planted"]["convention[standard]"] != 0.5

@@ -45,6 +45,7 @@ Outputs (``data/analysis/``):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -127,6 +128,15 @@ def calibration(draws: np.ndarray, planted: np.ndarray,
     p_value = float(chi2.sf(distance2, df))
     return {"distance2": distance2, "df": df, "p_value": p_value, "alpha": alpha,
             "unbiased": bool(p_value >= alpha)}
+
+
+def _frames_digest(*frames: pd.DataFrame) -> str:
+    """A digest of the frames' contents (values and column names, not the index)."""
+    h = hashlib.sha256()
+    for frame in frames:
+        h.update("\x1f".join(map(str, frame.columns)).encode())
+        h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def recovery_table(truth: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
@@ -234,15 +244,19 @@ def run_recovery(profile: str | Mapping[str, Any] = "demo",
     sampler = SamplerSettings(draws=chosen["draws"], tune=chosen["tune"],
                               chains=chosen["chains"], seed=chosen["seed"])
     out = project_paths(root).analysis
+    # The simulated study is the input (under a second to draw): its digest in the stamp,
+    # so other planted effects or another simulation are fitted, not read back.
+    study = simulate_recovery_study(chosen["n_questions"], chosen["n_trials"], chosen["seed"])
+    scored = scored_table(study)
     # version 2: the calibration test in the diagnostics
-    stamp = {"model": dataclasses.asdict(spec), "study": chosen, "version": 2}
+    stamp = {"model": dataclasses.asdict(spec), "study": chosen, "version": 2,
+             "input": _frames_digest(study.truth, scored)}
     run = StageRun(out, "recovery", stamp, OUTPUTS)  # mislib.stage
     if not force and run.fresh():
         return Recovery(table=pd.read_parquet(out / RECOVERY_FILE),
                         diagnostics=read_diagnostics(out / RECOVERY_DIAGNOSTICS_FILE),
                         reused=True)
-    study = simulate_recovery_study(chosen["n_questions"], chosen["n_trials"], chosen["seed"])
-    fit = fit_factor_model(scored_table(study), spec, sampler, progress=progress)
+    fit = fit_factor_model(scored, spec, sampler, progress=progress)
     table = recovery_table(study.truth, fit.effects)
     draws, terms = _stack_terms(fit.posterior["posterior"], fit.data)
     planted = table.set_index("term").loc[terms, "planted"].to_numpy(float)
