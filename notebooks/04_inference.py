@@ -98,7 +98,8 @@ pd.Series({"model": record["model"], "revision": record["revision"],
 
 # %%
 responses = pd.concat([run.selected() for run in runs], ignore_index=True)
-provenance = Provenance.from_scored(responses, profile)
+# these records are what this call sent (a limited run's view): count them, not whole runs
+provenance = Provenance.from_scored(responses, profile, sent=responses)
 display(Markdown(caption(provenance)))
 side = (responses.pivot_table(index=["model", "question_id", "trial"], columns="arm",
                               values="raw_text", aggfunc="first")

@@ -265,3 +265,20 @@ def test_trials_that_differ_between_models_are_given_as_their_range():
               "bayes_by_factor_pooled": bayes_by_factor(scored, per_model=False)}
     numbers = C.numbers_tex(C.evaluate_claims(scored), tables, prov)
     assert "\\newcommand{\\misNTrials}{2--5}" in numbers
+
+
+def test_notebook_04_counts_the_records_its_call_sent():
+    """Notebook 04 stamps the records this call asked for (``run.selected()``, a limited
+    run's view): it passes them as ``sent``; by default from_scored reads whole runs (and
+    every run stage 06 reads), which counts questions this call did not send."""
+    import ast
+
+    from mislib.paths import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "notebooks" / "04_inference.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "attr", "") == "from_scored"]
+    assert calls
+    for call in calls:
+        sent = {k.arg: k.value for k in call.keywords}.get("sent")
+        assert isinstance(sent, ast.Name) and sent.id == call.args[0].id
