@@ -8,7 +8,7 @@ points). The factor claims (:data:`CLAIMS`) select questions by factor levels fr
 every model that ran both arms. This run's estimate is Bayes@N (:mod:`mislib.bayes`) with a
 central credible interval ``[lo, hi]``; beside it stand the raw accuracy of the same trials,
 chance (the mean of 1 / number of answer options) and n (questions × trials; for a
-difference, each side's). Where stage
+difference, each side's; with models pooled, a question counts once per model). Where stage
 07's factor model has the same contrast (``contrasts.parquet``) its estimate is shown too,
 marked *not converged* when that fit did not converge (:func:`read_converged`).
 

@@ -170,7 +170,8 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
                      "The paper's headline numbers (± the reproduction test's tolerance) "
                      f"beside this run: Bayes@N with {pct_level} credible interval, raw "
                      "accuracy, chance and n = questions × trials (percent or points; a "
-                     "difference gives each side's).")
+                     "difference gives each side's; with models pooled, a question counts once "
+                     "per model).")
 
     by = tables["bayes_by_factor"]
     overall = by[by["factor"] == "all"]
@@ -201,7 +202,8 @@ def format_tables(tables: Mapping[str, pd.DataFrame], claims: pd.DataFrame,
     out["accuracy_by_factor"] = (pd.DataFrame(wide).fillna(""),
                                  "Accuracy (%) per factor level and arm, models pooled: raw "
                                  f"and Bayes@N with {pct_level} credible interval; chance and "
-                                 "n = questions × trials (per arm when they differ).")
+                                 "n = questions × trials (per arm when they differ; a "
+                                 "question counts once per model).")
 
     eff = tables["semsam_effect"]
     out["semsam_effect"] = (pd.DataFrame({
@@ -355,7 +357,8 @@ BAYES_AT_N = (
     "answered wrongly both times counts 25 % and one answered rightly both times 75 %, so a "
     "model that is always wrong scores 25 %, not 0 %. `raw` is the plain share of correct "
     "trials and `chance` the accuracy of guessing (the mean of 1 / number of answer "
-    "options); `n` is questions × trials (each side's for a difference). If a paper number "
+    "options); `n` is questions × trials (each side's for a difference; where models are "
+    "pooled a question counts once per model that answered it). If a paper number "
     "is a plain accuracy, Bayes@N pulls this run's value towards 50 % by the same factor (N = 5: a 13-point difference "
     "shows as 9.3 points).")
 
